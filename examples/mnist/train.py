@@ -1,0 +1,180 @@
+"""MNIST on a small CNN, data parallel with DDP, steered live by torchloom.
+
+Launch 2 ranks with torchrun (gloo on CPU, NCCL on GPU)::
+
+    torchrun --standalone --nproc-per-node 2 examples/mnist/train.py
+
+or let ``torchloom demo`` do it. The Threadlet finds the Weaver through
+``TORCHLOOM_NATS_URL`` or the endpoint of ``torchloom up``. ``batch_size`` is
+read at every step, so a change takes effect exactly at its effective step; lr,
+momentum, weight decay and grad clipping follow the config through the Run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mnist_data  # noqa: E402
+
+import torchloom  # noqa: E402
+
+MEAN, STD = 0.1307, 0.3081
+
+
+class Net(nn.Module):
+    """Two conv layers and two linear layers: ``[N,1,28,28] float32 -> [N,10]`` logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5)
+        self.conv2 = nn.Conv2d(16, 32, 5)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class IndexStream:
+    """This rank's share of the training set, epoch after epoch (DistributedSampler),
+    cut into batches of whatever size is asked for at each step."""
+
+    def __init__(self, n: int, *, world_size: int, rank: int, seed: int) -> None:
+        self.sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.epoch = 0
+        self._buf = torch.empty(0, dtype=torch.long)
+
+    def take(self, k: int) -> torch.Tensor:
+        while self._buf.numel() < k:
+            self.sampler.set_epoch(self.epoch)
+            self.epoch += 1
+            self._buf = torch.cat([self._buf, torch.tensor(list(iter(self.sampler)), dtype=torch.long)])
+        out, self._buf = self._buf[:k], self._buf[k:]
+        return out
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    xt = (torch.from_numpy(x).float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
+    return xt.to(device), torch.from_numpy(y.astype(np.int64)).to(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rank: int, world: int) -> float:
+    """Test accuracy over the whole test set, each rank scoring its shard (summed with all_reduce)."""
+    model.eval()
+    xs, ys = x[rank::world], y[rank::world]
+    correct = torch.zeros(2, dtype=torch.float64, device=x.device)
+    for i in range(0, xs.shape[0], 1000):
+        pred = model(xs[i : i + 1000]).argmax(1)
+        correct[0] += (pred == ys[i : i + 1000]).sum()
+    correct[1] = xs.shape[0]
+    if world > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return float(correct[0] / correct[1])
+
+
+def params_digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.state_dict().values():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job-id", default=os.environ.get("TORCHLOOM_JOB", "mnist"))
+    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=64, help="per rank")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
+    ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
+    ap.add_argument("--out-dir", type=Path, default=None, help="write each rank's final summary here")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step-delay-ms", type=float, default=0.0, help="sleep per step (to slow a run for tests)")
+    ap.add_argument("--hang-at-step", type=int, default=-1, help="test aid: stop stepping at this step, stay alive")
+    args = ap.parse_args()
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    torch.manual_seed(args.seed)
+
+    x_tr, y_tr, x_te, y_te = mnist_data.load(args.data_dir)
+    x_train, y_train = to_tensors(x_tr, y_tr, device)
+    x_test, y_test = to_tensors(x_te, y_te, device)
+
+    model = Net().to(device)
+    ddp = DDP(model) if world > 1 else model
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+
+    run = torchloom.init(job_id=args.job_id, knobs={"lr": args.lr, "batch_size": args.batch_size,
+                                                     "momentum": args.momentum}, max_steps=args.max_steps)
+    run.bind_optimizer(opt)
+    stream = IndexStream(x_train.shape[0], world_size=world, rank=rank, seed=args.seed)
+    t0 = time.time()
+    acc = None
+    for step in run.steps():
+        if step == args.hang_at_step:
+            print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
+            while True:
+                time.sleep(1)
+        idx = stream.take(run["batch_size"])
+        loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        run.clip_grad_norm_(model.parameters())
+        opt.step()
+        run.log(loss=loss)
+        if args.step_delay_ms:
+            time.sleep(args.step_delay_ms / 1000.0)
+        if args.eval_every and step > 0 and step % args.eval_every == 0:
+            acc = evaluate(model, x_test, y_test, rank=rank, world=world)
+            run.log(test_acc=acc)
+            if rank == 0:
+                print(f"step {step}: loss {loss.item():.4f} test_acc {acc:.4f} lr {run['lr']} "
+                      f"batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)", flush=True)
+    final_step = run.step
+    if run.stop_reason in ("finished", "stopped"):
+        acc = evaluate(model, x_test, y_test, rank=rank, world=world)
+        run.log(test_acc=acc)
+    if rank == 0:
+        print(f"done at step {final_step} ({run.stop_reason}): test accuracy {acc} in {time.time() - t0:.1f} s", flush=True)
+    if args.out_dir is not None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "step": final_step, "applied_version": run.applied_version, "test_acc": acc,
+            "params_sha256": params_digest(model), "lr": opt.param_groups[0]["lr"],
+            "batch_size": run["batch_size"], "stop_reason": run.stop_reason}))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""A small synchronous client of the Weaver's control entry point, for the CLI and scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from torchloom.errors import ERRORS_BY_CODE, NotReachableError, TorchloomError
+from torchloom.paths import resolve_nats_url
+from torchloom.protocol import ControlReply, ControlRequest, HistoryEvent, decode, encode, names
+from torchloom.protocol.names import ALL_JOBS
+from torchloom.transport import History, connect
+
+
+class RemoteError(TorchloomError):
+    """An error the Weaver answered with; ``code`` and ``knob`` come from the reply."""
+
+    def __init__(self, code: str, message: str, knob: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.knob = knob
+        self.kind = ERRORS_BY_CODE.get(code, TorchloomError)
+
+
+def who() -> str:
+    try:
+        return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:
+        return "cli"
+
+
+class WeaverClient:
+    """Talks to the Weaver through NATS request/reply.
+
+    Args:
+        nats_url: explicit URL; else ``$TORCHLOOM_NATS_URL``, then the state dir's endpoint.
+        state_dir: the state dir of a ``torchloom up`` to find.
+        timeout_s: how long one request waits for its reply, in seconds.
+
+    Raises:
+        NotReachableError: (from every call) no NATS URL is known, NATS is down, or no Weaver answers.
+    """
+
+    def __init__(self, *, nats_url: str | None = None, state_dir: Path | None = None, timeout_s: float = 5.0) -> None:
+        url = resolve_nats_url(nats_url, state_dir)
+        if not url:
+            raise NotReachableError(
+                "no torchloom is running here: start one with `torchloom up`, "
+                "or point to one with --nats-url / TORCHLOOM_NATS_URL")
+        self.nats_url = url
+        self.timeout_s = timeout_s
+
+    def request(self, req: ControlRequest) -> ControlReply:
+        """Send one control request; raise :class:`RemoteError` on an error reply."""
+        reply = asyncio.run(self._request(req))
+        if not reply.ok:
+            err = reply.error
+            raise RemoteError(err.code if err else "error", err.message if err else "refused",
+                              err.knob if err else None)
+        return reply
+
+    async def _request(self, req: ControlRequest) -> ControlReply:
+        conn = await connect(self.nats_url, name="torchloom-cli", connect_timeout_s=min(self.timeout_s, 2.0))
+        try:
+            raw = await conn.request(names.control_subject(req.job_id), encode(req), timeout_s=self.timeout_s)
+        finally:
+            await conn.close()
+        return decode(raw, ControlReply, kind="control reply")
+
+    def status(self, job_id: str | None = None) -> dict[str, Any]:
+        data = self.request(ControlRequest(op="status", job_id=job_id or ALL_JOBS, requested_by=who())).data
+        return data if isinstance(data, dict) else {}
+
+    def control(self, op: str, job_id: str, *, values: dict[str, Any] | None = None, replica_id: str | None = None,
+                reason: str = "") -> ControlReply:
+        return self.request(ControlRequest(op=op, job_id=job_id, values=values or {},  # type: ignore[arg-type]
+                                           replica_id=replica_id, reason=reason, requested_by=who()))
+
+    def history(self, job_id: str | None, *, follow: bool, on_event: Callable[[HistoryEvent], None]) -> None:
+        """Call ``on_event`` with every stored event of ``job_id`` (all jobs if None), oldest
+        first; with ``follow``, keep going with new ones until interrupted."""
+
+        async def _run() -> None:
+            conn = await connect(self.nats_url, name="torchloom-cli-events", retry_forever=follow)
+            try:
+                async for raw in _read(History(conn), names.history_filter(job_id), follow):
+                    try:
+                        on_event(decode(raw, HistoryEvent, kind="history event"))
+                    except TorchloomError:
+                        continue
+            finally:
+                await conn.close()
+
+        asyncio.run(_run())
+
+
+async def _read(history: History, subject: str, follow: bool) -> AsyncIterator[bytes]:
+    async for raw in history.read(subject, follow=follow):
+        yield raw

@@ -1,0 +1,126 @@
+"""``torchloom up``: the embedded NATS server plus the Weaver, held under a state-dir lock.
+
+:class:`Stack` is used by ``up`` (in the foreground) and ``demo`` (beside the
+training job). Only one stack may hold a state dir: a second one gets
+:class:`~torchloom.errors.AlreadyRunningError` naming the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomError
+from torchloom.nats_server import NatsServer
+from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, read_endpoint, write_endpoint
+from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
+from torchloom.weaver.service import EventSink
+
+
+class Stack:
+    """NATS (embedded unless ``nats_url`` is given) and a Weaver, on a background thread.
+
+    Args:
+        state_dir: holds the lock, ``endpoint.json`` and the JetStream storage.
+        nats_url: an existing NATS server/cluster; None starts the embedded one.
+        nats_port: port of the embedded server; None picks a free one.
+    """
+
+    def __init__(self, *, state_dir: Path, nats_url: str | None = None, nats_port: int | None = None,
+                 liveness: LivenessConfig | None = None, control_settings: ControlSettings | None = None,
+                 on_event: EventSink | None = None) -> None:
+        self.state_dir = Path(state_dir).expanduser()
+        self.external_url = nats_url
+        self.nats_port = nats_port
+        self.liveness = liveness
+        self.control_settings = control_settings
+        self.on_event = on_event
+        self.nats: NatsServer | None = None
+        self.nats_url = ""
+        self.weaver: Weaver | None = None
+        self._lock: IO[str] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    def _acquire(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.state_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held for the stack's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            ep = read_endpoint(self.state_dir) or {}
+            raise AlreadyRunningError(str(self.state_dir), ep.get("pid"), ep.get("nats_url")) from None
+        self._lock = lock
+
+    def start(self, *, timeout_s: float = 20.0) -> None:
+        """Take the lock, start NATS and the Weaver, write ``endpoint.json``; wait until ready.
+
+        Raises:
+            AlreadyRunningError: another ``torchloom up`` holds this state dir.
+            TorchloomError: NATS or the Weaver did not come up within ``timeout_s``.
+        """
+        self._acquire()
+        try:
+            if self.external_url:
+                self.nats_url = self.external_url
+            else:
+                self.nats = NatsServer(store_dir=self.state_dir / "nats", port=self.nats_port)
+                self.nats_url = self.nats.start()
+            self.weaver = Weaver(nats_url=self.nats_url, liveness=self.liveness,
+                                 control_settings=self.control_settings, on_event=self.on_event)
+            self._thread = threading.Thread(target=self._serve, name="torchloom-weaver", daemon=True)
+            self._thread.start()
+            deadline = time.monotonic() + timeout_s
+            while not (self._loop and self.weaver.ready.is_set()):
+                if self.error is not None or not self._thread.is_alive():
+                    raise TorchloomError(f"the Weaver did not start: {self.error}")
+                if time.monotonic() > deadline:
+                    raise NotReachableError(f"the Weaver could not reach NATS at {self.nats_url} within {timeout_s:g} s")
+                time.sleep(0.02)
+            write_endpoint(self.state_dir, nats_url=self.nats_url, pid=os.getpid(),
+                           embedded_nats=self.nats is not None, started_ts=time.time())
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        assert self.weaver is not None
+        self._task = loop.create_task(self.weaver.run())
+        try:
+            loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            loop.close()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and (
+            self.nats is None or (self.nats.proc is not None and self.nats.proc.poll() is None))
+
+    def stop(self) -> None:
+        """Stop the Weaver, then NATS; remove the endpoint; release the lock. Idempotent."""
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.nats is not None:
+            self.nats.stop()
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None

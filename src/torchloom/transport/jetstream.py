@@ -1,0 +1,199 @@
+"""JetStream pieces torchloom uses: two KV buckets and the events stream.
+
+* ``loom_config`` (KV): the desired config of each job, one key per job.
+* ``loom_registry`` (KV): the DR map, one key per rank.
+* ``LOOM_EVENTS`` (stream): the history, bounded by age and size.
+
+All three are file-backed, so a restart of the NATS server (with the same
+storage dir) or of the Weaver loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext, api
+from nats.js.kv import KeyValue as NatsKeyValue
+
+from torchloom.errors import NotReachableError
+from torchloom.protocol import names
+from torchloom.transport.connection import Connection
+
+_JS_ERRORS = (
+    nats.errors.Error,
+    nats.js.errors.Error,
+    asyncio.TimeoutError,
+)
+
+
+async def ensure_jetstream(
+    conn: Connection,
+    *,
+    history_max_age_s: float = 7 * 24 * 3600.0,
+    history_max_bytes: int = 256 * 1024 * 1024,
+    timeout_s: float = 5.0,
+) -> None:
+    """Create the KV buckets and the events stream if they do not exist (idempotent).
+
+    Args:
+        history_max_age_s: events older than this are dropped by the server, in seconds.
+        history_max_bytes: the stream keeps at most this many bytes (oldest dropped first).
+
+    Raises:
+        NotReachableError: JetStream is not enabled or did not answer in ``timeout_s``.
+    """
+    js = conn.client.jetstream(timeout=timeout_s)
+    try:
+        for bucket, history in ((names.CONFIG_BUCKET, 8), (names.REGISTRY_BUCKET, 1)):
+            try:
+                await js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                await js.create_key_value(
+                    api.KeyValueConfig(
+                        bucket=bucket,
+                        history=history,
+                        storage=api.StorageType.FILE,
+                        direct=True,
+                    )
+                )
+        try:
+            await js.stream_info(names.EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(
+                api.StreamConfig(
+                    name=names.EVENTS_STREAM,
+                    subjects=[names.EVENTS_STREAM_SUBJECTS],
+                    storage=api.StorageType.FILE,
+                    max_age=history_max_age_s,
+                    max_bytes=history_max_bytes,
+                    discard=api.DiscardPolicy.OLD,
+                )
+            )
+    except _JS_ERRORS as exc:
+        raise NotReachableError(f"JetStream is not available: {exc or type(exc).__name__}") from None
+
+
+class KeyValue:
+    """One KV bucket, with torchloom's errors."""
+
+    def __init__(self, kv: NatsKeyValue, bucket: str) -> None:
+        self._kv = kv
+        self.bucket = bucket
+
+    @classmethod
+    async def open(cls, conn: Connection, bucket: str, *, timeout_s: float = 5.0) -> KeyValue:
+        """Bind to an existing bucket.
+
+        Raises:
+            NotReachableError: the bucket does not exist or JetStream did not answer.
+        """
+        js = conn.client.jetstream(timeout=timeout_s)
+        try:
+            return cls(await js.key_value(bucket), bucket)
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"KV bucket {bucket} is not available: {exc or type(exc).__name__}") from None
+
+    async def get(self, key: str) -> bytes | None:
+        """The latest value of ``key``, or None if it has none (or was deleted).
+
+        Raises:
+            NotReachableError: the server did not answer.
+        """
+        try:
+            entry = await self._kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"KV get {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+        return entry.value
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Store ``value`` under ``key``; returns the new revision.
+
+        Raises:
+            NotReachableError: the write was not acknowledged.
+        """
+        try:
+            return int(await self._kv.put(key, value))
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._kv.delete(key)
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"KV delete {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+
+    async def items(self) -> dict[str, bytes]:
+        """Every live key and its latest value."""
+        try:
+            keys = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            return {}
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"KV list {self.bucket} failed: {exc or type(exc).__name__}") from None
+        out: dict[str, bytes] = {}
+        for key in keys:
+            value = await self.get(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+class History:
+    """The ``LOOM_EVENTS`` stream: append events, read them back, follow new ones."""
+
+    def __init__(self, conn: Connection, *, timeout_s: float = 5.0) -> None:
+        self._js: JetStreamContext = conn.client.jetstream(timeout=timeout_s)
+
+    async def append(self, subject: str, data: bytes) -> int:
+        """Store one event; returns its stream sequence number.
+
+        Raises:
+            NotReachableError: the server did not acknowledge it.
+        """
+        try:
+            ack = await self._js.publish(subject, data, stream=names.EVENTS_STREAM)
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"history append failed: {exc or type(exc).__name__}") from None
+        return int(ack.seq)
+
+    async def read(self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0) -> AsyncIterator[bytes]:
+        """Yield stored events on ``filter_subject``, oldest first.
+
+        Args:
+            follow: keep yielding new events as they come (until cancelled).
+            idle_timeout_s: without ``follow``, how long to wait for the first
+                message of an empty history, in seconds.
+
+        Raises:
+            NotReachableError: the stream does not exist or did not answer.
+        """
+        try:
+            sub = await self._js.subscribe(
+                filter_subject,
+                stream=names.EVENTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+            )
+        except _JS_ERRORS as exc:
+            raise NotReachableError(f"cannot read history: {exc or type(exc).__name__}") from None
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=None if follow else idle_timeout_s)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    if follow:
+                        continue
+                    return
+                yield bytes(msg.data)
+                if not follow and msg.metadata.num_pending == 0:
+                    return
+        finally:
+            try:
+                await sub.unsubscribe()
+            except _JS_ERRORS:
+                pass

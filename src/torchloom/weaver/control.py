@@ -1,0 +1,221 @@
+"""The one control entry point, as a pure function: request in, outcome out.
+
+:func:`handle` validates a :class:`~torchloom.protocol.ControlRequest` against the
+job's knob registry and state and returns an :class:`Outcome`: the reply, and for
+a change the new :class:`~torchloom.protocol.DesiredConfig`. It never mutates
+the state; the service writes the new config to the KV bucket and only then
+calls :func:`commit`, so a rejected request or a failed write changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from torchloom.errors import InvalidKnobError, InvalidRequestError, TorchloomError, UnknownJobError, UnknownReplicaError
+from torchloom.protocol import (
+    BUILTIN_KNOBS,
+    ConfigSnapshot,
+    ControlReply,
+    ControlRequest,
+    DesiredConfig,
+    ErrorInfo,
+    HistoryEvent,
+    coerce_all,
+    select_snapshot,
+    to_builtins,
+)
+from torchloom.protocol.knobs import check_spec
+from torchloom.protocol.names import ALL_JOBS, check_id
+from torchloom.weaver import views
+from torchloom.weaver.state import ApplyTracking, Job, WeaverState, plan_effective_step, upsert_rank
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSettings:
+    """How far ahead changes are scheduled.
+
+    Attributes:
+        lead_time_s: time budget for every rank to hear of a change, in seconds,
+            on top of the slowest config delivery the ranks reported.
+        min_lead_steps: the effective step is at least this many steps ahead.
+        max_pending_versions: versions kept in the KV document at once.
+    """
+
+    lead_time_s: float = 0.5
+    min_lead_steps: int = 2
+    max_pending_versions: int = 32
+
+
+@dataclass(slots=True)
+class Outcome:
+    reply: ControlReply
+    new_config: DesiredConfig | None = None
+    events: list[HistoryEvent] = field(default_factory=list)
+    tracking: ApplyTracking | None = None
+    reset: bool = False
+
+
+def handle(state: WeaverState, req: ControlRequest, now: float, settings: ControlSettings) -> Outcome:
+    """Answer one control request. Never raises: errors become error replies."""
+    try:
+        check_id("job id", req.job_id)
+        if req.op == "join":
+            return _join(state, req, now)
+        if req.op == "status":
+            job_id = None if req.job_id == ALL_JOBS else req.job_id
+            return Outcome(ControlReply(ok=True, data=views.status(state, job_id, now)))
+        job = _existing_job(state, req.job_id)
+        if req.op == "knobs":
+            return Outcome(ControlReply(ok=True, data=views.knobs(job)))
+        return _change(job, req, now, settings)
+    except TorchloomError as exc:
+        return Outcome(ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message,
+                                                             knob=getattr(exc, "knob", None))))
+
+
+def _existing_job(state: WeaverState, job_id: str) -> Job:
+    job = state.jobs.get(job_id)
+    if job is None or job.config is None:
+        raise UnknownJobError(job_id)
+    return job
+
+
+def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings) -> Outcome:
+    assert job.config is not None
+    latest = job.config.latest()
+    assert latest is not None
+    values = dict(latest.values)
+    overrides = {k: dict(v) for k, v in latest.overrides.items()}
+    run_state = latest.run_state
+    if latest.run_state == "stopped":
+        raise InvalidRequestError(f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change")
+    if req.op == "set":
+        if not req.values:
+            raise InvalidRequestError("set needs at least one knob=value")
+        changes = coerce_all(job.config.knobs, req.values)
+        if req.replica_id is not None:
+            if req.replica_id not in job.replica_ids():
+                raise UnknownReplicaError(job.job_id, req.replica_id)
+            for name in changes:
+                if job.config.knobs[name].scope == "job":
+                    raise InvalidKnobError(name, "is job-wide; it cannot be set for one replica group")
+            overrides.setdefault(req.replica_id, {}).update(changes)
+        else:
+            values.update(changes)
+            for ov in overrides.values():  # a job-wide set wins over older per-group values
+                for name in changes:
+                    ov.pop(name, None)
+            overrides = {k: v for k, v in overrides.items() if v}
+        what = ", ".join(f"{k}={v if v is not None else 'off'}" for k, v in changes.items())
+        what += f" on replica group {req.replica_id}" if req.replica_id else ""
+    elif req.op == "pause":
+        if run_state == "paused":
+            raise InvalidRequestError(f"job {job.job_id!r} is already paused")
+        run_state, what = "paused", "pause"
+    elif req.op == "resume":
+        if run_state != "paused":
+            raise InvalidRequestError(f"job {job.job_id!r} is not paused")
+        run_state, what = "running", "resume"
+    elif req.op == "stop":
+        run_state, what = "stopped", "stop"
+    else:
+        raise InvalidRequestError(f"unknown op {req.op!r}")
+    if req.op == "resume":
+        eff = latest.effective_step  # ranks wait at the pause step; go on from there
+    else:
+        eff = plan_effective_step(job, now, lead_time_s=settings.lead_time_s, min_lead_steps=settings.min_lead_steps)
+    version = latest.version + 1
+    snap = ConfigSnapshot(version=version, effective_step=eff, values=values, overrides=overrides,
+                          run_state=run_state, issued_ts=now, reason=req.reason or what)
+    snapshots = _prune([*job.config.snapshots, snap], job, settings.max_pending_versions)
+    new = msgspec.structs.replace(job.config, snapshots=snapshots)
+    expected = {r.key for r in job.live_ranks()}
+    who = f" by {req.requested_by}" if req.requested_by else ""
+    event = HistoryEvent(job_id=job.job_id, kind="config_set", ts=now, step=eff, version=version,
+                         replica_id=req.replica_id,
+                         message=f"v{version}: {what}{who}, effective at step {eff}",
+                         data={"op": req.op, "values": to_builtins(req.values), "reason": req.reason,
+                               "requested_by": req.requested_by, "run_state": run_state})
+    return Outcome(
+        ControlReply(ok=True, version=version, effective_step=eff),
+        new_config=new, events=[event],
+        tracking=ApplyTracking(version=version, effective_step=eff, issued_ts=now, expected=expected),
+    )
+
+
+def _prune(snapshots: list[ConfigSnapshot], job: Job, max_versions: int) -> list[ConfigSnapshot]:
+    """Drop snapshots no live rank can still need: keep the one in force at the
+    slowest live rank's step, and everything after it."""
+    live = job.live_ranks()
+    if live:
+        slowest = min(max(r.entry.last_step, 0) for r in live)
+        base = select_snapshot(snapshots, slowest)
+        if base is not None:
+            snapshots = [s for s in snapshots if s.version >= base.version]
+    if len(snapshots) > max_versions:
+        raise InvalidRequestError(
+            f"{len(snapshots) - 1} changes are still pending; wait until the ranks reach their effective steps")
+    return snapshots
+
+
+def _join(state: WeaverState, req: ControlRequest, now: float) -> Outcome:
+    info = req.join
+    if info is None:
+        raise InvalidRequestError("join needs its join info")
+    check_id("replica id", info.replica_id)
+    if req.job_id == ALL_JOBS:
+        raise InvalidRequestError(f"job id {ALL_JOBS!r} is reserved")
+    job = state.jobs.get(req.job_id)
+    knobs = dict(BUILTIN_KNOBS)
+    for spec in info.custom_knobs:
+        knobs[spec.name] = check_spec(spec)
+    initial = coerce_all(knobs, info.initial_values)
+    outcome = Outcome(ControlReply(ok=True))
+    if job is None or job.config is None or job.ended:
+        epoch = job.config.epoch + 1 if job is not None and job.config is not None else 1
+        last = job.config.latest() if job is not None and job.config is not None else None
+        version = (last.version if last else 0) + 1
+        snap = ConfigSnapshot(version=version, effective_step=0, values=initial, issued_ts=now,
+                              reason=f"initial knobs from rank {info.replica_id}/{info.rank}")
+        outcome.new_config = DesiredConfig(job_id=req.job_id, epoch=epoch, knobs=knobs, snapshots=[snap])
+        outcome.reset = True
+        outcome.events.append(HistoryEvent(
+            job_id=req.job_id, kind="job_started", ts=now, version=version,
+            message=f"job {req.job_id} started (epoch {epoch}) with {_fmt_values(initial)}",
+            data={"epoch": epoch, "values": to_builtins(initial)}))
+    elif any(name not in job.config.knobs for name in knobs):
+        merged = {**knobs, **job.config.knobs}
+        outcome.new_config = msgspec.structs.replace(job.config, knobs=merged)
+    return outcome
+
+
+def commit(state: WeaverState, req: ControlRequest, outcome: Outcome, now: float) -> list[HistoryEvent]:
+    """Make an accepted outcome part of the state (after its KV write succeeded)."""
+    events = list(outcome.events)
+    job = state.job(req.job_id)
+    if outcome.reset:
+        for key in list(job.ranks):
+            state.removed.add(key)
+        job.ranks.clear()
+        job.applies.clear()
+    if outcome.new_config is not None:
+        job.config = outcome.new_config
+    if outcome.tracking is not None:
+        job.applies[outcome.tracking.version] = outcome.tracking
+    if req.op == "join" and req.join is not None:
+        j = req.join
+        _, joined = upsert_rank(state, job_id=req.job_id, replica_id=j.replica_id, rank_no=j.rank, now=now,
+                                group_world_size=j.group_world_size, host=j.host, pid=j.pid, device=j.device)
+        events += joined
+    if outcome.reply.ok and job.config is not None and req.op == "join":
+        outcome.reply.data = to_builtins(job.config)
+    return events
+
+
+def _fmt_values(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "no knobs"
+
+

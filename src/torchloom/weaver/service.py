@@ -1,0 +1,260 @@
+"""The Weaver service: NATS subscriptions → state → control → KV, stream and replies.
+
+All decisions live in :mod:`~torchloom.weaver.state` and
+:mod:`~torchloom.weaver.control`; this module only does the I/O, on one asyncio
+loop. A message that does not decode is counted, logged once per kind and
+dropped; no handler error takes the service down. History events and DR-map
+writes that fail while NATS is away are kept (bounded) and retried, so an
+outage loses none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from torchloom.errors import DecodeError, NotReachableError
+from torchloom.protocol import (
+    ControlReply,
+    ControlRequest,
+    DesiredConfig,
+    ErrorInfo,
+    HistoryEvent,
+    RankEvent,
+    RegistryEntry,
+    Telemetry,
+    decode,
+    encode,
+)
+from torchloom.protocol import names
+from torchloom.transport import Connection, History, KeyValue, Message, connect, ensure_jetstream
+from torchloom.weaver import control
+from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.state import LIVE_STATES, LivenessConfig, Rank, WeaverState, check_liveness, on_rank_event, on_telemetry
+
+log = logging.getLogger("torchloom.weaver")
+
+EventSink = Callable[[HistoryEvent], None]
+
+
+class Weaver:
+    """The central controller. ``await Weaver(...).run()`` serves until cancelled.
+
+    Args:
+        nats_url: the NATS server or cluster (``nats://host:port[,…]``).
+        liveness: failure, suspect and hang thresholds.
+        control_settings: how far ahead changes are scheduled.
+        tick_interval_s: period of liveness checks and retries, in seconds.
+        clock: wall-clock source in seconds (``time.time``); tests may pass their own.
+        on_event: called with every history event as it is recorded (e.g. to print it).
+    """
+
+    def __init__(
+        self,
+        *,
+        nats_url: str,
+        liveness: LivenessConfig | None = None,
+        control_settings: ControlSettings | None = None,
+        tick_interval_s: float = 0.05,
+        clock: Callable[[], float] = time.time,
+        on_event: EventSink | None = None,
+        max_outbox: int = 100_000,
+    ) -> None:
+        self.nats_url = nats_url
+        self.state = WeaverState(liveness=liveness or LivenessConfig())
+        self.settings = control_settings or ControlSettings()
+        self.tick_interval_s = tick_interval_s
+        self.clock = clock
+        self.on_event = on_event
+        self._conn: Connection | None = None
+        self._config_kv: KeyValue | None = None
+        self._registry_kv: KeyValue | None = None
+        self._history: History | None = None
+        self._outbox: collections.deque[HistoryEvent] = collections.deque(maxlen=max_outbox)
+        self._control_lock = asyncio.Lock()
+        self._logged_kinds: set[str] = set()
+        self.ready = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, rebuild state from JetStream, subscribe, and tick until cancelled."""
+        self._conn = await connect(self.nats_url, name="torchloom-weaver", retry_forever=True)
+        try:
+            await ensure_jetstream(self._conn)
+            self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
+            self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
+            self._history = History(self._conn)
+            await self._load()
+            await self._conn.subscribe(names.ALL_TELEMETRY, self._on_telemetry)
+            await self._conn.subscribe(names.ALL_EVENTS, self._on_rank_event)
+            await self._conn.subscribe(names.ALL_CONTROL, self._on_control, queue="torchloom-weaver")
+            await self._conn.flush()
+            self.ready.set()
+            log.info("weaver ready on %s", self._conn.connected_url)
+            while True:
+                await asyncio.sleep(self.tick_interval_s)
+                await self.tick()
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._flush_all())
+            await self._conn.close()
+
+    async def _flush_all(self) -> None:
+        await self._drain_outbox()
+        await self._persist_registry()
+
+    async def _load(self) -> None:
+        """Rebuild jobs, desired configs and the DR map from the KV buckets."""
+        assert self._config_kv is not None and self._registry_kv is not None
+        now = self.clock()
+        for key, raw in (await self._config_kv.items()).items():
+            try:
+                doc = decode(raw, DesiredConfig, kind="stored config")
+            except DecodeError as exc:
+                log.warning("ignoring stored config %s: %s", key, exc)
+                continue
+            self.state.job(doc.job_id).config = doc
+        for key, raw in (await self._registry_kv.items()).items():
+            try:
+                entry = decode(raw, RegistryEntry, kind="stored registry entry")
+            except DecodeError as exc:
+                log.warning("ignoring registry entry %s: %s", key, exc)
+                continue
+            if entry.state in LIVE_STATES:
+                entry.last_seen_ts = now  # a grace period: live ranks heartbeat again within it
+            rank = Rank(entry, step_changed_ts=now)
+            self.state.job(entry.job_id).ranks[rank.key] = rank
+        n_ranks = sum(len(j.ranks) for j in self.state.jobs.values())
+        self._record([HistoryEvent(job_id=job_id, kind="weaver_started", ts=now,
+                                   message=f"weaver started; restored {len(job.ranks)} rank(s) of {job_id}")
+                      for job_id, job in self.state.jobs.items()])
+        log.info("restored %d job(s), %d rank(s) from JetStream", len(self.state.jobs), n_ranks)
+
+    async def tick(self) -> None:
+        """One round of liveness checks, then retry pending history and registry writes."""
+        self._record(check_liveness(self.state, self.clock()))
+        await self._flush_all()
+
+    # ---- handlers --------------------------------------------------------------------
+
+    def _drop(self, kind: str, exc: Exception) -> None:
+        n = self.state.count_dropped(kind)
+        if kind not in self._logged_kinds:
+            self._logged_kinds.add(kind)
+            log.warning("dropped a %s message (%s); further ones are only counted", kind, exc)
+        elif n % 1000 == 0:
+            log.warning("dropped %d %s messages so far", n, kind)
+
+    async def _on_telemetry(self, msg: Message) -> None:
+        try:
+            tel = decode(msg.data, Telemetry, kind="telemetry")
+            _check_subject(msg.subject, tel.job_id, tel.replica_id, tel.rank)
+        except DecodeError as exc:
+            self._drop("telemetry", exc)
+            return
+        self._record(on_telemetry(self.state, tel, self.clock()))
+
+    async def _on_rank_event(self, msg: Message) -> None:
+        try:
+            ev = decode(msg.data, RankEvent, kind="rank event")
+            _check_subject(msg.subject, ev.job_id, ev.replica_id, ev.rank)
+        except DecodeError as exc:
+            self._drop("rank_event", exc)
+            return
+        self._record(on_rank_event(self.state, ev, self.clock()))
+        await self._drain_outbox()
+
+    async def _on_control(self, msg: Message) -> None:
+        try:
+            req = decode(msg.data, ControlRequest, kind="control request")
+            if names.job_of_subject(msg.subject) != req.job_id:
+                raise DecodeError("control request", f"job {req.job_id!r} sent on {msg.subject}")
+        except DecodeError as exc:
+            self._drop("control", exc)
+            await self._reply(msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message)))
+            return
+        reply = await self.submit(req)
+        await self._reply(msg, reply)
+
+    async def submit(self, req: ControlRequest) -> ControlReply:
+        """The control entry point: validate, persist the new desired config, record, answer."""
+        async with self._control_lock:
+            now = self.clock()
+            outcome = control.handle(self.state, req, now, self.settings)
+            if not outcome.reply.ok:
+                if req.op != "join":
+                    log.info("refused %s on %s: %s", req.op, req.job_id, outcome.reply.error.message if outcome.reply.error else "")
+                return outcome.reply
+            if outcome.new_config is not None:
+                assert self._config_kv is not None
+                try:
+                    await self._config_kv.put(names.config_key(req.job_id), encode(outcome.new_config))
+                except NotReachableError as exc:
+                    return ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}"))
+            self._record(control.commit(self.state, req, outcome, now))
+        await self._flush_all()
+        return outcome.reply
+
+    async def _reply(self, msg: Message, reply: ControlReply) -> None:
+        if msg.reply and self._conn is not None:
+            with contextlib.suppress(NotReachableError):
+                await self._conn.publish(msg.reply, encode(reply))
+
+    # ---- persistence -----------------------------------------------------------------
+
+    def _record(self, events: list[HistoryEvent]) -> None:
+        for ev in events:
+            if len(self._outbox) == self._outbox.maxlen:
+                self.state.count_dropped("history_outbox_full")
+            self._outbox.append(ev)
+            log.info("[%s] %s", ev.job_id, ev.message)
+            if self.on_event is not None:
+                self.on_event(ev)
+
+    async def _drain_outbox(self) -> None:
+        if self._history is None:
+            return
+        while self._outbox:
+            ev = self._outbox[0]
+            try:
+                await self._history.append(names.history_subject(ev.job_id, ev.kind), encode(ev))
+            except NotReachableError:
+                return  # kept; retried on the next tick
+            self._outbox.popleft()
+
+    async def _persist_registry(self) -> None:
+        kv = self._registry_kv
+        if kv is None:
+            return
+        for key in list(self.state.removed):
+            try:
+                await kv.delete(names.registry_key(*key))
+            except NotReachableError:
+                return
+            self.state.removed.discard(key)
+        for key in list(self.state.dirty):
+            rank = self.state.jobs[key[0]].ranks.get(key)
+            try:
+                if rank is not None:
+                    await kv.put(names.registry_key(*key), encode(rank.entry))
+            except NotReachableError:
+                return
+            self.state.dirty.discard(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The status view of every job (for in-process callers)."""
+        from torchloom.weaver import views
+
+        return views.status(self.state, None, self.clock())
+
+
+def _check_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[1] != job_id or parts[3] != replica_id or parts[4] != str(rank):
+        raise DecodeError("subject", f"{subject} does not match the message's job/replica/rank")

@@ -1,0 +1,332 @@
+"""The Weaver's model of the world: jobs, replica groups, ranks, the DR map.
+
+Plain data and pure transitions, no I/O. Every function takes ``now`` (wall
+clock, seconds since the epoch) so tests drive time without sleeping, and
+returns the :class:`~torchloom.protocol.HistoryEvent` s it produced; the service
+publishes them and persists the ranks listed in :attr:`WeaverState.dirty`.
+
+Rank states: ``joining`` (known, no step yet) → ``training`` ⇄ ``paused``;
+``suspect`` (heartbeat late by ``suspect_after_s``), ``failed`` (no heartbeat
+for ``failure_timeout_s``), ``hung`` (heartbeats, but the step has not moved
+for ``hang_timeout_s`` while it should be training), ``exited`` (said goodbye).
+A heartbeat from a suspect, hung or failed rank brings it back to training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torchloom.protocol import DesiredConfig, HistoryEvent, RankEvent, RegistryEntry, Telemetry
+from torchloom.protocol.messages import RankState
+
+RankKey = tuple[str, str, int]
+"""``(job_id, replica_id, rank)``."""
+
+LIVE_STATES: frozenset[str] = frozenset({"joining", "training", "paused", "suspect", "hung"})
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessConfig:
+    """Thresholds of failure detection, in seconds.
+
+    With the Threadlet's default heartbeat every 0.2 s, a ``kill -9`` is seen
+    as *failed* after ``failure_timeout_s`` plus at most one Weaver tick.
+    """
+
+    failure_timeout_s: float = 0.8
+    suspect_after_s: float = 0.5
+    hang_timeout_s: float = 30.0
+
+
+@dataclass(slots=True)
+class Rank:
+    """One rank as the Weaver knows it: the persisted entry plus volatile figures."""
+
+    entry: RegistryEntry
+    steps_per_s: float = 0.0
+    step_changed_ts: float = 0.0
+    samples_per_s: float | None = None
+    step_time_s: float | None = None
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    metrics_step: int = -1
+    dropped_points: int = 0
+    config_lag_s: float = 0.0
+    last_seq: int = -1
+
+    @property
+    def key(self) -> RankKey:
+        return (self.entry.job_id, self.entry.replica_id, self.entry.rank)
+
+    @property
+    def state(self) -> RankState:
+        return self.entry.state
+
+    @property
+    def live(self) -> bool:
+        return self.entry.state in LIVE_STATES
+
+
+@dataclass(slots=True)
+class ApplyTracking:
+    """Who has applied config ``version`` and at which step."""
+
+    version: int
+    effective_step: int
+    issued_ts: float
+    expected: set[RankKey]
+    applied: dict[RankKey, int] = field(default_factory=dict)
+    flagged: set[RankKey] = field(default_factory=set)
+    done: bool = False
+
+
+@dataclass(slots=True)
+class Job:
+    job_id: str
+    config: DesiredConfig | None = None
+    ranks: dict[RankKey, Rank] = field(default_factory=dict)
+    applies: dict[int, ApplyTracking] = field(default_factory=dict)
+
+    def live_ranks(self) -> list[Rank]:
+        return [r for r in self.ranks.values() if r.live]
+
+    @property
+    def ended(self) -> bool:
+        """True when no rank is live (every rank exited or failed, or none is known).
+
+        The next rank that joins an ended job starts a new epoch from its own
+        initial knobs.
+        """
+        return not any(r.live for r in self.ranks.values())
+
+    def replica_ids(self) -> set[str]:
+        return {k[1] for k in self.ranks}
+
+
+@dataclass(slots=True)
+class WeaverState:
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    jobs: dict[str, Job] = field(default_factory=dict)
+    dropped_messages: dict[str, int] = field(default_factory=dict)
+    dirty: set[RankKey] = field(default_factory=set)
+    removed: set[RankKey] = field(default_factory=set)
+
+    def job(self, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None:
+            job = self.jobs[job_id] = Job(job_id)
+        return job
+
+    def count_dropped(self, kind: str) -> int:
+        self.dropped_messages[kind] = self.dropped_messages.get(kind, 0) + 1
+        return self.dropped_messages[kind]
+
+
+def _event(kind: str, rank: Rank, now: float, message: str, **data: Any) -> HistoryEvent:
+    e = rank.entry
+    return HistoryEvent(
+        job_id=e.job_id, kind=kind, ts=now, message=message, replica_id=e.replica_id,
+        rank=e.rank, step=e.last_step, data=data,
+    )
+
+
+def set_rank_state(state: WeaverState, rank: Rank, new: RankState, now: float, why: str) -> list[HistoryEvent]:
+    """Move ``rank`` to ``new`` and return the history event for it (none if unchanged)."""
+    old = rank.entry.state
+    if old == new:
+        return []
+    rank.entry.state = new
+    rank.entry.state_since_ts = now
+    if new == "training":
+        rank.step_changed_ts = now  # a resumed or recovered rank gets a fresh hang timer
+    state.dirty.add(rank.key)
+    e = rank.entry
+    msg = f"rank {e.replica_id}/{e.rank} {old} -> {new}: {why}"
+    events = [_event("rank_" + new, rank, now, msg, previous=old, reason=why)]
+    if new in ("failed", "exited"):
+        job = state.jobs[e.job_id]
+        for tracking in job.applies.values():
+            tracking.expected.discard(rank.key)
+        events += check_apply_done(job, now)
+    return events
+
+
+def upsert_rank(state: WeaverState, *, job_id: str, replica_id: str, rank_no: int, now: float,
+                group_world_size: int = 0, host: str = "", pid: int = 0, device: str = "") -> tuple[Rank, list[HistoryEvent]]:
+    """Find the rank or add it to the DR map (state ``joining``); refresh its identity."""
+    job = state.job(job_id)
+    key = (job_id, replica_id, rank_no)
+    rank = job.ranks.get(key)
+    events: list[HistoryEvent] = []
+    if rank is None or (pid and rank.entry.pid and pid != rank.entry.pid):
+        restarted = rank is not None
+        rank = Rank(RegistryEntry(job_id=job_id, replica_id=replica_id, rank=rank_no, joined_ts=now,
+                                  last_seen_ts=now, state_since_ts=now), step_changed_ts=now)
+        job.ranks[key] = rank
+        state.removed.discard(key)
+        events.append(_event("rank_joined", rank, now,
+                             f"rank {replica_id}/{rank_no} {'re' if restarted else ''}joined", host=host, pid=pid, device=device))
+    e = rank.entry
+    identity = (host or e.host, pid or e.pid, device or e.device, group_world_size or e.group_world_size)
+    if events or (e.host, e.pid, e.device, e.group_world_size) != identity:
+        e.host, e.pid, e.device, e.group_world_size = identity
+        state.dirty.add(key)
+    return rank, events
+
+
+def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[HistoryEvent]:
+    """Fold one telemetry flush (a heartbeat) into the state."""
+    rank, events = upsert_rank(state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now,
+                               group_world_size=msg.group_world_size, host=msg.host, pid=msg.pid, device=msg.device)
+    e = rank.entry
+    if msg.seq <= rank.last_seq and msg.seq != 0:
+        return events  # a duplicate or reordered flush
+    rank.last_seq = msg.seq
+    prev_step = e.last_step
+    if msg.step != prev_step:
+        rank.step_changed_ts = now
+        if e.last_step // 50 != msg.step // 50:
+            state.dirty.add(rank.key)  # persist progress now and then, not every flush
+    e.last_step = msg.step
+    e.last_seen_ts = now
+    if e.applied_version != msg.applied_version:
+        e.applied_version = msg.applied_version
+        state.dirty.add(rank.key)
+    rank.samples_per_s = msg.samples_per_s
+    rank.step_time_s = msg.step_time_s
+    if msg.step_time_s:
+        rank.steps_per_s = 1.0 / msg.step_time_s
+    elif msg.state == "paused":
+        rank.steps_per_s = 0.0
+    rank.dropped_points = msg.dropped_points
+    rank.config_lag_s = min(max(msg.config_lag_s, 0.0), 5.0)
+    for point in msg.points:
+        if point.step >= rank.metrics_step:
+            rank.metrics.update(point.values)
+            rank.metrics_step = point.step
+    reported: RankState = msg.state if msg.state in ("paused", "exited") else (
+        "joining" if msg.step < 0 else "training")
+    stays = (e.state == "exited"  # a late flush after goodbye does not revive a rank
+             or (e.state == "hung" and reported == "training" and msg.step == prev_step))
+    if e.state != reported and not stays:
+        events += set_rank_state(state, rank, reported, now, "heartbeat")
+    job = state.jobs[msg.job_id]
+    events += _check_missing_applies(job, rank, now)
+    return events
+
+
+def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[HistoryEvent]:
+    """Fold a rank's lifecycle event (``config_applied`` or ``exited``) into the state."""
+    rank, events = upsert_rank(state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now)
+    rank.entry.last_seen_ts = max(rank.entry.last_seen_ts, now)
+    if msg.kind == "exited":
+        rank.entry.last_step = max(rank.entry.last_step, msg.step)
+        return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
+    job = state.jobs[msg.job_id]
+    if msg.version > rank.entry.applied_version:
+        rank.entry.applied_version = msg.version
+        state.dirty.add(rank.key)
+    for tracking in job.applies.values():
+        if tracking.version <= msg.version and rank.key not in tracking.applied:
+            tracking.applied[rank.key] = msg.step
+            if rank.key in tracking.expected and msg.step != tracking.effective_step:
+                tracking.flagged.add(rank.key)
+                events.append(_event(
+                    "apply_late", rank, now,
+                    f"rank {msg.replica_id}/{msg.rank} applied v{tracking.version} at step {msg.step}, "
+                    f"effective step was {tracking.effective_step}",
+                    version=tracking.version, applied_at_step=msg.step, effective_step=tracking.effective_step))
+    return events + check_apply_done(job, now)
+
+
+def _check_missing_applies(job: Job, rank: Rank, now: float) -> list[HistoryEvent]:
+    events = []
+    for t in job.applies.values():
+        if (rank.key in t.expected and rank.key not in t.applied and rank.key not in t.flagged
+                and rank.entry.last_step >= t.effective_step and rank.entry.applied_version < t.version):
+            t.flagged.add(rank.key)
+            events.append(_event(
+                "apply_missing", rank, now,
+                f"rank {rank.entry.replica_id}/{rank.entry.rank} is at step {rank.entry.last_step} "
+                f"without v{t.version} (effective step {t.effective_step})",
+                version=t.version, effective_step=t.effective_step))
+    return events
+
+
+def check_apply_done(job: Job, now: float) -> list[HistoryEvent]:
+    """Emit ``config_applied`` for each tracked version every expected rank has applied."""
+    events = []
+    for t in sorted(job.applies.values(), key=lambda t: t.version):
+        if t.done or not t.expected.issubset(t.applied):
+            continue
+        t.done = True
+        if not t.expected:
+            continue  # every rank it was meant for has left
+        steps = {f"{k[1]}/{k[2]}": t.applied[k] for k in sorted(t.expected)}
+        consistent = all(s == t.effective_step for s in steps.values())
+        where = f"at step {t.effective_step}" if consistent else f"at steps {steps}"
+        events.append(HistoryEvent(
+            job_id=job.job_id, kind="config_applied", ts=now, step=t.effective_step, version=t.version,
+            message=f"v{t.version} applied by {len(steps)} rank(s) {where}"
+                    f"{'' if consistent else ' (NOT at the effective step)'}",
+            data={"ranks": steps, "consistent": consistent, "latency_s": round(now - t.issued_ts, 4)}))
+    # keep only the recent trackings
+    for v in sorted(job.applies)[:-64]:
+        del job.applies[v]
+    return events
+
+
+def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
+    """Mark ranks suspect, failed or hung from heartbeat age and step progress."""
+    cfg = state.liveness
+    events: list[HistoryEvent] = []
+    for job in state.jobs.values():
+        for rank in list(job.ranks.values()):
+            if not rank.live:
+                continue
+            silent_s = now - rank.entry.last_seen_ts
+            if silent_s >= cfg.failure_timeout_s:
+                events += set_rank_state(state, rank, "failed", now, f"no heartbeat for {silent_s:.2f} s")
+            elif silent_s >= cfg.suspect_after_s and rank.state != "hung":
+                events += set_rank_state(state, rank, "suspect", now, f"heartbeat late by {silent_s:.2f} s")
+            elif (rank.state == "training" and rank.entry.last_step >= 0
+                  and now - rank.step_changed_ts >= cfg.hang_timeout_s):
+                events += set_rank_state(state, rank, "hung",
+                                         now, f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s")
+    return events
+
+
+def estimate_step(rank: Rank, at: float) -> float:
+    """Where ``rank`` will be at time ``at`` (s), from its last report and step rate."""
+    if rank.state == "paused":
+        return float(rank.entry.last_step)
+    return rank.entry.last_step + rank.steps_per_s * max(0.0, at - rank.entry.last_seen_ts)
+
+
+def plan_effective_step(job: Job, now: float, *, lead_time_s: float, min_lead_steps: int) -> int:
+    """Pick the step at which a new config version takes effect on every rank.
+
+    The step is ahead of where the fastest live rank will be once
+    ``lead_time_s`` (plus the slowest config delivery lately observed) has
+    passed, by at least ``min_lead_steps``, and never before the previous
+    version's effective step. When the job is paused and every live rank is
+    waiting at the pause step, that step is used: every rank applies the new
+    version before it runs again.
+
+    Returns:
+        The effective step (0 for a job with no live rank).
+    """
+    latest = job.config.latest() if job.config else None
+    floor = latest.effective_step if latest else 0
+    live = job.live_ranks()
+    if not live:
+        return floor
+    if latest is not None and latest.run_state == "paused" and all(
+        r.state == "paused" and r.entry.last_step == latest.effective_step for r in live
+    ):
+        return floor
+    lag_s = max((r.config_lag_s for r in live), default=0.0)
+    horizon = now + lead_time_s + min(2 * lag_s, 5.0)
+    ahead = max(estimate_step(r, horizon) for r in live)
+    return max(floor, math.ceil(ahead) + min_lead_steps)
