@@ -78,7 +78,10 @@ def download(data_dir: Path, *, timeout_s: float = 30.0) -> None:
         for mirror in MIRRORS:
             tmp = target.with_suffix(".part")
             try:
-                with urllib.request.urlopen(mirror + name, timeout=timeout_s) as resp, open(tmp, "wb") as out:
+                with (
+                    urllib.request.urlopen(mirror + name, timeout=timeout_s) as resp,
+                    open(tmp, "wb") as out,
+                ):
                     out.write(resp.read())
             except OSError as exc:
                 errors.append(f"{mirror}: {exc}")
@@ -105,7 +108,12 @@ def load(data_dir: Path, *, download_missing: bool = True) -> Arrays:
         with np.load(npz) as d:
             arrays: Arrays = (d["x_train"], d["y_train"], d["x_test"], d["y_test"])
     else:
-        stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+        stems = [
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        ]
         paths = [_find_idx(data_dir, s) for s in stems]
         if any(p is None for p in paths):
             if not download_missing:
@@ -115,6 +123,11 @@ def load(data_dir: Path, *, download_missing: bool = True) -> Arrays:
         x_tr, y_tr, x_te, y_te = (read_idx(p) for p in paths if p is not None)
         arrays = (x_tr, y_tr, x_te, y_te)
     x_tr, y_tr, x_te, y_te = arrays
-    if x_tr.shape != (60000, 28, 28) or y_tr.shape != (60000,) or x_te.shape != (10000, 28, 28) or y_te.shape != (10000,):
+    if (
+        x_tr.shape != (60000, 28, 28)
+        or y_tr.shape != (60000,)
+        or x_te.shape != (10000, 28, 28)
+        or y_te.shape != (10000,)
+    ):
         raise DataError(f"unexpected MNIST shapes {[a.shape for a in arrays]} in {data_dir}")
     return arrays

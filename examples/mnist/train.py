@@ -29,9 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mnist_data  # noqa: E402
+import mnist_data
 
-import torchloom  # noqa: E402
+import torchloom
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -57,7 +57,9 @@ class IndexStream:
     cut into batches of whatever size is asked for at each step."""
 
     def __init__(self, n: int, *, world_size: int, rank: int, seed: int) -> None:
-        self.sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        self.sampler = DistributedSampler(
+            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+        )
         self.epoch = 0
         self._buf = torch.empty(0, dtype=torch.long)
 
@@ -65,12 +67,16 @@ class IndexStream:
         while self._buf.numel() < k:
             self.sampler.set_epoch(self.epoch)
             self.epoch += 1
-            self._buf = torch.cat([self._buf, torch.tensor(list(iter(self.sampler)), dtype=torch.long)])
+            self._buf = torch.cat(
+                [self._buf, torch.tensor(list(iter(self.sampler)), dtype=torch.long)]
+            )
         out, self._buf = self._buf[:k], self._buf[k:]
         return out
 
 
-def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def to_tensors(
+    x: np.ndarray, y: np.ndarray, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     xt = (torch.from_numpy(x).float().div_(255.0).sub_(MEAN).div_(STD)).unsqueeze(1)
     return xt.to(device), torch.from_numpy(y.astype(np.int64)).to(device)
 
@@ -107,10 +113,19 @@ def main() -> None:
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
-    ap.add_argument("--out-dir", type=Path, default=None, help="write each rank's final summary here")
+    ap.add_argument(
+        "--out-dir", type=Path, default=None, help="write each rank's final summary here"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--step-delay-ms", type=float, default=0.0, help="sleep per step (to slow a run for tests)")
-    ap.add_argument("--hang-at-step", type=int, default=-1, help="test aid: stop stepping at this step, stay alive")
+    ap.add_argument(
+        "--step-delay-ms", type=float, default=0.0, help="sleep per step (to slow a run for tests)"
+    )
+    ap.add_argument(
+        "--hang-at-step",
+        type=int,
+        default=-1,
+        help="test aid: stop stepping at this step, stay alive",
+    )
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -134,8 +149,11 @@ def main() -> None:
     ddp = DDP(model) if world > 1 else model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
 
-    run = torchloom.init(job_id=args.job_id, knobs={"lr": args.lr, "batch_size": args.batch_size,
-                                                     "momentum": args.momentum}, max_steps=args.max_steps)
+    run = torchloom.init(
+        job_id=args.job_id,
+        knobs={"lr": args.lr, "batch_size": args.batch_size, "momentum": args.momentum},
+        max_steps=args.max_steps,
+    )
     run.bind_optimizer(opt)
     stream = IndexStream(x_train.shape[0], world_size=world, rank=rank, seed=args.seed)
     t0 = time.time()
@@ -158,20 +176,36 @@ def main() -> None:
             acc = evaluate(model, x_test, y_test, rank=rank, world=world)
             run.log(test_acc=acc)
             if rank == 0:
-                print(f"step {step}: loss {loss.item():.4f} test_acc {acc:.4f} lr {run['lr']} "
-                      f"batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)", flush=True)
+                print(
+                    f"step {step}: loss {loss.item():.4f} test_acc {acc:.4f} lr {run['lr']} "
+                    f"batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)",
+                    flush=True,
+                )
     final_step = run.step
     if run.stop_reason in ("finished", "stopped"):
         acc = evaluate(model, x_test, y_test, rank=rank, world=world)
         run.log(test_acc=acc)
     if rank == 0:
-        print(f"done at step {final_step} ({run.stop_reason}): test accuracy {acc} in {time.time() - t0:.1f} s", flush=True)
+        print(
+            f"done at step {final_step} ({run.stop_reason}): test accuracy {acc} in {time.time() - t0:.1f} s",
+            flush=True,
+        )
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"rank{rank}.json").write_text(json.dumps({
-            "rank": rank, "step": final_step, "applied_version": run.applied_version, "test_acc": acc,
-            "params_sha256": params_digest(model), "lr": opt.param_groups[0]["lr"],
-            "batch_size": run["batch_size"], "stop_reason": run.stop_reason}))
+        (args.out_dir / f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "rank": rank,
+                    "step": final_step,
+                    "applied_version": run.applied_version,
+                    "test_acc": acc,
+                    "params_sha256": params_digest(model),
+                    "lr": opt.param_groups[0]["lr"],
+                    "batch_size": run["batch_size"],
+                    "stop_reason": run.stop_reason,
+                }
+            )
+        )
     if world > 1:
         dist.destroy_process_group()
 

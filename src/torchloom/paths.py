@@ -24,7 +24,9 @@ def default_state_dir() -> Path:
     env = os.environ.get(ENV_STATE_DIR)
     if env:
         return Path(env).expanduser()
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
     return Path(base) / "torchloom"
 
 

@@ -31,18 +31,41 @@ from torchloom.paths import ENV_NATS_URL, ENV_STATE_DIR, default_state_dir
 from torchloom.protocol import HistoryEvent, to_builtins
 from torchloom.weaver import ControlSettings, LivenessConfig
 
-app = typer.Typer(name="torchloom", help="An active controller for distributed PyTorch training.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+app = typer.Typer(
+    name="torchloom",
+    help="An active controller for distributed PyTorch training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-NatsUrl = Annotated[str | None, typer.Option("--nats-url", envvar=ENV_NATS_URL,
-                                             help="NATS server/cluster; default: the one `torchloom up` started")]
-StateDir = Annotated[Path | None, typer.Option("--state-dir", envvar=ENV_STATE_DIR,
-                                               help="state dir of `torchloom up` [default: ~/.local/state/torchloom]")]
-JobOpt = Annotated[str | None, typer.Option("--job", "-j", envvar="TORCHLOOM_JOB",
-                                            help="job id; default: the only job with live ranks")]
-TimeoutOpt = Annotated[float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")]
+NatsUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--nats-url",
+        envvar=ENV_NATS_URL,
+        help="NATS server/cluster; default: the one `torchloom up` started",
+    ),
+]
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar=ENV_STATE_DIR,
+        help="state dir of `torchloom up` [default: ~/.local/state/torchloom]",
+    ),
+]
+JobOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--job", "-j", envvar="TORCHLOOM_JOB", help="job id; default: the only job with live ranks"
+    ),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
+]
 
 
 def _client(nats_url: str | None, state_dir: Path | None, timeout_s: float = 5.0) -> WeaverClient:
@@ -53,7 +76,9 @@ def _pick_job(client: WeaverClient, job: str | None) -> str:
     if job:
         return job
     jobs = client.status().get("jobs", [])
-    live = [j["job_id"] for j in jobs if any(r["state"] not in ("exited", "failed") for r in j["ranks"])]
+    live = [
+        j["job_id"] for j in jobs if any(r["state"] not in ("exited", "failed") for r in j["ranks"])
+    ]
     candidates = live or [j["job_id"] for j in jobs]
     if len(candidates) == 1:
         return str(candidates[0])
@@ -65,19 +90,41 @@ def _pick_job(client: WeaverClient, job: str | None) -> str:
 # ---- up / demo ---------------------------------------------------------------------------
 
 
-def _stack(state_dir: Path | None, nats_url: str | None, nats_port: int | None, failure_timeout_s: float,
-           hang_timeout_s: float, lead_time_s: float, on_event: Any) -> Stack:
-    return Stack(state_dir=state_dir or default_state_dir(), nats_url=nats_url, nats_port=nats_port,
-                 liveness=LivenessConfig(failure_timeout_s=failure_timeout_s,
-                                         suspect_after_s=min(0.5, failure_timeout_s * 0.6),
-                                         hang_timeout_s=hang_timeout_s),
-                 control_settings=ControlSettings(lead_time_s=lead_time_s), on_event=on_event)
+def _stack(
+    state_dir: Path | None,
+    nats_url: str | None,
+    nats_port: int | None,
+    failure_timeout_s: float,
+    hang_timeout_s: float,
+    lead_time_s: float,
+    on_event: Any,
+) -> Stack:
+    return Stack(
+        state_dir=state_dir or default_state_dir(),
+        nats_url=nats_url,
+        nats_port=nats_port,
+        liveness=LivenessConfig(
+            failure_timeout_s=failure_timeout_s,
+            suspect_after_s=min(0.5, failure_timeout_s * 0.6),
+            hang_timeout_s=hang_timeout_s,
+        ),
+        control_settings=ControlSettings(lead_time_s=lead_time_s),
+        on_event=on_event,
+    )
 
 
-FailOpt = Annotated[float, typer.Option("--failure-timeout-s", help="no heartbeat for this long → failed")]
-HangOpt = Annotated[float, typer.Option("--hang-timeout-s", help="step not moving for this long → hung")]
-LeadOpt = Annotated[float, typer.Option("--lead-time-s", help="time budget for a change to reach every rank")]
-PortOpt = Annotated[int | None, typer.Option("--nats-port", help="port of the embedded NATS [default: a free one]")]
+FailOpt = Annotated[
+    float, typer.Option("--failure-timeout-s", help="no heartbeat for this long → failed")
+]
+HangOpt = Annotated[
+    float, typer.Option("--hang-timeout-s", help="step not moving for this long → hung")
+]
+LeadOpt = Annotated[
+    float, typer.Option("--lead-time-s", help="time budget for a change to reach every rank")
+]
+PortOpt = Annotated[
+    int | None, typer.Option("--nats-port", help="port of the embedded NATS [default: a free one]")
+]
 
 
 class _Stop(Exception):
@@ -110,18 +157,43 @@ def up(
 ) -> None:
     """Start NATS (embedded, on loopback) and the Weaver, and serve until Ctrl-C / SIGTERM."""
     _logging(verbose)
-    stack = _stack(state_dir, nats_url, nats_port, failure_timeout_s, hang_timeout_s, lead_time_s,
-                   on_event=lambda ev: out.print(render.event_line(ev)))
+    stack = _stack(
+        state_dir,
+        nats_url,
+        nats_port,
+        failure_timeout_s,
+        hang_timeout_s,
+        lead_time_s,
+        on_event=lambda ev: out.print(render.event_line(ev)),
+    )
     stack.start()
-    nats_where = f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})" if stack.nats and stack.nats.proc \
+    nats_where = (
+        f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})"
+        if stack.nats and stack.nats.proc
         else f"{stack.nats_url} (external)"
-    out.print(Panel.fit(Group(
-        Text.assemble(("NATS      ", "bold"), nats_where),
-        Text.assemble(("Weaver    ", "bold"), f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s"),
-        Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
-        Text.assemble(("training  ", "bold"), f"export {ENV_NATS_URL}={stack.nats_url}  (or same user/state dir: found automatically)"),
-        Text.assemble(("steer     ", "bold"), "torchloom status · torchloom set lr=0.01 · torchloom events --follow"),
-    ), title="torchloom up", border_style="green"))
+    )
+    out.print(
+        Panel.fit(
+            Group(
+                Text.assemble(("NATS      ", "bold"), nats_where),
+                Text.assemble(
+                    ("Weaver    ", "bold"),
+                    f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s",
+                ),
+                Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
+                Text.assemble(
+                    ("training  ", "bold"),
+                    f"export {ENV_NATS_URL}={stack.nats_url}  (or same user/state dir: found automatically)",
+                ),
+                Text.assemble(
+                    ("steer     ", "bold"),
+                    "torchloom status · torchloom set lr=0.01 · torchloom events --follow",
+                ),
+            ),
+            title="torchloom up",
+            border_style="green",
+        )
+    )
     try:
         why = _wait_for_signal(stack)
     finally:
@@ -148,32 +220,64 @@ def demo(
     state_dir: StateDir = None,
     nats_url: NatsUrl = None,
     nats_port: PortOpt = None,
-    script: Annotated[Path | None, typer.Option("--script", help="training script [default: examples/mnist/train.py]")] = None,
+    script: Annotated[
+        Path | None,
+        typer.Option("--script", help="training script [default: examples/mnist/train.py]"),
+    ] = None,
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
-    extra: Annotated[list[str] | None, typer.Argument(help="extra arguments for the training script")] = None,
+    extra: Annotated[
+        list[str] | None, typer.Argument(help="extra arguments for the training script")
+    ] = None,
 ) -> None:
     """Start torchloom and the MNIST job (torchrun, 2 ranks) with a live progress view."""
     _logging(False)
     script = script or _find_example()
     if script is None or not script.exists():
-        raise TorchloomError("examples/mnist/train.py not found: run from a torchloom checkout or pass --script")
+        raise TorchloomError(
+            "examples/mnist/train.py not found: run from a torchloom checkout or pass --script"
+        )
     events: list[HistoryEvent] = []
-    stack = _stack(state_dir, nats_url, nats_port, failure_timeout_s, hang_timeout_s, lead_time_s, on_event=events.append)
+    stack = _stack(
+        state_dir,
+        nats_url,
+        nats_port,
+        failure_timeout_s,
+        hang_timeout_s,
+        lead_time_s,
+        on_event=events.append,
+    )
     stack.start()
     env = {**os.environ, ENV_NATS_URL: stack.nats_url, "TORCHLOOM_JOB": job}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(script), "--job-id", job, "--max-steps", str(max_steps), *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(script),
+        "--job-id",
+        job,
+        "--max-steps",
+        str(max_steps),
+        *(extra or []),
+    ]
     log_path = stack.state_dir / f"demo-{job}.log"
     client = WeaverClient(nats_url=stack.nats_url, timeout_s=2.0)
-    out.print(f"[bold]torchloom demo[/]: NATS {stack.nats_url} · job [bold]{job}[/] · training log {log_path}")
-    out.print(f"steer it from another terminal:  [cyan]torchloom set lr=0.01 batch_size=128[/]  ·  "
-              f"[cyan]torchloom status[/]  ·  [cyan]torchloom events[/]  ·  [cyan]torchloom pause[/]/[cyan]resume[/]/[cyan]stop[/]")
+    out.print(
+        f"[bold]torchloom demo[/]: NATS {stack.nats_url} · job [bold]{job}[/] · training log {log_path}"
+    )
+    out.print(
+        "steer it from another terminal:  [cyan]torchloom set lr=0.01 batch_size=128[/]  ·  "
+        "[cyan]torchloom status[/]  ·  [cyan]torchloom events[/]  ·  [cyan]torchloom pause[/]/[cyan]resume[/]/[cyan]stop[/]"
+    )
     t0 = time.time()
     rc: int | None = None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             with Live(console=out, refresh_per_second=4, transient=False) as live:
                 while rc is None:
@@ -198,14 +302,21 @@ def demo(
         raise TorchloomError(f"the training job exited with code {rc}; see {log_path}")
 
 
-def _demo_view(client: WeaverClient, job: str, events: list[HistoryEvent], elapsed_s: float) -> Group:
+def _demo_view(
+    client: WeaverClient, job: str, events: list[HistoryEvent], elapsed_s: float
+) -> Group:
     try:
         status = client.status(job)
         body: Any = render.status_view(status)
     except TorchloomError as exc:
         body = Text(f"(status unavailable: {exc})", style="yellow")
     recent = [render.event_line(ev) for ev in events if ev.kind not in ("rank_joining",)][-8:]
-    return Group(Text(f"elapsed {elapsed_s:.0f} s", style="dim"), body, Text("recent events:", style="bold"), *recent)
+    return Group(
+        Text(f"elapsed {elapsed_s:.0f} s", style="dim"),
+        body,
+        Text("recent events:", style="bold"),
+        *recent,
+    )
 
 
 # ---- steering ------------------------------------------------------------------------------
@@ -223,19 +334,30 @@ def _parse_assignments(pairs: list[str]) -> dict[str, str]:
 
 @app.command("set")
 def set_(
-    assignments: Annotated[list[str], typer.Argument(help="KNOB=VALUE … (e.g. lr=0.01 batch_size=128 grad_clip=off)")],
-    replica: Annotated[str | None, typer.Option("--replica", "-r", help="only this replica group")] = None,
+    assignments: Annotated[
+        list[str], typer.Argument(help="KNOB=VALUE … (e.g. lr=0.01 batch_size=128 grad_clip=off)")
+    ],
+    replica: Annotated[
+        str | None, typer.Option("--replica", "-r", help="only this replica group")
+    ] = None,
     reason: Annotated[str, typer.Option("--reason", help="recorded in the history")] = "",
-    wait: Annotated[bool, typer.Option("--wait", help="wait until every rank has applied it")] = False,
-    job: JobOpt = None, nats_url: NatsUrl = None, state_dir: StateDir = None, timeout_s: TimeoutOpt = 5.0,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="wait until every rank has applied it")
+    ] = False,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
 ) -> None:
     """Change knobs, job-wide or for one replica group, at a step every rank agrees on."""
     values = _parse_assignments(assignments)
     client = _client(nats_url, state_dir, timeout_s)
     job_id = _pick_job(client, job)
     reply = client.control("set", job_id, values=values, replica_id=replica, reason=reason)
-    out.print(f"v{reply.version} accepted: {' '.join(assignments)}"
-              f"{f' on replica group {replica}' if replica else ''} → effective at step {reply.effective_step} (job {job_id})")
+    out.print(
+        f"v{reply.version} accepted: {' '.join(assignments)}"
+        f"{f' on replica group {replica}' if replica else ''} → effective at step {reply.effective_step} (job {job_id})"
+    )
     if wait:
         _wait_applied(client, job_id, int(reply.version or 0), timeout_s=max(timeout_s, 60.0))
 
@@ -244,42 +366,73 @@ def _wait_applied(client: WeaverClient, job_id: str, version: int, *, timeout_s:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         jobs = client.status(job_id).get("jobs", [])
-        ranks = [r for r in (jobs[0]["ranks"] if jobs else []) if r["state"] not in ("exited", "failed")]
+        ranks = [
+            r for r in (jobs[0]["ranks"] if jobs else []) if r["state"] not in ("exited", "failed")
+        ]
         if ranks and all(r["applied_version"] >= version for r in ranks):
             steps = {f"{r['replica_id']}/{r['rank']}": r.get("applied_at_step") for r in ranks}
-            out.print(f"v{version} applied by {len(ranks)} rank(s): " + ", ".join(f"{k} at step {s}" for k, s in steps.items()))
+            out.print(
+                f"v{version} applied by {len(ranks)} rank(s): "
+                + ", ".join(f"{k} at step {s}" for k, s in steps.items())
+            )
             return
         time.sleep(0.2)
-    raise NotReachableError(f"v{version} was not applied by every rank within {timeout_s:g} s (see `torchloom status`)")
+    raise NotReachableError(
+        f"v{version} was not applied by every rank within {timeout_s:g} s (see `torchloom status`)"
+    )
 
 
-def _simple(op: str, job: str | None, nats_url: str | None, state_dir: Path | None, timeout_s: float, reason: str) -> None:
+def _simple(
+    op: str,
+    job: str | None,
+    nats_url: str | None,
+    state_dir: Path | None,
+    timeout_s: float,
+    reason: str,
+) -> None:
     client = _client(nats_url, state_dir, timeout_s)
     job_id = _pick_job(client, job)
     reply = client.control(op, job_id, reason=reason)
-    out.print(f"v{reply.version}: {op} accepted → effective at step {reply.effective_step} (job {job_id})")
+    out.print(
+        f"v{reply.version}: {op} accepted → effective at step {reply.effective_step} (job {job_id})"
+    )
 
 
 ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
 
 
 @app.command()
-def pause(job: JobOpt = None, reason: ReasonOpt = "", nats_url: NatsUrl = None, state_dir: StateDir = None,
-          timeout_s: TimeoutOpt = 5.0) -> None:
+def pause(
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
     """Hold every rank at the same step boundary until `torchloom resume`."""
     _simple("pause", job, nats_url, state_dir, timeout_s, reason)
 
 
 @app.command()
-def resume(job: JobOpt = None, reason: ReasonOpt = "", nats_url: NatsUrl = None, state_dir: StateDir = None,
-           timeout_s: TimeoutOpt = 5.0) -> None:
+def resume(
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
     """Let a paused job go on from the step it paused at."""
     _simple("resume", job, nats_url, state_dir, timeout_s, reason)
 
 
 @app.command()
-def stop(job: JobOpt = None, reason: ReasonOpt = "", nats_url: NatsUrl = None, state_dir: StateDir = None,
-         timeout_s: TimeoutOpt = 5.0) -> None:
+def stop(
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
     """End the job: every rank leaves its step loop at the same step."""
     _simple("stop", job, nats_url, state_dir, timeout_s, reason)
 
@@ -291,7 +444,9 @@ def stop(job: JobOpt = None, reason: ReasonOpt = "", nats_url: NatsUrl = None, s
 def status(
     job: JobOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status as JSON")] = False,
-    nats_url: NatsUrl = None, state_dir: StateDir = None, timeout_s: TimeoutOpt = 5.0,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
 ) -> None:
     """The DR map and, per rank: state, step, loss, samples/s, applied config version."""
     data = _client(nats_url, state_dir, timeout_s).status(job)
@@ -302,7 +457,12 @@ def status(
 
 
 @app.command()
-def knobs(job: JobOpt = None, nats_url: NatsUrl = None, state_dir: StateDir = None, timeout_s: TimeoutOpt = 5.0) -> None:
+def knobs(
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
     """The job's knob registry: each knob's type, bounds, scope and desired value."""
     client = _client(nats_url, state_dir, timeout_s)
     job_id = _pick_job(client, job)
@@ -313,18 +473,30 @@ def knobs(job: JobOpt = None, nats_url: NatsUrl = None, state_dir: StateDir = No
     for col in ("knob", "value", "rule", "scope", "doc"):
         t.add_column(col)
     for k in data.get("knobs", []):
-        t.add_row(k["name"], "off" if k["value"] is None and k.get("allow_off") else str(k["value"]), k["rule"],
-                  k["scope"], k.get("doc", ""))
+        t.add_row(
+            k["name"],
+            "off" if k["value"] is None and k.get("allow_off") else str(k["value"]),
+            k["rule"],
+            k["scope"],
+            k.get("doc", ""),
+        )
     out.print(t)
 
 
 @app.command()
 def events(
-    job: Annotated[str | None, typer.Option("--job", "-j", envvar="TORCHLOOM_JOB", help="only this job")] = None,
-    follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
+    job: Annotated[
+        str | None, typer.Option("--job", "-j", envvar="TORCHLOOM_JOB", help="only this job")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="keep printing new events")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-    kind: Annotated[list[str] | None, typer.Option("--kind", "-k", help="only these kinds (repeatable)")] = None,
-    nats_url: NatsUrl = None, state_dir: StateDir = None,
+    kind: Annotated[
+        list[str] | None, typer.Option("--kind", "-k", help="only these kinds (repeatable)")
+    ] = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
 ) -> None:
     """The job's history (joins, failures, config changes and applies), from the events stream."""
     kinds = set(kind or [])
@@ -344,8 +516,10 @@ def events(
 
 
 def _logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def main() -> None:

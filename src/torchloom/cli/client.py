@@ -45,12 +45,15 @@ class WeaverClient:
         NotReachableError: (from every call) no NATS URL is known, NATS is down, or no Weaver answers.
     """
 
-    def __init__(self, *, nats_url: str | None = None, state_dir: Path | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, *, nats_url: str | None = None, state_dir: Path | None = None, timeout_s: float = 5.0
+    ) -> None:
         url = resolve_nats_url(nats_url, state_dir)
         if not url:
             raise NotReachableError(
                 "no torchloom is running here: start one with `torchloom up`, "
-                "or point to one with --nats-url / TORCHLOOM_NATS_URL")
+                "or point to one with --nats-url / TORCHLOOM_NATS_URL"
+            )
         self.nats_url = url
         self.timeout_s = timeout_s
 
@@ -59,28 +62,54 @@ class WeaverClient:
         reply = asyncio.run(self._request(req))
         if not reply.ok:
             err = reply.error
-            raise RemoteError(err.code if err else "error", err.message if err else "refused",
-                              err.knob if err else None)
+            raise RemoteError(
+                err.code if err else "error",
+                err.message if err else "refused",
+                err.knob if err else None,
+            )
         return reply
 
     async def _request(self, req: ControlRequest) -> ControlReply:
-        conn = await connect(self.nats_url, name="torchloom-cli", connect_timeout_s=min(self.timeout_s, 2.0))
+        conn = await connect(
+            self.nats_url, name="torchloom-cli", connect_timeout_s=min(self.timeout_s, 2.0)
+        )
         try:
-            raw = await conn.request(names.control_subject(req.job_id), encode(req), timeout_s=self.timeout_s)
+            raw = await conn.request(
+                names.control_subject(req.job_id), encode(req), timeout_s=self.timeout_s
+            )
         finally:
             await conn.close()
         return decode(raw, ControlReply, kind="control reply")
 
     def status(self, job_id: str | None = None) -> dict[str, Any]:
-        data = self.request(ControlRequest(op="status", job_id=job_id or ALL_JOBS, requested_by=who())).data
+        data = self.request(
+            ControlRequest(op="status", job_id=job_id or ALL_JOBS, requested_by=who())
+        ).data
         return data if isinstance(data, dict) else {}
 
-    def control(self, op: str, job_id: str, *, values: dict[str, Any] | None = None, replica_id: str | None = None,
-                reason: str = "") -> ControlReply:
-        return self.request(ControlRequest(op=op, job_id=job_id, values=values or {},  # type: ignore[arg-type]
-                                           replica_id=replica_id, reason=reason, requested_by=who()))
+    def control(
+        self,
+        op: str,
+        job_id: str,
+        *,
+        values: dict[str, Any] | None = None,
+        replica_id: str | None = None,
+        reason: str = "",
+    ) -> ControlReply:
+        return self.request(
+            ControlRequest(
+                op=op,
+                job_id=job_id,
+                values=values or {},  # type: ignore[arg-type]
+                replica_id=replica_id,
+                reason=reason,
+                requested_by=who(),
+            )
+        )
 
-    def history(self, job_id: str | None, *, follow: bool, on_event: Callable[[HistoryEvent], None]) -> None:
+    def history(
+        self, job_id: str | None, *, follow: bool, on_event: Callable[[HistoryEvent], None]
+    ) -> None:
         """Call ``on_event`` with every stored event of ``job_id`` (all jobs if None), oldest
         first; with ``follow``, keep going with new ones until interrupted."""
 

@@ -12,12 +12,23 @@ from rich.text import Text
 from torchloom.protocol import HistoryEvent
 
 STATE_STYLE = {
-    "training": "green", "joining": "cyan", "paused": "yellow", "suspect": "yellow",
-    "hung": "bold red", "failed": "bold red", "exited": "dim",
+    "training": "green",
+    "joining": "cyan",
+    "paused": "yellow",
+    "suspect": "yellow",
+    "hung": "bold red",
+    "failed": "bold red",
+    "exited": "dim",
 }
 EVENT_STYLE = {
-    "rank_failed": "bold red", "rank_hung": "bold red", "apply_late": "red", "apply_missing": "red",
-    "rank_suspect": "yellow", "config_set": "cyan", "config_applied": "green", "job_started": "bold",
+    "rank_failed": "bold red",
+    "rank_hung": "bold red",
+    "apply_late": "red",
+    "apply_missing": "red",
+    "rank_suspect": "yellow",
+    "config_set": "cyan",
+    "config_applied": "green",
+    "job_started": "bold",
 }
 
 
@@ -28,25 +39,53 @@ def _num(x: Any, fmt: str = "{:.4g}") -> str:
 def job_table(job: dict[str, Any]) -> Table:
     desired = job.get("desired") or {}
     values = desired.get("values", {})
-    title = (f"job [bold]{job['job_id']}[/] · desired v{desired.get('version', '—')} "
-             f"from step {desired.get('effective_step', '—')} · {desired.get('run_state', '—')} · "
-             + ", ".join(f"{k}={'off' if v is None else v}" for k, v in sorted(values.items())))
+    title = (
+        f"job [bold]{job['job_id']}[/] · desired v{desired.get('version', '—')} "
+        f"from step {desired.get('effective_step', '—')} · {desired.get('run_state', '—')} · "
+        + ", ".join(f"{k}={'off' if v is None else v}" for k, v in sorted(values.items()))
+    )
     t = Table(title=title, title_justify="left", expand=False)
-    for col in ("replica/rank", "state", "step", "loss", "test_acc", "samples/s", "step ms",
-                "config", "heartbeat", "device", "host:pid"):
-        t.add_column(col, justify="right" if col not in ("state", "device", "host:pid", "replica/rank") else "left")
+    for col in (
+        "replica/rank",
+        "state",
+        "step",
+        "loss",
+        "test_acc",
+        "samples/s",
+        "step ms",
+        "config",
+        "heartbeat",
+        "device",
+        "host:pid",
+    ):
+        t.add_column(
+            col,
+            justify="right"
+            if col not in ("state", "device", "host:pid", "replica/rank")
+            else "left",
+        )
     for r in job["ranks"]:
         m = r.get("metrics", {})
         applied, wanted = r.get("applied_version"), r.get("desired_version")
-        cfg = f"v{applied}" + (f" @ {r['applied_at_step']}" if r.get("applied_at_step") is not None else "")
+        cfg = f"v{applied}" + (
+            f" @ {r['applied_at_step']}" if r.get("applied_at_step") is not None else ""
+        )
         if wanted is not None and applied != wanted and r["state"] not in ("exited", "failed"):
             cfg = f"[red]{cfg} (want v{wanted})[/]"
         step_ms = r.get("step_time_s")
         t.add_row(
-            f"{r['replica_id']}/{r['rank']}", Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
-            str(r["step"]), _num(m.get("loss")), _num(m.get("test_acc"), "{:.4f}"), _num(r.get("samples_per_s"), "{:.0f}"),
-            _num(step_ms * 1000 if step_ms else None, "{:.1f}"), cfg, f"{r['heartbeat_age_s']:.1f} s",
-            r.get("device", ""), f"{r.get('host', '')}:{r.get('pid', '')}")
+            f"{r['replica_id']}/{r['rank']}",
+            Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+            str(r["step"]),
+            _num(m.get("loss")),
+            _num(m.get("test_acc"), "{:.4f}"),
+            _num(r.get("samples_per_s"), "{:.0f}"),
+            _num(step_ms * 1000 if step_ms else None, "{:.1f}"),
+            cfg,
+            f"{r['heartbeat_age_s']:.1f} s",
+            r.get("device", ""),
+            f"{r.get('host', '')}:{r.get('pid', '')}",
+        )
     return t
 
 
@@ -55,15 +94,27 @@ def status_view(status: dict[str, Any]) -> Group:
     for job in status.get("jobs", []):
         parts.append(job_table(job))
         for p in job.get("pending_applies", []):
-            parts.append(Text(f"  pending v{p['version']} at step {p['effective_step']}: waiting for "
-                              f"{', '.join(p['waiting_for']) or 'nobody'}", style="yellow"))
+            parts.append(
+                Text(
+                    f"  pending v{p['version']} at step {p['effective_step']}: waiting for "
+                    f"{', '.join(p['waiting_for']) or 'nobody'}",
+                    style="yellow",
+                )
+            )
         for prob in job.get("apply_problems", []):
             parts.append(Text(f"  apply problem: {prob}", style="red"))
     if not parts:
-        parts.append(Text("no jobs yet: start a training script that calls torchloom.init()", style="dim"))
+        parts.append(
+            Text("no jobs yet: start a training script that calls torchloom.init()", style="dim")
+        )
     dropped = status.get("dropped_messages") or {}
     if dropped:
-        parts.append(Text("dropped messages: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())), style="yellow"))
+        parts.append(
+            Text(
+                "dropped messages: " + ", ".join(f"{k}={v}" for k, v in sorted(dropped.items())),
+                style="yellow",
+            )
+        )
     return Group(*parts)
 
 

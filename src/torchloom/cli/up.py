@@ -32,9 +32,16 @@ class Stack:
         nats_port: port of the embedded server; None picks a free one.
     """
 
-    def __init__(self, *, state_dir: Path, nats_url: str | None = None, nats_port: int | None = None,
-                 liveness: LivenessConfig | None = None, control_settings: ControlSettings | None = None,
-                 on_event: EventSink | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        nats_url: str | None = None,
+        nats_port: int | None = None,
+        liveness: LivenessConfig | None = None,
+        control_settings: ControlSettings | None = None,
+        on_event: EventSink | None = None,
+    ) -> None:
         self.state_dir = Path(state_dir).expanduser()
         self.external_url = nats_url
         self.nats_port = nats_port
@@ -58,7 +65,9 @@ class Stack:
         except BlockingIOError:
             lock.close()
             ep = read_endpoint(self.state_dir) or {}
-            raise AlreadyRunningError(str(self.state_dir), ep.get("pid"), ep.get("nats_url")) from None
+            raise AlreadyRunningError(
+                str(self.state_dir), ep.get("pid"), ep.get("nats_url")
+            ) from None
         self._lock = lock
 
     def start(self, *, timeout_s: float = 20.0) -> None:
@@ -75,19 +84,32 @@ class Stack:
             else:
                 self.nats = NatsServer(store_dir=self.state_dir / "nats", port=self.nats_port)
                 self.nats_url = self.nats.start()
-            self.weaver = Weaver(nats_url=self.nats_url, liveness=self.liveness,
-                                 control_settings=self.control_settings, on_event=self.on_event)
-            self._thread = threading.Thread(target=self._serve, name="torchloom-weaver", daemon=True)
+            self.weaver = Weaver(
+                nats_url=self.nats_url,
+                liveness=self.liveness,
+                control_settings=self.control_settings,
+                on_event=self.on_event,
+            )
+            self._thread = threading.Thread(
+                target=self._serve, name="torchloom-weaver", daemon=True
+            )
             self._thread.start()
             deadline = time.monotonic() + timeout_s
             while not (self._loop and self.weaver.ready.is_set()):
                 if self.error is not None or not self._thread.is_alive():
                     raise TorchloomError(f"the Weaver did not start: {self.error}")
                 if time.monotonic() > deadline:
-                    raise NotReachableError(f"the Weaver could not reach NATS at {self.nats_url} within {timeout_s:g} s")
+                    raise NotReachableError(
+                        f"the Weaver could not reach NATS at {self.nats_url} within {timeout_s:g} s"
+                    )
                 time.sleep(0.02)
-            write_endpoint(self.state_dir, nats_url=self.nats_url, pid=os.getpid(),
-                           embedded_nats=self.nats is not None, started_ts=time.time())
+            write_endpoint(
+                self.state_dir,
+                nats_url=self.nats_url,
+                pid=os.getpid(),
+                embedded_nats=self.nats is not None,
+                started_ts=time.time(),
+            )
         except BaseException:
             self.stop()
             raise
@@ -107,8 +129,13 @@ class Stack:
             loop.close()
 
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and (
-            self.nats is None or (self.nats.proc is not None and self.nats.proc.poll() is None))
+        return (
+            self._thread is not None
+            and self._thread.is_alive()
+            and (
+                self.nats is None or (self.nats.proc is not None and self.nats.proc.poll() is None)
+            )
+        )
 
     def stop(self) -> None:
         """Stop the Weaver, then NATS; remove the endpoint; release the lock. Idempotent."""

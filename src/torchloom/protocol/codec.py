@@ -7,7 +7,7 @@ count it and drop it.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -52,7 +52,7 @@ def decode(data: bytes, type_: type[T], *, kind: str | None = None) -> T:
     v = getattr(msg, "v", SCHEMA_VERSION)
     if v != SCHEMA_VERSION:
         raise DecodeError(name, f"schema version {v}, this side speaks {SCHEMA_VERSION}")
-    return msg
+    return cast(T, msg)
 
 
 def from_builtins(data: Any, type_: type[T], *, kind: str | None = None) -> T:

@@ -55,7 +55,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def rule(self) -> str:
         """A short human description of the allowed values, e.g. ``float > 0``."""
-        parts = [self.type]
+        parts: list[str] = [self.type]
         if self.min is not None:
             parts.append(f"{'>' if self.min_exclusive else '>='} {_fmt(self.min)}")
         if self.max is not None:
@@ -73,20 +73,54 @@ def _fmt(x: float) -> str:
 BUILTIN_KNOBS: dict[str, KnobSpec] = {
     k.name: k
     for k in (
-        KnobSpec(name="lr", type="float", min=0.0, min_exclusive=True, max=1e3,
-                 doc="learning rate of every bound optimizer param group"),
-        KnobSpec(name="batch_size", type="int", min=1, max=1 << 20,
-                 doc="per-rank batch size, in samples"),
-        KnobSpec(name="grad_clip", type="float", min=0.0, allow_off=True,
-                 doc="max total gradient norm (clip_grad_norm_), or off"),
-        KnobSpec(name="max_steps", type="int", min=1, max=1 << 40, scope="job",
-                 doc="the step at which every rank stops"),
-        KnobSpec(name="sync_every", type="int", min=1, max=1 << 20, scope="job",
-                 doc="inner steps between outer syncs (LocalSGD / DiLoCo)"),
-        KnobSpec(name="weight_decay", type="float", min=0.0, max=10.0,
-                 doc="weight decay of every bound optimizer param group"),
-        KnobSpec(name="momentum", type="float", min=0.0, max=1.0,
-                 doc="SGD momentum (or beta1 of Adam-like optimizers)"),
+        KnobSpec(
+            name="lr",
+            type="float",
+            min=0.0,
+            min_exclusive=True,
+            max=1e3,
+            doc="learning rate of every bound optimizer param group",
+        ),
+        KnobSpec(
+            name="batch_size", type="int", min=1, max=1 << 20, doc="per-rank batch size, in samples"
+        ),
+        KnobSpec(
+            name="grad_clip",
+            type="float",
+            min=0.0,
+            allow_off=True,
+            doc="max total gradient norm (clip_grad_norm_), or off",
+        ),
+        KnobSpec(
+            name="max_steps",
+            type="int",
+            min=1,
+            max=1 << 40,
+            scope="job",
+            doc="the step at which every rank stops",
+        ),
+        KnobSpec(
+            name="sync_every",
+            type="int",
+            min=1,
+            max=1 << 20,
+            scope="job",
+            doc="inner steps between outer syncs (LocalSGD / DiLoCo)",
+        ),
+        KnobSpec(
+            name="weight_decay",
+            type="float",
+            min=0.0,
+            max=10.0,
+            doc="weight decay of every bound optimizer param group",
+        ),
+        KnobSpec(
+            name="momentum",
+            type="float",
+            min=0.0,
+            max=1.0,
+            doc="SGD momentum (or beta1 of Adam-like optimizers)",
+        ),
     )
 }
 
@@ -152,7 +186,7 @@ def _to_type(spec: KnobSpec, raw: Any) -> Any:
 def _parse_number(text: str) -> int | float | None:
     for parse in (int, float):
         try:
-            return parse(text.strip())  # type: ignore[operator]
+            return parse(text.strip())
         except ValueError:
             continue
     return None
@@ -181,7 +215,9 @@ def check_spec(spec: KnobSpec) -> KnobSpec:
         raise InvalidKnobError(spec.name, f"min {spec.min} > max {spec.max}")
     builtin = BUILTIN_KNOBS.get(spec.name)
     if builtin is not None and builtin.type != spec.type:
-        raise InvalidKnobError(spec.name, f"is built in as {builtin.type}; cannot be redefined as {spec.type}")
+        raise InvalidKnobError(
+            spec.name, f"is built in as {builtin.type}; cannot be redefined as {spec.type}"
+        )
     return spec
 
 

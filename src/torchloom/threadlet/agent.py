@@ -53,15 +53,25 @@ class Agent:
         join_timeout_s: how long one join request waits for the Weaver, in seconds.
     """
 
-    def __init__(self, run: Run, *, nats_url: str | None, state_dir: Path | None,
-                 interval_s: float, join_timeout_s: float = 2.0, retry_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        run: Run,
+        *,
+        nats_url: str | None,
+        state_dir: Path | None,
+        interval_s: float,
+        join_timeout_s: float = 2.0,
+        retry_s: float = 1.0,
+    ) -> None:
         self._run = run
         self._explicit_url = nats_url
         self._state_dir = state_dir
         self.interval_s = interval_s
         self.join_timeout_s = join_timeout_s
         self.retry_s = retry_s
-        self._thread = threading.Thread(target=self._thread_main, name="torchloom-threadlet", daemon=True)
+        self._thread = threading.Thread(
+            target=self._thread_main, name="torchloom-threadlet", daemon=True
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._conn: Connection | None = None
@@ -106,9 +116,14 @@ class Agent:
             return
         self.nats_url = url
         run = self._run
-        connecting = asyncio.ensure_future(connect(
-            url, name=f"threadlet-{run.identity.job_id}-{run.identity.replica_id}-{run.identity.rank}",
-            retry_forever=True, on_reconnect=self._on_reconnect))
+        connecting = asyncio.ensure_future(
+            connect(
+                url,
+                name=f"threadlet-{run.identity.job_id}-{run.identity.replica_id}-{run.identity.rank}",
+                retry_forever=True,
+                on_reconnect=self._on_reconnect,
+            )
+        )
         stop_wait = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait([connecting, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if not connecting.done():
@@ -124,7 +139,7 @@ class Agent:
                 await self._flush()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             await self._flush()
             await conn.flush(timeout_s=1.0)
@@ -141,12 +156,14 @@ class Agent:
             if url:
                 return url
             if not warned:
-                log.warning("torchloom: no NATS URL (set TORCHLOOM_NATS_URL or run `torchloom up`); "
-                            "training goes on with its own config and keeps looking")
+                log.warning(
+                    "torchloom: no NATS URL (set TORCHLOOM_NATS_URL or run `torchloom up`); "
+                    "training goes on with its own config and keeps looking"
+                )
                 warned = True
             try:
                 await asyncio.wait_for(self._stop.wait(), timeout=self.retry_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return None
 
@@ -171,15 +188,25 @@ class Agent:
         assert self._conn is not None
         run = self._run
         ident = run.identity
-        req = ControlRequest(op="join", job_id=ident.job_id, requested_by=f"rank {ident.replica_id}/{ident.rank}",
-                             join=JoinInfo(replica_id=ident.replica_id, rank=ident.rank,
-                                           group_world_size=ident.group_world_size, host=ident.host,
-                                           pid=ident.pid, device=ident.device,
-                                           initial_values=run._initial_values,
-                                           custom_knobs=list(run._custom_knobs)))
+        req = ControlRequest(
+            op="join",
+            job_id=ident.job_id,
+            requested_by=f"rank {ident.replica_id}/{ident.rank}",
+            join=JoinInfo(
+                replica_id=ident.replica_id,
+                rank=ident.rank,
+                group_world_size=ident.group_world_size,
+                host=ident.host,
+                pid=ident.pid,
+                device=ident.device,
+                initial_values=run._initial_values,
+                custom_knobs=list(run._custom_knobs),
+            ),
+        )
         try:
-            raw = await self._conn.request(names.control_subject(ident.job_id), encode(req),
-                                           timeout_s=self.join_timeout_s)
+            raw = await self._conn.request(
+                names.control_subject(ident.job_id), encode(req), timeout_s=self.join_timeout_s
+            )
             reply = decode(raw, ControlReply, kind="join reply")
             if not reply.ok:
                 msg = reply.error.message if reply.error else "refused"
@@ -217,9 +244,19 @@ class Agent:
         events = run._events.drain()
         try:
             for ev in events:
-                ev_msg = RankEvent(kind=ev[0], job_id=ident.job_id, replica_id=ident.replica_id, rank=ident.rank,
-                                   ts=ev[1], step=ev[2], version=ev[3], reason=ev[4])
-                await conn.publish(names.events_subject(ident.job_id, ident.replica_id, ident.rank), encode(ev_msg))
+                ev_msg = RankEvent(
+                    kind=ev[0],
+                    job_id=ident.job_id,
+                    replica_id=ident.replica_id,
+                    rank=ident.rank,
+                    ts=ev[1],
+                    step=ev[2],
+                    version=ev[3],
+                    reason=ev[4],
+                )
+                await conn.publish(
+                    names.events_subject(ident.job_id, ident.replica_id, ident.rank), encode(ev_msg)
+                )
                 events = events[1:]
         except NotReachableError:
             run._events.push_front(events)
@@ -238,15 +275,34 @@ class Agent:
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, step, samples)
-        points = [MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in run._points.drain(512)]
+        points = [
+            MetricPoint(step=s, ts=ts, values=_to_floats(values))
+            for s, ts, values in run._points.drain(512)
+        ]
         self._seq += 1
-        tel = Telemetry(job_id=ident.job_id, replica_id=ident.replica_id, rank=ident.rank,
-                        group_world_size=ident.group_world_size, seq=self._seq, ts=time.time(), step=step,
-                        state=run.state, applied_version=applied, step_time_s=step_time,
-                        samples_per_s=samples_per_s, points=points, dropped_points=run._points.dropped,
-                        config_lag_s=run._config_lag_s, host=ident.host, pid=ident.pid, device=ident.device)
+        tel = Telemetry(
+            job_id=ident.job_id,
+            replica_id=ident.replica_id,
+            rank=ident.rank,
+            group_world_size=ident.group_world_size,
+            seq=self._seq,
+            ts=time.time(),
+            step=step,
+            state=run.state,
+            applied_version=applied,
+            step_time_s=step_time,
+            samples_per_s=samples_per_s,
+            points=points,
+            dropped_points=run._points.dropped,
+            config_lag_s=run._config_lag_s,
+            host=ident.host,
+            pid=ident.pid,
+            device=ident.device,
+        )
         try:
-            await conn.publish(names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel))
+            await conn.publish(
+                names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel)
+            )
             self.sent_telemetry += 1
         except NotReachableError:
             pass

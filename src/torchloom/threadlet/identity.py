@@ -31,12 +31,19 @@ def _env_int(*names: str, default: int) -> int:
             try:
                 return int(value)
             except ValueError:
-                raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+                raise ValueError(
+                    f"environment variable {name}={value!r} is not an integer"
+                ) from None
     return default
 
 
 def resolve_identity(
-    *, job_id: str, replica_id: str | None, rank: int | None, group_world_size: int | None, device: str | None
+    *,
+    job_id: str,
+    replica_id: str | None,
+    rank: int | None,
+    group_world_size: int | None,
+    device: str | None,
 ) -> Identity:
     """Fill in what was not given from torchrun/torchft environment variables.
 
@@ -44,11 +51,23 @@ def resolve_identity(
     Rank: argument, ``RANK``, else 0. Group world size: argument, ``WORLD_SIZE``, else 1.
     """
     host = socket.gethostname()
-    rid = replica_id or os.environ.get("TORCHLOOM_REPLICA_ID") or os.environ.get("REPLICA_GROUP_ID") or "0"
+    rid = (
+        replica_id
+        or os.environ.get("TORCHLOOM_REPLICA_ID")
+        or os.environ.get("REPLICA_GROUP_ID")
+        or "0"
+    )
     r = rank if rank is not None else _env_int("RANK", default=0)
     ws = group_world_size if group_world_size is not None else _env_int("WORLD_SIZE", default=1)
-    return Identity(job_id=job_id, replica_id=str(rid), rank=r, group_world_size=ws, host=host,
-                    pid=os.getpid(), device=device or detect_device(host))
+    return Identity(
+        job_id=job_id,
+        replica_id=str(rid),
+        rank=r,
+        group_world_size=ws,
+        host=host,
+        pid=os.getpid(),
+        device=device or detect_device(host),
+    )
 
 
 def detect_device(host: str) -> str:

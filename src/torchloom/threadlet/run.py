@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torchloom.protocol import BUILTIN_KNOBS, DesiredConfig, KnobSpec, coerce_all, resolve_values, select_snapshot
+from torchloom.protocol import (
+    BUILTIN_KNOBS,
+    DesiredConfig,
+    KnobSpec,
+    coerce_all,
+    resolve_values,
+    select_snapshot,
+)
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import RankState
 from torchloom.threadlet.agent import Agent
@@ -52,9 +59,19 @@ class Run:
         state: ``joining``, ``training``, ``paused`` or ``exited``.
     """
 
-    def __init__(self, *, identity: Identity, initial: dict[str, Any], custom_knobs: list[KnobSpec],
-                 nats_url: str | None, state_dir: Path | None, interval_ms: float, buffer_points: int,
-                 start_step: int, connect: bool) -> None:
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        initial: dict[str, Any],
+        custom_knobs: list[KnobSpec],
+        nats_url: str | None,
+        state_dir: Path | None,
+        interval_ms: float,
+        buffer_points: int,
+        start_step: int,
+        connect: bool,
+    ) -> None:
         self.identity = identity
         self._initial_values = initial
         self._custom_knobs = custom_knobs
@@ -65,7 +82,9 @@ class Run:
         self.start_step = start_step
         self.stop_reason: str | None = None
         self._samples = 0
-        self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(buffer_points)
+        self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(
+            buffer_points
+        )
         self._events: DropOldestBuffer[tuple[str, float, int, int, str]] = DropOldestBuffer(4096)
         self._callbacks: list[ConfigCallback] = []
         self._doc: DesiredConfig | None = None  # replaced by the agent thread
@@ -74,7 +93,9 @@ class Run:
         self._config_lag_s = 0.0
         self._wake = threading.Event()
         self._closed = False
-        self.agent = Agent(self, nats_url=nats_url, state_dir=state_dir, interval_s=interval_ms / 1000.0)
+        self.agent = Agent(
+            self, nats_url=nats_url, state_dir=state_dir, interval_s=interval_ms / 1000.0
+        )
         if connect:
             self.agent.start()
             atexit.register(self.close, reason="exited without finishing steps()")
@@ -126,7 +147,9 @@ class Run:
             snap = select_snapshot(doc.snapshots, step) if doc is not None else None
             if snap is not None and snap.version > self.applied_version:
                 self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
-            later = [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
+            later = (
+                [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
+            )
             self._next_check = min(later, default=_NEVER)
             run_state = snap.run_state if snap is not None else "running"
             if run_state == "stopped":
@@ -153,8 +176,12 @@ class Run:
         if changed:
             for cb in self._callbacks:
                 cb(new, changed)
-            log.info("torchloom: v%d applied at step %d: %s", version, step,
-                     ", ".join(f"{k}={v}" for k, v in changed.items()))
+            log.info(
+                "torchloom: v%d applied at step %d: %s",
+                version,
+                step,
+                ", ".join(f"{k}={v}" for k, v in changed.items()),
+            )
 
     def log(self, *, samples: int | None = None, **metrics: Any) -> None:
         """Record numbers for this step (loss, accuracy, …): floats, ints or 0-d tensors.
@@ -185,7 +212,11 @@ class Run:
             for group in optimizer.param_groups:
                 if "lr" in changed and config.get("lr") is not None:
                     group["lr"] = config["lr"]
-                if "weight_decay" in changed and "weight_decay" in group and config.get("weight_decay") is not None:
+                if (
+                    "weight_decay" in changed
+                    and "weight_decay" in group
+                    and config.get("weight_decay") is not None
+                ):
                     group["weight_decay"] = config["weight_decay"]
                 if "momentum" in changed and config.get("momentum") is not None:
                     if "momentum" in group:
@@ -223,7 +254,9 @@ class Run:
             return
         self._closed = True
         self.state = "exited"
-        self._events.append(("exited", time.time(), max(self.step, 0), self.applied_version, reason))
+        self._events.append(
+            ("exited", time.time(), max(self.step, 0), self.applied_version, reason)
+        )
         self.agent.stop(timeout_s=timeout_s)
 
 
@@ -280,9 +313,22 @@ def init(
     if max_steps is not None:
         raw["max_steps"] = max_steps
     initial = coerce_all(registry, raw)
-    identity = resolve_identity(job_id=job_id, replica_id=replica_id, rank=rank,
-                                group_world_size=group_world_size, device=device)
+    identity = resolve_identity(
+        job_id=job_id,
+        replica_id=replica_id,
+        rank=rank,
+        group_world_size=group_world_size,
+        device=device,
+    )
     check_id("replica id", identity.replica_id)
-    return Run(identity=identity, initial=initial, custom_knobs=list(custom_knobs or []), nats_url=nats_url,
-               state_dir=Path(state_dir) if state_dir else None, interval_ms=interval_ms,
-               buffer_points=buffer_points, start_step=start_step, connect=connect)
+    return Run(
+        identity=identity,
+        initial=initial,
+        custom_knobs=list(custom_knobs or []),
+        nats_url=nats_url,
+        state_dir=Path(state_dir) if state_dir else None,
+        interval_ms=interval_ms,
+        buffer_points=buffer_points,
+        start_step=start_step,
+        connect=connect,
+    )

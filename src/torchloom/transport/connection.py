@@ -8,7 +8,6 @@ attempts; subscriptions survive reconnects.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -91,7 +90,7 @@ class Connection:
             msg = await self._nc.request(subject, data, timeout=timeout_s)
         except nats.errors.NoRespondersError:
             raise NotReachableError(f"no Weaver is listening on {subject}") from None
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             raise NotReachableError(f"no reply on {subject} within {timeout_s:g} s") from None
         except nats.errors.ConnectionClosedError:
             raise NotReachableError("the NATS connection is closed") from None
@@ -99,8 +98,8 @@ class Connection:
 
     async def flush(self, *, timeout_s: float = 2.0) -> None:
         try:
-            await self._nc.flush(timeout=timeout_s)
-        except (nats.errors.TimeoutError, asyncio.TimeoutError, nats.errors.ConnectionClosedError):
+            await self._nc.flush(timeout=timeout_s)  # type: ignore[arg-type]
+        except (TimeoutError, nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
             raise NotReachableError(f"NATS flush did not complete within {timeout_s:g} s") from None
 
     async def close(self) -> None:
@@ -155,14 +154,16 @@ async def connect(
         nc = await nats.connect(
             servers=servers,
             name=name,
-            connect_timeout=connect_timeout_s,  # type: ignore[arg-type]
-            reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+            connect_timeout=connect_timeout_s,
+            reconnect_time_wait=reconnect_wait_s,
             max_reconnect_attempts=-1 if retry_forever else 1,
             allow_reconnect=retry_forever,
             error_cb=_error_cb,
             reconnected_cb=_reconnected,
             disconnected_cb=_disconnected,
         )
-    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError) as exc:
-        raise NotReachableError(f"no NATS server reachable at {url} ({exc or type(exc).__name__})") from None
+    except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+        raise NotReachableError(
+            f"no NATS server reachable at {url} ({exc or type(exc).__name__})"
+        ) from None
     return Connection(nc)

@@ -73,7 +73,9 @@ async def ensure_jetstream(
                 )
             )
     except _JS_ERRORS as exc:
-        raise NotReachableError(f"JetStream is not available: {exc or type(exc).__name__}") from None
+        raise NotReachableError(
+            f"JetStream is not available: {exc or type(exc).__name__}"
+        ) from None
 
 
 class KeyValue:
@@ -94,7 +96,9 @@ class KeyValue:
         try:
             return cls(await js.key_value(bucket), bucket)
         except _JS_ERRORS as exc:
-            raise NotReachableError(f"KV bucket {bucket} is not available: {exc or type(exc).__name__}") from None
+            raise NotReachableError(
+                f"KV bucket {bucket} is not available: {exc or type(exc).__name__}"
+            ) from None
 
     async def get(self, key: str) -> bytes | None:
         """The latest value of ``key``, or None if it has none (or was deleted).
@@ -107,7 +111,9 @@ class KeyValue:
         except nats.js.errors.KeyNotFoundError:
             return None
         except _JS_ERRORS as exc:
-            raise NotReachableError(f"KV get {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+            raise NotReachableError(
+                f"KV get {self.bucket}/{key} failed: {exc or type(exc).__name__}"
+            ) from None
         return entry.value
 
     async def put(self, key: str, value: bytes) -> int:
@@ -119,13 +125,17 @@ class KeyValue:
         try:
             return int(await self._kv.put(key, value))
         except _JS_ERRORS as exc:
-            raise NotReachableError(f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+            raise NotReachableError(
+                f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}"
+            ) from None
 
     async def delete(self, key: str) -> None:
         try:
             await self._kv.delete(key)
         except _JS_ERRORS as exc:
-            raise NotReachableError(f"KV delete {self.bucket}/{key} failed: {exc or type(exc).__name__}") from None
+            raise NotReachableError(
+                f"KV delete {self.bucket}/{key} failed: {exc or type(exc).__name__}"
+            ) from None
 
     async def items(self) -> dict[str, bytes]:
         """Every live key and its latest value."""
@@ -134,7 +144,9 @@ class KeyValue:
         except nats.js.errors.NoKeysError:
             return {}
         except _JS_ERRORS as exc:
-            raise NotReachableError(f"KV list {self.bucket} failed: {exc or type(exc).__name__}") from None
+            raise NotReachableError(
+                f"KV list {self.bucket} failed: {exc or type(exc).__name__}"
+            ) from None
         out: dict[str, bytes] = {}
         for key in keys:
             value = await self.get(key)
@@ -161,7 +173,9 @@ class History:
             raise NotReachableError(f"history append failed: {exc or type(exc).__name__}") from None
         return int(ack.seq)
 
-    async def read(self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0) -> AsyncIterator[bytes]:
+    async def read(
+        self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0
+    ) -> AsyncIterator[bytes]:
         """Yield stored events on ``filter_subject``, oldest first.
 
         Args:
@@ -185,7 +199,7 @@ class History:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=None if follow else idle_timeout_s)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                except (TimeoutError, nats.errors.TimeoutError):
                     if follow:
                         continue
                     return

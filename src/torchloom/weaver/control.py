@@ -14,7 +14,13 @@ from typing import Any
 
 import msgspec
 
-from torchloom.errors import InvalidKnobError, InvalidRequestError, TorchloomError, UnknownJobError, UnknownReplicaError
+from torchloom.errors import (
+    InvalidKnobError,
+    InvalidRequestError,
+    TorchloomError,
+    UnknownJobError,
+    UnknownReplicaError,
+)
 from torchloom.protocol import (
     BUILTIN_KNOBS,
     ConfigSnapshot,
@@ -58,7 +64,9 @@ class Outcome:
     reset: bool = False
 
 
-def handle(state: WeaverState, req: ControlRequest, now: float, settings: ControlSettings) -> Outcome:
+def handle(
+    state: WeaverState, req: ControlRequest, now: float, settings: ControlSettings
+) -> Outcome:
     """Answer one control request. Never raises: errors become error replies."""
     try:
         check_id("job id", req.job_id)
@@ -72,8 +80,14 @@ def handle(state: WeaverState, req: ControlRequest, now: float, settings: Contro
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
         return _change(job, req, now, settings)
     except TorchloomError as exc:
-        return Outcome(ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message,
-                                                             knob=getattr(exc, "knob", None))))
+        return Outcome(
+            ControlReply(
+                ok=False,
+                error=ErrorInfo(
+                    code=exc.code, message=exc.message, knob=getattr(exc, "knob", None)
+                ),
+            )
+        )
 
 
 def _existing_job(state: WeaverState, job_id: str) -> Job:
@@ -91,7 +105,9 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     overrides = {k: dict(v) for k, v in latest.overrides.items()}
     run_state = latest.run_state
     if latest.run_state == "stopped":
-        raise InvalidRequestError(f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change")
+        raise InvalidRequestError(
+            f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change"
+        )
     if req.op == "set":
         if not req.values:
             raise InvalidRequestError("set needs at least one knob=value")
@@ -101,7 +117,9 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
                 raise UnknownReplicaError(job.job_id, req.replica_id)
             for name in changes:
                 if job.config.knobs[name].scope == "job":
-                    raise InvalidKnobError(name, "is job-wide; it cannot be set for one replica group")
+                    raise InvalidKnobError(
+                        name, "is job-wide; it cannot be set for one replica group"
+                    )
             overrides.setdefault(req.replica_id, {}).update(changes)
         else:
             values.update(changes)
@@ -126,23 +144,46 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     if req.op == "resume":
         eff = latest.effective_step  # ranks wait at the pause step; go on from there
     else:
-        eff = plan_effective_step(job, now, lead_time_s=settings.lead_time_s, min_lead_steps=settings.min_lead_steps)
+        eff = plan_effective_step(
+            job, now, lead_time_s=settings.lead_time_s, min_lead_steps=settings.min_lead_steps
+        )
     version = latest.version + 1
-    snap = ConfigSnapshot(version=version, effective_step=eff, values=values, overrides=overrides,
-                          run_state=run_state, issued_ts=now, reason=req.reason or what)
+    snap = ConfigSnapshot(
+        version=version,
+        effective_step=eff,
+        values=values,
+        overrides=overrides,
+        run_state=run_state,
+        issued_ts=now,
+        reason=req.reason or what,
+    )
     snapshots = _prune([*job.config.snapshots, snap], job, settings.max_pending_versions)
     new = msgspec.structs.replace(job.config, snapshots=snapshots)
     expected = {r.key for r in job.live_ranks()}
     who = f" by {req.requested_by}" if req.requested_by else ""
-    event = HistoryEvent(job_id=job.job_id, kind="config_set", ts=now, step=eff, version=version,
-                         replica_id=req.replica_id,
-                         message=f"v{version}: {what}{who}, effective at step {eff}",
-                         data={"op": req.op, "values": to_builtins(req.values), "reason": req.reason,
-                               "requested_by": req.requested_by, "run_state": run_state})
+    event = HistoryEvent(
+        job_id=job.job_id,
+        kind="config_set",
+        ts=now,
+        step=eff,
+        version=version,
+        replica_id=req.replica_id,
+        message=f"v{version}: {what}{who}, effective at step {eff}",
+        data={
+            "op": req.op,
+            "values": to_builtins(req.values),
+            "reason": req.reason,
+            "requested_by": req.requested_by,
+            "run_state": run_state,
+        },
+    )
     return Outcome(
         ControlReply(ok=True, version=version, effective_step=eff),
-        new_config=new, events=[event],
-        tracking=ApplyTracking(version=version, effective_step=eff, issued_ts=now, expected=expected),
+        new_config=new,
+        events=[event],
+        tracking=ApplyTracking(
+            version=version, effective_step=eff, issued_ts=now, expected=expected
+        ),
     )
 
 
@@ -157,7 +198,8 @@ def _prune(snapshots: list[ConfigSnapshot], job: Job, max_versions: int) -> list
             snapshots = [s for s in snapshots if s.version >= base.version]
     if len(snapshots) > max_versions:
         raise InvalidRequestError(
-            f"{len(snapshots) - 1} changes are still pending; wait until the ranks reach their effective steps")
+            f"{len(snapshots) - 1} changes are still pending; wait until the ranks reach their effective steps"
+        )
     return snapshots
 
 
@@ -178,21 +220,36 @@ def _join(state: WeaverState, req: ControlRequest, now: float) -> Outcome:
         epoch = job.config.epoch + 1 if job is not None and job.config is not None else 1
         last = job.config.latest() if job is not None and job.config is not None else None
         version = (last.version if last else 0) + 1
-        snap = ConfigSnapshot(version=version, effective_step=0, values=initial, issued_ts=now,
-                              reason=f"initial knobs from rank {info.replica_id}/{info.rank}")
-        outcome.new_config = DesiredConfig(job_id=req.job_id, epoch=epoch, knobs=knobs, snapshots=[snap])
+        snap = ConfigSnapshot(
+            version=version,
+            effective_step=0,
+            values=initial,
+            issued_ts=now,
+            reason=f"initial knobs from rank {info.replica_id}/{info.rank}",
+        )
+        outcome.new_config = DesiredConfig(
+            job_id=req.job_id, epoch=epoch, knobs=knobs, snapshots=[snap]
+        )
         outcome.reset = True
-        outcome.events.append(HistoryEvent(
-            job_id=req.job_id, kind="job_started", ts=now, version=version,
-            message=f"job {req.job_id} started (epoch {epoch}) with {_fmt_values(initial)}",
-            data={"epoch": epoch, "values": to_builtins(initial)}))
+        outcome.events.append(
+            HistoryEvent(
+                job_id=req.job_id,
+                kind="job_started",
+                ts=now,
+                version=version,
+                message=f"job {req.job_id} started (epoch {epoch}) with {_fmt_values(initial)}",
+                data={"epoch": epoch, "values": to_builtins(initial)},
+            )
+        )
     elif any(name not in job.config.knobs for name in knobs):
         merged = {**knobs, **job.config.knobs}
         outcome.new_config = msgspec.structs.replace(job.config, knobs=merged)
     return outcome
 
 
-def commit(state: WeaverState, req: ControlRequest, outcome: Outcome, now: float) -> list[HistoryEvent]:
+def commit(
+    state: WeaverState, req: ControlRequest, outcome: Outcome, now: float
+) -> list[HistoryEvent]:
     """Make an accepted outcome part of the state (after its KV write succeeded)."""
     events = list(outcome.events)
     job = state.job(req.job_id)
@@ -207,8 +264,17 @@ def commit(state: WeaverState, req: ControlRequest, outcome: Outcome, now: float
         job.applies[outcome.tracking.version] = outcome.tracking
     if req.op == "join" and req.join is not None:
         j = req.join
-        _, joined = upsert_rank(state, job_id=req.job_id, replica_id=j.replica_id, rank_no=j.rank, now=now,
-                                group_world_size=j.group_world_size, host=j.host, pid=j.pid, device=j.device)
+        _, joined = upsert_rank(
+            state,
+            job_id=req.job_id,
+            replica_id=j.replica_id,
+            rank_no=j.rank,
+            now=now,
+            group_world_size=j.group_world_size,
+            host=j.host,
+            pid=j.pid,
+            device=j.device,
+        )
         events += joined
     if outcome.reply.ok and job.config is not None and req.op == "join":
         outcome.reply.data = to_builtins(job.config)
@@ -217,5 +283,3 @@ def commit(state: WeaverState, req: ControlRequest, outcome: Outcome, now: float
 
 def _fmt_values(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items())) or "no knobs"
-
-

@@ -30,12 +30,20 @@ from torchloom.protocol import (
     Telemetry,
     decode,
     encode,
+    names,
 )
-from torchloom.protocol import names
 from torchloom.transport import Connection, History, KeyValue, Message, connect, ensure_jetstream
 from torchloom.weaver import control
 from torchloom.weaver.control import ControlSettings
-from torchloom.weaver.state import LIVE_STATES, LivenessConfig, Rank, WeaverState, check_liveness, on_rank_event, on_telemetry
+from torchloom.weaver.state import (
+    LIVE_STATES,
+    LivenessConfig,
+    Rank,
+    WeaverState,
+    check_liveness,
+    on_rank_event,
+    on_telemetry,
+)
 
 log = logging.getLogger("torchloom.weaver")
 
@@ -93,7 +101,9 @@ class Weaver:
             await self._load()
             await self._conn.subscribe(names.ALL_TELEMETRY, self._on_telemetry)
             await self._conn.subscribe(names.ALL_EVENTS, self._on_rank_event)
-            await self._conn.subscribe(names.ALL_CONTROL, self._on_control, queue="torchloom-weaver")
+            await self._conn.subscribe(
+                names.ALL_CONTROL, self._on_control, queue="torchloom-weaver"
+            )
             await self._conn.flush()
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
@@ -131,9 +141,17 @@ class Weaver:
             rank = Rank(entry, step_changed_ts=now)
             self.state.job(entry.job_id).ranks[rank.key] = rank
         n_ranks = sum(len(j.ranks) for j in self.state.jobs.values())
-        self._record([HistoryEvent(job_id=job_id, kind="weaver_started", ts=now,
-                                   message=f"weaver started; restored {len(job.ranks)} rank(s) of {job_id}")
-                      for job_id, job in self.state.jobs.items()])
+        self._record(
+            [
+                HistoryEvent(
+                    job_id=job_id,
+                    kind="weaver_started",
+                    ts=now,
+                    message=f"weaver started; restored {len(job.ranks)} rank(s) of {job_id}",
+                )
+                for job_id, job in self.state.jobs.items()
+            ]
+        )
         log.info("restored %d job(s), %d rank(s) from JetStream", len(self.state.jobs), n_ranks)
 
     async def tick(self) -> None:
@@ -177,7 +195,9 @@ class Weaver:
                 raise DecodeError("control request", f"job {req.job_id!r} sent on {msg.subject}")
         except DecodeError as exc:
             self._drop("control", exc)
-            await self._reply(msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message)))
+            await self._reply(
+                msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
+            )
             return
         reply = await self.submit(req)
         await self._reply(msg, reply)
@@ -189,14 +209,24 @@ class Weaver:
             outcome = control.handle(self.state, req, now, self.settings)
             if not outcome.reply.ok:
                 if req.op != "join":
-                    log.info("refused %s on %s: %s", req.op, req.job_id, outcome.reply.error.message if outcome.reply.error else "")
+                    log.info(
+                        "refused %s on %s: %s",
+                        req.op,
+                        req.job_id,
+                        outcome.reply.error.message if outcome.reply.error else "",
+                    )
                 return outcome.reply
             if outcome.new_config is not None:
                 assert self._config_kv is not None
                 try:
-                    await self._config_kv.put(names.config_key(req.job_id), encode(outcome.new_config))
+                    await self._config_kv.put(
+                        names.config_key(req.job_id), encode(outcome.new_config)
+                    )
                 except NotReachableError as exc:
-                    return ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}"))
+                    return ControlReply(
+                        ok=False,
+                        error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}"),
+                    )
             self._record(control.commit(self.state, req, outcome, now))
         await self._flush_all()
         return outcome.reply

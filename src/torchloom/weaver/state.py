@@ -126,12 +126,20 @@ class WeaverState:
 def _event(kind: str, rank: Rank, now: float, message: str, **data: Any) -> HistoryEvent:
     e = rank.entry
     return HistoryEvent(
-        job_id=e.job_id, kind=kind, ts=now, message=message, replica_id=e.replica_id,
-        rank=e.rank, step=e.last_step, data=data,
+        job_id=e.job_id,
+        kind=kind,
+        ts=now,
+        message=message,
+        replica_id=e.replica_id,
+        rank=e.rank,
+        step=e.last_step,
+        data=data,
     )
 
 
-def set_rank_state(state: WeaverState, rank: Rank, new: RankState, now: float, why: str) -> list[HistoryEvent]:
+def set_rank_state(
+    state: WeaverState, rank: Rank, new: RankState, now: float, why: str
+) -> list[HistoryEvent]:
     """Move ``rank`` to ``new`` and return the history event for it (none if unchanged)."""
     old = rank.entry.state
     if old == new:
@@ -152,8 +160,18 @@ def set_rank_state(state: WeaverState, rank: Rank, new: RankState, now: float, w
     return events
 
 
-def upsert_rank(state: WeaverState, *, job_id: str, replica_id: str, rank_no: int, now: float,
-                group_world_size: int = 0, host: str = "", pid: int = 0, device: str = "") -> tuple[Rank, list[HistoryEvent]]:
+def upsert_rank(
+    state: WeaverState,
+    *,
+    job_id: str,
+    replica_id: str,
+    rank_no: int,
+    now: float,
+    group_world_size: int = 0,
+    host: str = "",
+    pid: int = 0,
+    device: str = "",
+) -> tuple[Rank, list[HistoryEvent]]:
     """Find the rank or add it to the DR map (state ``joining``); refresh its identity."""
     job = state.job(job_id)
     key = (job_id, replica_id, rank_no)
@@ -161,14 +179,37 @@ def upsert_rank(state: WeaverState, *, job_id: str, replica_id: str, rank_no: in
     events: list[HistoryEvent] = []
     if rank is None or (pid and rank.entry.pid and pid != rank.entry.pid):
         restarted = rank is not None
-        rank = Rank(RegistryEntry(job_id=job_id, replica_id=replica_id, rank=rank_no, joined_ts=now,
-                                  last_seen_ts=now, state_since_ts=now), step_changed_ts=now)
+        rank = Rank(
+            RegistryEntry(
+                job_id=job_id,
+                replica_id=replica_id,
+                rank=rank_no,
+                joined_ts=now,
+                last_seen_ts=now,
+                state_since_ts=now,
+            ),
+            step_changed_ts=now,
+        )
         job.ranks[key] = rank
         state.removed.discard(key)
-        events.append(_event("rank_joined", rank, now,
-                             f"rank {replica_id}/{rank_no} {'re' if restarted else ''}joined", host=host, pid=pid, device=device))
+        events.append(
+            _event(
+                "rank_joined",
+                rank,
+                now,
+                f"rank {replica_id}/{rank_no} {'re' if restarted else ''}joined",
+                host=host,
+                pid=pid,
+                device=device,
+            )
+        )
     e = rank.entry
-    identity = (host or e.host, pid or e.pid, device or e.device, group_world_size or e.group_world_size)
+    identity = (
+        host or e.host,
+        pid or e.pid,
+        device or e.device,
+        group_world_size or e.group_world_size,
+    )
     if events or (e.host, e.pid, e.device, e.group_world_size) != identity:
         e.host, e.pid, e.device, e.group_world_size = identity
         state.dirty.add(key)
@@ -177,8 +218,17 @@ def upsert_rank(state: WeaverState, *, job_id: str, replica_id: str, rank_no: in
 
 def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[HistoryEvent]:
     """Fold one telemetry flush (a heartbeat) into the state."""
-    rank, events = upsert_rank(state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now,
-                               group_world_size=msg.group_world_size, host=msg.host, pid=msg.pid, device=msg.device)
+    rank, events = upsert_rank(
+        state,
+        job_id=msg.job_id,
+        replica_id=msg.replica_id,
+        rank_no=msg.rank,
+        now=now,
+        group_world_size=msg.group_world_size,
+        host=msg.host,
+        pid=msg.pid,
+        device=msg.device,
+    )
     e = rank.entry
     if msg.seq <= rank.last_seq and msg.seq != 0:
         return events  # a duplicate or reordered flush
@@ -205,10 +255,15 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
         if point.step >= rank.metrics_step:
             rank.metrics.update(point.values)
             rank.metrics_step = point.step
-    reported: RankState = msg.state if msg.state in ("paused", "exited") else (
-        "joining" if msg.step < 0 else "training")
-    stays = (e.state == "exited"  # a late flush after goodbye does not revive a rank
-             or (e.state == "hung" and reported == "training" and msg.step == prev_step))
+    reported: RankState = (
+        msg.state
+        if msg.state in ("paused", "exited")
+        else ("joining" if msg.step < 0 else "training")
+    )
+    stays = (
+        e.state == "exited"  # a late flush after goodbye does not revive a rank
+        or (e.state == "hung" and reported == "training" and msg.step == prev_step)
+    )
     if e.state != reported and not stays:
         events += set_rank_state(state, rank, reported, now, "heartbeat")
     job = state.jobs[msg.job_id]
@@ -218,7 +273,9 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
 
 def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[HistoryEvent]:
     """Fold a rank's lifecycle event (``config_applied`` or ``exited``) into the state."""
-    rank, events = upsert_rank(state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now)
+    rank, events = upsert_rank(
+        state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now
+    )
     rank.entry.last_seen_ts = max(rank.entry.last_seen_ts, now)
     if msg.kind == "exited":
         rank.entry.last_step = max(rank.entry.last_step, msg.step)
@@ -232,25 +289,43 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
             tracking.applied[rank.key] = msg.step
             if rank.key in tracking.expected and msg.step != tracking.effective_step:
                 tracking.flagged.add(rank.key)
-                events.append(_event(
-                    "apply_late", rank, now,
-                    f"rank {msg.replica_id}/{msg.rank} applied v{tracking.version} at step {msg.step}, "
-                    f"effective step was {tracking.effective_step}",
-                    version=tracking.version, applied_at_step=msg.step, effective_step=tracking.effective_step))
+                events.append(
+                    _event(
+                        "apply_late",
+                        rank,
+                        now,
+                        f"rank {msg.replica_id}/{msg.rank} applied v{tracking.version} at step {msg.step}, "
+                        f"effective step was {tracking.effective_step}",
+                        version=tracking.version,
+                        applied_at_step=msg.step,
+                        effective_step=tracking.effective_step,
+                    )
+                )
     return events + check_apply_done(job, now)
 
 
 def _check_missing_applies(job: Job, rank: Rank, now: float) -> list[HistoryEvent]:
     events = []
     for t in job.applies.values():
-        if (rank.key in t.expected and rank.key not in t.applied and rank.key not in t.flagged
-                and rank.entry.last_step >= t.effective_step and rank.entry.applied_version < t.version):
+        if (
+            rank.key in t.expected
+            and rank.key not in t.applied
+            and rank.key not in t.flagged
+            and rank.entry.last_step >= t.effective_step
+            and rank.entry.applied_version < t.version
+        ):
             t.flagged.add(rank.key)
-            events.append(_event(
-                "apply_missing", rank, now,
-                f"rank {rank.entry.replica_id}/{rank.entry.rank} is at step {rank.entry.last_step} "
-                f"without v{t.version} (effective step {t.effective_step})",
-                version=t.version, effective_step=t.effective_step))
+            events.append(
+                _event(
+                    "apply_missing",
+                    rank,
+                    now,
+                    f"rank {rank.entry.replica_id}/{rank.entry.rank} is at step {rank.entry.last_step} "
+                    f"without v{t.version} (effective step {t.effective_step})",
+                    version=t.version,
+                    effective_step=t.effective_step,
+                )
+            )
     return events
 
 
@@ -266,11 +341,22 @@ def check_apply_done(job: Job, now: float) -> list[HistoryEvent]:
         steps = {f"{k[1]}/{k[2]}": t.applied[k] for k in sorted(t.expected)}
         consistent = all(s == t.effective_step for s in steps.values())
         where = f"at step {t.effective_step}" if consistent else f"at steps {steps}"
-        events.append(HistoryEvent(
-            job_id=job.job_id, kind="config_applied", ts=now, step=t.effective_step, version=t.version,
-            message=f"v{t.version} applied by {len(steps)} rank(s) {where}"
-                    f"{'' if consistent else ' (NOT at the effective step)'}",
-            data={"ranks": steps, "consistent": consistent, "latency_s": round(now - t.issued_ts, 4)}))
+        events.append(
+            HistoryEvent(
+                job_id=job.job_id,
+                kind="config_applied",
+                ts=now,
+                step=t.effective_step,
+                version=t.version,
+                message=f"v{t.version} applied by {len(steps)} rank(s) {where}"
+                f"{'' if consistent else ' (NOT at the effective step)'}",
+                data={
+                    "ranks": steps,
+                    "consistent": consistent,
+                    "latency_s": round(now - t.issued_ts, 4),
+                },
+            )
+        )
     # keep only the recent trackings
     for v in sorted(job.applies)[:-64]:
         del job.applies[v]
@@ -287,13 +373,25 @@ def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
                 continue
             silent_s = now - rank.entry.last_seen_ts
             if silent_s >= cfg.failure_timeout_s:
-                events += set_rank_state(state, rank, "failed", now, f"no heartbeat for {silent_s:.2f} s")
+                events += set_rank_state(
+                    state, rank, "failed", now, f"no heartbeat for {silent_s:.2f} s"
+                )
             elif silent_s >= cfg.suspect_after_s and rank.state != "hung":
-                events += set_rank_state(state, rank, "suspect", now, f"heartbeat late by {silent_s:.2f} s")
-            elif (rank.state == "training" and rank.entry.last_step >= 0
-                  and now - rank.step_changed_ts >= cfg.hang_timeout_s):
-                events += set_rank_state(state, rank, "hung",
-                                         now, f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s")
+                events += set_rank_state(
+                    state, rank, "suspect", now, f"heartbeat late by {silent_s:.2f} s"
+                )
+            elif (
+                rank.state == "training"
+                and rank.entry.last_step >= 0
+                and now - rank.step_changed_ts >= cfg.hang_timeout_s
+            ):
+                events += set_rank_state(
+                    state,
+                    rank,
+                    "hung",
+                    now,
+                    f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s",
+                )
     return events
 
 
@@ -322,8 +420,10 @@ def plan_effective_step(job: Job, now: float, *, lead_time_s: float, min_lead_st
     live = job.live_ranks()
     if not live:
         return floor
-    if latest is not None and latest.run_state == "paused" and all(
-        r.state == "paused" and r.entry.last_step == latest.effective_step for r in live
+    if (
+        latest is not None
+        and latest.run_state == "paused"
+        and all(r.state == "paused" and r.entry.last_step == latest.effective_step for r in live)
     ):
         return floor
     lag_s = max((r.config_lag_s for r in live), default=0.0)

@@ -10,8 +10,11 @@ from torchloom.weaver.state import Job, Rank, WeaverState
 
 def status(state: WeaverState, job_id: str | None, now: float) -> dict[str, Any]:
     """The DR map and per-rank figures of one job (or every job when ``job_id`` is None)."""
-    jobs = [state.jobs[job_id]] if job_id and job_id in state.jobs else (
-        [] if job_id else list(state.jobs.values()))
+    jobs = (
+        [state.jobs[job_id]]
+        if job_id and job_id in state.jobs
+        else ([] if job_id else list(state.jobs.values()))
+    )
     return {
         "ts": now,
         "jobs": [_job(job, now) for job in jobs if job.config is not None or job.ranks],
@@ -33,22 +36,29 @@ def _job(job: Job, now: float) -> dict[str, Any]:
         "desired": to_builtins(latest) if latest else None,
         "ranks": [_rank(r, job, now) for r in sorted(job.ranks.values(), key=lambda r: r.key)],
         "pending_applies": [
-            {"version": t.version, "effective_step": t.effective_step,
-             "applied": {f"{k[1]}/{k[2]}": s for k, s in t.applied.items()},
-             "waiting_for": sorted(f"{k[1]}/{k[2]}" for k in t.expected - set(t.applied)),
-             "flagged": sorted(f"{k[1]}/{k[2]}" for k in t.flagged)}
+            {
+                "version": t.version,
+                "effective_step": t.effective_step,
+                "applied": {f"{k[1]}/{k[2]}": s for k, s in t.applied.items()},
+                "waiting_for": sorted(f"{k[1]}/{k[2]}" for k in t.expected - set(t.applied)),
+                "flagged": sorted(f"{k[1]}/{k[2]}" for k in t.flagged),
+            }
             for t in pending
         ],
-        "apply_problems": sorted({f"{k[1]}/{k[2]}: v{t.version}" for t in job.applies.values() for k in t.flagged}),
+        "apply_problems": sorted(
+            {f"{k[1]}/{k[2]}: v{t.version}" for t in job.applies.values() for k in t.flagged}
+        ),
     }
 
 
 def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
     e = rank.entry
-    desired_version = None
-    if job.config is not None:
-        snap = select_snapshot(job.config.snapshots, max(e.last_step, 0))
-        desired_version = snap.version if snap else None
+    snap = (
+        select_snapshot(job.config.snapshots, max(e.last_step, 0))
+        if job.config is not None
+        else None
+    )
+    desired_version = snap.version if snap else None
     applied_at = None
     for t in job.applies.values():
         if t.version == e.applied_version and rank.key in t.applied:
@@ -71,7 +81,7 @@ def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
         "desired_version": desired_version,
         "heartbeat_age_s": round(max(0.0, now - e.last_seen_ts), 3),
         "dropped_points": rank.dropped_points,
-        "config": resolve_values(job.config.latest(), e.replica_id) if job.config and job.config.latest() else {},
+        "config": resolve_values(snap, e.replica_id) if snap is not None else {},
     }
 
 
@@ -83,7 +93,11 @@ def knobs(job: Job) -> dict[str, Any]:
         "job_id": job.job_id,
         "version": latest.version if latest else None,
         "knobs": [
-            {**to_builtins(spec), "rule": spec.rule(), "value": latest.values.get(name) if latest else None}
+            {
+                **to_builtins(spec),
+                "rule": spec.rule(),
+                "value": latest.values.get(name) if latest else None,
+            }
             for name, spec in sorted(specs.items())
         ],
     }
