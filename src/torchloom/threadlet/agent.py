@@ -95,7 +95,8 @@ class Agent:
                 loop.call_soon_threadsafe(stop.set)
             except RuntimeError:
                 return
-        self._thread.join(timeout_s)
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
 
     # ---- thread ------------------------------------------------------------------
 

@@ -429,4 +429,4 @@ def plan_effective_step(job: Job, now: float, *, lead_time_s: float, min_lead_st
     lag_s = max((r.config_lag_s for r in live), default=0.0)
     horizon = now + lead_time_s + min(2 * lag_s, 5.0)
     ahead = max(estimate_step(r, horizon) for r in live)
-    return max(floor, math.ceil(ahead) + min_lead_steps)
+    return max(floor, math.ceil(ahead - 1e-9) + min_lead_steps)

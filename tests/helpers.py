@@ -1,0 +1,140 @@
+"""Test helpers: real `torchloom up` processes, real torchrun jobs, polling without fixed sleeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from torchloom.cli.client import WeaverClient
+from torchloom.paths import read_endpoint
+from torchloom.protocol import HistoryEvent
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = REPO / "examples" / "mnist" / "train.py"
+SHARED_MNIST = REPO.parent / "shared" / "data"
+BIN = Path(sys.executable).parent
+T = TypeVar("T")
+
+
+def mnist_dir() -> Path:
+    """The repo's shipped MNIST; ../shared/data as a fallback for CI checkouts."""
+    shipped = REPO / "examples" / "mnist" / "data"
+    return shipped if (shipped / "mnist.npz").exists() else SHARED_MNIST
+
+
+def wait_for(pred: Callable[[], T], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout_s
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = pred()
+            if value:
+                return value
+        except Exception as exc:  # the thing polled may not be up yet
+            last_exc = exc
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})")
+
+
+class Up:
+    """A `torchloom up` subprocess (embedded NATS unless nats_url is given)."""
+
+    def __init__(self, state_dir: Path, *args: str, nats_url: str | None = None) -> None:
+        self.state_dir = state_dir
+        cmd = [str(BIN / "torchloom"), "up", "--state-dir", str(state_dir), *args]
+        if nats_url:
+            cmd += ["--nats-url", nats_url]
+        self.log_path = state_dir.parent / f"{state_dir.name}-up.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        endpoint = wait_for(lambda: self._endpoint(), timeout_s=30, what="torchloom up to write its endpoint")
+        self.url: str = endpoint["nats_url"]
+
+    def _endpoint(self) -> dict[str, Any] | None:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"torchloom up exited: {self.log_path.read_text()}")
+        ep = read_endpoint(self.state_dir)
+        return ep if ep and ep.get("pid") == self.proc.pid else None
+
+    def client(self, timeout_s: float = 5.0) -> WeaverClient:
+        return WeaverClient(nats_url=self.url, timeout_s=timeout_s)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def cli(*args: str, url: str | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "200"}
+    if url:
+        env["TORCHLOOM_NATS_URL"] = url
+    return subprocess.run([str(BIN / "torchloom"), *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+
+
+def launch_mnist(url: str | None, tmp: Path, *args: str, nproc: int = 2, job: str = "mnist",
+                 torchrun: bool = True) -> subprocess.Popen[bytes]:
+    """Start the reference MNIST job; its output goes to tmp/train.log, its summaries to tmp/out."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("TORCHLOOM_NATS_URL", None)
+    if url:
+        env["TORCHLOOM_NATS_URL"] = url
+    env["TORCHLOOM_STATE_DIR"] = str(tmp / "no-state-dir")  # only the explicit URL counts
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if torchrun \
+        else [sys.executable]
+    cmd = [*base, str(TRAIN), "--job-id", job, "--data-dir", str(mnist_dir()), "--out-dir", str(tmp / "out"), *args]
+    log = open(tmp / "train.log", "ab")  # noqa: SIM115
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+
+
+def job_status(client: WeaverClient, job: str) -> dict[str, Any] | None:
+    jobs = client.status(job).get("jobs", [])
+    return jobs[0] if jobs else None
+
+
+def ranks(client: WeaverClient, job: str) -> list[dict[str, Any]]:
+    js = job_status(client, job)
+    return js["ranks"] if js else []
+
+
+def history(client: WeaverClient, job: str | None) -> list[HistoryEvent]:
+    out: list[HistoryEvent] = []
+    client.history(job, follow=False, on_event=out.append)
+    return out
+
+
+def summaries(tmp: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((tmp / "out").glob("rank*.json"))]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,170 @@
+"""The control entry point as a pure function: validation, versions, effective steps, joins."""
+
+import msgspec
+import pytest
+
+from torchloom.protocol import ControlRequest, JoinInfo, KnobSpec, Telemetry
+from torchloom.weaver.control import ControlSettings, commit, handle
+from torchloom.weaver.state import WeaverState, check_liveness, on_telemetry
+
+SETTINGS = ControlSettings(lead_time_s=0.5, min_lead_steps=2)
+
+
+def join(s, now, *, rank=0, replica="0", values=None, custom=()):
+    req = ControlRequest(op="join", job_id="j", join=JoinInfo(replica_id=replica, rank=rank, pid=1000 + rank,
+                                                             initial_values=values or {"lr": 0.1, "batch_size": 64},
+                                                             custom_knobs=list(custom)))
+    out = handle(s, req, now, SETTINGS)
+    assert out.reply.ok, out.reply.error
+    commit(s, req, out, now)
+    return out
+
+
+def beat(s, now, *, rank=0, replica="0", step=100, st="training"):
+    on_telemetry(s, Telemetry(job_id="j", replica_id=replica, rank=rank, ts=now, step=step, seq=int(now * 1000),
+                              state=st, step_time_s=0.01, pid=1000 + rank), now)
+
+
+def ctl(s, now, op, values=None, replica=None):
+    req = ControlRequest(op=op, job_id="j", values=values or {}, replica_id=replica)
+    out = handle(s, req, now, SETTINGS)
+    if out.reply.ok:
+        commit(s, req, out, now)
+    return out
+
+
+def started(now=100.0):
+    s = WeaverState()
+    join(s, now, rank=0)
+    join(s, now, rank=1)
+    beat(s, now, rank=0)
+    beat(s, now, rank=1)
+    return s
+
+
+def test_first_join_starts_the_job_from_the_initial_knobs():
+    s = WeaverState()
+    out = join(s, 1.0, values={"lr": 0.2, "max_steps": 10})
+    assert out.reset and out.new_config.latest().values == {"lr": 0.2, "max_steps": 10}
+    assert out.reply.data["snapshots"][0]["version"] == 1
+    assert [e.kind for e in out.events] == ["job_started"]
+
+
+def test_set_answers_version_and_effective_step_ahead_of_the_ranks():
+    s = started()
+    out = ctl(s, 100.0, "set", {"lr": "0.01", "batch_size": "128"})
+    assert out.reply.ok and out.reply.version == 2
+    assert out.reply.effective_step == 100 + 50 + 2
+    latest = s.jobs["j"].config.latest()
+    assert latest.values["lr"] == 0.01 and latest.values["batch_size"] == 128
+    assert out.tracking.expected == {("j", "0", 0), ("j", "0", 1)}
+
+
+@pytest.mark.parametrize(
+    ("values", "replica", "code", "fragment"),
+    [
+        ({"lr": "-1"}, None, "invalid_knob", "must be > 0"),
+        ({"lr": "0.1", "batch_size": "0"}, None, "invalid_knob", "batch_size"),
+        ({"nope": "1"}, None, "invalid_knob", "unknown knob"),
+        ({"max_steps": "5"}, "0", "invalid_knob", "job-wide"),
+        ({"lr": "0.1"}, "9", "unknown_replica", "'9'"),
+        ({}, None, "invalid_request", "at least one"),
+    ],
+)
+def test_rejected_set_changes_nothing(values, replica, code, fragment):
+    s = started()
+    before = msgspec.json.encode(s.jobs["j"].config)
+    out = ctl(s, 100.0, "set", values, replica)
+    assert not out.reply.ok and out.reply.error.code == code and fragment in out.reply.error.message
+    assert out.new_config is None
+    assert msgspec.json.encode(s.jobs["j"].config) == before
+    assert not s.jobs["j"].applies
+
+
+def test_set_on_unknown_job_is_a_clear_error():
+    out = handle(WeaverState(), ControlRequest(op="set", job_id="ghost", values={"lr": 1}), 0.0, SETTINGS)
+    assert out.reply.error.code == "unknown_job"
+
+
+def test_replica_override_and_job_wide_set_wins_later():
+    s = WeaverState()
+    join(s, 1.0, replica="0")
+    join(s, 1.0, replica="1")
+    ctl(s, 2.0, "set", {"batch_size": 32}, replica="1")
+    assert s.jobs["j"].config.latest().overrides == {"1": {"batch_size": 32}}
+    ctl(s, 3.0, "set", {"batch_size": 16})
+    latest = s.jobs["j"].config.latest()
+    assert latest.overrides == {} and latest.values["batch_size"] == 16
+
+
+def test_effective_steps_never_go_back():
+    s = started()
+    first = ctl(s, 100.0, "set", {"lr": 0.05}).reply.effective_step
+    beat(s, 100.1, rank=0, step=10)  # a report that looks slower must not schedule earlier
+    beat(s, 100.1, rank=1, step=10)
+    second = ctl(s, 100.1, "set", {"lr": 0.04}).reply.effective_step
+    assert second >= first
+
+
+def test_pause_resume_and_set_while_paused():
+    s = started()
+    p = ctl(s, 100.0, "pause")
+    assert p.reply.ok and s.jobs["j"].config.latest().run_state == "paused"
+    assert not ctl(s, 100.0, "pause").reply.ok
+    beat(s, 101.0, rank=0, step=p.reply.effective_step, st="paused")
+    beat(s, 101.0, rank=1, step=p.reply.effective_step, st="paused")
+    sp = ctl(s, 101.5, "set", {"lr": 0.5})
+    assert sp.reply.effective_step == p.reply.effective_step  # applies before anyone moves on
+    assert s.jobs["j"].config.latest().run_state == "paused"
+    r = ctl(s, 102.0, "resume")
+    assert r.reply.effective_step == p.reply.effective_step
+    assert s.jobs["j"].config.latest().run_state == "running"
+    assert not ctl(s, 102.0, "resume").reply.ok
+
+
+def test_nothing_changes_after_stop():
+    s = started()
+    assert ctl(s, 100.0, "stop").reply.ok
+    out = ctl(s, 100.1, "set", {"lr": 0.1})
+    assert not out.reply.ok and "stopping" in out.reply.error.message
+
+
+def test_rejoin_of_a_live_job_keeps_its_config():
+    s = started()
+    ctl(s, 100.0, "set", {"lr": 0.01})
+    out = join(s, 100.5, rank=1)
+    assert not out.reset and out.reply.data["snapshots"][-1]["values"]["lr"] == 0.01
+
+
+def test_join_after_every_rank_left_starts_a_new_epoch_with_higher_versions():
+    s = started()
+    ctl(s, 100.0, "set", {"lr": 0.01})
+    check_liveness(s, 200.0)  # both failed
+    out = join(s, 300.0, values={"lr": 0.3})
+    assert out.reset and s.jobs["j"].config.epoch == 2
+    latest = s.jobs["j"].config.latest()
+    assert latest.version == 3 and latest.values["lr"] == 0.3
+    assert list(s.jobs["j"].ranks) == [("j", "0", 0)]
+
+
+def test_custom_knobs_join_the_registry():
+    s = WeaverState()
+    join(s, 1.0, values={"dropout": 0.1}, custom=[KnobSpec(name="dropout", type="float", min=0, max=1)])
+    assert ctl(s, 2.0, "set", {"dropout": "0.3"}).reply.ok
+    out = ctl(s, 2.0, "set", {"dropout": "3"})
+    assert out.reply.error.knob == "dropout"
+
+
+def test_status_and_knobs_views():
+    s = started()
+    st = handle(s, ControlRequest(op="status", job_id="j"), 100.0, SETTINGS).reply.data
+    assert [r["rank"] for r in st["jobs"][0]["ranks"]] == [0, 1]
+    allj = handle(s, ControlRequest(op="status", job_id="_"), 100.0, SETTINGS).reply.data
+    assert [j["job_id"] for j in allj["jobs"]] == ["j"]
+    kn = handle(s, ControlRequest(op="knobs", job_id="j"), 100.0, SETTINGS).reply.data
+    assert {k["name"] for k in kn["knobs"]} >= {"lr", "batch_size", "grad_clip", "max_steps", "sync_every"}
+
+
+def test_bad_ids_are_refused():
+    out = handle(WeaverState(), ControlRequest(op="status", job_id="a.b"), 0.0, SETTINGS)
+    assert out.reply.error.code == "invalid_request"

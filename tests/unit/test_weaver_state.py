@@ -1,0 +1,165 @@
+"""The Weaver's state transitions, driven by explicit time: no server, no sleeps."""
+
+from torchloom.protocol import RankEvent, Telemetry
+from torchloom.weaver.state import (
+    LivenessConfig,
+    WeaverState,
+    check_liveness,
+    on_rank_event,
+    on_telemetry,
+    plan_effective_step,
+)
+from torchloom.weaver.state import ApplyTracking
+
+
+def beat(state, now, *, rank=0, step=10, seq=None, st="training", applied=0, step_time_s=0.01, pid=100):
+    msg = Telemetry(job_id="j", replica_id="0", rank=rank, ts=now, step=step, seq=seq if seq is not None else int(now * 1000),
+                    state=st, applied_version=applied, step_time_s=step_time_s, pid=pid)
+    return on_telemetry(state, msg, now)
+
+
+def kinds(events):
+    return [e.kind for e in events]
+
+
+def rank0(state):
+    return state.jobs["j"].ranks[("j", "0", 0)]
+
+
+def test_first_heartbeat_joins_and_trains():
+    s = WeaverState()
+    ev = beat(s, 100.0)
+    assert kinds(ev) == ["rank_joined", "rank_training"]
+    assert rank0(s).state == "training"
+    assert ("j", "0", 0) in s.dirty
+
+
+def test_silence_makes_suspect_then_failed_within_the_timeout():
+    s = WeaverState(liveness=LivenessConfig(failure_timeout_s=0.8, suspect_after_s=0.5))
+    beat(s, 100.0)
+    assert check_liveness(s, 100.4) == []
+    assert kinds(check_liveness(s, 100.55)) == ["rank_suspect"]
+    ev = check_liveness(s, 100.81)
+    assert kinds(ev) == ["rank_failed"] and "no heartbeat" in ev[0].message
+    assert check_liveness(s, 105.0) == []  # reported once
+
+
+def test_a_heartbeat_brings_a_suspect_back():
+    s = WeaverState()
+    beat(s, 100.0)
+    check_liveness(s, 100.6)
+    assert kinds(beat(s, 100.7, step=11)) == ["rank_training"]
+
+
+def test_step_not_moving_makes_hung_and_progress_clears_it():
+    s = WeaverState(liveness=LivenessConfig(hang_timeout_s=5.0))
+    beat(s, 100.0, step=10)
+    for t in (101.0, 102.0, 103.0, 104.0, 105.0):
+        beat(s, t, step=11)  # heartbeats keep coming, the step is stuck at 11
+        check_liveness(s, t)
+    assert rank0(s).state == "training"
+    beat(s, 106.05, step=11)
+    assert kinds(check_liveness(s, 106.1)) == ["rank_hung"]
+    assert kinds(beat(s, 106.3, step=11)) == []  # still stuck: stays hung
+    assert kinds(beat(s, 106.5, step=12)) == ["rank_training"]
+
+
+def test_paused_rank_is_never_hung():
+    s = WeaverState(liveness=LivenessConfig(hang_timeout_s=1.0))
+    beat(s, 100.0, step=10)
+    for t in range(101, 110):
+        beat(s, float(t), step=10, st="paused")
+        assert check_liveness(s, float(t)) == []
+    assert rank0(s).state == "paused"
+
+
+def test_exited_rank_is_not_revived_by_a_late_flush():
+    s = WeaverState()
+    beat(s, 100.0)
+    on_rank_event(s, RankEvent(kind="exited", job_id="j", replica_id="0", rank=0, ts=100.1, step=20, reason="finished"), 100.1)
+    assert rank0(s).state == "exited"
+    beat(s, 100.2, step=20)
+    assert rank0(s).state == "exited"
+    assert check_liveness(s, 200.0) == []
+
+
+def test_a_new_pid_is_a_rejoin():
+    s = WeaverState()
+    beat(s, 100.0, pid=1)
+    check_liveness(s, 102.0)
+    assert rank0(s).state == "failed"
+    ev = beat(s, 103.0, pid=2, step=0)
+    assert "rank_joined" in kinds(ev) and rank0(s).state == "training" and rank0(s).entry.pid == 2
+
+
+def test_duplicate_or_reordered_flushes_are_ignored():
+    s = WeaverState()
+    beat(s, 100.0, step=10, seq=5)
+    beat(s, 100.1, step=8, seq=4)
+    assert rank0(s).entry.last_step == 10
+
+
+def applied(s, rank, version, step, now):
+    return on_rank_event(s, RankEvent(kind="config_applied", job_id="j", replica_id="0", rank=rank, ts=now,
+                                      step=step, version=version), now)
+
+
+def two_ranks_with_tracking(eff=50):
+    s = WeaverState()
+    beat(s, 100.0, rank=0)
+    beat(s, 100.0, rank=1)
+    job = s.jobs["j"]
+    job.applies[2] = ApplyTracking(version=2, effective_step=eff, issued_ts=100.0,
+                                   expected={("j", "0", 0), ("j", "0", 1)})
+    return s
+
+
+def test_consistent_apply_is_reported_once_with_each_rank_step():
+    s = two_ranks_with_tracking()
+    assert applied(s, 0, 2, 50, 101.0) == []
+    ev = applied(s, 1, 2, 50, 101.1)
+    assert kinds(ev) == ["config_applied"]
+    assert ev[0].data["consistent"] is True and ev[0].data["ranks"] == {"0/0": 50, "0/1": 50}
+
+
+def test_late_apply_is_an_event():
+    s = two_ranks_with_tracking()
+    applied(s, 0, 2, 50, 101.0)
+    ev = applied(s, 1, 2, 53, 101.1)
+    assert kinds(ev) == ["apply_late", "config_applied"]
+    assert ev[1].data["consistent"] is False
+
+
+def test_missing_apply_is_seen_from_telemetry():
+    s = two_ranks_with_tracking(eff=50)
+    assert kinds(beat(s, 101.0, rank=1, step=50, applied=2)) == []
+    ev = beat(s, 101.0, rank=0, step=51, applied=1)
+    assert kinds(ev) == ["apply_missing"]
+    assert kinds(beat(s, 101.2, rank=0, step=52, applied=1)) == []  # once
+
+
+def test_a_failed_rank_is_not_waited_for():
+    s = two_ranks_with_tracking()
+    applied(s, 0, 2, 50, 101.0)
+    beat(s, 102.9, rank=0, step=60, applied=2)
+    ev = check_liveness(s, 103.0)  # rank 1 went silent at 100.0
+    assert kinds(ev) == ["rank_failed", "config_applied"]
+    assert ev[1].data["ranks"] == {"0/0": 50}
+
+
+def test_effective_step_is_ahead_of_the_fastest_rank():
+    s = WeaverState()
+    beat(s, 100.0, rank=0, step=100, step_time_s=0.01)  # 100 steps/s
+    beat(s, 100.0, rank=1, step=90, step_time_s=0.02)
+    job = s.jobs["j"]
+    eff = plan_effective_step(job, 100.0, lead_time_s=0.5, min_lead_steps=2)
+    assert eff == 100 + 50 + 2
+    # staleness of the last report counts too
+    assert plan_effective_step(job, 100.2, lead_time_s=0.5, min_lead_steps=2) == 100 + 70 + 2
+
+
+def test_effective_step_with_no_live_rank_is_zero():
+    s = WeaverState()
+    beat(s, 100.0)
+    check_liveness(s, 110.0)
+    assert plan_effective_step(s.jobs["j"], 110.0, lead_time_s=0.5, min_lead_steps=2) == 0
