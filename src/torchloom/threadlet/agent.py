@@ -134,14 +134,18 @@ class Agent:
         self._conn = conn = connecting.result()
         try:
             await conn.subscribe(names.config_watch_subject(run.identity.job_id), self._on_config)
+            sync_task: asyncio.Task[None] | None = None
             while not self._stop.is_set():
-                if self._need_sync and time.monotonic() >= self._next_sync:
-                    await self._sync()
+                # joining waits for the Weaver; it must never hold up the heartbeat
+                if self._need_sync and time.monotonic() >= self._next_sync and (sync_task is None or sync_task.done()):
+                    sync_task = asyncio.ensure_future(self._sync())
                 await self._flush()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
                 except TimeoutError:
                     pass
+            if sync_task is not None:
+                sync_task.cancel()
             await self._flush()
             await conn.flush(timeout_s=1.0)
         except NotReachableError:

@@ -85,6 +85,9 @@ class Weaver:
         self._history: History | None = None
         self._outbox: collections.deque[HistoryEvent] = collections.deque(maxlen=max_outbox)
         self._control_lock = asyncio.Lock()
+        self._io_lock = asyncio.Lock()
+        self._last_tick_mono = 0.0
+        self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
         self.ready = asyncio.Event()
 
@@ -116,8 +119,9 @@ class Weaver:
             await self._conn.close()
 
     async def _flush_all(self) -> None:
-        await self._drain_outbox()
-        await self._persist_registry()
+        async with self._io_lock:  # one writer at a time keeps the history in order, once each
+            await self._drain_outbox()
+            await self._persist_registry()
 
     async def _load(self) -> None:
         """Rebuild jobs, desired configs and the DR map from the KV buckets."""
@@ -155,8 +159,19 @@ class Weaver:
         log.info("restored %d job(s), %d rank(s) from JetStream", len(self.state.jobs), n_ranks)
 
     async def tick(self) -> None:
-        """One round of liveness checks, then retry pending history and registry writes."""
-        self._record(check_liveness(self.state, self.clock()))
+        """One round of liveness checks, then retry pending history and registry writes.
+
+        After a stall of this service's own loop (longer than ``stall_grace_s``)
+        the liveness check waits one tick, so heartbeats queued meanwhile are
+        read before anyone is declared failed.
+        """
+        mono = time.monotonic()
+        late_s = mono - self._last_tick_mono - self.tick_interval_s if self._last_tick_mono else 0.0
+        self._last_tick_mono = mono
+        if late_s > self.stall_grace_s:
+            log.warning("weaver loop stalled for %.2f s; liveness check deferred one tick", late_s)
+        else:
+            self._record(check_liveness(self.state, self.clock()))
         await self._flush_all()
 
     # ---- handlers --------------------------------------------------------------------
@@ -186,7 +201,7 @@ class Weaver:
             self._drop("rank_event", exc)
             return
         self._record(on_rank_event(self.state, ev, self.clock()))
-        await self._drain_outbox()
+        await self._flush_all()
 
     async def _on_control(self, msg: Message) -> None:
         try:
