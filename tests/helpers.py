@@ -29,7 +29,9 @@ def mnist_dir() -> Path:
     return shipped if (shipped / "mnist.npz").exists() else SHARED_MNIST
 
 
-def wait_for(pred: Callable[[], T], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> T:
+def wait_for(
+    pred: Callable[[], T], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition"
+) -> T:
     deadline = time.monotonic() + timeout_s
     last_exc: Exception | None = None
     while time.monotonic() < deadline:
@@ -40,7 +42,9 @@ def wait_for(pred: Callable[[], T], *, timeout_s: float, interval_s: float = 0.0
         except Exception as exc:  # the thing polled may not be up yet
             last_exc = exc
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})")
+    raise AssertionError(
+        f"timed out after {timeout_s} s waiting for {what} (last error: {last_exc})"
+    )
 
 
 class Up:
@@ -54,7 +58,9 @@ class Up:
         self.log_path = state_dir.parent / f"{state_dir.name}-up.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        endpoint = wait_for(lambda: self._endpoint(), timeout_s=30, what="torchloom up to write its endpoint")
+        endpoint = wait_for(
+            lambda: self._endpoint(), timeout_s=30, what="torchloom up to write its endpoint"
+        )
         self.url: str = endpoint["nats_url"]
 
     def _endpoint(self) -> dict[str, Any] | None:
@@ -78,26 +84,51 @@ class Up:
         return self.proc.returncode
 
 
-def cli(*args: str, url: str | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, url: str | None = None, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     if url:
         env["TORCHLOOM_NATS_URL"] = url
-    return subprocess.run([str(BIN / "torchloom"), *args], capture_output=True, text=True, env=env, timeout=timeout_s)
+    return subprocess.run(
+        [str(BIN / "torchloom"), *args], capture_output=True, text=True, env=env, timeout=timeout_s
+    )
 
 
-def launch_mnist(url: str | None, tmp: Path, *args: str, nproc: int = 2, job: str = "mnist",
-                 torchrun: bool = True) -> subprocess.Popen[bytes]:
+def launch_mnist(
+    url: str | None,
+    tmp: Path,
+    *args: str,
+    nproc: int = 2,
+    job: str = "mnist",
+    torchrun: bool = True,
+) -> subprocess.Popen[bytes]:
     """Start the reference MNIST job; its output goes to tmp/train.log, its summaries to tmp/out."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TORCHLOOM_NATS_URL", None)
     if url:
         env["TORCHLOOM_NATS_URL"] = url
     env["TORCHLOOM_STATE_DIR"] = str(tmp / "no-state-dir")  # only the explicit URL counts
-    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if torchrun \
+    base = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        if torchrun
         else [sys.executable]
-    cmd = [*base, str(TRAIN), "--job-id", job, "--data-dir", str(mnist_dir()), "--out-dir", str(tmp / "out"), *args]
+    )
+    cmd = [
+        *base,
+        str(TRAIN),
+        "--job-id",
+        job,
+        "--data-dir",
+        str(mnist_dir()),
+        "--out-dir",
+        str(tmp / "out"),
+        *args,
+    ]
     log = open(tmp / "train.log", "ab")  # noqa: SIM115
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:

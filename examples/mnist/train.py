@@ -112,6 +112,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
+    ap.add_argument(
+        "--log-every", type=int, default=50, help="steps between progress lines (rank 0)"
+    )
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
     ap.add_argument(
         "--out-dir", type=Path, default=None, help="write each rank's final summary here"
@@ -175,12 +178,12 @@ def main() -> None:
         if args.eval_every and step > 0 and step % args.eval_every == 0:
             acc = evaluate(model, x_test, y_test, rank=rank, world=world)
             run.log(test_acc=acc)
-            if rank == 0:
-                print(
-                    f"step {step}: loss {loss.item():.4f} test_acc {acc:.4f} lr {run['lr']} "
-                    f"batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)",
-                    flush=True,
-                )
+        if rank == 0 and args.log_every and step % args.log_every == 0:
+            print(
+                f"step {step}: loss {loss.item():.4f} test_acc {acc if acc is None else round(acc, 4)} "
+                f"lr {run['lr']} batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)",
+                flush=True,
+            )
     final_step = run.step
     if run.stop_reason in ("finished", "stopped"):
         acc = evaluate(model, x_test, y_test, rank=rank, world=world)

@@ -15,13 +15,27 @@ def test_kill_9_of_a_rank_is_failed_within_one_second(tmp_path, up):
     client = up.client()
     proc = launch_mnist(up.url, tmp_path, "--max-steps", "100000", "--eval-every", "0")
     try:
-        rs = wait_for(lambda: len(ranks(client, "mnist")) == 2 and all(r["step"] > 5 for r in ranks(client, "mnist"))
-                      and ranks(client, "mnist"), timeout_s=60, what="two ranks training")
+        rs = wait_for(
+            lambda: (
+                len(ranks(client, "mnist")) == 2
+                and all(r["step"] > 5 for r in ranks(client, "mnist"))
+                and ranks(client, "mnist")
+            ),
+            timeout_s=60,
+            what="two ranks training",
+        )
         victim = next(r for r in rs if r["rank"] == 1)
         killed_at = time.time()
         os.kill(victim["pid"], signal.SIGKILL)
-        event = wait_for(lambda: next((e for e in history(client, "mnist") if e.kind == "rank_failed" and e.rank == 1), None),
-                         timeout_s=10, interval_s=0.1, what="a rank_failed event")
+        event = wait_for(
+            lambda: next(
+                (e for e in history(client, "mnist") if e.kind == "rank_failed" and e.rank == 1),
+                None,
+            ),
+            timeout_s=10,
+            interval_s=0.1,
+            what="a rank_failed event",
+        )
         delay = event.ts - killed_at
         print(f"kill -9 -> failed in {delay:.3f} s")
         assert 0 < delay <= 1.0
@@ -33,11 +47,24 @@ def test_kill_9_of_a_rank_is_failed_within_one_second(tmp_path, up):
 
 def test_a_loop_that_stops_stepping_is_hung_while_heartbeats_go_on(tmp_path, up):
     client = up.client()
-    proc = launch_mnist(up.url, tmp_path, "--max-steps", "1000", "--eval-every", "0", "--hang-at-step", "30",
-                        torchrun=False)
+    proc = launch_mnist(
+        up.url,
+        tmp_path,
+        "--max-steps",
+        "1000",
+        "--eval-every",
+        "0",
+        "--hang-at-step",
+        "30",
+        torchrun=False,
+    )
     try:
-        event = wait_for(lambda: next((e for e in history(client, "mnist") if e.kind == "rank_hung"), None),
-                         timeout_s=60, interval_s=0.2, what="a rank_hung event")
+        event = wait_for(
+            lambda: next((e for e in history(client, "mnist") if e.kind == "rank_hung"), None),
+            timeout_s=60,
+            interval_s=0.2,
+            what="a rank_hung event",
+        )
         assert event.step == 30 and "has not moved" in event.message
         r = ranks(client, "mnist")[0]
         assert r["state"] == "hung" and r["heartbeat_age_s"] < 1.0  # alive, just stuck

@@ -11,12 +11,16 @@ pytestmark = pytest.mark.integration
 
 def training_at(client, job, min_step):
     rs = ranks(client, job)
-    return len(rs) == 2 and all(r["state"] == "training" and r["step"] >= min_step for r in rs) and rs
+    return (
+        len(rs) == 2 and all(r["state"] == "training" and r["step"] >= min_step for r in rs) and rs
+    )
 
 
 def test_set_pause_resume_apply_on_both_ranks_at_the_same_step(tmp_path, up):
     client = up.client()
-    proc = launch_mnist(up.url, tmp_path, "--max-steps", "500", "--eval-every", "0", "--step-delay-ms", "5")
+    proc = launch_mnist(
+        up.url, tmp_path, "--max-steps", "500", "--eval-every", "0", "--step-delay-ms", "5"
+    )
     try:
         wait_for(lambda: training_at(client, "mnist", 20), timeout_s=60, what="both ranks training")
 
@@ -31,11 +35,21 @@ def test_set_pause_resume_apply_on_both_ranks_at_the_same_step(tmp_path, up):
 
         p = cli("pause", url=up.url)
         assert p.returncode == 0, p.stderr
-        paused = wait_for(lambda: all(x["state"] == "paused" for x in ranks(client, "mnist")) and ranks(client, "mnist"),
-                          timeout_s=30, what="both ranks paused")
+        paused = wait_for(
+            lambda: (
+                all(x["state"] == "paused" for x in ranks(client, "mnist"))
+                and ranks(client, "mnist")
+            ),
+            timeout_s=30,
+            what="both ranks paused",
+        )
         assert len({x["step"] for x in paused}) == 1  # the same step boundary
         assert cli("resume", url=up.url).returncode == 0
-        wait_for(lambda: training_at(client, "mnist", paused[0]["step"] + 5), timeout_s=30, what="training again")
+        wait_for(
+            lambda: training_at(client, "mnist", paused[0]["step"] + 5),
+            timeout_s=30,
+            what="training again",
+        )
 
         assert proc.wait(120) == 0
     finally:
@@ -53,7 +67,9 @@ def test_set_pause_resume_apply_on_both_ranks_at_the_same_step(tmp_path, up):
         assert e.data["consistent"] is True
         assert set(e.data["ranks"].values()) == {e.step}
         assert set(e.data["ranks"]) == {"0/0", "0/1"}
-    assert not [e for e in events if e.kind in ("apply_late", "apply_missing", "rank_failed", "rank_hung")]
+    assert not [
+        e for e in events if e.kind in ("apply_late", "apply_missing", "rank_failed", "rank_hung")
+    ]
     assert [e.kind for e in events if e.kind == "rank_exited"] == ["rank_exited"] * 2
 
 

@@ -24,7 +24,11 @@ def test_second_up_on_the_same_state_dir_says_so_and_sigterm_leaves_no_orphan(tm
     nats_pid = nats_child_pid(first)
     second = cli("up", "--state-dir", str(tmp_path / "state"))
     assert second.returncode == 1
-    assert "already running" in second.stderr and str(first.proc.pid) in second.stderr and first.url in second.stderr
+    assert (
+        "already running" in second.stderr
+        and str(first.proc.pid) in second.stderr
+        and first.url in second.stderr
+    )
     assert "Traceback" not in second.stderr + second.stdout
     assert first.stop(signal.SIGTERM) == 0
     wait_for(lambda: not pid_alive(nats_pid), timeout_s=5, what="nats-server to exit")
@@ -35,7 +39,9 @@ def test_kill_9_of_up_takes_its_nats_server_along(tmp_path):
     up = Up(tmp_path / "state")
     nats_pid = nats_child_pid(up)
     up.stop(signal.SIGKILL)
-    wait_for(lambda: not pid_alive(nats_pid), timeout_s=5, what="nats-server to die with its parent")
+    wait_for(
+        lambda: not pid_alive(nats_pid), timeout_s=5, what="nats-server to die with its parent"
+    )
     again = Up(tmp_path / "state")  # the lock died with the process; the state dir is usable
     again.stop()
 
@@ -55,8 +61,18 @@ def test_up_with_an_external_nats_starts_none(tmp_path, nats):
 
 def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, up):
     cases = [
-        (["status", "--state-dir", str(tmp_path / "nothing-here")], None, 3, "no torchloom is running"),
-        (["set", "lr=0.1", "--nats-url", "nats://127.0.0.1:9"], None, 3, "no NATS server reachable"),
+        (
+            ["status", "--state-dir", str(tmp_path / "nothing-here")],
+            None,
+            3,
+            "no torchloom is running",
+        ),
+        (
+            ["set", "lr=0.1", "--nats-url", "nats://127.0.0.1:9"],
+            None,
+            3,
+            "no NATS server reachable",
+        ),
         (["set", "lr=0.1", "--job", "ghost"], up.url, 2, "unknown job 'ghost'"),
         (["set", "lr", "--job", "ghost"], up.url, 2, "expected KNOB=VALUE"),
         (["pause"], up.url, 2, "no job is known"),

@@ -24,13 +24,21 @@ def tel(**kw):
 
 
 def test_roundtrip_keeps_every_field():
-    msg = tel(points=[MetricPoint(step=5, ts=1.0, values={"loss": 0.5, "nan": None})], dropped_points=3)
+    msg = tel(
+        points=[MetricPoint(step=5, ts=1.0, values={"loss": 0.5, "nan": None})], dropped_points=3
+    )
     assert decode(encode(msg), Telemetry) == msg
 
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"not json", b"[1,2,3]", b'{"job_id": "j"}', b'{"v":1,"job_id":5,"replica_id":"0","rank":0,"ts":1,"step":1}'],
+    [
+        b"",
+        b"not json",
+        b"[1,2,3]",
+        b'{"job_id": "j"}',
+        b'{"v":1,"job_id":5,"replica_id":"0","rank":0,"ts":1,"step":1}',
+    ],
 )
 def test_malformed_payloads_raise_decode_error(payload):
     with pytest.raises(DecodeError):
@@ -55,7 +63,9 @@ def test_unknown_op_is_refused():
 
 
 def test_from_builtins_validates():
-    doc = DesiredConfig(job_id="j", snapshots=[ConfigSnapshot(version=1, effective_step=0, values={"lr": 0.1})])
+    doc = DesiredConfig(
+        job_id="j", snapshots=[ConfigSnapshot(version=1, effective_step=0, values={"lr": 0.1})]
+    )
     assert from_builtins(to_builtins(doc), DesiredConfig) == doc
     with pytest.raises(DecodeError):
         from_builtins({"job_id": 3}, DesiredConfig)
@@ -76,7 +86,11 @@ def test_select_snapshot_takes_newest_in_force():
 
 
 def test_resolve_values_applies_replica_overrides():
-    snap = ConfigSnapshot(version=2, effective_step=0, values={"lr": 0.1, "batch_size": 64},
-                          overrides={"1": {"batch_size": 32}})
+    snap = ConfigSnapshot(
+        version=2,
+        effective_step=0,
+        values={"lr": 0.1, "batch_size": 64},
+        overrides={"1": {"batch_size": 32}},
+    )
     assert resolve_values(snap, "0") == {"lr": 0.1, "batch_size": 64}
     assert resolve_values(snap, "1") == {"lr": 0.1, "batch_size": 32}

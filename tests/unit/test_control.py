@@ -11,9 +11,17 @@ SETTINGS = ControlSettings(lead_time_s=0.5, min_lead_steps=2)
 
 
 def join(s, now, *, rank=0, replica="0", values=None, custom=()):
-    req = ControlRequest(op="join", job_id="j", join=JoinInfo(replica_id=replica, rank=rank, pid=1000 + rank,
-                                                             initial_values=values or {"lr": 0.1, "batch_size": 64},
-                                                             custom_knobs=list(custom)))
+    req = ControlRequest(
+        op="join",
+        job_id="j",
+        join=JoinInfo(
+            replica_id=replica,
+            rank=rank,
+            pid=1000 + rank,
+            initial_values=values or {"lr": 0.1, "batch_size": 64},
+            custom_knobs=list(custom),
+        ),
+    )
     out = handle(s, req, now, SETTINGS)
     assert out.reply.ok, out.reply.error
     commit(s, req, out, now)
@@ -21,8 +29,21 @@ def join(s, now, *, rank=0, replica="0", values=None, custom=()):
 
 
 def beat(s, now, *, rank=0, replica="0", step=100, st="training"):
-    on_telemetry(s, Telemetry(job_id="j", replica_id=replica, rank=rank, ts=now, step=step, seq=int(now * 1000),
-                              state=st, step_time_s=0.01, pid=1000 + rank), now)
+    on_telemetry(
+        s,
+        Telemetry(
+            job_id="j",
+            replica_id=replica,
+            rank=rank,
+            ts=now,
+            step=step,
+            seq=int(now * 1000),
+            state=st,
+            step_time_s=0.01,
+            pid=1000 + rank,
+        ),
+        now,
+    )
 
 
 def ctl(s, now, op, values=None, replica=None):
@@ -82,7 +103,9 @@ def test_rejected_set_changes_nothing(values, replica, code, fragment):
 
 
 def test_set_on_unknown_job_is_a_clear_error():
-    out = handle(WeaverState(), ControlRequest(op="set", job_id="ghost", values={"lr": 1}), 0.0, SETTINGS)
+    out = handle(
+        WeaverState(), ControlRequest(op="set", job_id="ghost", values={"lr": 1}), 0.0, SETTINGS
+    )
     assert out.reply.error.code == "unknown_job"
 
 
@@ -149,7 +172,12 @@ def test_join_after_every_rank_left_starts_a_new_epoch_with_higher_versions():
 
 def test_custom_knobs_join_the_registry():
     s = WeaverState()
-    join(s, 1.0, values={"dropout": 0.1}, custom=[KnobSpec(name="dropout", type="float", min=0, max=1)])
+    join(
+        s,
+        1.0,
+        values={"dropout": 0.1},
+        custom=[KnobSpec(name="dropout", type="float", min=0, max=1)],
+    )
     assert ctl(s, 2.0, "set", {"dropout": "0.3"}).reply.ok
     out = ctl(s, 2.0, "set", {"dropout": "3"})
     assert out.reply.error.knob == "dropout"
@@ -162,9 +190,37 @@ def test_status_and_knobs_views():
     allj = handle(s, ControlRequest(op="status", job_id="_"), 100.0, SETTINGS).reply.data
     assert [j["job_id"] for j in allj["jobs"]] == ["j"]
     kn = handle(s, ControlRequest(op="knobs", job_id="j"), 100.0, SETTINGS).reply.data
-    assert {k["name"] for k in kn["knobs"]} >= {"lr", "batch_size", "grad_clip", "max_steps", "sync_every"}
+    assert {k["name"] for k in kn["knobs"]} >= {
+        "lr",
+        "batch_size",
+        "grad_clip",
+        "max_steps",
+        "sync_every",
+    }
 
 
 def test_bad_ids_are_refused():
     out = handle(WeaverState(), ControlRequest(op="status", job_id="a.b"), 0.0, SETTINGS)
     assert out.reply.error.code == "invalid_request"
+
+
+def test_telemetry_before_join_neither_blocks_a_new_epoch_nor_duplicates_the_rank():
+    s = started()
+    ctl(s, 100.0, "set", {"lr": 0.01})
+    check_liveness(s, 200.0)  # the old run is gone
+    on_telemetry(
+        s, Telemetry(job_id="j", replica_id="0", rank=0, ts=300.0, step=0, seq=1, pid=4242), 300.0
+    )
+    req = ControlRequest(
+        op="join",
+        job_id="j",
+        join=JoinInfo(replica_id="0", rank=0, pid=4242, initial_values={"lr": 0.3}),
+    )
+    out = handle(s, req, 300.1, SETTINGS)
+    events = commit(s, req, out, 300.1)
+    assert out.reset and s.jobs["j"].config.latest().values == {"lr": 0.3}
+    assert [e.kind for e in events] == ["job_started"]  # no second rank_joined
+    assert (
+        list(s.jobs["j"].ranks) == [("j", "0", 0)]
+        and s.jobs["j"].ranks[("j", "0", 0)].entry.epoch == 2
+    )

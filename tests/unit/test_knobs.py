@@ -56,7 +56,10 @@ def test_coerce_all_is_all_or_nothing_and_names_unknown_knobs():
     with pytest.raises(InvalidKnobError) as info:
         coerce_all(BUILTIN_KNOBS, {"lr": "0.1", "warp_speed": "9"})
     assert info.value.knob == "warp_speed" and "unknown knob" in info.value.rule
-    assert coerce_all(BUILTIN_KNOBS, {"lr": "0.1", "batch_size": "32"}) == {"lr": 0.1, "batch_size": 32}
+    assert coerce_all(BUILTIN_KNOBS, {"lr": "0.1", "batch_size": "32"}) == {
+        "lr": 0.1,
+        "batch_size": 32,
+    }
 
 
 def test_custom_knobs_bool_str_and_bounds():

@@ -8,7 +8,7 @@ import pytest
 from tests.helpers import REPO, mnist_dir
 
 sys.path.insert(0, str(REPO / "examples" / "mnist"))
-import mnist_data  # noqa: E402
+import mnist_data
 
 
 def write_idx(path, arr):
@@ -38,7 +38,7 @@ def test_idx_files_plain_and_gzipped(tmp_path):
 
 
 def test_missing_data_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(mnist_data.DataError, match="no mnist.npz"):
+    with pytest.raises(mnist_data.DataError, match=r"no mnist\.npz"):
         mnist_data.load(tmp_path, download_missing=False)
 
 
@@ -54,7 +54,12 @@ def test_download_rejects_a_bad_checksum(tmp_path, monkeypatch):
 
 
 def test_wrong_shapes_are_refused(tmp_path):
-    np.savez(tmp_path / "mnist.npz", x_train=np.zeros((5, 28, 28), np.uint8), y_train=np.zeros(5, np.uint8),
-             x_test=np.zeros((5, 28, 28), np.uint8), y_test=np.zeros(5, np.uint8))
+    np.savez(
+        tmp_path / "mnist.npz",
+        x_train=np.zeros((5, 28, 28), np.uint8),
+        y_train=np.zeros(5, np.uint8),
+        x_test=np.zeros((5, 28, 28), np.uint8),
+        y_test=np.zeros(5, np.uint8),
+    )
     with pytest.raises(mnist_data.DataError, match="unexpected MNIST shapes"):
         mnist_data.load(tmp_path)

@@ -17,7 +17,9 @@ def offline(**kw):
 
 
 def doc(*snaps):
-    return DesiredConfig(job_id="j", snapshots=[ConfigSnapshot(issued_ts=time.time(), **s) for s in snaps])
+    return DesiredConfig(
+        job_id="j", snapshots=[ConfigSnapshot(issued_ts=time.time(), **s) for s in snaps]
+    )
 
 
 def test_init_validates_initial_knobs_and_ids():
@@ -32,7 +34,11 @@ def test_identity_from_torchrun_env(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("REPLICA_GROUP_ID", "7")
     run = torchloom.init(job_id="j", connect=False)
-    assert (run.identity.replica_id, run.identity.rank, run.identity.group_world_size) == ("7", 3, 4)
+    assert (run.identity.replica_id, run.identity.rank, run.identity.group_world_size) == (
+        "7",
+        3,
+        4,
+    )
     assert run.identity.device.startswith("cpu:") or run.identity.device.startswith("GPU-")
     assert torchloom.init(job_id="j", connect=False, rank=1).identity.rank == 1  # explicit wins
 
@@ -42,8 +48,13 @@ def test_config_applies_exactly_at_the_effective_step():
     seen = {}
     for step in run.steps():
         if step == 5:
-            run._offer(doc(dict(version=1, effective_step=0, values={"lr": 0.1, "batch_size": 8}),
-                           dict(version=2, effective_step=20, values={"lr": 0.01, "batch_size": 16})), time.time())
+            run._offer(
+                doc(
+                    dict(version=1, effective_step=0, values={"lr": 0.1, "batch_size": 8}),
+                    dict(version=2, effective_step=20, values={"lr": 0.01, "batch_size": 16}),
+                ),
+                time.time(),
+            )
         seen[step] = (run["lr"], run["batch_size"], run.applied_version)
     assert seen[19] == (0.1, 8, 1)
     assert seen[20] == (0.01, 16, 2)
@@ -54,7 +65,10 @@ def test_config_applies_exactly_at_the_effective_step():
 
 def test_versions_heard_late_are_still_applied_in_order():
     run = offline(max_steps=30)
-    snaps = [dict(version=2, effective_step=10, values={"lr": 0.2}), dict(version=3, effective_step=12, values={"lr": 0.3})]
+    snaps = [
+        dict(version=2, effective_step=10, values={"lr": 0.2}),
+        dict(version=3, effective_step=12, values={"lr": 0.3}),
+    ]
     lrs = {}
     for step in run.steps():
         if step == 3:  # only the newest document arrives; it still carries v2
@@ -89,8 +103,13 @@ def test_pause_blocks_at_the_boundary_until_resume():
     while run.state != "paused" and time.time() < deadline:
         time.sleep(0.01)
     assert run.state == "paused" and run.step == 10 and steps == list(range(10))
-    run._offer(doc(dict(version=1, effective_step=10, values={}, run_state="paused"),
-                   dict(version=2, effective_step=10, values={"lr": 0.7}, run_state="running")), time.time())
+    run._offer(
+        doc(
+            dict(version=1, effective_step=10, values={}, run_state="paused"),
+            dict(version=2, effective_step=10, values={"lr": 0.7}, run_state="running"),
+        ),
+        time.time(),
+    )
     t.join(5)
     assert steps == list(range(50)) and run["lr"] == 0.7
 
@@ -104,7 +123,16 @@ def test_bind_optimizer_follows_lr_momentum_and_weight_decay():
     run.bind_optimizer(adam)
     assert sgd.param_groups[0]["lr"] == 0.1 and sgd.param_groups[0]["momentum"] == 0.9
     assert adam.param_groups[0]["betas"][0] == 0.9
-    run._offer(doc(dict(version=1, effective_step=0, values={"lr": 0.01, "momentum": 0.8, "weight_decay": 0.1})), time.time())
+    run._offer(
+        doc(
+            dict(
+                version=1,
+                effective_step=0,
+                values={"lr": 0.01, "momentum": 0.8, "weight_decay": 0.1},
+            )
+        ),
+        time.time(),
+    )
     next(iter(run.steps()))
     assert sgd.param_groups[0]["lr"] == 0.01 and sgd.param_groups[0]["weight_decay"] == 0.1
     assert adam.param_groups[0]["betas"] == (0.8, adam.defaults["betas"][1])

@@ -2,6 +2,7 @@
 
 from torchloom.protocol import RankEvent, Telemetry
 from torchloom.weaver.state import (
+    ApplyTracking,
     LivenessConfig,
     WeaverState,
     check_liveness,
@@ -9,12 +10,23 @@ from torchloom.weaver.state import (
     on_telemetry,
     plan_effective_step,
 )
-from torchloom.weaver.state import ApplyTracking
 
 
-def beat(state, now, *, rank=0, step=10, seq=None, st="training", applied=0, step_time_s=0.01, pid=100):
-    msg = Telemetry(job_id="j", replica_id="0", rank=rank, ts=now, step=step, seq=seq if seq is not None else int(now * 1000),
-                    state=st, applied_version=applied, step_time_s=step_time_s, pid=pid)
+def beat(
+    state, now, *, rank=0, step=10, seq=None, st="training", applied=0, step_time_s=0.01, pid=100
+):
+    msg = Telemetry(
+        job_id="j",
+        replica_id="0",
+        rank=rank,
+        ts=now,
+        step=step,
+        seq=seq if seq is not None else int(now * 1000),
+        state=st,
+        applied_version=applied,
+        step_time_s=step_time_s,
+        pid=pid,
+    )
     return on_telemetry(state, msg, now)
 
 
@@ -76,7 +88,13 @@ def test_paused_rank_is_never_hung():
 def test_exited_rank_is_not_revived_by_a_late_flush():
     s = WeaverState()
     beat(s, 100.0)
-    on_rank_event(s, RankEvent(kind="exited", job_id="j", replica_id="0", rank=0, ts=100.1, step=20, reason="finished"), 100.1)
+    on_rank_event(
+        s,
+        RankEvent(
+            kind="exited", job_id="j", replica_id="0", rank=0, ts=100.1, step=20, reason="finished"
+        ),
+        100.1,
+    )
     assert rank0(s).state == "exited"
     beat(s, 100.2, step=20)
     assert rank0(s).state == "exited"
@@ -100,8 +118,19 @@ def test_duplicate_or_reordered_flushes_are_ignored():
 
 
 def applied(s, rank, version, step, now):
-    return on_rank_event(s, RankEvent(kind="config_applied", job_id="j", replica_id="0", rank=rank, ts=now,
-                                      step=step, version=version), now)
+    return on_rank_event(
+        s,
+        RankEvent(
+            kind="config_applied",
+            job_id="j",
+            replica_id="0",
+            rank=rank,
+            ts=now,
+            step=step,
+            version=version,
+        ),
+        now,
+    )
 
 
 def two_ranks_with_tracking(eff=50):
@@ -109,8 +138,9 @@ def two_ranks_with_tracking(eff=50):
     beat(s, 100.0, rank=0)
     beat(s, 100.0, rank=1)
     job = s.jobs["j"]
-    job.applies[2] = ApplyTracking(version=2, effective_step=eff, issued_ts=100.0,
-                                   expected={("j", "0", 0), ("j", "0", 1)})
+    job.applies[2] = ApplyTracking(
+        version=2, effective_step=eff, issued_ts=100.0, expected={("j", "0", 0), ("j", "0", 1)}
+    )
     return s
 
 

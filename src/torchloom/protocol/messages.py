@@ -191,6 +191,8 @@ class RegistryEntry(msgspec.Struct, kw_only=True):
     joined_ts: float = 0.0
     last_seen_ts: float = 0.0
     state_since_ts: float = 0.0
+    epoch: int = 0
+    """The job epoch this rank joined (0: only seen in telemetry, not joined yet)."""
 
 
 class HistoryEvent(msgspec.Struct, kw_only=True):

@@ -137,7 +137,11 @@ class Agent:
             sync_task: asyncio.Task[None] | None = None
             while not self._stop.is_set():
                 # joining waits for the Weaver; it must never hold up the heartbeat
-                if self._need_sync and time.monotonic() >= self._next_sync and (sync_task is None or sync_task.done()):
+                if (
+                    self._need_sync
+                    and time.monotonic() >= self._next_sync
+                    and (sync_task is None or sync_task.done())
+                ):
                     sync_task = asyncio.ensure_future(self._sync())
                 await self._flush()
                 try:

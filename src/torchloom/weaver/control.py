@@ -253,10 +253,11 @@ def commit(
     """Make an accepted outcome part of the state (after its KV write succeeded)."""
     events = list(outcome.events)
     job = state.job(req.job_id)
-    if outcome.reset:
-        for key in list(job.ranks):
-            state.removed.add(key)
-        job.ranks.clear()
+    if outcome.reset:  # the previous epoch's ranks leave the DR map; live ones are about to join
+        for key, old in list(job.ranks.items()):
+            if not old.live:
+                state.removed.add(key)
+                del job.ranks[key]
         job.applies.clear()
     if outcome.new_config is not None:
         job.config = outcome.new_config
@@ -264,7 +265,7 @@ def commit(
         job.applies[outcome.tracking.version] = outcome.tracking
     if req.op == "join" and req.join is not None:
         j = req.join
-        _, joined = upsert_rank(
+        rank, joined = upsert_rank(
             state,
             job_id=req.job_id,
             replica_id=j.replica_id,
@@ -276,6 +277,9 @@ def commit(
             device=j.device,
         )
         events += joined
+        if job.config is not None and rank.entry.epoch != job.config.epoch:
+            rank.entry.epoch = job.config.epoch
+            state.dirty.add(rank.key)
     if outcome.reply.ok and job.config is not None and req.op == "join":
         outcome.reply.data = to_builtins(job.config)
     return events

@@ -41,6 +41,7 @@ from torchloom.weaver.state import (
     Rank,
     WeaverState,
     check_liveness,
+    grant_grace,
     on_rank_event,
     on_telemetry,
 )
@@ -87,6 +88,7 @@ class Weaver:
         self._control_lock = asyncio.Lock()
         self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
+        self._listening = True
         self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
         self.ready = asyncio.Event()
@@ -95,7 +97,13 @@ class Weaver:
 
     async def run(self) -> None:
         """Connect, rebuild state from JetStream, subscribe, and tick until cancelled."""
-        self._conn = await connect(self.nats_url, name="torchloom-weaver", retry_forever=True)
+        self._conn = await connect(
+            self.nats_url,
+            name="torchloom-weaver",
+            retry_forever=True,
+            on_disconnect=self._on_disconnect,
+            on_reconnect=self._on_reconnect,
+        )
         try:
             await ensure_jetstream(self._conn)
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
@@ -110,9 +118,13 @@ class Weaver:
             await self._conn.flush()
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
-            while True:
-                await asyncio.sleep(self.tick_interval_s)
-                await self.tick()
+            persister = asyncio.ensure_future(self._persist_forever())
+            try:
+                while True:
+                    await asyncio.sleep(self.tick_interval_s)
+                    self.tick()
+            finally:
+                persister.cancel()
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flush_all())
@@ -158,21 +170,38 @@ class Weaver:
         )
         log.info("restored %d job(s), %d rank(s) from JetStream", len(self.state.jobs), n_ranks)
 
-    async def tick(self) -> None:
-        """One round of liveness checks, then retry pending history and registry writes.
+    def tick(self) -> None:
+        """One round of liveness checks.
 
-        After a stall of this service's own loop (longer than ``stall_grace_s``)
-        the liveness check waits one tick, so heartbeats queued meanwhile are
-        read before anyone is declared failed.
+        Silence is only held against a rank while this Weaver can hear it: while
+        it is disconnected from NATS there are no checks, and after a reconnect
+        or a stall of its own loop (longer than ``stall_grace_s``) every live rank
+        gets a fresh grace period.
         """
         mono = time.monotonic()
         late_s = mono - self._last_tick_mono - self.tick_interval_s if self._last_tick_mono else 0.0
         self._last_tick_mono = mono
+        if not self._listening:
+            return
         if late_s > self.stall_grace_s:
-            log.warning("weaver loop stalled for %.2f s; liveness check deferred one tick", late_s)
-        else:
-            self._record(check_liveness(self.state, self.clock()))
-        await self._flush_all()
+            log.warning("weaver loop stalled for %.2f s; liveness grace granted", late_s)
+            grant_grace(self.state, self.clock())
+            return
+        self._record(check_liveness(self.state, self.clock()))
+
+    async def _persist_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval_s)
+            await self._flush_all()
+
+    async def _on_disconnect(self) -> None:
+        self._listening = False
+        log.warning("weaver lost NATS; liveness checks paused until it is back")
+
+    async def _on_reconnect(self) -> None:
+        grant_grace(self.state, self.clock())
+        self._listening = True
+        log.warning("weaver reconnected to NATS")
 
     # ---- handlers --------------------------------------------------------------------
 

@@ -93,12 +93,15 @@ class Job:
 
     @property
     def ended(self) -> bool:
-        """True when no rank is live (every rank exited or failed, or none is known).
+        """True when no live rank has joined the job's current epoch (every rank
+        exited or failed, or none is known).
 
         The next rank that joins an ended job starts a new epoch from its own
         initial knobs.
         """
-        return not any(r.live for r in self.ranks.values())
+        if self.config is None:
+            return True
+        return not any(r.live and r.entry.epoch == self.config.epoch for r in self.ranks.values())
 
     def replica_ids(self) -> set[str]:
         return {k[1] for k in self.ranks}
@@ -255,13 +258,13 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
         if point.step >= rank.metrics_step:
             rank.metrics.update(point.values)
             rank.metrics_step = point.step
+    # "exited" comes with its reason in the rank's exit event; a heartbeat only says alive or paused
     reported: RankState = (
-        msg.state
-        if msg.state in ("paused", "exited")
-        else ("joining" if msg.step < 0 else "training")
+        "paused" if msg.state == "paused" else ("joining" if msg.step < 0 else "training")
     )
     stays = (
         e.state == "exited"  # a late flush after goodbye does not revive a rank
+        or msg.state == "exited"
         or (e.state == "hung" and reported == "training" and msg.step == prev_step)
     )
     if e.state != reported and not stays:
@@ -361,6 +364,15 @@ def check_apply_done(job: Job, now: float) -> list[HistoryEvent]:
     for v in sorted(job.applies)[:-64]:
         del job.applies[v]
     return events
+
+
+def grant_grace(state: WeaverState, now: float) -> None:
+    """Treat every live rank as just heard from (after this Weaver could not listen)."""
+    for job in state.jobs.values():
+        for rank in job.ranks.values():
+            if rank.live:
+                rank.entry.last_seen_ts = max(rank.entry.last_seen_ts, now)
+                rank.step_changed_ts = max(rank.step_changed_ts, now)
 
 
 def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
