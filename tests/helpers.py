@@ -132,12 +132,20 @@ def launch_mnist(
 
 
 def kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
+    """SIGKILL a launcher and every descendant (torchrun starts its workers in new sessions)."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            p.kill()
+        except psutil.NoSuchProcess:
             pass
-        proc.wait(10)
+    psutil.wait_procs(family, timeout=10)
+    proc.wait(10)
 
 
 def job_status(client: WeaverClient, job: str) -> dict[str, Any] | None:

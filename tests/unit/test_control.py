@@ -224,3 +224,14 @@ def test_telemetry_before_join_neither_blocks_a_new_epoch_nor_duplicates_the_ran
         list(s.jobs["j"].ranks) == [("j", "0", 0)]
         and s.jobs["j"].ranks[("j", "0", 0)].entry.epoch == 2
     )
+
+
+def test_rapid_changes_coalesce_at_one_effective_step():
+    s = started()
+    outs = [ctl(s, 100.0, "set", {"lr": 0.1 / (k + 2)}) for k in range(100)]
+    assert all(o.reply.ok for o in outs)
+    effs = {o.reply.effective_step for o in outs}
+    assert effs == {outs[0].reply.effective_step}
+    snaps = s.jobs["j"].config.snapshots
+    assert [x.version for x in snaps] == [1, 101]  # the newest full snapshot replaced the pending ones
+    assert snaps[-1].values["lr"] == 0.1 / 101

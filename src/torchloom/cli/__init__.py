@@ -6,6 +6,7 @@ and exits non-zero: 2 for a refused request, 3 when nothing answers, 1 otherwise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -288,18 +289,30 @@ def demo(
         except KeyboardInterrupt:
             out.print("[yellow]interrupted: stopping the training job…[/]")
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            _terminate_tree(proc)
             stack.stop()
     tail = log_path.read_text(errors="replace").strip().splitlines()
     final = [line for line in tail if line.startswith("done at step")]
     out.print(final[-1] if final else "\n".join(tail[-5:]))
     if rc not in (0, None):
         raise TorchloomError(f"the training job exited with code {rc}; see {log_path}")
+
+
+def _terminate_tree(proc: subprocess.Popen[bytes], *, timeout_s: float = 15.0) -> None:
+    """SIGTERM torchrun (it stops its workers), then SIGKILL whatever is left of the tree."""
+    import psutil
+
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    if proc.poll() is None:
+        proc.terminate()
+    _, alive = psutil.wait_procs(family, timeout=timeout_s)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait()
 
 
 def _demo_view(

@@ -52,7 +52,7 @@ class ControlSettings:
 
     lead_time_s: float = 0.5
     min_lead_steps: int = 2
-    max_pending_versions: int = 32
+    max_pending_versions: int = 64
 
 
 @dataclass(slots=True)
@@ -188,8 +188,16 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
 
 
 def _prune(snapshots: list[ConfigSnapshot], job: Job, max_versions: int) -> list[ConfigSnapshot]:
-    """Drop snapshots no live rank can still need: keep the one in force at the
-    slowest live rank's step, and everything after it."""
+    """Drop snapshots no live rank can still need.
+
+    * A pending snapshot with the same effective step as the new one (the last)
+      is superseded: snapshots are full configs, and the new one was scheduled
+      at that step only because every rank can still hear of it in time. Rapid
+      changes therefore coalesce instead of piling up.
+    * Before the slowest live rank's step, only the snapshot in force there is kept.
+    """
+    new = snapshots[-1]
+    snapshots = [s for s in snapshots[:-1] if s.effective_step < new.effective_step] + [new]
     live = job.live_ranks()
     if live:
         slowest = min(max(r.entry.last_step, 0) for r in live)

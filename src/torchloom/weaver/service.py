@@ -89,6 +89,7 @@ class Weaver:
         self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
         self._listening = True
+        self._closing = False
         self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
         self.ready = asyncio.Event()
@@ -128,6 +129,7 @@ class Weaver:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._flush_all())
+            self._closing = True
             await self._conn.close()
 
     async def _flush_all(self) -> None:
@@ -196,7 +198,8 @@ class Weaver:
 
     async def _on_disconnect(self) -> None:
         self._listening = False
-        log.warning("weaver lost NATS; liveness checks paused until it is back")
+        if not self._closing:
+            log.warning("weaver lost NATS; liveness checks paused until it is back")
 
     async def _on_reconnect(self) -> None:
         grant_grace(self.state, self.clock())
