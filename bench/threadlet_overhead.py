@@ -38,7 +38,9 @@ from torchloom.transport import connect
 
 def mlp_step_fn():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(64, 128), torch.randint(0, 10, (64,))
 
@@ -64,8 +66,14 @@ def time_baseline(work, n):
 
 
 def time_torchloom(work, n, url, job):
-    run = torchloom.init(job_id=job, knobs={"lr": 0.01, "batch_size": 64}, max_steps=n, nats_url=url,
-                         rank=0, replica_id="0")
+    run = torchloom.init(
+        job_id=job,
+        knobs={"lr": 0.01, "batch_size": 64},
+        max_steps=n,
+        nats_url=url,
+        rank=0,
+        replica_id="0",
+    )
     run.agent.joined.wait(5)
     t0 = time.perf_counter()
     for _ in run.steps():
@@ -87,7 +95,9 @@ def bench_step_cost(url, *, steps, rounds):
                 time.sleep(0.5)  # let the last flush land
                 sent = run.agent.sent_telemetry
         b, t = statistics.median(base), statistics.median(tl)
-        rows.append((name, b * 1e6, t * 1e6, (t - b) * 1e6, (t - b) / b if b else float("nan"), sent))
+        rows.append(
+            (name, b * 1e6, t * 1e6, (t - b) * 1e6, (t - b) / b if b else float("nan"), sent)
+        )
     return rows
 
 
@@ -97,7 +107,9 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
     stop = threading.Event()
 
     for i in range(n_ranks):
-        run = torchloom.init(job_id=job, knobs={"lr": 0.1}, max_steps=10**9, nats_url=url, rank=i, replica_id="0")
+        run = torchloom.init(
+            job_id=job, knobs={"lr": 0.1}, max_steps=10**9, nats_url=url, rank=i, replica_id="0"
+        )
         offer = run._offer
 
         def hook(doc, ts, _offer=offer):
@@ -125,7 +137,9 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
     lat = []
     for k in range(n_sets):
         req = ControlRequest(op="set", job_id=job, values={"lr": 0.1 / (k + 2)})
-        reply = decode(await conn.request(names.control_subject(job), encode(req), timeout_s=5), ControlReply)
+        reply = decode(
+            await conn.request(names.control_subject(job), encode(req), timeout_s=5), ControlReply
+        )
         if not reply.ok:
             raise RuntimeError(reply.error)
         issued = None
@@ -146,7 +160,7 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
 
 def pct(xs, p):
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+    return xs[min(len(xs) - 1, round(p / 100 * (len(xs) - 1)))]
 
 
 def main() -> None:
@@ -162,21 +176,35 @@ def main() -> None:
         stack = Stack(state_dir=Path(tmp) / "state")
         stack.start()
         try:
-            print(f"# torchloom benchmark — {date.today()} — {platform.node()}, {platform.machine()}, "
-                  f"{len(__import__('os').sched_getaffinity(0))} cores, Python {platform.python_version()}, torch {torch.__version__}")
-            print(f"\n## (a) per-step cost ({args.steps} steps × {args.rounds} rounds, medians; Threadlet connected, "
-                  "telemetry every 200 ms)\n")
-            print("| workload | plain loop µs/step | with torchloom µs/step | overhead µs/step | overhead / step time |")
+            print(
+                f"# torchloom benchmark — {date.today()} — {platform.node()}, {platform.machine()}, "
+                f"{len(__import__('os').sched_getaffinity(0))} cores, Python {platform.python_version()}, torch {torch.__version__}"
+            )
+            print(
+                f"\n## (a) per-step cost ({args.steps} steps × {args.rounds} rounds, medians; Threadlet connected, "
+                "telemetry every 200 ms)\n"
+            )
+            print(
+                "| workload | plain loop µs/step | with torchloom µs/step | overhead µs/step | overhead / step time |"
+            )
             print("|---|---:|---:|---:|---:|")
-            for name, b, t, d, ratio, _sent in bench_step_cost(stack.nats_url, steps=args.steps, rounds=args.rounds):
+            for name, b, t, d, ratio, _sent in bench_step_cost(
+                stack.nats_url, steps=args.steps, rounds=args.rounds
+            ):
                 print(f"| {name} | {b:.2f} | {t:.2f} | {d:.2f} | {ratio * 100:.2f}% |")
-            print(f"\n## (b) control latency: `set` accepted → every rank's Threadlet holds the new version "
-                  f"({args.sets} sets each)\n")
+            print(
+                f"\n## (b) control latency: `set` accepted → every rank's Threadlet holds the new version "
+                f"({args.sets} sets each)\n"
+            )
             print("| ranks | p50 ms | p99 ms | max ms | sets measured |")
             print("|---:|---:|---:|---:|---:|")
             for n in args.ranks:
-                lat = asyncio.run(_set_latencies(stack.nats_url, n_ranks=n, n_sets=args.sets, job=f"lat{n}"))
-                print(f"| {n} | {pct(lat, 50) * 1e3:.2f} | {pct(lat, 99) * 1e3:.2f} | {max(lat) * 1e3:.2f} | {len(lat)} |")
+                lat = asyncio.run(
+                    _set_latencies(stack.nats_url, n_ranks=n, n_sets=args.sets, job=f"lat{n}")
+                )
+                print(
+                    f"| {n} | {pct(lat, 50) * 1e3:.2f} | {pct(lat, 99) * 1e3:.2f} | {max(lat) * 1e3:.2f} | {len(lat)} |"
+                )
         finally:
             stack.stop()
 

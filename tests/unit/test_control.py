@@ -233,5 +233,8 @@ def test_rapid_changes_coalesce_at_one_effective_step():
     effs = {o.reply.effective_step for o in outs}
     assert effs == {outs[0].reply.effective_step}
     snaps = s.jobs["j"].config.snapshots
-    assert [x.version for x in snaps] == [1, 101]  # the newest full snapshot replaced the pending ones
+    assert [x.version for x in snaps] == [
+        1,
+        101,
+    ]  # the newest full snapshot replaced the pending ones
     assert snaps[-1].values["lr"] == 0.1 / 101
