@@ -238,3 +238,35 @@ def test_rapid_changes_coalesce_at_one_effective_step():
         101,
     ]  # the newest full snapshot replaced the pending ones
     assert snaps[-1].values["lr"] == 0.1 / 101
+
+
+def test_knobs_that_need_no_common_step_apply_at_each_ranks_next_boundary():
+    from torchloom.protocol import RankEvent
+    from torchloom.weaver.state import on_rank_event
+
+    s = WeaverState()
+    log_every = KnobSpec(name="log_every", type="int", min=1, consistent=False)
+    join(s, 1.0, rank=0, values={"log_every": 10}, custom=[log_every])
+    join(s, 1.0, rank=1, values={"log_every": 10}, custom=[log_every])
+    beat(s, 100.0, rank=0, step=500)
+    beat(s, 100.0, rank=1, step=480)
+    out = ctl(s, 100.0, "set", {"log_every": 5})
+    assert out.reply.effective_step == 481  # the slowest rank's next step, not a lead-time ahead
+    mixed = ctl(s, 100.0, "set", {"log_every": 6, "lr": 0.1})
+    assert mixed.reply.effective_step > 550  # a consistent knob in the request needs the lead time
+    ev = []
+    for rank, step in ((0, 501), (1, 481)):
+        ev += on_rank_event(
+            s,
+            RankEvent(
+                kind="config_applied",
+                job_id="j",
+                replica_id="0",
+                rank=rank,
+                ts=100.1,
+                step=step,
+                version=out.reply.version,
+            ),
+            100.1,
+        )
+    assert [e.kind for e in ev] == ["config_applied"]  # rank 0 at 501 is not "late"

@@ -141,8 +141,13 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         run_state, what = "stopped", "stop"
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
+    consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
     if req.op == "resume":
         eff = latest.effective_step  # ranks wait at the pause step; go on from there
+    elif not consistent:
+        # only knobs that need no common step: each rank takes it at its next step boundary
+        live_steps = [r.entry.last_step for r in job.live_ranks()]
+        eff = max(latest.effective_step, min(live_steps) + 1 if live_steps else 0)
     else:
         eff = plan_effective_step(
             job, now, lead_time_s=settings.lead_time_s, min_lead_steps=settings.min_lead_steps
@@ -182,7 +187,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         new_config=new,
         events=[event],
         tracking=ApplyTracking(
-            version=version, effective_step=eff, issued_ts=now, expected=expected
+            version=version, effective_step=eff, issued_ts=now, expected=expected, strict=consistent
         ),
     )
 

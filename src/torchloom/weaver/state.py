@@ -70,12 +70,17 @@ class Rank:
 
 @dataclass(slots=True)
 class ApplyTracking:
-    """Who has applied config ``version`` and at which step."""
+    """Who has applied config ``version`` and at which step.
+
+    ``strict`` is False for a change of knobs that need no common step: ranks
+    apply it at their next boundary, and a later step is not reported as late.
+    """
 
     version: int
     effective_step: int
     issued_ts: float
     expected: set[RankKey]
+    strict: bool = True
     applied: dict[RankKey, int] = field(default_factory=dict)
     flagged: set[RankKey] = field(default_factory=set)
     done: bool = False
@@ -290,7 +295,11 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
     for tracking in job.applies.values():
         if tracking.version <= msg.version and rank.key not in tracking.applied:
             tracking.applied[rank.key] = msg.step
-            if rank.key in tracking.expected and msg.step != tracking.effective_step:
+            if (
+                tracking.strict
+                and rank.key in tracking.expected
+                and msg.step != tracking.effective_step
+            ):
                 tracking.flagged.add(rank.key)
                 events.append(
                     _event(
@@ -311,7 +320,8 @@ def _check_missing_applies(job: Job, rank: Rank, now: float) -> list[HistoryEven
     events = []
     for t in job.applies.values():
         if (
-            rank.key in t.expected
+            t.strict
+            and rank.key in t.expected
             and rank.key not in t.applied
             and rank.key not in t.flagged
             and rank.entry.last_step >= t.effective_step
@@ -344,6 +354,8 @@ def check_apply_done(job: Job, now: float) -> list[HistoryEvent]:
         steps = {f"{k[1]}/{k[2]}": t.applied[k] for k in sorted(t.expected)}
         consistent = all(s == t.effective_step for s in steps.values())
         where = f"at step {t.effective_step}" if consistent else f"at steps {steps}"
+        if not t.strict:  # no common step was asked for
+            where, consistent = f"at their next step boundary {steps}", True
         events.append(
             HistoryEvent(
                 job_id=job.job_id,
