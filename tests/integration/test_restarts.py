@@ -11,6 +11,10 @@ from torchloom.nats_server import NatsServer
 pytestmark = pytest.mark.integration
 
 
+# a run long enough to outlive an outage, printing its step every 5 steps
+SLOW_RUN = ("--max-steps", "500", "--eval-every", "0", "--log-every", "5", "--step-delay-ms", "5")
+
+
 def both_training(client, min_step=0):
     rs = ranks(client, "mnist")
     return (
@@ -30,18 +34,7 @@ def step_log(tmp_path):
 def test_weaver_killed_and_restarted_mid_run(tmp_path, nats):
     weaver = Up(tmp_path / "state", nats_url=nats.url)
     client = weaver.client()
-    proc = launch_mnist(
-        nats.url,
-        tmp_path,
-        "--max-steps",
-        "500",
-        "--eval-every",
-        "0",
-        "--log-every",
-        "5",
-        "--step-delay-ms",
-        "5",
-    )
+    proc = launch_mnist(nats.url, tmp_path, *SLOW_RUN)
     try:
         before = wait_for(lambda: both_training(client, 30), timeout_s=60, what="training")
         assert cli("set", "lr=0.02", "--wait", url=nats.url).returncode == 0
@@ -89,18 +82,7 @@ def test_nats_killed_and_restarted_mid_run(tmp_path):
     url = server.start()
     weaver = Up(tmp_path / "state", nats_url=url)
     client = weaver.client()
-    proc = launch_mnist(
-        url,
-        tmp_path,
-        "--max-steps",
-        "500",
-        "--eval-every",
-        "0",
-        "--log-every",
-        "5",
-        "--step-delay-ms",
-        "5",
-    )
+    proc = launch_mnist(url, tmp_path, *SLOW_RUN)
     try:
         wait_for(lambda: both_training(client, 30), timeout_s=60, what="training")
         events_before = history(client, "mnist")

@@ -2,6 +2,7 @@
 
 import json
 import signal
+import time
 
 import pytest
 
@@ -82,3 +83,41 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, up):
         assert r.returncode == code, (args, r.stdout, r.stderr)
         assert fragment in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_events_follow_streams_new_history_as_json(up):
+    import subprocess
+    import threading
+
+    import torchloom
+    from tests.helpers import BIN
+
+    follower = subprocess.Popen(
+        [str(BIN / "torchloom"), "events", "--follow", "--json", "--nats-url", up.url],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[dict] = []
+    reader = threading.Thread(
+        target=lambda: [lines.append(json.loads(x)) for x in follower.stdout], daemon=True
+    )
+    reader.start()
+    try:
+        time.sleep(1.0)  # the follower is subscribed before anything happens
+        run = torchloom.init(
+            job_id="followed", knobs={"lr": 0.1}, nats_url=up.url, rank=0, replica_id="0"
+        )
+        wait_for(
+            lambda: [e for e in lines if e["kind"] == "job_started" and e["job_id"] == "followed"],
+            timeout_s=10,
+            what="job_started on the follower",
+        )
+        run.close()
+        wait_for(
+            lambda: [e for e in lines if e["kind"] == "rank_exited"],
+            timeout_s=10,
+            what="rank_exited",
+        )
+    finally:
+        follower.terminate()
+        follower.wait(5)

@@ -395,59 +395,33 @@ def _wait_applied(client: WeaverClient, job_id: str, version: int, *, timeout_s:
     )
 
 
-def _simple(
-    op: str,
-    job: str | None,
-    nats_url: str | None,
-    state_dir: Path | None,
-    timeout_s: float,
-    reason: str,
-) -> None:
-    client = _client(nats_url, state_dir, timeout_s)
-    job_id = _pick_job(client, job)
-    reply = client.control(op, job_id, reason=reason)
-    out.print(
-        f"v{reply.version}: {op} accepted → effective at step {reply.effective_step} (job {job_id})"
-    )
-
-
 ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
 
 
-@app.command()
-def pause(
-    job: JobOpt = None,
-    reason: ReasonOpt = "",
-    nats_url: NatsUrl = None,
-    state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
-) -> None:
-    """Hold every rank at the same step boundary until `torchloom resume`."""
-    _simple("pause", job, nats_url, state_dir, timeout_s, reason)
+def _run_state_command(op: str, doc: str) -> None:
+    """Register ``torchloom pause|resume|stop``: one request each, the same options."""
+
+    def command(
+        job: JobOpt = None,
+        reason: ReasonOpt = "",
+        nats_url: NatsUrl = None,
+        state_dir: StateDir = None,
+        timeout_s: TimeoutOpt = 5.0,
+    ) -> None:
+        client = _client(nats_url, state_dir, timeout_s)
+        job_id = _pick_job(client, job)
+        reply = client.control(op, job_id, reason=reason)
+        out.print(
+            f"v{reply.version}: {op} accepted → effective at step {reply.effective_step} (job {job_id})"
+        )
+
+    command.__doc__ = doc
+    app.command(op)(command)
 
 
-@app.command()
-def resume(
-    job: JobOpt = None,
-    reason: ReasonOpt = "",
-    nats_url: NatsUrl = None,
-    state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
-) -> None:
-    """Let a paused job go on from the step it paused at."""
-    _simple("resume", job, nats_url, state_dir, timeout_s, reason)
-
-
-@app.command()
-def stop(
-    job: JobOpt = None,
-    reason: ReasonOpt = "",
-    nats_url: NatsUrl = None,
-    state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
-) -> None:
-    """End the job: every rank leaves its step loop at the same step."""
-    _simple("stop", job, nats_url, state_dir, timeout_s, reason)
+_run_state_command("pause", "Hold every rank at the same step boundary until `torchloom resume`.")
+_run_state_command("resume", "Let a paused job go on from the step it paused at.")
+_run_state_command("stop", "End the job: every rank leaves its step loop at the same step.")
 
 
 # ---- looking -------------------------------------------------------------------------------
