@@ -291,6 +291,7 @@ def demo(
         finally:
             _terminate_tree(proc)
             stack.stop()
+    out.print()
     tail = log_path.read_text(errors="replace").strip().splitlines()
     final = [line for line in tail if line.startswith("done at step")]
     out.print(final[-1] if final else "\n".join(tail[-5:]))
