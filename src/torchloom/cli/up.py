@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import IO
 
 from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomError
+from torchloom.lighthouse import Lighthouse
+from torchloom.lighthouse import available as lighthouse_available
 from torchloom.nats_server import NatsServer
 from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, read_endpoint, write_endpoint
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
@@ -30,6 +32,9 @@ class Stack:
         state_dir: holds the lock, ``endpoint.json`` and the JetStream storage.
         nats_url: an existing NATS server/cluster; None starts the embedded one.
         nats_port: port of the embedded server; None picks a free one.
+        lighthouse: ``"auto"`` starts the embedded torchft lighthouse when torchft is
+            installed; a URL uses an existing one; None starts none.
+        lighthouse_heartbeat_timeout_ms: the embedded lighthouse's heartbeat timeout, in ms.
     """
 
     def __init__(
@@ -41,8 +46,14 @@ class Stack:
         liveness: LivenessConfig | None = None,
         control_settings: ControlSettings | None = None,
         on_event: EventSink | None = None,
+        lighthouse: str | None = "auto",
+        lighthouse_heartbeat_timeout_ms: int = 1000,
     ) -> None:
         self.state_dir = Path(state_dir).expanduser()
+        self.lighthouse_arg = lighthouse
+        self.lighthouse_heartbeat_timeout_ms = lighthouse_heartbeat_timeout_ms
+        self.lighthouse: Lighthouse | None = None
+        self.lighthouse_url = ""
         self.external_url = nats_url
         self.nats_port = nats_port
         self.liveness = liveness
@@ -84,6 +95,15 @@ class Stack:
             else:
                 self.nats = NatsServer(store_dir=self.state_dir / "nats", port=self.nats_port)
                 self.nats_url = self.nats.start()
+            if self.lighthouse_arg == "auto":
+                if lighthouse_available():
+                    self.lighthouse = Lighthouse(
+                        log_file=self.state_dir / "lighthouse.log",
+                        heartbeat_timeout_ms=self.lighthouse_heartbeat_timeout_ms,
+                    )
+                    self.lighthouse_url = self.lighthouse.start()
+            elif self.lighthouse_arg:
+                self.lighthouse_url = self.lighthouse_arg
             self.weaver = Weaver(
                 nats_url=self.nats_url,
                 liveness=self.liveness,
@@ -109,6 +129,7 @@ class Stack:
                 pid=os.getpid(),
                 embedded_nats=self.nats is not None,
                 started_ts=time.time(),
+                lighthouse_url=self.lighthouse_url or None,
             )
         except BaseException:
             self.stop()
@@ -132,8 +153,10 @@ class Stack:
         return (
             self._thread is not None
             and self._thread.is_alive()
-            and (
-                self.nats is None or (self.nats.proc is not None and self.nats.proc.poll() is None)
+            and all(
+                child.proc is not None and child.proc.poll() is None
+                for child in (self.nats, self.lighthouse)
+                if child is not None
             )
         )
 
@@ -146,6 +169,8 @@ class Stack:
             self._thread.join(10)
         if self.nats is not None:
             self.nats.stop()
+        if self.lighthouse is not None:
+            self.lighthouse.stop()
         if self._lock is not None:
             with contextlib.suppress(OSError):
                 (self.state_dir / ENDPOINT_FILE).unlink(missing_ok=True)

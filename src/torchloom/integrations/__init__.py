@@ -1,0 +1,1 @@
+"""Adapters to other training frameworks (torchft, …): optional extras, imported lazily."""

@@ -43,6 +43,8 @@ class Telemetry(msgspec.Struct, kw_only=True):
         dropped_points: points dropped so far because the bounded buffer was full.
         config_lag_s: how long the newest desired config took to reach this
             rank (receive time minus the Weaver's issue time), in seconds.
+        quorum: fault-tolerance facts from an integration (torchft: ``quorum_id``,
+            ``participants``, ``ft_step``, ``healing``, ``commit_failures``, ``heals``), or None.
     """
 
     v: int = SCHEMA_VERSION
@@ -60,20 +62,28 @@ class Telemetry(msgspec.Struct, kw_only=True):
     points: list[MetricPoint] = []
     dropped_points: int = 0
     config_lag_s: float = 0.0
+    quorum: dict[str, Any] | None = None
     host: str = ""
     pid: int = 0
     device: str = ""
 
 
+RankEventKind = Literal[
+    "config_applied", "exited", "quorum_changed", "heal_started", "healed", "commit_failed"
+]
+
+
 class RankEvent(msgspec.Struct, kw_only=True):
     """A lifecycle fact from a rank, on ``loom.<job>.events.<replica>.<rank>``.
 
-    ``kind`` is ``config_applied`` (``version`` applied before ``step``) or
-    ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``).
+    ``kind`` is ``config_applied`` (``version`` applied before ``step``),
+    ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``), or a
+    fault-tolerance fact reported by an integration (``quorum_changed``,
+    ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
     """
 
     v: int = SCHEMA_VERSION
-    kind: Literal["config_applied", "exited"]
+    kind: RankEventKind
     job_id: str
     replica_id: str
     rank: int
@@ -81,6 +91,7 @@ class RankEvent(msgspec.Struct, kw_only=True):
     step: int
     version: int = 0
     reason: str = ""
+    data: dict[str, Any] = {}
 
 
 class JoinInfo(msgspec.Struct, kw_only=True):

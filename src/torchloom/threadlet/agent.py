@@ -83,6 +83,7 @@ class Agent:
         self.joined = threading.Event()
         self.nats_url: str | None = None
         self.sent_telemetry = 0
+        self.flush_errors = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -143,14 +144,14 @@ class Agent:
                     and (sync_task is None or sync_task.done())
                 ):
                     sync_task = asyncio.ensure_future(self._sync())
-                await self._flush()
+                await self._guarded_flush()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
                 except TimeoutError:
                     pass
             if sync_task is not None:
                 sync_task.cancel()
-            await self._flush()
+            await self._guarded_flush()
             await conn.flush(timeout_s=1.0)
         except NotReachableError:
             pass
@@ -245,6 +246,18 @@ class Agent:
 
     # ---- telemetry ---------------------------------------------------------------
 
+    async def _guarded_flush(self) -> None:
+        """One flush; a bug in it is logged (once) and the loop goes on: a failed flush must
+        not end the heartbeat of a healthy training process."""
+        try:
+            await self._flush()
+        except NotReachableError:
+            pass
+        except Exception:
+            self.flush_errors += 1
+            if self.flush_errors == 1:
+                log.exception("torchloom: a telemetry flush failed; the Threadlet goes on")
+
     async def _flush(self) -> None:
         conn = self._conn
         if conn is None or not conn.is_connected:
@@ -254,14 +267,15 @@ class Agent:
         try:
             for ev in events:
                 ev_msg = RankEvent(
-                    kind=ev[0],
+                    kind=ev.kind,  # type: ignore[arg-type]
                     job_id=ident.job_id,
                     replica_id=ident.replica_id,
                     rank=ident.rank,
-                    ts=ev[1],
-                    step=ev[2],
-                    version=ev[3],
-                    reason=ev[4],
+                    ts=ev.ts,
+                    step=ev.step,
+                    version=ev.version,
+                    reason=ev.reason,
+                    data=ev.data,
                 )
                 await conn.publish(
                     names.events_subject(ident.job_id, ident.replica_id, ident.rank), encode(ev_msg)
@@ -304,6 +318,7 @@ class Agent:
             points=points,
             dropped_points=run._points.dropped,
             config_lag_s=run._config_lag_s,
+            quorum=run.quorum,
             host=ident.host,
             pid=ident.pid,
             device=ident.device,

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from torchloom.protocol import (
     BUILTIN_KNOBS,
@@ -45,6 +45,17 @@ ConfigCallback = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
 """``callback(config, changed)``: the full config now in force, and the knobs that changed."""
 
 _NEVER = 1 << 62
+
+
+class PendingEvent(NamedTuple):
+    """A lifecycle event waiting for the Threadlet's next flush (becomes a RankEvent)."""
+
+    kind: str
+    ts: float
+    step: int
+    version: int
+    reason: str = ""
+    data: dict[str, Any] = {}  # noqa: RUF012 - never mutated
 
 
 class Run:
@@ -85,7 +96,9 @@ class Run:
         self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(
             buffer_points
         )
-        self._events: DropOldestBuffer[tuple[str, float, int, int, str]] = DropOldestBuffer(4096)
+        self._events: DropOldestBuffer[PendingEvent] = DropOldestBuffer(4096)
+        self._step_hooks: list[Callable[[], None]] = []
+        self.quorum: dict[str, Any] | None = None  # set by a fault-tolerance integration
         self._callbacks: list[ConfigCallback] = []
         self._doc: DesiredConfig | None = None  # replaced by the agent thread
         self._doc_used: DesiredConfig | None = None
@@ -116,17 +129,26 @@ class Run:
 
     # ---- hot path ------------------------------------------------------------------
 
-    def steps(self) -> Iterator[int]:
-        """Yield step indices from ``start_step`` until ``max_steps``, a stop, or a drain.
+    def steps(self, *, current_step: Callable[[], int] | None = None) -> Iterator[int]:
+        """Yield step indices until ``max_steps``, a stop, or a drain.
 
-        Before yielding step ``s`` it applies the config version in force at ``s``
-        and, while the job is paused at ``s``, blocks (on this thread, outside any
-        collective) until it is resumed.
+        Before yielding step ``s`` it runs the step hooks (:meth:`add_step_hook`),
+        applies the config version in force at ``s`` and, while the job is paused
+        at ``s``, blocks (on this thread, outside any collective) until it is resumed.
+
+        Args:
+            current_step: where the step index comes from, e.g. torchft's
+                ``manager.current_step`` (it stays put when a step is not committed
+                and jumps when a replica group heals, so every group applies a
+                config at the same committed step). Default: ``start_step``, +1 per step.
         """
-        step = self.start_step
+        step = self.start_step if current_step is None else current_step()
         self.state = "training"
+        hooks = self._step_hooks
         try:
             while True:
+                for hook in hooks:
+                    hook()
                 if self._doc is not self._doc_used or step >= self._next_check:
                     self._boundary(step)
                 if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
@@ -134,11 +156,29 @@ class Run:
                 self.step = step
                 self._samples += self.config.get("batch_size", 0) or 0
                 yield step
-                step += 1
+                step = step + 1 if current_step is None else current_step()
             if self.stop_reason is None:
                 self.stop_reason = "finished"
         finally:
             self.close(reason=self.stop_reason or "left the step loop early")
+
+    def add_step_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` on the training thread at every step boundary (keep it to microseconds)."""
+        self._step_hooks.append(hook)
+
+    def emit(self, kind: str, *, step: int | None = None, **data: Any) -> None:
+        """Queue a lifecycle event for the Weaver's history (no I/O here; sent by the Threadlet)."""
+        reason = str(data.pop("reason", ""))
+        self._events.append(
+            PendingEvent(
+                kind,
+                time.time(),
+                self.step if step is None else step,
+                self.applied_version,
+                reason,
+                data,
+            )
+        )
 
     def _boundary(self, step: int) -> None:
         while True:
@@ -172,7 +212,7 @@ class Run:
         changed = {k: v for k, v in new.items() if self.config.get(k, _MISSING) != v}
         self.config = new
         self.applied_version = version
-        self._events.append(("config_applied", time.time(), step, version, ""))
+        self._events.append(PendingEvent("config_applied", time.time(), step, version))
         if changed:
             for cb in self._callbacks:
                 cb(new, changed)
@@ -255,7 +295,7 @@ class Run:
         self._closed = True
         self.state = "exited"
         self._events.append(
-            ("exited", time.time(), max(self.step, 0), self.applied_version, reason)
+            PendingEvent("exited", time.time(), max(self.step, 0), self.applied_version, reason)
         )
         self.agent.stop(timeout_s=timeout_s)
 

@@ -54,6 +54,7 @@ class Rank:
     dropped_points: int = 0
     config_lag_s: float = 0.0
     last_seq: int = -1
+    quorum: dict[str, Any] | None = None
 
     @property
     def key(self) -> RankKey:
@@ -258,6 +259,7 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
     elif msg.state == "paused":
         rank.steps_per_s = 0.0
     rank.dropped_points = msg.dropped_points
+    rank.quorum = msg.quorum
     rank.config_lag_s = min(max(msg.config_lag_s, 0.0), 5.0)
     for point in msg.points:
         if point.step >= rank.metrics_step:
@@ -280,7 +282,7 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
 
 
 def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[HistoryEvent]:
-    """Fold a rank's lifecycle event (``config_applied`` or ``exited``) into the state."""
+    """Fold a rank's lifecycle event (config applied, exited, or a fault-tolerance fact) into the state."""
     rank, events = upsert_rank(
         state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now
     )
@@ -288,6 +290,8 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
     if msg.kind == "exited":
         rank.entry.last_step = max(rank.entry.last_step, msg.step)
         return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
+    if msg.kind != "config_applied":  # a fault-tolerance fact: history only
+        return [*events, _ft_event(rank, msg, now)]
     job = state.jobs[msg.job_id]
     if msg.version > rank.entry.applied_version:
         rank.entry.applied_version = msg.version
@@ -314,6 +318,29 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
                     )
                 )
     return events + check_apply_done(job, now)
+
+
+def _ft_event(rank: Rank, msg: RankEvent, now: float) -> HistoryEvent:
+    """History entry for a fault-tolerance fact reported by a rank (torchft quorum, heal, commit)."""
+    d = msg.data
+    who = f"rank {msg.replica_id}/{msg.rank}"
+    text = {
+        "quorum_changed": f"{who}: quorum {d.get('quorum_id')} with {d.get('participants')} replica group(s)"
+        f" (was {d.get('previous_participants')})",
+        "heal_started": f"{who}: healing at step {msg.step}",
+        "healed": f"{who}: healed to step {msg.step} in {d.get('heal_s', 0):.3f} s",
+        "commit_failed": f"{who}: step {msg.step} not committed ({d.get('commit_failures')} in a row)",
+    }.get(msg.kind, f"{who}: {msg.kind}")
+    return HistoryEvent(
+        job_id=msg.job_id,
+        kind=msg.kind,
+        ts=msg.ts if msg.ts > 0 else now,
+        message=text,
+        replica_id=msg.replica_id,
+        rank=msg.rank,
+        step=msg.step,
+        data=dict(d),
+    )
 
 
 def _check_missing_applies(job: Job, rank: Rank, now: float) -> list[HistoryEvent]:

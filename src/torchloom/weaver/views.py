@@ -81,6 +81,7 @@ def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
         "desired_version": desired_version,
         "heartbeat_age_s": round(max(0.0, now - e.last_seen_ts), 3),
         "dropped_points": rank.dropped_points,
+        "quorum": rank.quorum,
         "config": resolve_values(snap, e.replica_id) if snap is not None else {},
     }
 

