@@ -165,7 +165,7 @@ def history(client: WeaverClient, job: str | None) -> list[HistoryEvent]:
 
 
 def summaries(tmp: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted((tmp / "out").glob("rank*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((tmp / "out").glob("*.json"))]
 
 
 def pid_alive(pid: int) -> bool:

@@ -261,6 +261,7 @@ def main() -> None:
         (args.out_dir / name).write_text(
             json.dumps(
                 {
+                    "replica_id": os.environ.get("REPLICA_GROUP_ID", "0"),
                     "rank": rank,
                     "step": final_step,
                     "applied_version": run.applied_version,
