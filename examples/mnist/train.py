@@ -243,6 +243,8 @@ def main() -> None:
                 flush=True,
             )
     final_step = run.step
+    if manager is not None and run.stop_reason == "drained":
+        manager.shutdown(wait=False)  # leave the quorum now; the other groups go on
     if run.stop_reason in ("finished", "stopped"):
         acc = evaluate(model, x_test, y_test, rank=rank, world=world)
         run.log(test_acc=acc)

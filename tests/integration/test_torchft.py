@@ -6,14 +6,14 @@ import subprocess
 
 import pytest
 
-from tests.helpers import BIN, TRAIN, history, kill_tree, mnist_dir, ranks, summaries, wait_for
+from tests.helpers import BIN, TRAIN, cli, history, kill_tree, mnist_dir, ranks, summaries, wait_for
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
 
 
-def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weights(tmp_path, up):
-    client = up.client()
+def start_two_groups(up, tmp_path, max_steps):
+    """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
     cmd = [
         str(BIN / "torchloom"),
         "run",
@@ -28,7 +28,7 @@ def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weight
         str(TRAIN),
         "--ft",
         "--max-steps",
-        "300",
+        str(max_steps),
         "--eval-every",
         "0",
         "--log-every",
@@ -39,25 +39,33 @@ def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weight
         str(tmp_path / "out"),
     ]
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
-    sup = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
+
+
+def both_in_quorum(client):
+    rs = ranks(client, "ft")
+    return (
+        len(rs) == 2
+        and all(
+            r["state"] == "training"
+            and r["step"] >= 40
+            and r["quorum"]
+            and r["quorum"]["participants"] == 2
+            for r in rs
+        )
+        and rs
+    )
+
+
+def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weights(tmp_path, up):
+    client = up.client()
+    sup, log = start_two_groups(up, tmp_path, 300)
     try:
-
-        def both_in_quorum():
-            rs = ranks(client, "ft")
-            return (
-                len(rs) == 2
-                and all(
-                    r["state"] == "training"
-                    and r["step"] >= 40
-                    and r["quorum"]
-                    and r["quorum"]["participants"] == 2
-                    for r in rs
-                )
-                and rs
-            )
-
         rs = wait_for(
-            both_in_quorum, timeout_s=120, interval_s=0.2, what="two replica groups in one quorum"
+            lambda: both_in_quorum(client),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two replica groups in one quorum",
         )
         victim = next(r for r in rs if r["replica_id"] == "1")
         os.kill(victim["pid"], signal.SIGKILL)
@@ -91,3 +99,55 @@ def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weight
     survivor = next(x for x in s if x["replica_id"] == "0")
     assert survivor["longest_step_s"] <= 1.0 + 1.0  # the lighthouse's heartbeat timeout + 1 s
     assert min(x["test_acc"] for x in s) > 0.9
+
+
+def test_drain_takes_a_group_out_cleanly_and_the_other_goes_on(tmp_path, up):
+    import asyncio
+
+    from torchloom.protocol import names
+    from torchloom.transport import KeyValue, connect
+
+    client = up.client()
+    sup, log = start_two_groups(up, tmp_path, 300)
+    try:
+        wait_for(
+            lambda: both_in_quorum(client),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two replica groups in one quorum",
+        )
+        r = cli("drain", "--replica", "1", "--job", "ft", url=up.url)
+        assert r.returncode == 0 and "drain of replica group 1 accepted" in r.stdout, r.stderr
+        eff = int(r.stdout.split("leaves before step ")[1].split()[0])
+        wait_for(
+            lambda: "[replica 1] finished" in (tmp_path / "run.log").read_text(),
+            timeout_s=60,
+            what="replica 1 to exit 0",
+        )
+        assert [x["replica_id"] for x in ranks(client, "ft")] == [
+            "0"
+        ]  # gone from the DR map, not "failed"
+
+        async def registry_keys():
+            conn = await connect(up.url, name="t")
+            kv = await KeyValue.open(conn, names.REGISTRY_BUCKET)
+            keys = set(await kv.items())
+            await conn.close()
+            return keys
+
+        keys = asyncio.run(registry_keys())
+        assert "ft.0.0" in keys and "ft.1.0" not in keys
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(sup)
+        log.close()
+    out = (tmp_path / "run.log").read_text()
+    assert "restarted" not in out
+    s = {x["replica_id"]: x for x in summaries(tmp_path)}
+    assert s["1"]["stop_reason"] == "drained" and s["1"]["step"] == eff - 1
+    assert s["0"]["stop_reason"] == "finished" and s["0"]["step"] == 299
+    print(f"survivor's longest step: {s['0']['longest_step_s']} s")
+    assert s["0"]["longest_step_s"] <= 1.0 + 1.0
+    kinds = [(e.kind, e.replica_id) for e in history(client, "ft")]
+    assert ("rank_drained", "1") in kinds and ("replica_drained", "1") in kinds
+    assert ("rank_failed", "1") not in kinds

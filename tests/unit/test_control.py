@@ -270,3 +270,67 @@ def test_knobs_that_need_no_common_step_apply_at_each_ranks_next_boundary():
             100.1,
         )
     assert [e.kind for e in ev] == ["config_applied"]  # rank 0 at 501 is not "late"
+
+
+def two_groups(now=100.0):
+    s = WeaverState()
+    for replica in ("0", "1"):
+        join(s, now, replica=replica)
+        beat(s, now, replica=replica, step=100)
+    return s
+
+
+def test_drain_schedules_the_group_out_and_refuses_what_cannot_be_done():
+    s = two_groups()
+    out = ctl(s, 100.0, "drain", replica="1")
+    assert out.reply.ok and out.reply.effective_step == 152
+    assert s.jobs["j"].config.latest().drained == ["1"]
+    assert "drain replica group(s) 1" in out.events[0].message
+    again = ctl(s, 100.0, "drain", replica="1")
+    assert not again.reply.ok and "already draining" in again.reply.error.message
+    last = ctl(s, 100.0, "drain", replica="0")
+    assert not last.reply.ok and "no replica group" in last.reply.error.message
+    assert ctl(s, 100.0, "drain", replica="7").reply.error.code == "unknown_replica"
+    both = handle(
+        s, ControlRequest(op="drain", job_id="j", replica_id="0", device="cpu:x"), 100.0, SETTINGS
+    )
+    assert not both.reply.ok and "exactly one" in both.reply.error.message
+
+
+def test_drain_by_device_picks_the_groups_on_it():
+    s = WeaverState()
+    for replica, dev in (("0", "GPU-a"), ("1", "GPU-b")):
+        req = ControlRequest(
+            op="join",
+            job_id="j",
+            join=JoinInfo(
+                replica_id=replica, rank=0, pid=7, device=dev, initial_values={"lr": 0.1}
+            ),
+        )
+        commit(s, req, handle(s, req, 1.0, SETTINGS), 1.0)
+    out = handle(s, ControlRequest(op="drain", job_id="j", device="GPU-b"), 2.0, SETTINGS)
+    assert out.reply.ok and out.new_config.latest().drained == ["1"]
+    none = handle(s, ControlRequest(op="drain", job_id="j", device="GPU-zzz"), 2.0, SETTINGS)
+    assert "no live rank" in none.reply.error.message
+
+
+def test_a_drained_rank_leaves_the_dr_map_and_its_late_flush_does_not_bring_it_back():
+    from torchloom.protocol import RankEvent
+    from torchloom.weaver.state import on_rank_event
+
+    s = two_groups()
+    ctl(s, 100.0, "drain", replica="1")
+    ev = on_rank_event(
+        s,
+        RankEvent(
+            kind="exited", job_id="j", replica_id="1", rank=0, ts=101.0, step=151, reason="drained"
+        ),
+        101.0,
+    )
+    assert [e.kind for e in ev][:2] == ["rank_drained", "replica_drained"]
+    assert ("j", "1", 0) not in s.jobs["j"].ranks and ("j", "1", 0) in s.removed
+    beat(s, 101.1, replica="1", step=151)  # same pid: the final flush
+    assert ("j", "1", 0) not in s.jobs["j"].ranks
+    assert check_liveness(s, 110.0) == [] or all(
+        e.replica_id == "0" for e in check_liveness(s, 110.0)
+    )

@@ -159,3 +159,18 @@ def test_clip_grad_norm_follows_grad_clip():
     next(iter(run.steps()))
     run.clip_grad_norm_([p])
     assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_a_drained_replica_group_leaves_at_the_effective_step():
+    run = offline(max_steps=100)
+    run._offer(
+        doc(
+            dict(version=1, effective_step=0, values={}),
+            dict(version=2, effective_step=12, values={}, drained=["0"]),
+        ),
+        time.time(),
+    )
+    assert list(run.steps()) == list(range(12)) and run.stop_reason == "drained"
+    other = torchloom.init(job_id="j", connect=False, rank=0, replica_id="1", max_steps=20)
+    other._offer(doc(dict(version=2, effective_step=12, values={}, drained=["0"])), time.time())
+    assert list(other.steps())[-1] == 19 and other.stop_reason == "finished"

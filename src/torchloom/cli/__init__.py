@@ -24,7 +24,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from torchloom.cli import render
-from torchloom.cli.client import RemoteError, WeaverClient
+from torchloom.cli.client import RemoteError, WeaverClient, who
 from torchloom.cli.launcher import RestartPolicy, Supervisor, kill_tree, script_argv
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
@@ -35,7 +35,7 @@ from torchloom.paths import (
     read_endpoint,
     resolve_nats_url,
 )
-from torchloom.protocol import HistoryEvent, to_builtins
+from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
 from torchloom.weaver import ControlSettings, LivenessConfig
 
 app = typer.Typer(
@@ -525,6 +525,41 @@ def _run_state_command(op: str, doc: str) -> None:
 _run_state_command("pause", "Hold every rank at the same step boundary until `torchloom resume`.")
 _run_state_command("resume", "Let a paused job go on from the step it paused at.")
 _run_state_command("stop", "End the job: every rank leaves its step loop at the same step.")
+
+
+@app.command()
+def drain(
+    replica: Annotated[
+        str | None, typer.Option("--replica", "-r", help="the replica group to take out")
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option("--device", help="take out the groups using this device (UUID or cpu:HOST)"),
+    ] = None,
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Take a replica group (or every group on a device) out of the run at a step all agree on:
+    it finishes the step before, leaves, exits 0 and is removed from the DR map."""
+    client = _client(nats_url, state_dir, timeout_s)
+    job_id = _pick_job(client, job)
+    reply = client.request(
+        ControlRequest(
+            op="drain",
+            job_id=job_id,
+            replica_id=replica,
+            device=device,
+            reason=reason,
+            requested_by=who(),
+        )
+    )
+    what = f"replica group {replica}" if replica else f"the replica group(s) on {device}"
+    out.print(
+        f"v{reply.version}: drain of {what} accepted → it leaves before step {reply.effective_step} (job {job_id})"
+    )
 
 
 # ---- looking -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ STATE_STYLE = {
     "hung": "bold red",
     "failed": "bold red",
     "exited": "dim",
+    "draining": "magenta",
 }
 EVENT_STYLE = {
     "rank_failed": "bold red",
@@ -29,6 +30,9 @@ EVENT_STYLE = {
     "config_set": "cyan",
     "config_applied": "green",
     "job_started": "bold",
+    "rank_drained": "magenta",
+    "replica_drained": "magenta",
+    "healed": "cyan",
 }
 
 

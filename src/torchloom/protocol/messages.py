@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 
 RankState = Literal["joining", "training", "paused", "suspect", "hung", "failed", "exited"]
 RunState = Literal["running", "paused", "stopped"]
-ControlOp = Literal["join", "set", "pause", "resume", "stop", "status", "knobs"]
+ControlOp = Literal["join", "set", "pause", "resume", "stop", "drain", "status", "knobs"]
 
 
 class MetricPoint(msgspec.Struct, array_like=True):
@@ -111,8 +111,11 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     """A request to the one control entry point ``loom.<job>.control``.
 
     Attributes:
-        op: ``set``, ``pause``, ``resume``, ``stop``, ``status``, ``knobs`` or ``join``.
-        replica_id: for ``set``: limit the change to one replica group; None is job-wide.
+        op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs`` or ``join``.
+        replica_id: for ``set``: limit the change to one replica group (None: job-wide);
+            for ``drain``: the replica group to take out of the run.
+        device: for ``drain``: take out every replica group with a rank on this device
+            (NVML UUID, or ``cpu:<host>``).
         values: for ``set``: raw ``{knob: value}``, validated by the Weaver.
         reason: free text recorded in the history with the change.
         requested_by: who asks (``cli:user@host``, ``policy:name``, ``ui``).
@@ -126,6 +129,7 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     reason: str = ""
     requested_by: str = ""
     join: JoinInfo | None = None
+    device: str | None = None
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -154,6 +158,7 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
         values: job-wide knob values.
         overrides: ``{replica_id: {knob: value}}`` set for one replica group.
         run_state: ``running``, ``paused`` or ``stopped`` from ``effective_step`` on.
+        drained: replica groups whose ranks leave the run at ``effective_step`` (exit 0).
         issued_ts: when the Weaver accepted it (wall-clock s).
         reason: why (the request's reason, or the policy's).
     """
@@ -163,6 +168,7 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
     values: dict[str, Any]
     overrides: dict[str, dict[str, Any]] = {}
     run_state: RunState = "running"
+    drained: list[str] = []
     issued_ts: float = 0.0
     reason: str = ""
 

@@ -192,6 +192,9 @@ class Run:
             )
             self._next_check = min(later, default=_NEVER)
             run_state = snap.run_state if snap is not None else "running"
+            if snap is not None and self.identity.replica_id in snap.drained:
+                self.stop_reason = "drained"
+                return
             if run_state == "stopped":
                 self.stop_reason = "stopped"
                 return

@@ -104,6 +104,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     values = dict(latest.values)
     overrides = {k: dict(v) for k, v in latest.overrides.items()}
     run_state = latest.run_state
+    drained = list(latest.drained)
     if latest.run_state == "stopped":
         raise InvalidRequestError(
             f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change"
@@ -139,6 +140,10 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         run_state, what = "running", "resume"
     elif req.op == "stop":
         run_state, what = "stopped", "stop"
+    elif req.op == "drain":
+        targets = _drain_targets(job, req, already=set(drained))
+        drained = sorted(set(drained) | targets)
+        what = f"drain replica group(s) {', '.join(sorted(targets))}"
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
     consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
@@ -159,6 +164,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         values=values,
         overrides=overrides,
         run_state=run_state,
+        drained=drained,
         issued_ts=now,
         reason=req.reason or what,
     )
@@ -190,6 +196,39 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             version=version, effective_step=eff, issued_ts=now, expected=expected, strict=consistent
         ),
     )
+
+
+def _drain_targets(job: Job, req: ControlRequest, *, already: set[str]) -> set[str]:
+    """The replica groups a drain request names (by id, or by a device one of their ranks uses).
+
+    Raises:
+        InvalidRequestError: neither or both of replica and device given, a device with no live
+            rank, groups already draining, or no replica group would be left.
+        UnknownReplicaError: the replica group is not in the job's DR map.
+    """
+    if (req.replica_id is None) == (req.device is None):
+        raise InvalidRequestError("drain needs exactly one of --replica ID or --device DEVICE")
+    if req.replica_id is not None:
+        if req.replica_id not in job.replica_ids():
+            raise UnknownReplicaError(job.job_id, req.replica_id)
+        targets = {req.replica_id}
+    else:
+        targets = {r.entry.replica_id for r in job.live_ranks() if r.entry.device == req.device}
+        if not targets:
+            raise InvalidRequestError(
+                f"no live rank of job {job.job_id!r} is on device {req.device!r}"
+            )
+    if targets <= already:
+        raise InvalidRequestError(
+            f"replica group(s) {', '.join(sorted(targets))} are already draining"
+        )
+    remaining = {r.entry.replica_id for r in job.live_ranks()} - already - targets
+    if not remaining:
+        raise InvalidRequestError(
+            f"draining {', '.join(sorted(targets))} would leave job {job.job_id!r} with no replica group; "
+            "use `torchloom stop` to end the job"
+        )
+    return targets
 
 
 def _prune(snapshots: list[ConfigSnapshot], job: Job, max_versions: int) -> list[ConfigSnapshot]:
@@ -278,6 +317,9 @@ def commit(
         job.applies[outcome.tracking.version] = outcome.tracking
     if req.op == "join" and req.join is not None:
         j = req.join
+        job.departed.pop(
+            (req.job_id, j.replica_id, j.rank), None
+        )  # a new process may take the place
         rank, joined = upsert_rank(
             state,
             job_id=req.job_id,

@@ -93,6 +93,8 @@ class Job:
     config: DesiredConfig | None = None
     ranks: dict[RankKey, Rank] = field(default_factory=dict)
     applies: dict[int, ApplyTracking] = field(default_factory=dict)
+    departed: dict[RankKey, int] = field(default_factory=dict)
+    """Drained ranks (key → pid): their late messages must not put them back in the DR map."""
 
     def live_ranks(self) -> list[Rank]:
         return [r for r in self.ranks.values() if r.live]
@@ -227,6 +229,9 @@ def upsert_rank(
 
 def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[HistoryEvent]:
     """Fold one telemetry flush (a heartbeat) into the state."""
+    job = state.jobs.get(msg.job_id)
+    if job is not None and job.departed.get((msg.job_id, msg.replica_id, msg.rank)) == msg.pid:
+        return []  # the last flush of a drained rank
     rank, events = upsert_rank(
         state,
         job_id=msg.job_id,
@@ -283,12 +288,18 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
 
 def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[HistoryEvent]:
     """Fold a rank's lifecycle event (config applied, exited, or a fault-tolerance fact) into the state."""
+    key = (msg.job_id, msg.replica_id, msg.rank)
+    job = state.jobs.get(msg.job_id)
+    if job is not None and key in job.departed and key not in job.ranks:
+        return []  # from a drained rank that has left the DR map
     rank, events = upsert_rank(
         state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now
     )
     rank.entry.last_seen_ts = max(rank.entry.last_seen_ts, now)
     if msg.kind == "exited":
         rank.entry.last_step = max(rank.entry.last_step, msg.step)
+        if msg.reason == "drained":
+            return events + remove_drained(state, rank, now)
         return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
     if msg.kind != "config_applied":  # a fault-tolerance fact: history only
         return [*events, _ft_event(rank, msg, now)]
@@ -317,6 +328,39 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
                         effective_step=tracking.effective_step,
                     )
                 )
+    return events + check_apply_done(job, now)
+
+
+def remove_drained(state: WeaverState, rank: Rank, now: float) -> list[HistoryEvent]:
+    """A drained rank left: take it out of the DR map (and the KV registry), not "failed"."""
+    job = state.jobs[rank.entry.job_id]
+    key = rank.key
+    job.ranks.pop(key, None)
+    job.departed[key] = rank.entry.pid
+    state.dirty.discard(key)
+    state.removed.add(key)
+    e = rank.entry
+    events = [
+        _event(
+            "rank_drained",
+            rank,
+            now,
+            f"rank {e.replica_id}/{e.rank} drained after step {e.last_step}",
+        )
+    ]
+    if not any(k[1] == e.replica_id for k in job.ranks):
+        events.append(
+            HistoryEvent(
+                job_id=e.job_id,
+                kind="replica_drained",
+                ts=now,
+                replica_id=e.replica_id,
+                step=e.last_step,
+                message=f"replica group {e.replica_id} left the run (drained)",
+            )
+        )
+    for tracking in job.applies.values():
+        tracking.expected.discard(key)
     return events + check_apply_done(job, now)
 
 

@@ -53,6 +53,7 @@ def _job(job: Job, now: float) -> dict[str, Any]:
 
 def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
     e = rank.entry
+    latest = job.config.latest() if job.config else None
     snap = (
         select_snapshot(job.config.snapshots, max(e.last_step, 0))
         if job.config is not None
@@ -67,7 +68,7 @@ def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
         "replica_id": e.replica_id,
         "rank": e.rank,
         "group_world_size": e.group_world_size,
-        "state": e.state,
+        "state": "draining" if latest and e.replica_id in latest.drained and rank.live else e.state,
         "host": e.host,
         "pid": e.pid,
         "device": e.device,
