@@ -177,3 +177,40 @@ def pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+class TelemetryTap:
+    """Collects every telemetry message of a job from NATS, on a background thread."""
+
+    def __init__(self, url: str, job: str) -> None:
+        import asyncio
+        import threading
+
+        from torchloom.protocol import Telemetry, decode, names
+        from torchloom.transport import connect
+
+        self.messages: list[Telemetry] = []
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        async def main() -> None:
+            conn = await connect(url, name="telemetry-tap", retry_forever=True)
+
+            async def on_msg(msg: Any) -> None:
+                self.messages.append(decode(msg.data, Telemetry))
+
+            await conn.subscribe(f"{names.PREFIX}.{job}.telemetry.>", on_msg)
+            await conn.flush()
+            self._ready.set()
+            while True:
+                await asyncio.sleep(3600)
+
+        self._thread = threading.Thread(
+            target=lambda: self._loop.run_until_complete(main()), daemon=True
+        )
+        self._thread.start()
+        self._ready.wait(10)
+
+    def points(self) -> list[tuple[str, int, dict[str, Any]]]:
+        """``(replica_id, step, values)`` of every logged metric point seen so far."""
+        return [(m.replica_id, p.step, p.values) for m in list(self.messages) for p in m.points]

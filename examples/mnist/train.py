@@ -13,6 +13,7 @@ momentum, weight decay and grad clipping follow the config through the Run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -163,6 +164,12 @@ def main() -> None:
         help="test aid: stop stepping at this step, stay alive",
     )
     ap.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=None,
+        help="samples per step over all replica groups, held constant as groups come and go",
+    )
+    ap.add_argument(
         "--ft",
         action="store_true",
         help="run under torchft: one replica group per torchrun (see `torchloom run`)",
@@ -205,7 +212,12 @@ def main() -> None:
 
     run = torchloom.init(
         job_id=args.job_id,
-        knobs={"lr": args.lr, "batch_size": args.batch_size, "momentum": args.momentum},
+        knobs={
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "momentum": args.momentum,
+            "global_batch_size": args.global_batch_size,
+        },
         max_steps=args.max_steps,
     )
     run.bind_optimizer(opt)
@@ -224,13 +236,31 @@ def main() -> None:
             print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
             while True:
                 time.sleep(1)
-        idx = stream.take(run["batch_size"])
-        opt.zero_grad(set_to_none=True)  # torchft: starts the quorum, before the forward pass
-        loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
-        loss.backward()
+        opt.zero_grad(set_to_none=True)  # torchft: starts this step's quorum
+        if manager is not None:  # this step's replica groups (waits for the quorum)
+            participants, replica_rank = manager.num_participants(), manager.participating_rank()
+        else:
+            participants, replica_rank = 1, 0
+        plan = run.batch_plan(participants=participants, replica_rank=replica_rank or 0)
+        for i, micro in enumerate(plan.micro_batches):  # > 1: gradient accumulation, one allreduce
+            idx = stream.take(micro)
+            last = i == len(plan.micro_batches) - 1
+            with contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync():
+                loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
+                (loss * (micro / plan.local_samples)).backward()
         run.clip_grad_norm_(model.parameters())
-        opt.step()
-        run.log(loss=loss)
+        ft_step = manager.current_step() if manager is not None else step
+        opt.step()  # torchft: commits the step only if every participant finished it
+        committed = manager is None or manager.current_step() > ft_step
+        run.log(
+            loss=loss,
+            samples=plan.local_samples if committed else 0,
+            batch=plan.local_samples,
+            participants=participants,
+            participating=float(replica_rank is not None),
+            committed=float(committed),
+            ft_step=ft_step,
+        )
         if args.step_delay_ms:
             time.sleep(args.step_delay_ms / 1000.0)
         if args.eval_every and step > 0 and step % args.eval_every == 0:

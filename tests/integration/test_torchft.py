@@ -3,16 +3,28 @@
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 
-from tests.helpers import BIN, TRAIN, cli, history, kill_tree, mnist_dir, ranks, summaries, wait_for
+from tests.helpers import (
+    BIN,
+    TRAIN,
+    TelemetryTap,
+    cli,
+    history,
+    kill_tree,
+    mnist_dir,
+    ranks,
+    summaries,
+    wait_for,
+)
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
 
 
-def start_two_groups(up, tmp_path, max_steps):
+def start_two_groups(up, tmp_path, max_steps, *extra):
     """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
     cmd = [
         str(BIN / "torchloom"),
@@ -37,6 +49,7 @@ def start_two_groups(up, tmp_path, max_steps):
         str(mnist_dir()),
         "--out-dir",
         str(tmp_path / "out"),
+        *extra,
     ]
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
@@ -151,3 +164,42 @@ def test_drain_takes_a_group_out_cleanly_and_the_other_goes_on(tmp_path, up):
     kinds = [(e.kind, e.replica_id) for e in history(client, "ft")]
     assert ("rank_drained", "1") in kinds and ("replica_drained", "1") in kinds
     assert ("rank_failed", "1") not in kinds
+
+
+def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
+    client = up.client()
+    tap = TelemetryTap(up.url, "ft")
+    sup, log = start_two_groups(up, tmp_path, 300, "--global-batch-size", "128")
+    try:
+        rs = wait_for(
+            lambda: both_in_quorum(client),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two replica groups in one quorum",
+        )
+        os.kill(next(r for r in rs if r["replica_id"] == "1")["pid"], signal.SIGKILL)
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.5)  # the last telemetry flush
+    finally:
+        kill_tree(sup)
+        log.close()
+    per_step: dict[int, list[tuple[str, float]]] = {}
+    for replica, _step, v in tap.points():
+        if v.get("committed") == 1.0 and v.get("participating") == 1.0:
+            per_step.setdefault(int(v["ft_step"]), []).append((replica, v["batch"]))
+    assert len(per_step) >= 250
+    sums = {s: sum(b for _, b in shares) for s, shares in per_step.items()}
+    # The killed group may die after its allreduce contribution and before logging its share:
+    # that one step's survivor planned for 2 participants, so the step still averaged 2 × 64.
+    bad = sorted(s for s in sums if sums[s] != 128)
+    detail = [(r, st, v) for r, st, v in tap.points() if int(v.get("ft_step", -1)) in bad[:3]]
+    assert len(bad) <= 1, (bad[:20], detail)
+    for s in bad:
+        assert [(r, b) for r, b in per_step[s]] == [("0", 64.0)], detail
+        assert all(v["participants"] == 2.0 for r, st, v in detail if int(v["ft_step"]) == s), (
+            detail
+        )
+    alone = [s for s, shares in per_step.items() if len(shares) == 1]
+    together = [s for s, shares in per_step.items() if len(shares) == 2]
+    assert alone and together and max(together) > max(alone)  # 2 → 1 → 2
+    assert all(b == 64 for s in together for _, b in per_step[s])

@@ -334,3 +334,15 @@ def test_a_drained_rank_leaves_the_dr_map_and_its_late_flush_does_not_bring_it_b
     assert check_liveness(s, 110.0) == [] or all(
         e.replica_id == "0" for e in check_liveness(s, 110.0)
     )
+
+
+def test_changing_the_global_batch_scales_lr_by_the_chosen_rule():
+    s = started()
+    ctl(s, 100.0, "set", {"global_batch_size": 128, "lr_scaling": "linear"})
+    out = ctl(s, 100.0, "set", {"global_batch_size": 256})
+    assert out.reply.ok and s.jobs["j"].config.latest().values["lr"] == pytest.approx(0.2)
+    ctl(s, 100.0, "set", {"lr_scaling": "sqrt"})
+    ctl(s, 100.0, "set", {"global_batch_size": 64})
+    assert s.jobs["j"].config.latest().values["lr"] == pytest.approx(0.2 * 0.5)
+    ctl(s, 100.0, "set", {"global_batch_size": 128, "lr": 0.05})  # an explicit lr wins
+    assert s.jobs["j"].config.latest().values["lr"] == 0.05

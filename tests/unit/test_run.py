@@ -174,3 +174,12 @@ def test_a_drained_replica_group_leaves_at_the_effective_step():
     other = torchloom.init(job_id="j", connect=False, rank=0, replica_id="1", max_steps=20)
     other._offer(doc(dict(version=2, effective_step=12, values={}, drained=["0"])), time.time())
     assert list(other.steps())[-1] == 19 and other.stop_reason == "finished"
+
+
+def test_batch_plan_follows_the_config_and_the_quorum():
+    run = offline(knobs={"batch_size": 32, "global_batch_size": 128, "max_batch_size": 48})
+    plan = run.batch_plan(participants=2, replica_rank=0)
+    assert plan.local_samples == 64 and plan.micro_batches == (32, 32)
+    assert run.batch_plan(participants=1, replica_rank=0).micro_batches == (43, 43, 42)
+    plain = offline(knobs={"batch_size": 32})
+    assert plain.batch_plan(participants=3, replica_rank=2).micro_batches == (32,)

@@ -33,6 +33,7 @@ from torchloom.protocol import (
     resolve_values,
     select_snapshot,
 )
+from torchloom.protocol.batching import BatchPlan, plan_batch
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import RankState
 from torchloom.threadlet.agent import Agent
@@ -282,6 +283,34 @@ class Run:
         import torch
 
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+    def batch_plan(self, *, participants: int = 1, replica_rank: int = 0) -> BatchPlan:
+        """This replica group's share of the step, from the config in force and the step's quorum.
+
+        With ``global_batch_size`` set, the share of ``global_batch_size`` among
+        ``participants`` replica groups (:func:`~torchloom.protocol.batching.plan_batch`);
+        otherwise ``batch_size``. Either way split into micro-batches of at most
+        ``max_batch_size`` (gradient accumulation). Pure: every rank of a quorum gets
+        shares that add up to the global batch.
+
+        Args:
+            participants: replica groups committing this step (torchft: ``manager.num_participants()``).
+            replica_rank: this group's rank among them (``manager.participating_rank()``).
+        """
+        cfg = self.config
+        max_batch = cfg.get("max_batch_size")
+        global_batch = cfg.get("global_batch_size")
+        if global_batch is None:
+            local = int(cfg.get("batch_size") or 1)
+            return plan_batch(
+                global_batch=local, participants=1, replica_rank=0, max_batch=max_batch
+            )
+        return plan_batch(
+            global_batch=global_batch,
+            participants=participants,
+            replica_rank=replica_rank,
+            max_batch=max_batch,
+        )
 
     def __getitem__(self, knob: str) -> Any:
         return self.config[knob]

@@ -33,6 +33,7 @@ from torchloom.protocol import (
     select_snapshot,
     to_builtins,
 )
+from torchloom.protocol.batching import scale_lr
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.names import ALL_JOBS, check_id
 from torchloom.weaver import views
@@ -123,6 +124,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
                     )
             overrides.setdefault(req.replica_id, {}).update(changes)
         else:
+            changes = _with_scaled_lr(values, changes)
             values.update(changes)
             for ov in overrides.values():  # a job-wide set wins over older per-group values
                 for name in changes:
@@ -196,6 +198,23 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             version=version, effective_step=eff, issued_ts=now, expected=expected, strict=consistent
         ),
     )
+
+
+def _with_scaled_lr(values: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """A new ``global_batch_size`` brings a scaled ``lr`` along when ``lr_scaling`` asks for it
+    (and the request does not set ``lr`` itself); see :func:`torchloom.protocol.batching.scale_lr`."""
+    rule = changes.get("lr_scaling", values.get("lr_scaling")) or "none"
+    old, new = values.get("global_batch_size"), changes.get("global_batch_size")
+    if (
+        rule == "none"
+        or "lr" in changes
+        or old is None
+        or new is None
+        or values.get("lr") is None
+        or old == new
+    ):
+        return changes
+    return {**changes, "lr": scale_lr(values["lr"], old_global=old, new_global=new, rule=rule)}
 
 
 def _drain_targets(job: Job, req: ControlRequest, *, already: set[str]) -> set[str]:
