@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist_data
 
 import torchloom
+from torchloom.chaos import failure_steps, maybe_fail
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -229,9 +230,11 @@ def main() -> None:
     t0 = time.time()
     acc = None
     longest_step_s, t_step = 0.0, time.perf_counter()
+    crash_steps = failure_steps(run.identity.replica_id)
     for step in run.steps(current_step=manager.current_step if manager is not None else None):
         now = time.perf_counter()
         longest_step_s, t_step = max(longest_step_s, now - t_step), now
+        maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
         if step == args.hang_at_step:
             print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
             while True:

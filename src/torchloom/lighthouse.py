@@ -1,4 +1,4 @@
-"""The embedded torchft lighthouse: the ``torchft_lighthouse`` binary from the torchft wheel.
+"""The embedded torchft lighthouse, from the Rust extension in the torchft wheel.
 
 It computes the quorum of replica groups for torchft's Managers. ``torchloom up``
 starts it on loopback when torchft is installed (``pip install -e ".[torchft]"``);
@@ -8,21 +8,30 @@ process, so the controller never imports torch.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
-from torchloom._proc import find_binary, free_port, preexec, stop_child
+from torchloom._proc import free_port, preexec, stop_child
 from torchloom.errors import TorchloomError
 
 
+def extension_path() -> str | None:
+    """torchft's compiled extension (it holds the lighthouse), found without importing torch."""
+    spec = importlib.util.find_spec("torchft")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = sorted(Path(folder).glob("_torchft*.so"))
+        if found:
+            return str(found[0])
+    return None
+
+
 def available() -> bool:
-    try:
-        find_binary("torchft_lighthouse", install_hint="")
-    except TorchloomError:
-        return False
-    return True
+    return extension_path() is not None
 
 
 class Lighthouse:
@@ -63,15 +72,15 @@ class Lighthouse:
         """Start it and wait until it accepts connections; returns its ``http://`` URL.
 
         Raises:
-            TorchloomError: the binary is missing, exits early, or does not listen in ``timeout_s``.
+            TorchloomError: torchft is missing, the lighthouse exits early, or does not listen in ``timeout_s``.
         """
-        binary = find_binary(
-            "torchft_lighthouse",
-            install_hint='install the torchft extra: pip install -e ".[torchft]"',
-        )
+        extension = extension_path()
+        if extension is None:
+            raise TorchloomError('torchft is not installed: pip install -e ".[torchft]"')
         port = self.port or free_port(self.host)
         cmd = [
-            binary,
+            sys.executable,
+            str(Path(__file__).with_name("_lighthouse_main.py")),
             "--bind",
             f"{self.host}:{port}",
             "--min_replicas",
@@ -87,6 +96,7 @@ class Lighthouse:
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
                 cmd,
+                env={**os.environ, "TORCHLOOM_TORCHFT_EXTENSION": extension},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,

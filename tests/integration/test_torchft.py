@@ -19,12 +19,13 @@ from tests.helpers import (
     summaries,
     wait_for,
 )
+from torchloom.chaos import FailurePlan
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
 
 
-def start_two_groups(up, tmp_path, max_steps, *extra):
+def start_two_groups(up, tmp_path, max_steps, *extra, env=None):
     """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
     cmd = [
         str(BIN / "torchloom"),
@@ -52,7 +53,14 @@ def start_two_groups(up, tmp_path, max_steps, *extra):
         *extra,
     ]
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    return proc, log
 
 
 def both_in_quorum(client):
@@ -167,39 +175,72 @@ def test_drain_takes_a_group_out_cleanly_and_the_other_goes_on(tmp_path, up):
 
 
 def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
-    client = up.client()
     tap = TelemetryTap(up.url, "ft")
-    sup, log = start_two_groups(up, tmp_path, 300, "--global-batch-size", "128")
+    crash = FailurePlan().fail_at("1", 60)  # replica group 1 dies before its step 60
+    sup, log = start_two_groups(up, tmp_path, 300, "--global-batch-size", "128", env=crash.env())
     try:
-        rs = wait_for(
-            lambda: both_in_quorum(client),
-            timeout_s=120,
-            interval_s=0.2,
-            what="two replica groups in one quorum",
-        )
-        os.kill(next(r for r in rs if r["replica_id"] == "1")["pid"], signal.SIGKILL)
         assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.5)  # the last telemetry flush
     finally:
         kill_tree(sup)
         log.close()
-    per_step: dict[int, list[tuple[str, float]]] = {}
+    assert "[replica 1] restarted" in (tmp_path / "run.log").read_text()
+    per_step: dict[int, list[tuple[str, float, float]]] = {}
     for replica, _step, v in tap.points():
         if v.get("committed") == 1.0 and v.get("participating") == 1.0:
-            per_step.setdefault(int(v["ft_step"]), []).append((replica, v["batch"]))
+            per_step.setdefault(int(v["ft_step"]), []).append(
+                (replica, v["batch"], v["participants"])
+            )
     assert len(per_step) >= 250
-    sums = {s: sum(b for _, b in shares) for s, shares in per_step.items()}
-    # The killed group may die after its allreduce contribution and before logging its share:
-    # that one step's survivor planned for 2 participants, so the step still averaged 2 × 64.
-    bad = sorted(s for s in sums if sums[s] != 128)
-    detail = [(r, st, v) for r, st, v in tap.points() if int(v.get("ft_step", -1)) in bad[:3]]
-    assert len(bad) <= 1, (bad[:20], detail)
-    for s in bad:
-        assert [(r, b) for r, b in per_step[s]] == [("0", 64.0)], detail
-        assert all(v["participants"] == 2.0 for r, st, v in detail if int(v["ft_step"]) == s), (
-            detail
+    for step, shares in per_step.items():
+        participants = {p for _, _, p in shares}
+        assert len(participants) == 1, (step, shares)  # every group saw the same quorum
+        p = int(participants.pop())
+        # each share is 128 / participants, so the shares of a step add up to 128
+        assert all(b == 128 / p for _, b, _ in shares), (step, shares)
+        if len(shares) != p:
+            # group 1's last points before its crash at step 60 died with it (< one 200 ms flush)
+            assert p == 2 and 50 <= step < 60 and [r for r, _, _ in shares] == ["0"], (step, shares)
+    alone = [s for s in sorted(per_step) if per_step[s][0][2] == 1.0]
+    together = [s for s in sorted(per_step) if per_step[s][0][2] == 2.0]
+    after_crash = [s for s in alone if s >= 60]
+    assert (
+        after_crash and together and max(together) > max(after_crash)
+    )  # 2 → 1 → 2 around the crash
+    assert all(per_step[s][0][1] == 128.0 for s in after_crash)  # the survivor took the whole batch
+
+
+def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
+    client = up.client()
+    sup, log = start_two_groups(up, tmp_path, 400)
+    try:
+        wait_for(
+            lambda: both_in_quorum(client),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two replica groups in one quorum",
         )
-    alone = [s for s, shares in per_step.items() if len(shares) == 1]
-    together = [s for s, shares in per_step.items() if len(shares) == 2]
-    assert alone and together and max(together) > max(alone)  # 2 → 1 → 2
-    assert all(b == 64 for s in together for _, b in per_step[s])
+        r = cli(
+            "chaos",
+            "--kill-every",
+            "4s",
+            "--duration",
+            "9s",
+            "--target",
+            "1",
+            "--seed",
+            "3",
+            "--job",
+            "ft",
+            url=up.url,
+            timeout_s=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("killed rank 1/0") == 2 and "chaos done: 2 kill(s)" in r.stdout
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(sup)
+        log.close()
+    assert (tmp_path / "run.log").read_text().count("[replica 1] restarted") == 2
+    s = summaries(tmp_path)
+    assert s[0]["params_sha256"] == s[1]["params_sha256"]

@@ -6,6 +6,7 @@ and exits non-zero: 2 for a refused request, 3 when nothing answers, 1 otherwise
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -560,6 +561,62 @@ def drain(
     out.print(
         f"v{reply.version}: drain of {what} accepted → it leaves before step {reply.effective_step} (job {job_id})"
     )
+
+
+@app.command()
+def chaos(
+    kill_every: Annotated[
+        str, typer.Option("--kill-every", help="time between kills, e.g. 30s, 500ms, 2m")
+    ] = "30s",
+    target: Annotated[
+        str, typer.Option("--target", help="'random' or a replica group id")
+    ] = "random",
+    seed: Annotated[int | None, typer.Option("--seed", help="seed of the victim choice")] = None,
+    duration: Annotated[
+        str | None, typer.Option("--duration", help="stop after this long (default: until Ctrl-C)")
+    ] = None,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Fault injection: SIGKILL a live rank of the job (on this host) every interval."""
+    import random
+    import socket as _socket
+
+    from torchloom.chaos import choose_victim, parse_duration
+
+    try:
+        every_s = parse_duration(kill_every)
+        until = time.monotonic() + parse_duration(duration) if duration else None
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    client = _client(nats_url, state_dir)
+    job_id = _pick_job(client, job)
+    rng, host, kills = random.Random(seed), _socket.gethostname(), 0
+    out.print(f"chaos on job {job_id}: a kill every {every_s:g} s, target {target}, seed {seed}")
+    try:
+        while until is None or time.monotonic() + every_s <= until:
+            time.sleep(every_s)
+            jobs = client.status(job_id).get("jobs", [])
+            victim = choose_victim(
+                jobs[0]["ranks"] if jobs else [], target=target, host=host, rng=rng
+            )
+            if victim is None:
+                out.print(
+                    f"{time.strftime('%H:%M:%S')} no live rank to kill on {host}", markup=False
+                )
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(victim["pid"]), signal.SIGKILL)
+                kills += 1
+                out.print(
+                    f"{time.strftime('%H:%M:%S')} killed rank {victim['replica_id']}/{victim['rank']} "
+                    f"(pid {victim['pid']}) at step {victim['step']}",
+                    markup=False,
+                )
+    except KeyboardInterrupt:
+        pass
+    out.print(f"chaos done: {kills} kill(s)")
 
 
 # ---- looking -------------------------------------------------------------------------------
