@@ -212,7 +212,7 @@ def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
 
 def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
     client = up.client()
-    sup, log = start_two_groups(up, tmp_path, 400)
+    sup, log = start_two_groups(up, tmp_path, 500)
     try:
         wait_for(
             lambda: both_in_quorum(client),
@@ -223,9 +223,9 @@ def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
         r = cli(
             "chaos",
             "--kill-every",
-            "4s",
+            "8s",
             "--duration",
-            "9s",
+            "17s",
             "--target",
             "1",
             "--seed",
