@@ -205,7 +205,9 @@ def main() -> None:
             )
         ddp, opt, manager = ft_wrap(model, base_opt, job_id=args.job_id, use_cuda=use_cuda)
         groups = int(os.environ.get("NUM_REPLICA_GROUPS", "1"))
-        shard_world, shard_rank = groups, int(os.environ.get("REPLICA_GROUP_ID", "0"))
+        # a replacement group (drain --replace) has a new replica id but its predecessor's shard
+        shard = os.environ.get("TORCHLOOM_SHARD_INDEX", os.environ.get("REPLICA_GROUP_ID", "0"))
+        shard_world, shard_rank = groups, int(shard)
     else:
         ddp = DDP(model) if world > 1 else model
         opt = base_opt

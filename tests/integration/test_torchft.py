@@ -244,3 +244,36 @@ def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
     assert (tmp_path / "run.log").read_text().count("[replica 1] restarted") == 2
     s = summaries(tmp_path)
     assert s[0]["params_sha256"] == s[1]["params_sha256"]
+
+
+def test_drain_with_replace_starts_a_fresh_group_that_heals_and_joins(tmp_path, up):
+    client = up.client()
+    sup, log = start_two_groups(up, tmp_path, 400)
+    try:
+        wait_for(
+            lambda: both_in_quorum(client),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two replica groups in one quorum",
+        )
+        r = cli("drain", "--replica", "1", "--replace", "--job", "ft", url=up.url)
+        assert r.returncode == 0, r.stderr
+        wait_for(
+            lambda: any(
+                x["replica_id"] == "2" and x["state"] == "training" for x in ranks(client, "ft")
+            ),
+            timeout_s=90,
+            interval_s=0.2,
+            what="replica group 2 training",
+        )
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(sup)
+        log.close()
+    assert "[replica 1] drained; replica 2 takes its place" in (tmp_path / "run.log").read_text()
+    s = {x["replica_id"]: x for x in summaries(tmp_path)}
+    assert s["1"]["stop_reason"] == "drained"
+    assert s["0"]["step"] == s["2"]["step"] == 399
+    assert s["0"]["params_sha256"] == s["2"]["params_sha256"]  # the newcomer healed from its peer
+    kinds = [(e.kind, e.replica_id) for e in history(client, "ft")]
+    assert ("replica_drained", "1") in kinds and ("healed", "2") in kinds

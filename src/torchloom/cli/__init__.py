@@ -423,6 +423,9 @@ def run(
         ),
     )
 
+    if url and job:
+        _follow_replacements(WeaverClient(nats_url=url), job, sup, since_ts=time.time())
+
     def _term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
 
@@ -434,6 +437,29 @@ def run(
         sup.stop()
         rc = 130
     raise typer.Exit(rc)
+
+
+def _follow_replacements(
+    client: WeaverClient, job: str, sup: Supervisor, *, since_ts: float
+) -> None:
+    """Watch the job's history for drains that asked for a replacement (a daemon thread)."""
+
+    def on_event(ev: HistoryEvent) -> None:
+        if (
+            ev.ts >= since_ts
+            and ev.kind == "config_set"
+            and ev.data.get("op") == "drain"
+            and ev.data.get("replace")
+        ):
+            for rid in ev.data.get("drain", []):
+                if str(rid).isdigit():
+                    sup.request_replacement(int(rid))
+
+    def follow() -> None:
+        with contextlib.suppress(Exception):
+            client.history(job, follow=True, on_event=on_event)
+
+    threading.Thread(target=follow, name="torchloom-run-history", daemon=True).start()
 
 
 # ---- steering ------------------------------------------------------------------------------
@@ -533,6 +559,9 @@ def drain(
     replica: Annotated[
         str | None, typer.Option("--replica", "-r", help="the replica group to take out")
     ] = None,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="`torchloom run` starts a fresh group in its place")
+    ] = False,
     device: Annotated[
         str | None,
         typer.Option("--device", help="take out the groups using this device (UUID or cpu:HOST)"),
@@ -553,6 +582,7 @@ def drain(
             job_id=job_id,
             replica_id=replica,
             device=device,
+            replace=replace,
             reason=reason,
             requested_by=who(),
         )

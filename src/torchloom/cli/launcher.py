@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -48,6 +49,8 @@ class RestartPolicy:
 class Group:
     replica_id: int
     log_path: Path
+    shard: int = 0
+    replace: bool = False
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     start_at: float | None = 0.0
@@ -101,14 +104,24 @@ class Supervisor:
         self.say = say
         self.clock = clock
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.groups = [Group(i, log_dir / f"replica-{i}.log") for i in range(replicas)]
+        self.log_dir = log_dir
+        self.num_shards = replicas
+        self.groups = [Group(i, log_dir / f"replica-{i}.log", shard=i) for i in range(replicas)]
+        self._replace_requests: queue.SimpleQueue[int] = queue.SimpleQueue()
+
+    def request_replacement(self, replica_id: int) -> None:
+        """Start a fresh group in place of ``replica_id`` once it has exited 0 (a drain with
+        replacement). Thread-safe: the history follower calls it."""
+        self._replace_requests.put(replica_id)
 
     def _start(self, g: Group) -> None:
         env = {
             **os.environ,
             **self.env,
             "REPLICA_GROUP_ID": str(g.replica_id),
-            "NUM_REPLICA_GROUPS": str(len(self.groups)),
+            "NUM_REPLICA_GROUPS": str(self.num_shards),
+            # a replacement keeps its predecessor's data shard
+            "TORCHLOOM_SHARD_INDEX": str(g.shard),
         }
         cmd = [
             sys.executable,
@@ -129,7 +142,16 @@ class Supervisor:
     def poll(self) -> None:
         """Start groups whose time has come; handle groups that exited."""
         now = self.clock()
-        for g in self.groups:
+        while not self._replace_requests.empty():
+            rid = self._replace_requests.get()
+            for g in list(self.groups):
+                if g.replica_id != rid:
+                    continue
+                if g.done and g.returncode == 0:  # it left before we heard: replace it now
+                    self._replace(g)
+                else:
+                    g.replace = True
+        for g in list(self.groups):
             if g.proc is None:
                 if g.start_at is not None and now >= g.start_at:
                     self._start(g)
@@ -140,7 +162,9 @@ class Supervisor:
             kill_tree(g.proc)  # torchrun's workers run in their own sessions
             g.proc, g.returncode = None, rc
             delay = self.policy.decide(returncode=rc, restarts=g.restarts)
-            if rc == 0:
+            if rc == 0 and g.replace:
+                self._replace(g)
+            elif rc == 0:
                 self.say(f"[replica {g.replica_id}] finished")
             elif delay is None:
                 self.say(
@@ -154,6 +178,12 @@ class Supervisor:
                     f"[replica {g.replica_id}] exited with code {rc}; restart "
                     f"{g.restarts}/{self.policy.max_restarts} in {delay:g} s"
                 )
+
+    def _replace(self, g: Group) -> None:
+        g.replace = False
+        rid = max(x.replica_id for x in self.groups) + 1
+        self.groups.append(Group(rid, self.log_dir / f"replica-{rid}.log", shard=g.shard))
+        self.say(f"[replica {g.replica_id}] drained; replica {rid} takes its place")
 
     def run(self, *, poll_s: float = 0.2) -> int:
         """Supervise until every group is done; returns 0 if all finished cleanly, else 1."""

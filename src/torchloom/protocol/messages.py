@@ -116,6 +116,8 @@ class ControlRequest(msgspec.Struct, kw_only=True):
             for ``drain``: the replica group to take out of the run.
         device: for ``drain``: take out every replica group with a rank on this device
             (NVML UUID, or ``cpu:<host>``).
+        replace: for ``drain``: ask the launcher (``torchloom run``) to start a fresh replica
+            group in place of each drained one.
         values: for ``set``: raw ``{knob: value}``, validated by the Weaver.
         reason: free text recorded in the history with the change.
         requested_by: who asks (``cli:user@host``, ``policy:name``, ``ui``).
@@ -130,6 +132,7 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     requested_by: str = ""
     join: JoinInfo | None = None
     device: str | None = None
+    replace: bool = False
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):

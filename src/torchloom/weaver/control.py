@@ -145,7 +145,9 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     elif req.op == "drain":
         targets = _drain_targets(job, req, already=set(drained))
         drained = sorted(set(drained) | targets)
-        what = f"drain replica group(s) {', '.join(sorted(targets))}"
+        what = f"drain replica group(s) {', '.join(sorted(targets))}" + (
+            " with replacement" if req.replace else ""
+        )
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
     consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
@@ -188,6 +190,11 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             "reason": req.reason,
             "requested_by": req.requested_by,
             "run_state": run_state,
+            **(
+                {"drain": sorted(set(drained) - set(latest.drained)), "replace": req.replace}
+                if req.op == "drain"
+                else {}
+            ),
         },
     )
     return Outcome(
