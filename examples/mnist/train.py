@@ -99,6 +99,29 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rank: int, w
     return float(correct[0] / correct[1])
 
 
+def save_checkpoint(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
+) -> None:
+    """Model and optimizer before ``step`` (atomic rename), for the checkpoint-restart baseline."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "checkpoint.pt.tmp"
+    torch.save({"step": step, "model": model.state_dict(), "optim": optimizer.state_dict()}, tmp)
+    tmp.replace(folder / "checkpoint.pt")
+
+
+def resume_checkpoint(
+    folder: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer
+) -> int:
+    """Load the latest checkpoint if there is one; returns the step to start at (0 without one)."""
+    path = folder / "checkpoint.pt" if folder else None
+    if path is None or not path.exists():
+        return 0
+    state = torch.load(path, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optim"])
+    return int(state["step"])
+
+
 def params_digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for p in model.state_dict().values():
@@ -165,6 +188,10 @@ def main() -> None:
         help="test aid: stop stepping at this step, stay alive",
     )
     ap.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="save/resume checkpoints here (rank 0)"
+    )
+    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    ap.add_argument(
         "--global-batch-size",
         type=int,
         default=None,
@@ -222,6 +249,7 @@ def main() -> None:
             "global_batch_size": args.global_batch_size,
         },
         max_steps=args.max_steps,
+        start_step=resume_checkpoint(args.checkpoint_dir, model, base_opt),
     )
     run.bind_optimizer(opt)
     if manager is not None:
@@ -232,10 +260,19 @@ def main() -> None:
     t0 = time.time()
     acc = None
     longest_step_s, t_step = 0.0, time.perf_counter()
+    step_times: list[float] = []
     crash_steps = failure_steps(run.identity.replica_id)
     for step in run.steps(current_step=manager.current_step if manager is not None else None):
         now = time.perf_counter()
+        step_times.append(now - t_step)
         longest_step_s, t_step = max(longest_step_s, now - t_step), now
+        if (
+            args.checkpoint_dir
+            and rank == 0
+            and step > run.start_step
+            and step % args.checkpoint_every == 0
+        ):
+            save_checkpoint(args.checkpoint_dir, model, base_opt, step)
         maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
         if step == args.hang_at_step:
             print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
@@ -305,6 +342,10 @@ def main() -> None:
                     "test_acc": acc,
                     "params_sha256": params_digest(model),
                     "longest_step_s": round(longest_step_s, 4),
+                    "median_step_s": round(sorted(step_times)[len(step_times) // 2], 5)
+                    if step_times
+                    else None,
+                    "start_step": run.start_step,
                     "lr": opt.param_groups[0]["lr"],
                     "batch_size": run["batch_size"],
                     "stop_reason": run.stop_reason,

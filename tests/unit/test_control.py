@@ -346,3 +346,18 @@ def test_changing_the_global_batch_scales_lr_by_the_chosen_rule():
     assert s.jobs["j"].config.latest().values["lr"] == pytest.approx(0.2 * 0.5)
     ctl(s, 100.0, "set", {"global_batch_size": 128, "lr": 0.05})  # an explicit lr wins
     assert s.jobs["j"].config.latest().values["lr"] == 0.05
+
+
+def test_a_restarted_rank_resumes_the_job_instead_of_starting_a_new_epoch():
+    s = started()
+    ctl(s, 100.0, "stop")
+    check_liveness(s, 200.0)  # torchrun is restarting every rank
+    req = ControlRequest(
+        op="join",
+        job_id="j",
+        join=JoinInfo(replica_id="0", rank=0, pid=999, resuming=True, initial_values={"lr": 0.3}),
+    )
+    out = handle(s, req, 201.0, SETTINGS)
+    commit(s, req, out, 201.0)
+    assert not out.reset and s.jobs["j"].config.epoch == 1
+    assert s.jobs["j"].config.latest().run_state == "stopped"  # the stop still holds

@@ -122,6 +122,7 @@ class Supervisor:
             "NUM_REPLICA_GROUPS": str(self.num_shards),
             # a replacement keeps its predecessor's data shard
             "TORCHLOOM_SHARD_INDEX": str(g.shard),
+            **({"TORCHLOOM_RESTARTED": "1"} if g.restarts else {}),
         }
         cmd = [
             sys.executable,

@@ -105,6 +105,9 @@ class JoinInfo(msgspec.Struct, kw_only=True):
     device: str = ""
     initial_values: dict[str, Any] = {}
     custom_knobs: list[KnobSpec] = []
+    resuming: bool = False
+    """A restart of a running job (torchrun's elastic restart, ``torchloom run``'s restart):
+    it takes the job's current config even if no rank was live, instead of a new epoch."""
 
 
 class ControlRequest(msgspec.Struct, kw_only=True):

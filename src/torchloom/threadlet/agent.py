@@ -210,6 +210,7 @@ class Agent:
                 pid=ident.pid,
                 device=ident.device,
                 initial_values=run._initial_values,
+                resuming=ident.resuming,
                 custom_knobs=list(run._custom_knobs),
             ),
         )

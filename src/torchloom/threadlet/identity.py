@@ -22,6 +22,7 @@ class Identity:
     host: str
     pid: int
     device: str
+    resuming: bool = False
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -59,7 +60,11 @@ def resolve_identity(
     )
     r = rank if rank is not None else _env_int("RANK", default=0)
     ws = group_world_size if group_world_size is not None else _env_int("WORLD_SIZE", default=1)
+    resuming = _env_int("TORCHELASTIC_RESTART_COUNT", default=0) > 0 or bool(
+        os.environ.get("TORCHLOOM_RESTARTED")
+    )
     return Identity(
+        resuming=resuming,
         job_id=job_id,
         replica_id=str(rid),
         rank=r,

@@ -294,7 +294,7 @@ def _join(state: WeaverState, req: ControlRequest, now: float) -> Outcome:
         knobs[spec.name] = check_spec(spec)
     initial = coerce_all(knobs, info.initial_values)
     outcome = Outcome(ControlReply(ok=True))
-    if job is None or job.config is None or job.ended:
+    if job is None or job.config is None or (job.ended and not info.resuming):
         epoch = job.config.epoch + 1 if job is not None and job.config is not None else 1
         last = job.config.latest() if job is not None and job.config is not None else None
         version = (last.version if last else 0) + 1
