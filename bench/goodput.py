@@ -91,10 +91,28 @@ def results(out_dir: Path, wall_s: float, chaos: tuple[int, list[float]]) -> dic
     }
 
 
+def supervise_under_chaos(
+    stack: Stack, sup: Supervisor, job: str, out: Path, args: argparse.Namespace
+) -> dict:
+    """Run ``sup`` under the kill schedule for the wall time, stop the job, and score it."""
+    client = WeaverClient(nats_url=stack.nats_url)
+    done = threading.Event()
+    threading.Thread(target=lambda: (sup.run(), done.set()), daemon=True).start()
+    try:
+        chaos = chaos_until(
+            client, job, wall_s=args.wall_s, every_s=args.kill_every_s, seed=args.seed
+        )
+        stop_job(client, job)
+        done.wait(120)
+    finally:
+        sup.stop()
+        stack.stop()
+    return results(out, args.wall_s, chaos)
+
+
 def run_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
     stack = Stack(state_dir=tmp / "state-ft")
     stack.start()
-    client = WeaverClient(nats_url=stack.nats_url)
     out = tmp / "out-ft"
     sup = Supervisor(
         script=[
@@ -122,24 +140,12 @@ def run_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
         policy=RestartPolicy(max_restarts=1000, backoff_s=0.5),
         say=lambda _: None,
     )
-    done = threading.Event()
-    threading.Thread(target=lambda: (sup.run(), done.set()), daemon=True).start()
-    try:
-        chaos = chaos_until(
-            client, "goodput-ft", wall_s=args.wall_s, every_s=args.kill_every_s, seed=args.seed
-        )
-        stop_job(client, "goodput-ft")
-        done.wait(120)
-    finally:
-        sup.stop()
-        stack.stop()
-    return results(out, args.wall_s, chaos)
+    return supervise_under_chaos(stack, sup, "goodput-ft", out, args)
 
 
 def run_checkpoint_restart(tmp: Path, args: argparse.Namespace) -> dict:
     stack = Stack(state_dir=tmp / "state-ckpt", lighthouse=None)
     stack.start()
-    client = WeaverClient(nats_url=stack.nats_url)
     out = tmp / "out-ckpt"
     # one group of 2 DDP ranks; any failure stops every rank and a fresh torchrun resumes from the checkpoint
     sup = Supervisor(
@@ -171,18 +177,7 @@ def run_checkpoint_restart(tmp: Path, args: argparse.Namespace) -> dict:
         policy=RestartPolicy(max_restarts=1000, backoff_s=0.0),
         say=lambda _: None,
     )
-    done = threading.Event()
-    threading.Thread(target=lambda: (sup.run(), done.set()), daemon=True).start()
-    try:
-        chaos = chaos_until(
-            client, "goodput-ckpt", wall_s=args.wall_s, every_s=args.kill_every_s, seed=args.seed
-        )
-        stop_job(client, "goodput-ckpt")
-        done.wait(120)
-    finally:
-        sup.stop()
-        stack.stop()
-    return results(out, args.wall_s, chaos)
+    return supervise_under_chaos(stack, sup, "goodput-ckpt", out, args)
 
 
 def main() -> None:
