@@ -78,16 +78,21 @@ def both_in_quorum(client):
     )
 
 
+def wait_for_quorum(client):
+    """Both replica groups training in one quorum; returns their DR-map rows."""
+    return wait_for(
+        lambda: both_in_quorum(client),
+        timeout_s=120,
+        interval_s=0.2,
+        what="two replica groups in one quorum",
+    )
+
+
 def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weights(tmp_path, up):
     client = up.client()
     sup, log = start_two_groups(up, tmp_path, 300)
     try:
-        rs = wait_for(
-            lambda: both_in_quorum(client),
-            timeout_s=120,
-            interval_s=0.2,
-            what="two replica groups in one quorum",
-        )
+        rs = wait_for_quorum(client)
         victim = next(r for r in rs if r["replica_id"] == "1")
         os.kill(victim["pid"], signal.SIGKILL)
 
@@ -131,12 +136,7 @@ def test_drain_takes_a_group_out_cleanly_and_the_other_goes_on(tmp_path, up):
     client = up.client()
     sup, log = start_two_groups(up, tmp_path, 300)
     try:
-        wait_for(
-            lambda: both_in_quorum(client),
-            timeout_s=120,
-            interval_s=0.2,
-            what="two replica groups in one quorum",
-        )
+        wait_for_quorum(client)
         r = cli("drain", "--replica", "1", "--job", "ft", url=up.url)
         assert r.returncode == 0 and "drain of replica group 1 accepted" in r.stdout, r.stderr
         eff = int(r.stdout.split("leaves before step ")[1].split()[0])
@@ -204,28 +204,22 @@ def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
     alone = [s for s in sorted(per_step) if per_step[s][0][2] == 1.0]
     together = [s for s in sorted(per_step) if per_step[s][0][2] == 2.0]
     after_crash = [s for s in alone if s >= 60]
-    assert (
-        after_crash and together and max(together) > max(after_crash)
-    )  # 2 → 1 → 2 around the crash
+    # 2 → 1 → 2 around the crash
+    assert after_crash and together and max(together) > max(after_crash)
     assert all(per_step[s][0][1] == 128.0 for s in after_crash)  # the survivor took the whole batch
 
 
 def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
     client = up.client()
-    sup, log = start_two_groups(up, tmp_path, 500)
+    sup, log = start_two_groups(up, tmp_path, 700)
     try:
-        wait_for(
-            lambda: both_in_quorum(client),
-            timeout_s=120,
-            interval_s=0.2,
-            what="two replica groups in one quorum",
-        )
+        wait_for_quorum(client)
         r = cli(
             "chaos",
             "--kill-every",
-            "8s",
+            "10s",
             "--duration",
-            "17s",
+            "25s",
             "--target",
             "1",
             "--seed",
@@ -250,12 +244,7 @@ def test_drain_with_replace_starts_a_fresh_group_that_heals_and_joins(tmp_path, 
     client = up.client()
     sup, log = start_two_groups(up, tmp_path, 400)
     try:
-        wait_for(
-            lambda: both_in_quorum(client),
-            timeout_s=120,
-            interval_s=0.2,
-            what="two replica groups in one quorum",
-        )
+        wait_for_quorum(client)
         r = cli("drain", "--replica", "1", "--replace", "--job", "ft", url=up.url)
         assert r.returncode == 0, r.stderr
         wait_for(

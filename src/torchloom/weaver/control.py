@@ -343,9 +343,8 @@ def commit(
         job.applies[outcome.tracking.version] = outcome.tracking
     if req.op == "join" and req.join is not None:
         j = req.join
-        job.departed.pop(
-            (req.job_id, j.replica_id, j.rank), None
-        )  # a new process may take the place
+        # a new process may take the place of a drained one
+        job.departed.pop((req.job_id, j.replica_id, j.rank), None)
         rank, joined = upsert_rank(
             state,
             job_id=req.job_id,
