@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from torchloom.cli.client import WeaverClient
+from torchloom.cli.launcher import kill_tree  # noqa: F401 - the tests' way to end a launcher tree
 from torchloom.paths import read_endpoint
 from torchloom.protocol import HistoryEvent
 
@@ -129,23 +130,6 @@ def launch_mnist(
     return subprocess.Popen(
         cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
-
-
-def kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a launcher and every descendant (torchrun starts its workers in new sessions)."""
-    import psutil
-
-    try:
-        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        family = []
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
-    proc.wait(10)
 
 
 def job_status(client: WeaverClient, job: str) -> dict[str, Any] | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ class WeaverClient:
         async def _run() -> None:
             conn = await connect(self.nats_url, name="torchloom-cli-events", retry_forever=follow)
             try:
-                async for raw in _read(History(conn), names.history_filter(job_id), follow):
+                async for raw in History(conn).read(names.history_filter(job_id), follow=follow):
                     try:
                         on_event(decode(raw, HistoryEvent, kind="history event"))
                     except TorchloomError:
@@ -125,8 +125,3 @@ class WeaverClient:
                 await conn.close()
 
         asyncio.run(_run())
-
-
-async def _read(history: History, subject: str, follow: bool) -> AsyncIterator[bytes]:
-    async for raw in history.read(subject, follow=follow):
-        yield raw

@@ -82,7 +82,6 @@ class Agent:
         self._last_flush: tuple[float, int, int] | None = None
         self.joined = threading.Event()
         self.nats_url: str | None = None
-        self.sent_telemetry = 0
         self.flush_errors = 0
 
     def start(self) -> None:
@@ -328,7 +327,6 @@ class Agent:
             await conn.publish(
                 names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel)
             )
-            self.sent_telemetry += 1
         except NotReachableError:
             pass
 

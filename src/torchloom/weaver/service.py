@@ -16,7 +16,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from torchloom.errors import DecodeError, NotReachableError
 from torchloom.protocol import (
@@ -323,12 +322,6 @@ class Weaver:
             except NotReachableError:
                 return
             self.state.dirty.discard(key)
-
-    def snapshot(self) -> dict[str, Any]:
-        """The status view of every job (for in-process callers)."""
-        from torchloom.weaver import views
-
-        return views.status(self.state, None, self.clock())
 
 
 def _check_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:
