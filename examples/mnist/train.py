@@ -27,13 +27,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist_data
 
 import torchloom
 from torchloom.chaos import failure_steps, maybe_fail
+from torchloom.data import ElasticLoader, Transforms
+from torchloom.integrations.torchft import last_quorum, sync_every_knob
+from torchloom.protocol import KnobSpec
 
 MEAN, STD = 0.1307, 0.3081
 
@@ -54,26 +56,64 @@ class Net(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-class IndexStream:
-    """This rank's share of the training set, epoch after epoch (DistributedSampler),
-    cut into batches of whatever size is asked for at each step."""
+class MnistTrain(torch.utils.data.Dataset):
+    """The training set as normalised CPU tensors: sample ``i`` is ``(image [1,28,28] float32, label int64)``."""
 
-    def __init__(self, n: int, *, world_size: int, rank: int, seed: int) -> None:
-        self.sampler = DistributedSampler(
-            range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-        )
-        self.epoch = 0
-        self._buf = torch.empty(0, dtype=torch.long)
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
 
-    def take(self, k: int) -> torch.Tensor:
-        while self._buf.numel() < k:
-            self.sampler.set_epoch(self.epoch)
-            self.epoch += 1
-            self._buf = torch.cat(
-                [self._buf, torch.tensor(list(iter(self.sampler)), dtype=torch.long)]
-            )
-        out, self._buf = self._buf[:k], self._buf[k:]
-        return out
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+    def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        xs, ys = self.x[idx], self.y[idx]  # one gather, not one per sample
+        return list(zip(xs, ys, strict=True))
+
+
+def random_shift(on: bool):
+    """``augment=on``: shift each image by up to 2 pixels in x and y (wrapping around)."""
+    if not on:
+        return None
+
+    def shift(sample):
+        x, y = sample
+        dx, dy = torch.randint(-2, 3, (2,)).tolist()
+        return torch.roll(x, shifts=(dy, dx), dims=(1, 2)), y
+
+    return shift
+
+
+def gaussian_noise(std: float | None):
+    """``noise_std=S``: add N(0, S²) noise to each (normalised) image; off or 0 removes it."""
+    if not std:
+        return None
+
+    def noise(sample):
+        x, y = sample
+        return x + std * torch.randn_like(x), y
+
+    return noise
+
+
+def data_transforms() -> Transforms:
+    """The job's runtime-switchable transforms: ``torchloom set augment=on noise_std=0.2``."""
+    t = Transforms()
+    t.register(KnobSpec(name="augment", type="bool", doc="random ±2 px shifts"), random_shift)
+    t.register(
+        KnobSpec(
+            name="noise_std",
+            type="float",
+            min=0.0,
+            max=2.0,
+            allow_off=True,
+            doc="std of Gaussian noise added to each image",
+        ),
+        gaussian_noise,
+    )
+    return t
 
 
 def to_tensors(
@@ -99,27 +139,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, rank: int, w
     return float(correct[0] / correct[1])
 
 
-def save_checkpoint(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int
-) -> None:
-    """Model and optimizer before ``step`` (atomic rename), for the checkpoint-restart baseline."""
+def save_checkpoint(folder: Path, state: dict, step: int) -> None:
+    """The training state before ``step`` (atomic rename), for the checkpoint-restart baseline."""
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / "checkpoint.pt.tmp"
-    torch.save({"step": step, "model": model.state_dict(), "optim": optimizer.state_dict()}, tmp)
+    torch.save({"step": step, **state}, tmp)
     tmp.replace(folder / "checkpoint.pt")
 
 
-def resume_checkpoint(
-    folder: Path | None, model: nn.Module, optimizer: torch.optim.Optimizer
-) -> int:
-    """Load the latest checkpoint if there is one; returns the step to start at (0 without one)."""
+def resume_checkpoint(folder: Path | None) -> tuple[int, dict | None]:
+    """The latest checkpoint if there is one: ``(step to start at, state)``; ``(0, None)`` without."""
     path = folder / "checkpoint.pt" if folder else None
     if path is None or not path.exists():
-        return 0
+        return 0, None
     state = torch.load(path, map_location="cpu")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    return int(state["step"])
+    return int(state.pop("step")), state
 
 
 def params_digest(model: nn.Module) -> str:
@@ -129,43 +163,51 @@ def params_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def ft_wrap(model: nn.Module, optimizer: torch.optim.Optimizer, *, job_id: str, use_cuda: bool):
-    """Wrap model and optimizer for torchft: gradients are averaged across the replica groups in
-    the quorum, a step is committed only if every participant finished it, and a group that
-    (re)joins heals from a peer's model and optimizer state."""
+def ft_manager(state_dict, load_state_dict, *, job_id: str, use_cuda: bool, sync_quorum: bool):
+    """torchft's Manager for this replica group: a step (DDP) or an outer step (LocalSGD/DiLoCo)
+    is committed only if every participant finished it, and a group that (re)joins heals from a
+    peer's training state (model, optimizer, data cursor). ``sync_quorum``: DiLoCo needs the
+    quorum before the sync."""
     from datetime import timedelta
 
-    from torchft import DistributedDataParallel as FTDDP
     from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
-    from torchft import Optimizer as FTOptimizer
-
-    def state_dict():
-        return {"model": model.state_dict(), "optim": optimizer.state_dict()}
-
-    def load_state_dict(sd):
-        model.load_state_dict(sd["model"])
-        optimizer.load_state_dict(sd["optim"])
 
     pg = (
         ProcessGroupBabyNCCL(timeout=timedelta(seconds=10))
         if use_cuda
         else ProcessGroupGloo(timeout=timedelta(seconds=10))
     )
-    manager = Manager(
+    return Manager(
         pg=pg,
         min_replica_size=1,
         load_state_dict=load_state_dict,
         state_dict=state_dict,
         replica_id=f"{job_id}_{os.environ.get('REPLICA_GROUP_ID', '0')}",
         timeout=timedelta(seconds=10),
+        use_async_quorum=not sync_quorum,
     )
-    return FTDDP(manager, model), FTOptimizer(manager, optimizer), manager
 
 
-def main() -> None:
+def outer_algorithm(
+    name: str, manager, model: nn.Module, inner: torch.optim.Optimizer, *, sync_every: int
+):
+    """torchft's LocalSGD (average the weights every ``sync_every`` inner steps) or DiLoCo (an outer
+    Nesterov SGD step on the averaged pseudo-gradient, lr 0.7 as in the paper; momentum 0.5, as
+    the paper's 0.9 diverged on this small CNN with an SGD inner optimizer)."""
+    from torchft.local_sgd import DiLoCo, LocalSGD
+
+    if name == "localsgd":
+        return LocalSGD(manager, model, inner, sync_every=sync_every)
+    outer = torch.optim.SGD(model.parameters(), lr=0.7, momentum=0.5, nesterov=True)
+    return DiLoCo(
+        manager, [model], inner, outer, sync_every=sync_every, pin_memory=torch.cuda.is_available()
+    )
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job-id", default=os.environ.get("TORCHLOOM_JOB", "mnist"))
-    ap.add_argument("--max-steps", type=int, default=2000)
+    ap.add_argument("--max-steps", type=int, default=2000, help="steps (outer steps with --algo)")
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--momentum", type=float, default=0.9)
@@ -174,6 +216,9 @@ def main() -> None:
         "--log-every", type=int, default=50, help="steps between progress lines (rank 0)"
     )
     ap.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parent / "data")
+    ap.add_argument(
+        "--num-workers", type=int, default=1, help="data-loader worker processes per rank"
+    )
     ap.add_argument(
         "--out-dir", type=Path, default=None, help="write each rank's final summary here"
     )
@@ -202,8 +247,26 @@ def main() -> None:
         action="store_true",
         help="run under torchft: one replica group per torchrun (see `torchloom run`)",
     )
+    ap.add_argument(
+        "--algo",
+        choices=("ddp", "localsgd", "diloco"),
+        default="ddp",
+        help="with --ft: average gradients every step (ddp), or weights (localsgd) / "
+        "pseudo-gradients (diloco) every --sync-every inner steps",
+    )
+    ap.add_argument(
+        "--sync-every", type=int, default=10, help="inner steps per outer step (localsgd, diloco)"
+    )
     args = ap.parse_args()
+    if args.algo != "ddp" and not args.ft:
+        ap.error("--algo localsgd/diloco needs --ft")
+    if args.algo != "ddp" and args.global_batch_size is not None:
+        ap.error("--global-batch-size is for --algo ddp (localsgd/diloco take --batch-size)")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -212,33 +275,61 @@ def main() -> None:
     if use_cuda:
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+        # every rank of every replica group on this machine shares its cores
+        procs = world * int(os.environ.get("NUM_REPLICA_GROUPS", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // procs))
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
     torch.manual_seed(args.seed)
 
     x_tr, y_tr, x_te, y_te = mnist_data.load(args.data_dir)
-    x_train, y_train = to_tensors(x_tr, y_tr, device)
+    train_set = MnistTrain(*to_tensors(x_tr, y_tr, torch.device("cpu")))  # loader workers: CPU
     x_test, y_test = to_tensors(x_te, y_te, device)
 
     model = Net().to(device)
     base_opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    manager = None
+    transforms = data_transforms()
+    custom_knobs = transforms.knobs()
+    start_step, checkpoint = resume_checkpoint(args.checkpoint_dir)
+    manager = algo = None
+    ddp: nn.Module = DDP(model) if world > 1 else model  # averages within the replica group
+    opt = base_opt
     if args.ft:
-        # torchft: this torchrun is one replica group; the Manager allreduces across groups
-        if world > 1:
-            raise SystemExit(
-                "--ft runs one rank per replica group (torchloom run --nproc-per-group 1)"
-            )
-        ddp, opt, manager = ft_wrap(model, base_opt, job_id=args.job_id, use_cuda=use_cuda)
+        # torchft: this torchrun is one replica group; its Manager averages across the groups
+        from torchft import DistributedDataParallel as FTDDP
+        from torchft import Optimizer as FTOptimizer
+
+        def state_dict():
+            return {
+                "model": model.state_dict(),
+                "optim": base_opt.state_dict(),
+                "data": loader.state_dict(),
+            }
+
+        def load_state_dict(sd):
+            model.load_state_dict(sd["model"])
+            base_opt.load_state_dict(sd["optim"])
+            loader.load_state_dict(sd["data"])
+
+        manager = ft_manager(
+            state_dict,
+            load_state_dict,
+            job_id=args.job_id,
+            use_cuda=use_cuda,
+            sync_quorum=args.algo != "ddp",
+        )
         groups = int(os.environ.get("NUM_REPLICA_GROUPS", "1"))
-        # a replacement group (drain --replace) has a new replica id but its predecessor's shard
-        shard = os.environ.get("TORCHLOOM_SHARD_INDEX", os.environ.get("REPLICA_GROUP_ID", "0"))
-        shard_world, shard_rank = groups, int(shard)
-    else:
-        ddp = DDP(model) if world > 1 else model
-        opt = base_opt
-        shard_world, shard_rank = world, rank
+        # a replacement group (drain --replace) has a new replica id but its predecessor's place
+        shard = int(
+            os.environ.get("TORCHLOOM_SHARD_INDEX", os.environ.get("REPLICA_GROUP_ID", "0"))
+        )
+        shard = min(shard, groups - 1)
+        if args.algo == "ddp":
+            ddp = FTDDP(manager, model) if world == 1 else ddp
+            opt = FTOptimizer(manager, base_opt)
+        else:
+            algo = outer_algorithm(args.algo, manager, model, base_opt, sync_every=args.sync_every)
+            custom_knobs.append(sync_every_knob(algo))
 
     run = torchloom.init(
         job_id=args.job_id,
@@ -247,74 +338,136 @@ def main() -> None:
             "batch_size": args.batch_size,
             "momentum": args.momentum,
             "global_batch_size": args.global_batch_size,
+            **({"sync_every": args.sync_every} if algo is not None else {}),
         },
+        custom_knobs=custom_knobs,
         max_steps=args.max_steps,
-        start_step=resume_checkpoint(args.checkpoint_dir, model, base_opt),
+        start_step=start_step,
     )
     run.bind_optimizer(opt)
+    loader = ElasticLoader(
+        train_set,
+        run=run,
+        transforms=transforms,
+        group_world_size=world,
+        group_rank=rank,
+        num_workers=args.num_workers,
+        seed=args.seed,
+        pin_memory=use_cuda,
+    )
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        base_opt.load_state_dict(checkpoint["optim"])
+        loader.load_state_dict(checkpoint["data"])
     if manager is not None:
-        from torchloom.integrations.torchft import attach
+        from torchloom.integrations.torchft import attach, follow_sync_every
 
         attach(run, manager)
-    stream = IndexStream(x_train.shape[0], world_size=shard_world, rank=shard_rank, seed=args.seed)
+        if algo is not None:
+            follow_sync_every(run, algo)
+
+    def quorum() -> tuple[int, int]:
+        """This step's replica groups and our rank among them (waits for torchft's quorum)."""
+        if manager is None:
+            return 1, 0
+        # a group that is healing does not take part in the step: it mirrors rank 0's share
+        return manager.num_participants(), manager.participating_rank() or 0
+
+    def local_step(step: int, participants: int, replica_rank: int):
+        """Forward and backward of this rank's share, in micro-batches (gradient accumulation)."""
+        batch = loader.next(step=step, participants=participants, replica_rank=replica_rank)
+        x, y = (t.to(device, non_blocking=True) for t in batch.data)
+        plan, first = batch.plan, 0
+        for i, micro in enumerate(plan.micro_batches):
+            last = i == len(plan.micro_batches) - 1
+            with contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync():
+                loss = F.cross_entropy(ddp(x[first : first + micro]), y[first : first + micro])
+                (loss * (micro / plan.local_samples)).backward()
+            first += micro
+        if manager is not None and algo is None and world > 1:
+            # several ranks per group: DDP averaged within the group; now across the groups
+            for w in [manager.allreduce(p.grad) for p in model.parameters() if p.grad is not None]:
+                w.wait()
+        run.clip_grad_norm_(model.parameters())
+        return loss, batch
+
     t0 = time.time()
     acc = None
     longest_step_s, t_step = 0.0, time.perf_counter()
     step_times: list[float] = []
     crash_steps = failure_steps(run.identity.replica_id)
-    for step in run.steps(current_step=manager.current_step if manager is not None else None):
-        now = time.perf_counter()
-        step_times.append(now - t_step)
-        longest_step_s, t_step = max(longest_step_s, now - t_step), now
-        if (
-            args.checkpoint_dir
-            and rank == 0
-            and step > run.start_step
-            and step % args.checkpoint_every == 0
-        ):
-            save_checkpoint(args.checkpoint_dir, model, base_opt, step)
-        maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
-        if step == args.hang_at_step:
-            print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
-            while True:
-                time.sleep(1)
-        opt.zero_grad(set_to_none=True)  # torchft: starts this step's quorum
-        if manager is not None:  # this step's replica groups (waits for the quorum)
-            participants, replica_rank = manager.num_participants(), manager.participating_rank()
-        else:
-            participants, replica_rank = 1, 0
-        plan = run.batch_plan(participants=participants, replica_rank=replica_rank or 0)
-        for i, micro in enumerate(plan.micro_batches):  # > 1: gradient accumulation, one allreduce
-            idx = stream.take(micro)
-            last = i == len(plan.micro_batches) - 1
-            with contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync():
-                loss = F.cross_entropy(ddp(x_train[idx]), y_train[idx])
-                (loss * (micro / plan.local_samples)).backward()
-        run.clip_grad_norm_(model.parameters())
-        ft_step = manager.current_step() if manager is not None else step
-        opt.step()  # torchft: commits the step only if every participant finished it
-        committed = manager is None or manager.current_step() > ft_step
-        run.log(
-            loss=loss,
-            samples=plan.local_samples if committed else 0,
-            batch=plan.local_samples,
-            participants=participants,
-            participating=float(replica_rank is not None),
-            committed=float(committed),
-            ft_step=ft_step,
-        )
-        if args.step_delay_ms:
-            time.sleep(args.step_delay_ms / 1000.0)
-        if args.eval_every and step > 0 and step % args.eval_every == 0:
-            acc = evaluate(model, x_test, y_test, rank=rank, world=world)
-            run.log(test_acc=acc)
-        if rank == 0 and args.log_every and step % args.log_every == 0:
-            print(
-                f"step {step}: loss {loss.item():.4f} test_acc {acc if acc is None else round(acc, 4)} "
-                f"lr {run['lr']} batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)",
-                flush=True,
+    with algo if algo is not None else contextlib.nullcontext():
+        for step in run.steps(current_step=manager.current_step if manager is not None else None):
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            longest_step_s, t_step = max(longest_step_s, now - t_step), now
+            if (
+                args.checkpoint_dir
+                and rank == 0
+                and step > run.start_step
+                and step % args.checkpoint_every == 0
+            ):
+                save_checkpoint(
+                    args.checkpoint_dir,
+                    {
+                        "model": model.state_dict(),
+                        "optim": base_opt.state_dict(),
+                        "data": loader.state_dict(),
+                    },
+                    step,
+                )
+            maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
+            if step == args.hang_at_step:
+                print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
+                while True:
+                    time.sleep(1)
+            ft_step = manager.current_step() if manager is not None else step
+            if algo is None:
+                opt.zero_grad(set_to_none=True)  # torchft: starts this step's quorum
+                participants, replica_rank = quorum()
+                loss, batch = local_step(step, participants, replica_rank)
+                opt.step()  # torchft: commits the step only if every participant finished it
+                inner = 1
+            else:  # one outer step: sync_every inner steps, then the algorithm's sync
+                inner = run["sync_every"]
+                # the groups split each inner step's data as in the last outer sync's quorum
+                participants, replica_rank = last_quorum(manager) or (groups, shard)
+                for _ in range(inner):
+                    opt.zero_grad(set_to_none=True)
+                    loss, batch = local_step(step, participants, replica_rank)
+                    # every inner step moves the shared cursor on every group, before the sync
+                    # (where a joining group heals, cursor included)
+                    loader.advance()
+                    opt.step()  # after the last inner step: quorum, average, commit
+            committed = manager is None or manager.current_step() > ft_step
+            if algo is None:
+                loader.advance(committed=committed)
+            run.log(
+                loss=loss,
+                samples=inner * batch.plan.local_samples if committed else 0,
+                batch=batch.plan.local_samples,
+                cursor=batch.start - batch.plan.offset,
+                participants=participants,
+                participating=float(manager is None or manager.is_participating()),
+                committed=float(committed),
+                ft_step=ft_step,
+                inner_steps=inner,
+                outer_syncs=manager.current_step() - ft_step if algo is not None else 0,
+                from_workers=float(batch.source == "worker"),
             )
+            if args.step_delay_ms:
+                time.sleep(args.step_delay_ms / 1000.0)
+            if args.eval_every and step > 0 and step % args.eval_every == 0:
+                acc = evaluate(model, x_test, y_test, rank=rank, world=world)
+                run.log(test_acc=acc)
+            if rank == 0 and args.log_every and step % args.log_every == 0:
+                print(
+                    f"step {step}: loss {loss.item():.4f} test_acc {acc if acc is None else round(acc, 4)} "
+                    f"lr {run['lr']} batch_size {run['batch_size']} v{run.applied_version} ({time.time() - t0:.1f} s)",
+                    flush=True,
+                )
     final_step = run.step
+    loader.close()
     if manager is not None and run.stop_reason == "drained":
         manager.shutdown(wait=False)  # leave the quorum now; the other groups go on
     if run.stop_reason in ("finished", "stopped"):
@@ -346,8 +499,11 @@ def main() -> None:
                     if step_times
                     else None,
                     "start_step": run.start_step,
-                    "lr": opt.param_groups[0]["lr"],
+                    "lr": base_opt.param_groups[0]["lr"],
                     "batch_size": run["batch_size"],
+                    "sync_every": run.config.get("sync_every"),
+                    "data_cursor": loader.stream.cursor,
+                    "batches": dict(loader.stats),
                     "stop_reason": run.stop_reason,
                 }
             )

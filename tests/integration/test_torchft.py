@@ -266,3 +266,51 @@ def test_drain_with_replace_starts_a_fresh_group_that_heals_and_joins(tmp_path, 
     assert s["0"]["params_sha256"] == s["2"]["params_sha256"]  # the newcomer healed from its peer
     kinds = [(e.kind, e.replica_id) for e in history(client, "ft")]
     assert ("replica_drained", "1") in kinds and ("healed", "2") in kinds
+
+
+@pytest.mark.parametrize("algo", ["localsgd", "diloco"])
+def test_sync_every_changes_at_the_same_outer_step_on_every_group(tmp_path, up, algo):
+    """A mismatch would pair one group's outer allreduce with another's inner steps (DiLoCo:
+    with the wrong fragment); the change must land at one committed outer step everywhere."""
+    tap = TelemetryTap(up.url, "ft")
+    client = up.client()
+    sup, log = start_two_groups(
+        up, tmp_path, 70, "--algo", algo, "--sync-every", "4", "--log-every", "10"
+    )
+    try:
+        wait_for(
+            lambda: (
+                len(rs := ranks(client, "ft")) == 2
+                and all(r["step"] >= 5 and (r["quorum"] or {}).get("participants") == 2 for r in rs)
+            ),
+            timeout_s=120,
+            interval_s=0.2,
+            what="two groups in one quorum, 5 outer steps in",
+        )
+        bad = cli("set", "sync_every=0", "--job", "ft", url=up.url)
+        assert bad.returncode == 2 and "sync_every" in bad.stderr
+        r = cli("set", "sync_every=8", "--job", "ft", "--wait", url=up.url)
+        assert r.returncode == 0, r.stderr
+        eff = int(r.stdout.split("effective at step ")[1].split()[0])
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]  # no hang
+        time.sleep(0.5)  # the last telemetry flush
+    finally:
+        kill_tree(sup)
+        log.close()
+    inner: dict[int, dict[str, float]] = {}
+    for replica, _step, v in tap.points():
+        if v.get("committed") == 1.0 and "inner_steps" in v:
+            assert v["outer_syncs"] == 1, v  # the algorithm synced once, after the last inner step
+            inner.setdefault(int(v["ft_step"]), {})[replica] = v["inner_steps"]
+    both = {s: by for s, by in inner.items() if len(by) == 2}
+    assert len(both) >= 50 and any(s < eff for s in both) and any(s >= eff for s in both)
+    for s, by in both.items():
+        # every committed outer step: the same number of inner steps on both groups
+        assert by == {"0": 4.0 if s < eff else 8.0, "1": 4.0 if s < eff else 8.0}, (s, by)
+    applied = [e for e in history(client, "ft") if e.kind == "config_applied" and e.step == eff]
+    assert applied and applied[-1].data["ranks"] == {"0/0": eff, "1/0": eff}
+    s = summaries(tmp_path)
+    assert [x["stop_reason"] for x in s] == ["finished", "finished"]
+    assert [x["sync_every"] for x in s] == [8, 8]
+    assert s[0]["params_sha256"] == s[1]["params_sha256"]  # every outer sync matched up
+    assert min(x["test_acc"] for x in s) > 0.9

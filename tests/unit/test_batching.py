@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from torchloom.protocol.batching import plan_batch, scale_lr
+from torchloom.protocol.batching import plan_batch, plan_step, scale_lr
 
 
 @pytest.mark.parametrize("global_batch", [1, 7, 64, 128, 1000])
@@ -24,6 +24,39 @@ def test_shares_always_add_up_to_the_global_batch(global_batch, participants, ma
         if max_batch:
             assert all(m <= max_batch for m in p.micro_batches)
     assert max(p.local_samples for p in plans) - min(p.local_samples for p in plans) <= 1
+    # consecutive offsets: the shares tile [0, global_batch)
+    assert [p.offset for p in plans] == [
+        sum(q.local_samples for q in plans[:r]) for r in range(len(plans))
+    ]
+
+
+@pytest.mark.parametrize("participants", [1, 2, 3])
+@pytest.mark.parametrize("group_world_size", [1, 2, 3])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"batch_size": 32},
+        {"global_batch_size": 100, "max_batch_size": 16},
+        {"global_batch_size": 2},
+    ],
+)
+def test_step_plans_of_all_ranks_tile_the_global_batch(participants, group_world_size, config):
+    plans = [
+        plan_step(
+            config,
+            participants=participants,
+            replica_rank=r,
+            group_world_size=group_world_size,
+            group_rank=k,
+        )
+        for r in range(participants)
+        for k in range(group_world_size)
+    ]
+    covered = sorted(i for p in plans for i in range(p.offset, p.offset + p.local_samples))
+    assert covered == list(range(plans[0].global_samples))  # every sample of the step exactly once
+    if "batch_size" in config:
+        assert {p.local_samples for p in plans} == {32}
+        assert plans[0].global_samples == 32 * participants * group_world_size
 
 
 def test_two_to_one_to_two_groups():

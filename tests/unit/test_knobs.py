@@ -85,6 +85,22 @@ def test_check_spec_refuses_bad_definitions():
     with pytest.raises(InvalidKnobError):
         check_spec(KnobSpec(name="lr", type="int"))
     assert check_spec(KnobSpec(name="lr", type="float", max=0.5)).max == 0.5
+    with pytest.raises(InvalidKnobError, match="job-wide"):
+        check_spec(KnobSpec(name="sync_every", type="int", scope="replica"))
+    with pytest.raises(InvalidKnobError, match="multiple_of"):
+        check_spec(KnobSpec(name="x", type="float", multiple_of=2))
+    with pytest.raises(InvalidKnobError, match="multiple_of"):
+        check_spec(KnobSpec(name="x", type="int", multiple_of=0))
+
+
+def test_multiple_of_narrows_an_int_knob():
+    spec = check_spec(KnobSpec(name="sync_every", type="int", min=2, multiple_of=2, scope="job"))
+    assert spec.rule() == "int >= 2, a multiple of 2"
+    assert coerce(spec, "8") == 8
+    with pytest.raises(InvalidKnobError, match="7 is not a multiple of 2"):
+        coerce(spec, "7")
+    with pytest.raises(InvalidKnobError, match="must be >= 2"):
+        coerce(spec, 0)
 
 
 def test_rules_read_well():

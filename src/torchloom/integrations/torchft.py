@@ -1,4 +1,5 @@
-"""torchft integration: report each step's quorum facts and follow torchft's committed step.
+"""torchft integration: report each step's quorum facts, follow torchft's committed step,
+and make LocalSGD / DiLoCo follow the ``sync_every`` knob.
 
 Needs the ``torchft`` extra (``torchft-nightly==2026.10.26``, the build tested here).
 Usage, with a ``torchft.Manager`` named ``manager``::
@@ -22,13 +23,34 @@ The facts are read from the Manager's attributes (``_quorum_id``, ``_healing``,
 ``_participating_replica_world_size``, ``_commit_failures``, ``_step``) because its
 public accessors block on the pending quorum; they are read after the step's
 ``should_commit``, when the quorum is complete.
+
+LocalSGD and DiLoCo (torchft.local_sgd; DiLoCo: Douillard et al. 2023,
+arXiv:2311.08105; Streaming DiLoCo: arXiv:2501.18512) count *outer* steps in
+``manager.current_step()``: one per synchronisation. Iterate ``run.steps()``
+once per outer step and run ``run["sync_every"]`` inner steps inside it;
+:func:`follow_sync_every` then changes the algorithm's period only between two
+outer steps, at the committed outer step the Weaver chose — the same on every
+replica group, so no group can enter an outer allreduce that another does not::
+
+    algo = DiLoCo(manager, [model], inner_opt, outer_opt, sync_every=10, ...)
+    run = torchloom.init(..., knobs={"sync_every": 10}, custom_knobs=[sync_every_knob(algo)])
+    follow_sync_every(run, algo)
+    with algo:
+        for outer_step in run.steps(current_step=manager.current_step):
+            for _ in range(run["sync_every"]):
+                ...; inner_opt.step()   # the algorithm syncs after the last one
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
+import msgspec
+
+from torchloom.protocol import BUILTIN_KNOBS, KnobSpec
 from torchloom.threadlet import Run
 
 
@@ -106,3 +128,95 @@ def attach(run: Run, manager: Any) -> TorchftReporter:
     reporter = TorchftReporter(run, manager)
     run.add_step_hook(reporter)
     return reporter
+
+
+def last_quorum(manager: Any) -> tuple[int, int] | None:
+    """``(participating replica groups, this group's rank among them)`` of the last quorum, or
+    None before the first one or while this group does not take part. Non-blocking (unlike the
+    Manager's accessors, which wait for a pending quorum): LocalSGD/DiLoCo use it to split the
+    inner steps' data between two outer syncs."""
+    world = int(getattr(manager, "_participating_replica_world_size", 0) or 0)
+    rank = getattr(manager, "_participating_replica_rank", None)
+    if world < 1 or rank is None:
+        return None
+    return world, int(rank)
+
+
+def _fragments(algorithm: Any) -> int:
+    """1 for LocalSGD, the number of model fragments for (Streaming) DiLoCo."""
+    return len(getattr(algorithm, "_fragments", None) or [None])
+
+
+def sync_every_knob(algorithm: Any) -> KnobSpec:
+    """The ``sync_every`` knob narrowed to what ``algorithm`` accepts, for ``custom_knobs``.
+
+    DiLoCo with ``n`` fragments needs a multiple of ``n`` with more than
+    ``fragment_sync_delay`` inner steps per fragment; LocalSGD takes any value ≥ 1.
+    With it, ``torchloom set sync_every=7`` is refused by the Weaver (exit 2, the
+    rule in the message) instead of reaching the training processes.
+
+    Args:
+        algorithm: a ``torchft.local_sgd.LocalSGD`` or ``DiLoCo``.
+    """
+    n = _fragments(algorithm)
+    delay = int(getattr(algorithm, "_fragment_sync_delay", 0))
+    return msgspec.structs.replace(
+        BUILTIN_KNOBS["sync_every"],
+        min=float(n * (delay + 1)),
+        multiple_of=n if n > 1 else None,
+    )
+
+
+def set_sync_every(algorithm: Any, value: int) -> None:
+    """Set ``algorithm``'s outer period to ``value`` inner steps, between two outer steps.
+
+    Args:
+        algorithm: a ``torchft.local_sgd.LocalSGD`` or ``DiLoCo``.
+        value: inner steps per outer step (DiLoCo: over all fragments, as its ``sync_every``).
+
+    Raises:
+        RuntimeError: called in the middle of an outer step (the algorithm has
+            run inner steps since its last sync): the training loop must iterate
+            ``run.steps()`` once per outer step.
+        ValueError: ``value`` breaks the algorithm's rules (see :func:`sync_every_knob`).
+    """
+    local = int(getattr(algorithm, "_local_step", 0))
+    if local != 0:
+        raise RuntimeError(
+            f"sync_every changed {local} inner step(s) into an outer step; iterate "
+            "run.steps() once per outer step and run run['sync_every'] inner steps in it"
+        )
+    n = _fragments(algorithm)
+    delay = int(getattr(algorithm, "_fragment_sync_delay", 0))
+    if value < n * (delay + 1) or value % n:
+        raise ValueError(
+            f"sync_every={value} does not suit {n} fragment(s) with fragment_sync_delay={delay}"
+        )
+    if not hasattr(algorithm, "_fragments"):  # LocalSGD
+        algorithm._sync_every = value
+        return
+    algorithm._sync_every = value // n
+    for i, fragment in enumerate(algorithm._fragments):  # kept in step with DiLoCo's constructor
+        fragment._sync_every = value
+        fragment._fragment_sync_offset = math.floor(value / n * (i + 1))
+
+
+def follow_sync_every(run: Run, algorithm: Any) -> None:
+    """Make ``algorithm`` (LocalSGD or DiLoCo) follow the ``sync_every`` knob, now and live.
+
+    The change is made on the training thread at the step boundary where the
+    config version takes effect — between two outer steps when ``run.steps()``
+    is iterated once per outer step with ``current_step=manager.current_step``.
+
+    Raises:
+        RuntimeError, ValueError: as :func:`set_sync_every` (at a change that
+            cannot be made safely; the Weaver refuses bad values first when the
+            job registered :func:`sync_every_knob`).
+    """
+
+    def _follow(config: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+        if changed.get("sync_every") is not None:
+            set_sync_every(algorithm, int(changed["sync_every"]))
+
+    _follow(run.config, run.config)
+    run.on_config_change(_follow)

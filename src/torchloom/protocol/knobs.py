@@ -39,6 +39,8 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         consistent: whether every rank must change it at the same effective
             step (True for anything that affects the math of a step).
         choices: allowed values of a ``str`` knob, or None for any string.
+        multiple_of: an ``int`` knob's values must be multiples of this, or None
+            (DiLoCo's ``sync_every`` with several model fragments).
         doc: one line shown in ``torchloom knobs`` and the dashboard.
     """
 
@@ -51,6 +53,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
     scope: KnobScope = "replica"
     consistent: bool = True
     choices: tuple[str, ...] | None = None
+    multiple_of: int | None = None
     doc: str = ""
 
     def rule(self) -> str:
@@ -63,6 +66,8 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         if self.choices:
             parts.append("in {" + ", ".join(self.choices) + "}")
         text = " ".join(parts)
+        if self.multiple_of is not None:
+            text += f", a multiple of {self.multiple_of}"
         return f"{text} or off" if self.allow_off else text
 
 
@@ -172,6 +177,8 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
         _check_bounds(spec, value)
     if spec.choices is not None and value not in spec.choices:
         raise InvalidKnobError(spec.name, f"{value!r} is not one of {list(spec.choices)}")
+    if spec.multiple_of is not None and value % spec.multiple_of:
+        raise InvalidKnobError(spec.name, f"{value!r} is not a multiple of {spec.multiple_of}")
     return value
 
 
@@ -230,18 +237,24 @@ def check_spec(spec: KnobSpec) -> KnobSpec:
     """Validate a custom knob definition sent by a training script.
 
     Raises:
-        InvalidKnobError: bad name, bounds the wrong way round, or a name that
-            would redefine a built-in knob with another type.
+        InvalidKnobError: bad name, bounds the wrong way round, ``multiple_of``
+            on a non-int knob, or a redefinition of a built-in knob with another
+            type or with ``replica`` scope where the built-in is job-wide (a script
+            may narrow a built-in knob, not loosen it).
     """
     if not spec.name.isidentifier():
         raise InvalidKnobError(spec.name, "a knob name must be a Python identifier")
     if spec.min is not None and spec.max is not None and spec.min > spec.max:
         raise InvalidKnobError(spec.name, f"min {spec.min} > max {spec.max}")
+    if spec.multiple_of is not None and (spec.type != "int" or spec.multiple_of < 1):
+        raise InvalidKnobError(spec.name, "multiple_of must be a positive int, for an int knob")
     builtin = BUILTIN_KNOBS.get(spec.name)
     if builtin is not None and builtin.type != spec.type:
         raise InvalidKnobError(
             spec.name, f"is built in as {builtin.type}; cannot be redefined as {spec.type}"
         )
+    if builtin is not None and builtin.scope == "job" and spec.scope != "job":
+        raise InvalidKnobError(spec.name, "is job-wide; cannot be redefined per replica group")
     return spec
 
 

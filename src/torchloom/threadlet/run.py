@@ -33,7 +33,7 @@ from torchloom.protocol import (
     resolve_values,
     select_snapshot,
 )
-from torchloom.protocol.batching import BatchPlan, plan_batch
+from torchloom.protocol.batching import BatchPlan, plan_step
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import RankState
 from torchloom.threadlet.agent import Agent
@@ -284,33 +284,49 @@ class Run:
 
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
-    def batch_plan(self, *, participants: int = 1, replica_rank: int = 0) -> BatchPlan:
-        """This replica group's share of the step, from the config in force and the step's quorum.
+    def batch_plan(
+        self,
+        *,
+        participants: int = 1,
+        replica_rank: int = 0,
+        group_world_size: int = 1,
+        group_rank: int = 0,
+    ) -> BatchPlan:
+        """This rank's share of the step, from the config in force and the step's quorum.
 
         With ``global_batch_size`` set, the share of ``global_batch_size`` among
-        ``participants`` replica groups (:func:`~torchloom.protocol.batching.plan_batch`);
+        ``participants`` replica groups and the ``group_world_size`` ranks of each;
         otherwise ``batch_size``. Either way split into micro-batches of at most
-        ``max_batch_size`` (gradient accumulation). Pure: every rank of a quorum gets
-        shares that add up to the global batch.
+        ``max_batch_size`` (gradient accumulation). Pure
+        (:func:`~torchloom.protocol.batching.plan_step`): every rank of a quorum gets
+        shares that add up to the global batch, at consecutive offsets.
 
         Args:
             participants: replica groups committing this step (torchft: ``manager.num_participants()``).
             replica_rank: this group's rank among them (``manager.participating_rank()``).
+            group_world_size: ranks in this replica group (torchrun's ``WORLD_SIZE``).
+            group_rank: this rank within its group (torchrun's ``RANK``).
         """
-        cfg = self.config
-        max_batch = cfg.get("max_batch_size")
-        global_batch = cfg.get("global_batch_size")
-        if global_batch is None:
-            local = int(cfg.get("batch_size") or 1)
-            return plan_batch(
-                global_batch=local, participants=1, replica_rank=0, max_batch=max_batch
-            )
-        return plan_batch(
-            global_batch=global_batch,
+        return plan_step(
+            self.config,
             participants=participants,
             replica_rank=replica_rank,
-            max_batch=max_batch,
+            group_world_size=group_world_size,
+            group_rank=group_rank,
         )
+
+    def config_at(self, step: int) -> Mapping[str, Any]:
+        """The knob values that the newest desired config known here puts in force at ``step``.
+
+        A forecast for a step not yet run (a data loader preparing batches ahead,
+        :mod:`torchloom.data`): a version issued later may still change it. For a
+        step already reached it is :attr:`config`. Pure read; no I/O.
+        """
+        doc = self._doc
+        snap = select_snapshot(doc.snapshots, step) if doc is not None else None
+        if snap is None or snap.version <= self.applied_version:
+            return self.config
+        return {**self.config, **resolve_values(snap, self.identity.replica_id)}
 
     def __getitem__(self, knob: str) -> Any:
         return self.config[knob]
