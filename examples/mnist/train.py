@@ -454,6 +454,8 @@ def main() -> None:
                 inner_steps=inner,
                 outer_syncs=manager.current_step() - ft_step if algo is not None else 0,
                 from_workers=float(batch.source == "worker"),
+                # the transform settings the batch was made with (not merely the config)
+                **{f"data_{name}": float(value or 0) for name, value in batch.settings},
             )
             if args.step_delay_ms:
                 time.sleep(args.step_delay_ms / 1000.0)

@@ -1,10 +1,20 @@
 """The reference MNIST job (2 DDP ranks under torchrun) steered through the CLI while it trains."""
 
 import json
+import time
 
 import pytest
 
-from tests.helpers import cli, history, kill_tree, launch_mnist, ranks, summaries, wait_for
+from tests.helpers import (
+    TelemetryTap,
+    cli,
+    history,
+    kill_tree,
+    launch_mnist,
+    ranks,
+    summaries,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +97,50 @@ def test_stop_ends_every_rank_at_the_same_step(tmp_path, up):
     out = summaries(tmp_path)
     assert [s["step"] for s in out] == [eff - 1, eff - 1]
     assert all(s["stop_reason"] == "stopped" for s in out)
+
+
+def test_batch_size_and_transforms_change_exactly_at_the_effective_step_with_loader_workers(
+    tmp_path, up
+):
+    tap = TelemetryTap(up.url, "mnist")
+    client = up.client()
+    proc = launch_mnist(
+        up.url,
+        tmp_path,
+        *("--max-steps", "400", "--eval-every", "0", "--step-delay-ms", "5"),
+        *("--num-workers", "2"),
+    )
+    try:
+        wait_for(lambda: training_at(client, "mnist", 20), timeout_s=60, what="both ranks training")
+        r = cli("set", "batch_size=96", "noise_std=0.3", "augment=on", "--wait", url=up.url)
+        assert r.returncode == 0, r.stderr
+        eff = int(r.stdout.split("effective at step ")[1].split()[0])
+        bad = cli("set", "noise_std=5", url=up.url)  # a transform knob keeps its bounds
+        assert bad.returncode == 2 and "noise_std" in bad.stderr
+        r = cli("set", "noise_std=off", "--wait", url=up.url)
+        assert r.returncode == 0, r.stderr
+        eff2 = int(r.stdout.split("effective at step ")[1].split()[0])
+        assert proc.wait(120) == 0
+        time.sleep(0.5)  # the last telemetry flush
+    finally:
+        kill_tree(proc)
+
+    by_step: dict[int, dict[int, dict]] = {}
+    for m in list(tap.messages):
+        for p in m.points:
+            if "batch" in p.values:
+                by_step.setdefault(p.step, {})[m.rank] = p.values
+    assert sorted(by_step) == list(range(400)) and all(len(v) == 2 for v in by_step.values())
+    for step, per_rank in by_step.items():
+        want = (64, 0.0, 0.0) if step < eff else (96, 0.3, 1.0) if step < eff2 else (96, 0.0, 1.0)
+        for v in per_rank.values():  # exactly at the effective step, on both ranks
+            assert (v["batch"], v["data_noise_std"], v["data_augment"]) == want, (step, v)
+        # both ranks cut the step's global batch from one cursor, which moves by that batch
+        assert per_rank[0]["cursor"] == per_rank[1]["cursor"]
+        if step + 1 in by_step:
+            assert by_step[step + 1][0]["cursor"] - per_rank[0]["cursor"] == 2 * want[0]
+    from_workers = [v["from_workers"] for per_rank in by_step.values() for v in per_rank.values()]
+    assert sum(from_workers) >= 0.9 * len(from_workers), sum(from_workers)  # prefetched, mostly
+    out = summaries(tmp_path)
+    assert out[0]["params_sha256"] == out[1]["params_sha256"]
+    assert all(s["batch_size"] == 96 and s["test_acc"] > 0.9 for s in out)

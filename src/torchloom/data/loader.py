@@ -36,7 +36,11 @@ rank computes the same global batch: ``global_batch_size`` set, or a job-wide
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
+import signal
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -124,6 +128,24 @@ def _as_is(x: Any) -> Any:
     return x
 
 
+def _die_with_trainer(worker_id: int) -> None:
+    """``worker_init_fn``: a worker is SIGKILLed the moment its training process dies.
+
+    A forked worker holds copies of the trainer's sockets (the collectives' TCP
+    connections among them). Were it to outlive a ``kill -9`` of its trainer by
+    the DataLoader's 5 s parent check, the peers' allreduce would not see the
+    connection drop for those 5 s, and every surviving replica group would stall.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the trainer died before prctl
+        os._exit(0)
+
+
 class ElasticLoader:
     """Batches that follow the run's config and quorum exactly at every step.
 
@@ -184,6 +206,7 @@ class ElasticLoader:
                 persistent_workers=True,
                 collate_fn=_as_is,
                 pin_memory=pin_memory,
+                worker_init_fn=_die_with_trainer,
                 multiprocessing_context=multiprocessing_context,
             )
             if num_workers > 0
