@@ -26,13 +26,15 @@ pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
 
 
-def start_two_groups(up, tmp_path, max_steps, *extra, env=None):
+def start_two_groups(up, tmp_path, max_steps, *extra, env=None, nproc_per_group=1):
     """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
     cmd = [
         str(BIN / "torchloom"),
         "run",
         "--replicas",
         "2",
+        "--nproc-per-group",
+        str(nproc_per_group),
         "--job",
         "ft",
         "--state-dir",
@@ -327,3 +329,39 @@ def test_sync_every_changes_at_the_same_outer_step_on_every_group(tmp_path, up, 
     assert [x["sync_every"] for x in s] == [8, 8]
     assert s[0]["params_sha256"] == s[1]["params_sha256"]  # every outer sync matched up
     assert min(x["test_acc"] for x in s) > 0.9
+
+
+def test_groups_of_two_ranks_survive_a_rank_kill_and_end_identical(tmp_path, up):
+    """Two ranks per group: DDP within the group, torchft across groups, rank k with rank k."""
+    client = up.client()
+    sup, log = start_two_groups(up, tmp_path, 300, nproc_per_group=2)
+    try:
+        rs = wait_for(
+            lambda: len(rs := ranks(client, "ft")) == 4
+            and all(
+                r["step"] >= 40 and (r["quorum"] or {}).get("participants") == 2 for r in rs
+            )
+            and rs,
+            timeout_s=120,
+            interval_s=0.2,
+            what="two groups of two ranks in one quorum",
+        )
+        victim = next(r for r in rs if r["replica_id"] == "1" and r["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)  # torchrun then stops the group's other rank
+        assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(sup)
+        log.close()
+    assert "[replica 1] restarted" in (tmp_path / "run.log").read_text()
+    s = summaries(tmp_path)
+    assert sorted((x["replica_id"], x["rank"]) for x in s) == [
+        ("0", 0),
+        ("0", 1),
+        ("1", 0),
+        ("1", 1),
+    ]
+    assert all(x["step"] == 299 and x["stop_reason"] == "finished" for x in s)
+    assert len({x["params_sha256"] for x in s}) == 1  # all four ranks hold the same weights
+    assert len({x["data_cursor"] for x in s}) == 1
+    healed = {(e.replica_id, e.rank) for e in history(client, "ft") if e.kind == "healed"}
+    assert {("1", 0), ("1", 1)} <= healed  # each rank of the new group healed from its peer
