@@ -123,6 +123,7 @@ def test_kill_9_of_a_replica_group_restarts_heals_and_ends_with_identical_weight
     assert (
         healed and healed[-1].data["to_step"] > victim["step"]
     )  # … and healed from its peer, ahead
+    assert healed[-1].data["source"] == "0" and "healed from replica group 0" in healed[-1].message
     assert ("commit_failed", "0") in kinds or ("quorum_changed", "0") in kinds
 
     s = summaries(tmp_path)
@@ -337,11 +338,13 @@ def test_groups_of_two_ranks_survive_a_rank_kill_and_end_identical(tmp_path, up)
     sup, log = start_two_groups(up, tmp_path, 300, nproc_per_group=2)
     try:
         rs = wait_for(
-            lambda: len(rs := ranks(client, "ft")) == 4
-            and all(
-                r["step"] >= 40 and (r["quorum"] or {}).get("participants") == 2 for r in rs
-            )
-            and rs,
+            lambda: (
+                len(rs := ranks(client, "ft")) == 4
+                and all(
+                    r["step"] >= 40 and (r["quorum"] or {}).get("participants") == 2 for r in rs
+                )
+                and rs
+            ),
             timeout_s=120,
             interval_s=0.2,
             what="two groups of two ranks in one quorum",

@@ -62,3 +62,15 @@ def test_change_is_refused_in_the_middle_of_an_outer_step():
         opt.step()  # one inner step in
     with pytest.raises(RuntimeError, match="once per outer step"):
         run._apply(3, {"sync_every": 2}, 11)
+
+
+def test_heal_source_names_the_peer_in_torchloom_terms():
+    from types import SimpleNamespace
+
+    from torchloom.integrations.torchft import heal_source
+
+    q = SimpleNamespace(recover_src_replica_rank=1, replica_ids=["ft_2:aa", "ft_0:bb"])
+    assert heal_source(q, job_id="ft") == "0"
+    assert heal_source(q, job_id="other") == "ft_0"  # not our naming: torchft's own id
+    assert heal_source(SimpleNamespace(recover_src_replica_rank=None), job_id="ft") is None
+    assert heal_source(None, job_id="ft") is None

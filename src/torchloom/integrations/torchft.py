@@ -16,8 +16,8 @@ publishes ``run.quorum`` — ``quorum_id``, ``participants`` (replica groups in 
 quorum), ``ft_step`` (torchft's committed step), ``healing``, ``commit_failures``,
 ``heals`` — which rides on the next telemetry flush, and queues history events
 when the quorum changes (``quorum_changed``), when this replica group healed from
-a peer (``healed``, with the step it jumped from and to and the duration of the
-step that healed), and when a step was not committed (``commit_failed``).
+a peer (``healed``, with the source replica group, the step it jumped from and
+to, and the duration of the step that healed), and when a step was not committed (``commit_failed``).
 
 The facts are read from the Manager's attributes (``_quorum_id``, ``_healing``,
 ``_participating_replica_world_size``, ``_commit_failures``, ``_step``) because its
@@ -54,12 +54,48 @@ from torchloom.protocol import BUILTIN_KNOBS, KnobSpec
 from torchloom.threadlet import Run
 
 
+class _QuorumTap:
+    """Stands in for the Manager's ``_client`` and keeps the last quorum it returned (the
+    Manager keeps only some of its fields; the heal source is not among them)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        self.last: Any = None
+
+    def _quorum(self, *args: Any, **kwargs: Any) -> Any:
+        quorum = self._client._quorum(*args, **kwargs)
+        self.last = quorum  # one reference assignment, read on the training thread
+        return quorum
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+def heal_source(quorum: Any, *, job_id: str) -> str | None:
+    """The replica group a healing group recovered from, from a torchft ``QuorumResult``.
+
+    torchft names a group ``<its replica_id>:<uuid>``; with the MNIST job's convention
+    ``replica_id=f"{job_id}_{REPLICA_GROUP_ID}"`` this returns torchloom's replica id
+    (``"0"``), otherwise torchft's own id. None when the quorum names no source.
+    """
+    src = getattr(quorum, "recover_src_replica_rank", None)
+    ids = list(getattr(quorum, "replica_ids", None) or [])
+    if src is None or not 0 <= src < len(ids):
+        return None
+    name = str(ids[src]).split(":", 1)[0]
+    prefix = f"{job_id}_"
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
 class TorchftReporter:
     """The step hook that turns a ``torchft.Manager``'s state into quorum facts and events."""
 
     def __init__(self, run: Run, manager: Any) -> None:
         self._run = run
         self._manager = manager
+        self._tap: _QuorumTap | None = None
+        if hasattr(manager, "_client") and not isinstance(manager._client, _QuorumTap):
+            self._tap = manager._client = _QuorumTap(manager._client)
         self._quorum_id = -1
         self._participants = 0
         self._failures = 0
@@ -91,12 +127,14 @@ class TorchftReporter:
             self._participants = participants
         if healing:
             self._heals += 1
+            source = heal_source(self._tap.last, job_id=run.identity.job_id) if self._tap else None
             run.emit(
                 "healed",
                 step=ft_step,
                 from_step=self._step,
                 to_step=ft_step,
                 heal_s=round(step_s, 4),
+                source=source,
             )
         if failures > self._failures:
             run.emit("commit_failed", step=ft_step, commit_failures=failures)

@@ -372,7 +372,8 @@ def _ft_event(rank: Rank, msg: RankEvent, now: float) -> HistoryEvent:
         "quorum_changed": f"{who}: quorum {d.get('quorum_id')} with {d.get('participants')} replica group(s)"
         f" (was {d.get('previous_participants')})",
         "heal_started": f"{who}: healing at step {msg.step}",
-        "healed": f"{who}: healed to step {msg.step} in {d.get('heal_s', 0):.3f} s",
+        "healed": f"{who}: healed from replica group {d.get('source') or '?'} to step {msg.step}"
+        f" in {d.get('heal_s', 0):.3f} s",
         "commit_failed": f"{who}: step {msg.step} not committed ({d.get('commit_failures')} in a row)",
     }.get(msg.kind, f"{who}: {msg.kind}")
     return HistoryEvent(
