@@ -5,9 +5,15 @@ Launch 2 ranks with torchrun (gloo on CPU, NCCL on GPU)::
     torchrun --standalone --nproc-per-node 2 examples/mnist/train.py
 
 or let ``torchloom demo`` do it. The Threadlet finds the Weaver through
-``TORCHLOOM_NATS_URL`` or the endpoint of ``torchloom up``. ``batch_size`` is
-read at every step, so a change takes effect exactly at its effective step; lr,
-momentum, weight decay and grad clipping follow the config through the Run.
+``TORCHLOOM_NATS_URL`` or the endpoint of ``torchloom up``. Batches come from
+``torchloom.data.ElasticLoader``, so ``batch_size``, ``global_batch_size`` and the
+transforms ``augment`` / ``noise_std`` change exactly at their effective step even
+with worker processes; lr, momentum, weight decay and grad clipping follow the
+config through the Run.
+
+Under torchft (``torchloom run --replicas N [--nproc-per-group K] -- python train.py --ft``)
+each torchrun is one replica group: torchft's DDP (``--algo ddp``) or LocalSGD / DiLoCo
+(``--algo localsgd|diloco --sync-every S``, with ``sync_every`` live).
 """
 
 from __future__ import annotations

@@ -314,10 +314,15 @@ def test_sync_every_changes_at_the_same_outer_step_on_every_group(tmp_path, up, 
         kill_tree(sup)
         log.close()
     inner: dict[int, dict[str, float]] = {}
+    syncs: dict[str, list[tuple[float, float]]] = {}
     for replica, _step, v in tap.points():
         if v.get("committed") == 1.0 and "inner_steps" in v:
-            assert v["outer_syncs"] == 1, v  # the algorithm synced once, after the last inner step
             inner.setdefault(int(v["ft_step"]), {})[replica] = v["inner_steps"]
+            syncs.setdefault(replica, []).append((v["ft_step"], v["outer_syncs"]))
+    for replica, seen in syncs.items():
+        # the algorithm synced exactly once per outer step, after the last inner step (a group's
+        # first sync may move it several steps on: a group that starts late heals to its peer)
+        assert all(n == 1 for _, n in sorted(seen)[1:]), (replica, sorted(seen))
     both = {s: by for s, by in inner.items() if len(by) == 2}
     assert len(both) >= 50 and any(s < eff for s in both) and any(s >= eff for s in both)
     for s, by in both.items():
