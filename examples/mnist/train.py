@@ -300,22 +300,24 @@ def main() -> None:
     manager = algo = None
     ddp: nn.Module = DDP(model) if world > 1 else model  # averages within the replica group
     opt = base_opt
+
+    def state_dict() -> dict:
+        """The training state a peer heals from and a checkpoint holds: model, optimizer, data."""
+        return {
+            "model": model.state_dict(),
+            "optim": base_opt.state_dict(),
+            "data": loader.state_dict(),
+        }
+
+    def load_state_dict(sd: dict) -> None:
+        model.load_state_dict(sd["model"])
+        base_opt.load_state_dict(sd["optim"])
+        loader.load_state_dict(sd["data"])
+
     if args.ft:
         # torchft: this torchrun is one replica group; its Manager averages across the groups
         from torchft import DistributedDataParallel as FTDDP
         from torchft import Optimizer as FTOptimizer
-
-        def state_dict():
-            return {
-                "model": model.state_dict(),
-                "optim": base_opt.state_dict(),
-                "data": loader.state_dict(),
-            }
-
-        def load_state_dict(sd):
-            model.load_state_dict(sd["model"])
-            base_opt.load_state_dict(sd["optim"])
-            loader.load_state_dict(sd["data"])
 
         manager = ft_manager(
             state_dict,
@@ -362,9 +364,7 @@ def main() -> None:
         pin_memory=use_cuda,
     )
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        base_opt.load_state_dict(checkpoint["optim"])
-        loader.load_state_dict(checkpoint["data"])
+        load_state_dict(checkpoint)
     if manager is not None:
         from torchloom.integrations.torchft import attach, follow_sync_every
 
@@ -413,15 +413,7 @@ def main() -> None:
                 and step > run.start_step
                 and step % args.checkpoint_every == 0
             ):
-                save_checkpoint(
-                    args.checkpoint_dir,
-                    {
-                        "model": model.state_dict(),
-                        "optim": base_opt.state_dict(),
-                        "data": loader.state_dict(),
-                    },
-                    step,
-                )
+                save_checkpoint(args.checkpoint_dir, state_dict(), step)
             maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
             if step == args.hang_at_step:
                 print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)

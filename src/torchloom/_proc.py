@@ -30,14 +30,25 @@ def find_binary(name: str, *, install_hint: str) -> str:
     raise TorchloomError(f"{name} not found: {install_hint}")
 
 
+def signal_on_parent_death(sig: int) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent dies (even by ``kill -9``).
+
+    Returns:
+        False where it cannot be set (not Linux, no libc); the caller goes on without it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, sig)  # PR_SET_PDEATHSIG
+    except OSError:
+        return False
+    return True
+
+
 def die_with_parent() -> None:
     """``preexec_fn``: the child gets SIGTERM when its parent dies (even by ``kill -9``), and
     leaves the terminal's process group so Ctrl-C reaches the parent, which stops it in order."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    signal_on_parent_death(signal.SIGTERM)
     os.setpgrp()
 
 

@@ -36,11 +36,9 @@ rank computes the same global batch: ``global_batch_size`` set, or a job-wide
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple, Protocol
 
@@ -49,6 +47,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from torchloom._proc import signal_on_parent_death
 from torchloom.data.stream import SampleStream
 from torchloom.data.transforms import Settings, Transforms
 from torchloom.protocol.batching import BatchPlan, plan_step
@@ -95,6 +94,7 @@ class _Request(NamedTuple):
 
 class _Piece(NamedTuple):
     key: Key
+    indices: np.ndarray
     data: Any
     source: str
 
@@ -121,7 +121,7 @@ class _Pieces:
                 torch.manual_seed(request.seed)
                 samples = [fn(s) for s in samples]
         source = "worker" if get_worker_info() is not None else "main"
-        return _Piece(request.key, self.collate_fn(samples), source)
+        return _Piece(request.key, request.indices, self.collate_fn(samples), source)
 
 
 def _as_is(x: Any) -> Any:
@@ -136,14 +136,8 @@ def _die_with_trainer(worker_id: int) -> None:
     the DataLoader's 5 s parent check, the peers' allreduce would not see the
     connection drop for those 5 s, and every surviving replica group would stall.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if os.getppid() == 1:  # the trainer died before prctl
-        os._exit(0)
+    if signal_on_parent_death(signal.SIGKILL) and os.getppid() == 1:
+        os._exit(0)  # the trainer died before prctl
 
 
 class ElasticLoader:
@@ -230,11 +224,13 @@ class ElasticLoader:
             group_rank=self.group_rank,
         )
 
-    def _request(self, cursor: int, plan: BatchPlan, config: Mapping[str, Any]) -> _Request:
-        start = cursor + plan.offset
+    def _key(self, cursor: int, plan: BatchPlan, config: Mapping[str, Any]) -> Key:
         settings = self.transforms.settings(config) if self.transforms else ()
-        indices = self.stream.indices(start, plan.local_samples).numpy()
-        return _Request((start, plan.local_samples, settings), indices, self.seed * 7919 + start)
+        return (cursor + plan.offset, plan.local_samples, settings)
+
+    def _request(self, key: Key) -> _Request:
+        start, count, _ = key
+        return _Request(key, self.stream.indices(start, count).numpy(), self.seed * 7919 + start)
 
     def forecast(self) -> Iterator[_Request]:
         """Requests for the steps after the last one served, assuming each is committed with the
@@ -243,7 +239,7 @@ class ElasticLoader:
         for s in itertools.count(step):
             config = self.run.config_at(s)
             plan = self._plan(config, participants, replica_rank)
-            yield self._request(cursor, plan, config)
+            yield self._request(self._key(cursor, plan, config))
             cursor += plan.global_samples
 
     # ---- the training loop's calls -----------------------------------------------------
@@ -258,7 +254,7 @@ class ElasticLoader:
         """
         config = self.run.config
         plan = self._plan(config, participants, replica_rank)
-        request = self._request(self.stream.cursor, plan, config)
+        key = self._key(self.stream.cursor, plan, config)
         piece = None
         if self._loader is not None:
             if self._it is None:
@@ -266,16 +262,16 @@ class ElasticLoader:
                 self._it = iter(self._loader)
             piece = next(self._it)
         self._last_plan = plan
-        if piece is None or piece.key != request.key:
-            piece = self._pieces[request]  # made here, now; then re-forecast from the next step
+        if piece is None or piece.key != key:
+            piece = self._pieces[self._request(key)]  # made here; re-forecast from the next step
             if self._loader is not None:
                 cursor = self.stream.cursor + plan.global_samples
                 self._base = (step + 1, cursor, participants, replica_rank)
                 self._it = iter(self._loader)
         self.stats[piece.source] += 1
-        start, _, settings = request.key
+        start, _, settings = key
         return Batch(
-            piece.data, torch.from_numpy(request.indices), plan, start, settings, piece.source
+            piece.data, torch.from_numpy(piece.indices), plan, start, settings, piece.source
         )
 
     def advance(self, *, committed: bool = True) -> None:
