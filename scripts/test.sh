@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # One command: set up .venv, then lint, type-check, check import contracts, and run every test
-# (unit tests, and integration tests against a real nats-server and real torch/torchrun processes).
+# (unit tests, and integration tests against a real nats-server, real torch/torchrun processes and,
+# for the dashboard, Debian's Chromium driven by Playwright).
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/browser.sh
 . .venv/bin/activate
 echo "== ruff";          ruff check src tests examples bench && ruff format --check src tests examples bench
 echo "== mypy";          mypy

@@ -54,6 +54,8 @@ class Up:
     def __init__(self, state_dir: Path, *args: str, nats_url: str | None = None) -> None:
         self.state_dir = state_dir
         cmd = [str(BIN / "torchloom"), "up", "--state-dir", str(state_dir), *args]
+        if "--ui-port" not in args and "--no-ui" not in args:
+            cmd += ["--ui-port", "0"]  # tests run beside each other and beside a user's `up`
         if nats_url:
             cmd += ["--nats-url", nats_url]
         self.log_path = state_dir.parent / f"{state_dir.name}-up.log"
@@ -63,6 +65,7 @@ class Up:
             lambda: self._endpoint(), timeout_s=30, what="torchloom up to write its endpoint"
         )
         self.url: str = endpoint["nats_url"]
+        self.ui_url: str | None = endpoint.get("ui_url")
 
     def _endpoint(self) -> dict[str, Any] | None:
         if self.proc.poll() is not None:

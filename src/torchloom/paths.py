@@ -3,7 +3,7 @@
 The state dir (``--state-dir``, ``$TORCHLOOM_STATE_DIR``, default
 ``$XDG_STATE_HOME/torchloom`` or ``~/.local/state/torchloom``) holds the NATS
 JetStream storage, a lock file held while ``torchloom up`` runs, and
-``endpoint.json`` with the NATS URL, which Threadlets and the CLI read when
+``endpoint.json`` with the NATS URL (and the dashboard's), which Threadlets and the CLI read when
 ``$TORCHLOOM_NATS_URL`` is not set.
 """
 
@@ -18,6 +18,8 @@ ENV_NATS_URL = "TORCHLOOM_NATS_URL"
 ENV_STATE_DIR = "TORCHLOOM_STATE_DIR"
 ENDPOINT_FILE = "endpoint.json"
 LOCK_FILE = "up.lock"
+DEFAULT_UI_PORT = 8787
+"""Port of the dashboard, HTTP API and ``/metrics`` of ``torchloom up``."""
 
 
 def default_state_dir() -> Path:

@@ -30,6 +30,7 @@ from torchloom.cli.launcher import RestartPolicy, Supervisor, kill_tree, script_
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 from torchloom.paths import (
+    DEFAULT_UI_PORT,
     ENV_NATS_URL,
     ENV_STATE_DIR,
     default_state_dir,
@@ -108,8 +109,10 @@ def _stack(
     on_event: Any,
     lighthouse: str | None = "auto",
     lighthouse_heartbeat_timeout_ms: int = 1000,
+    ui: dict[str, Any] | None = None,
 ) -> Stack:
     return Stack(
+        **(ui or {}),
         lighthouse=lighthouse,
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         state_dir=state_dir or default_state_dir(),
@@ -123,6 +126,40 @@ def _stack(
         control_settings=ControlSettings(lead_time_s=lead_time_s),
         on_event=on_event,
     )
+
+
+UiPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ui-port",
+        help=f"port of the dashboard, HTTP API and /metrics (0 picks a free one) "
+        f"[default: {DEFAULT_UI_PORT}, or a free one when it is taken]",
+        show_default=False,
+    ),
+]
+UiHostOpt = Annotated[
+    str,
+    typer.Option("--ui-host", help="interface the dashboard binds; beyond loopback needs a token"),
+]
+UiTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ui-token",
+        envvar="TORCHLOOM_UI_TOKEN",
+        help="bearer token for the dashboard and API (turns authentication on)",
+        show_default=False,
+    ),
+]
+NoUiOpt = Annotated[bool, typer.Option("--no-ui", help="serve no dashboard")]
+
+
+def _ui(host: str, port: int | None, token: str | None, off: bool) -> dict[str, Any]:
+    return {
+        "ui_host": host,
+        "ui_port": None if off else (DEFAULT_UI_PORT if port is None else port),
+        "ui_token": token,
+        "ui_port_fallback": port is None,
+    }
 
 
 LighthouseOpt = Annotated[
@@ -176,6 +213,13 @@ def _wait_for_signal(stack: Stack, *, poll_s: float = 0.2) -> str:
     return "signal"
 
 
+def _dashboard_line(stack: Stack) -> str:
+    if stack.dashboard is None:
+        return "none (--no-ui)"
+    auth = "  (token required)" if stack.dashboard.access.required else ""
+    return f"{stack.dashboard.url}  · API {stack.dashboard.url}api/openapi.json{auth}"
+
+
 @app.command()
 def up(
     state_dir: StateDir = None,
@@ -186,6 +230,10 @@ def up(
     lead_time_s: LeadOpt = 0.5,
     lighthouse: LighthouseOpt = "auto",
     lighthouse_heartbeat_timeout_ms: LighthouseHbOpt = 1000,
+    ui_port: UiPortOpt = None,
+    ui_host: UiHostOpt = "127.0.0.1",
+    ui_token: UiTokenOpt = None,
+    no_ui: NoUiOpt = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
@@ -201,6 +249,7 @@ def up(
         on_event=lambda ev: out.print(render.event_line(ev)),
         lighthouse=_lighthouse_arg(lighthouse),
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
+        ui=_ui(ui_host, ui_port, ui_token, no_ui),
     )
     stack.start()
     nats_where = (
@@ -222,6 +271,7 @@ def up(
                     if stack.lighthouse_url
                     else " none (torchft not installed)",
                 ),
+                Text.assemble(("dashboard ", "bold"), _dashboard_line(stack)),
                 Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
                 Text.assemble(
                     ("training  ", "bold"),
@@ -269,6 +319,10 @@ def demo(
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
+    ui_port: UiPortOpt = None,
+    ui_host: UiHostOpt = "127.0.0.1",
+    ui_token: UiTokenOpt = None,
+    no_ui: NoUiOpt = False,
     extra: Annotated[
         list[str] | None, typer.Argument(help="extra arguments for the training script")
     ] = None,
@@ -289,6 +343,7 @@ def demo(
         hang_timeout_s,
         lead_time_s,
         on_event=events.append,
+        ui=_ui(ui_host, ui_port, ui_token, no_ui),
     )
     stack.start()
     env = {**os.environ, ENV_NATS_URL: stack.nats_url, "TORCHLOOM_JOB": job}
@@ -310,6 +365,7 @@ def demo(
     out.print(
         f"[bold]torchloom demo[/]: NATS {stack.nats_url} · job [bold]{job}[/] · training log {log_path}"
     )
+    out.print(f"dashboard: [bold cyan]{_dashboard_line(stack)}[/]")
     out.print(
         "steer it from another terminal:  [cyan]torchloom set lr=0.01 batch_size=128[/]  ·  "
         "[cyan]torchloom status[/]  ·  [cyan]torchloom events[/]  ·  [cyan]torchloom pause[/]/[cyan]resume[/]/[cyan]stop[/]"

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomError
 from torchloom.lighthouse import Lighthouse
@@ -23,6 +23,9 @@ from torchloom.nats_server import NatsServer
 from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, read_endpoint, write_endpoint
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
 from torchloom.weaver.service import EventSink
+
+if TYPE_CHECKING:
+    from torchloom.weaver.web import Dashboard
 
 
 class Stack:
@@ -35,6 +38,10 @@ class Stack:
         lighthouse: ``"auto"`` starts the embedded torchft lighthouse when torchft is
             installed; a URL uses an existing one; None starts none.
         lighthouse_heartbeat_timeout_ms: the embedded lighthouse's heartbeat timeout, in ms.
+        ui_port: port of the dashboard and HTTP API (0 picks a free one); None serves none.
+        ui_port_fallback: when ``ui_port`` is taken, serve on a free port instead of failing.
+        ui_host: interface the dashboard binds (loopback by default).
+        ui_token: bearer token for the dashboard and API; required off loopback.
     """
 
     def __init__(
@@ -48,6 +55,10 @@ class Stack:
         on_event: EventSink | None = None,
         lighthouse: str | None = "auto",
         lighthouse_heartbeat_timeout_ms: int = 1000,
+        ui_port: int | None = None,
+        ui_host: str = "127.0.0.1",
+        ui_token: str | None = None,
+        ui_port_fallback: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).expanduser()
         self.lighthouse_arg = lighthouse
@@ -62,6 +73,11 @@ class Stack:
         self.nats: NatsServer | None = None
         self.nats_url = ""
         self.weaver: Weaver | None = None
+        self.ui_port = ui_port
+        self.ui_host = ui_host
+        self.ui_token = ui_token
+        self.ui_port_fallback = ui_port_fallback
+        self.dashboard: Dashboard | None = None
         self._lock: IO[str] | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -110,6 +126,20 @@ class Stack:
                 control_settings=self.control_settings,
                 on_event=self.on_event,
             )
+            if self.ui_port is not None:
+                # FastAPI is imported only where the dashboard is served
+                from torchloom.weaver.web import Dashboard, PortInUseError
+
+                try:
+                    self.dashboard = Dashboard(
+                        self.weaver, host=self.ui_host, port=self.ui_port, token=self.ui_token
+                    )
+                except PortInUseError:
+                    if not self.ui_port_fallback:
+                        raise
+                    self.dashboard = Dashboard(
+                        self.weaver, host=self.ui_host, port=0, token=self.ui_token
+                    )
             self._thread = threading.Thread(
                 target=self._serve, name="torchloom-weaver", daemon=True
             )
@@ -130,6 +160,7 @@ class Stack:
                 embedded_nats=self.nats is not None,
                 started_ts=time.time(),
                 lighthouse_url=self.lighthouse_url or None,
+                ui_url=self.dashboard.url if self.dashboard else None,
             )
         except BaseException:
             self.stop()
@@ -139,7 +170,7 @@ class Stack:
         loop = asyncio.new_event_loop()
         self._loop = loop
         assert self.weaver is not None
-        self._task = loop.create_task(self.weaver.run())
+        self._task = loop.create_task(self._main())
         try:
             loop.run_until_complete(self._task)
         except asyncio.CancelledError:
@@ -148,6 +179,13 @@ class Stack:
             self.error = exc
         finally:
             loop.close()
+
+    async def _main(self) -> None:
+        assert self.weaver is not None
+        async with asyncio.TaskGroup() as group:  # one failing cancels the other
+            group.create_task(self.weaver.run())
+            if self.dashboard is not None:
+                group.create_task(self.dashboard.serve())
 
     def alive(self) -> bool:
         return (

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from torchloom.errors import DecodeError, NotReachableError
 from torchloom.protocol import (
@@ -59,7 +60,10 @@ class Weaver:
         control_settings: how far ahead changes are scheduled.
         tick_interval_s: period of liveness checks and retries, in seconds.
         clock: wall-clock source in seconds (``time.time``); tests may pass their own.
-        on_event: called with every history event as it is recorded (e.g. to print it).
+        on_event: called with every history event as it is recorded (e.g. to print it);
+            more listeners can be added with :meth:`add_listener`.
+        max_outbox: history events kept while NATS is unreachable; beyond it the
+            oldest are dropped and counted (``history_outbox_full``).
     """
 
     def __init__(
@@ -78,7 +82,7 @@ class Weaver:
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
         self.clock = clock
-        self.on_event = on_event
+        self._listeners: list[EventSink] = [on_event] if on_event is not None else []
         self._conn: Connection | None = None
         self._config_kv: KeyValue | None = None
         self._registry_kv: KeyValue | None = None
@@ -87,6 +91,7 @@ class Weaver:
         self._control_lock = asyncio.Lock()
         self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
+        self._tick_late_s = 0.0
         self._listening = True
         self._closing = False
         self.stall_grace_s = 0.25
@@ -182,6 +187,7 @@ class Weaver:
         mono = time.monotonic()
         late_s = mono - self._last_tick_mono - self.tick_interval_s if self._last_tick_mono else 0.0
         self._last_tick_mono = mono
+        self._tick_late_s = max(0.0, late_s)
         if not self._listening:
             return
         if late_s > self.stall_grace_s:
@@ -204,6 +210,50 @@ class Weaver:
         grant_grace(self.state, self.clock())
         self._listening = True
         log.warning("weaver reconnected to NATS")
+
+    def add_listener(self, listener: EventSink) -> None:
+        """Call ``listener`` with every history event as it is recorded (on the Weaver's loop)."""
+        self._listeners.append(listener)
+
+    def health(self) -> dict[str, Any]:
+        """The Weaver's own health: NATS link, loop lateness (ms), unsaved history, drops."""
+        conn = self._conn
+        return {
+            "ready": self.ready.is_set(),
+            "nats_connected": bool(conn is not None and conn.is_connected and self._listening),
+            "nats_url": conn.connected_url if conn is not None else None,
+            "loop_late_ms": round(self._tick_late_s * 1000.0, 1),
+            "unsaved_events": len(self._outbox),
+            "dropped_messages": dict(self.state.dropped_messages),
+        }
+
+    async def ping_nats_ms(self, *, timeout_s: float = 2.0) -> float | None:
+        """Round trip to the NATS server in ms, or None when it does not answer in time."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return None
+        t0 = time.perf_counter()
+        try:
+            await conn.flush(timeout_s=timeout_s)
+        except NotReachableError:
+            return None
+        return round((time.perf_counter() - t0) * 1000.0, 2)
+
+    async def stored_events(self, job_id: str | None = None) -> list[HistoryEvent]:
+        """Every event of ``job_id`` (all jobs if None) in the history stream, oldest first.
+
+        Raises:
+            NotReachableError: NATS or the stream did not answer.
+        """
+        if self._history is None:
+            return []
+        out = []
+        async for raw in self._history.read(names.history_filter(job_id)):
+            try:
+                out.append(decode(raw, HistoryEvent, kind="history event"))
+            except DecodeError:
+                continue
+        return out
 
     # ---- handlers --------------------------------------------------------------------
 
@@ -290,8 +340,11 @@ class Weaver:
                 self.state.count_dropped("history_outbox_full")
             self._outbox.append(ev)
             log.info("[%s] %s", ev.job_id, ev.message)
-            if self.on_event is not None:
-                self.on_event(ev)
+            for listener in self._listeners:
+                try:
+                    listener(ev)
+                except Exception:  # a listener's bug must not stop the Weaver
+                    log.exception("history listener failed on %s", ev.kind)
 
     async def _drain_outbox(self) -> None:
         if self._history is None:

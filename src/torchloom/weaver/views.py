@@ -34,7 +34,7 @@ def _job(job: Job, now: float) -> dict[str, Any]:
         "job_id": job.job_id,
         "epoch": job.config.epoch if job.config else None,
         "desired": to_builtins(latest) if latest else None,
-        "ranks": [_rank(r, job, now) for r in sorted(job.ranks.values(), key=lambda r: r.key)],
+        "ranks": [rank_view(r, job, now) for r in sorted(job.ranks.values(), key=lambda r: r.key)],
         "pending_applies": [
             {
                 "version": t.version,
@@ -51,7 +51,8 @@ def _job(job: Job, now: float) -> dict[str, Any]:
     }
 
 
-def _rank(rank: Rank, job: Job, now: float) -> dict[str, Any]:
+def rank_view(rank: Rank, job: Job, now: float) -> dict[str, Any]:
+    """One rank of the DR map with its figures, applied and desired config version."""
     e = rank.entry
     latest = job.config.latest() if job.config else None
     snap = (

@@ -1,0 +1,320 @@
+"""The dashboard's HTTP app: the page, a read-only JSON API, actions, SSE and /metrics.
+
+Every action goes through :meth:`Weaver.submit <torchloom.weaver.service.Weaver.submit>`,
+the same control entry point as the CLI; the handlers run on the Weaver's loop.
+The OpenAPI description is at ``/api/openapi.json`` (no docs UI: it would load
+from a CDN, and the page must work air-gapped).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from torchloom.protocol import ControlReply, ControlRequest
+from torchloom.weaver import views
+from torchloom.weaver.service import Weaver
+from torchloom.weaver.web import frames
+from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware
+from torchloom.weaver.web.feed import Feed
+from torchloom.weaver.web.metrics import WeaverCollector, exposition
+
+STATIC = importlib.resources.files("torchloom.weaver.web") / "static"
+
+_STATUS_BY_CODE = {
+    "invalid_knob": 400,
+    "invalid_request": 400,
+    "decode_error": 400,
+    "unknown_job": 404,
+    "unknown_replica": 404,
+    "not_reachable": 503,
+}
+
+EVENT_CATEGORIES: dict[str, frozenset[str]] = {
+    "failure": frozenset({"rank_failed", "rank_hung", "rank_suspect", "commit_failed"}),
+    "recovery": frozenset({"healed", "rank_training", "rank_joining", "quorum_changed"}),
+    "drain": frozenset({"rank_drained", "replica_drained"}),
+    "config": frozenset({"config_set", "config_applied", "config_apply_late", "job_started"}),
+}
+"""Event kinds by filter category; kinds starting with ``policy_`` are category ``policy``."""
+
+
+def event_category(kind: str) -> str:
+    if kind.startswith("policy"):
+        return "policy"
+    for name, kinds in EVENT_CATEGORIES.items():
+        if kind in kinds:
+            return name
+    return "other"
+
+
+class SetBody(BaseModel):
+    """Change knobs, job-wide or for one replica group."""
+
+    values: dict[str, Any] = Field(description="knob name → new value (null turns a knob off)")
+    replica_id: str | None = Field(None, description="one replica group; omitted = job-wide")
+    reason: str = ""
+
+
+class ActionBody(BaseModel):
+    reason: str = ""
+
+
+class DrainBody(BaseModel):
+    """Drain a replica group (or the groups using a device) at an agreed step."""
+
+    replica_id: str | None = None
+    device: str | None = None
+    replace: bool = Field(False, description="start a fresh replica group in its place")
+    reason: str = ""
+
+
+class SessionBody(BaseModel):
+    token: str
+
+
+class ControlResult(BaseModel):
+    """The Weaver's answer to an action."""
+
+    ok: bool
+    version: int | None = None
+    effective_step: int | None = None
+    error: dict[str, Any] | None = None
+
+
+def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
+    """The ASGI app of the dashboard for ``weaver`` (run it on the Weaver's loop)."""
+    app = FastAPI(
+        title="torchloom dashboard API",
+        version="1",
+        description="Read-only views of the Weaver's state, actions through its control entry "
+        "point, a Server-Sent Events feed and Prometheus metrics.",
+        openapi_url="/api/openapi.json",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(AccessMiddleware, access=access)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return JSONResponse(
+            {"ok": False, "error": {"code": "invalid_request", "message": problems}},
+            status_code=422,
+        )
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    collector = WeaverCollector(weaver.state, feed.tracks, feed.clock)
+
+    def job_or_404(job_id: str) -> Any:
+        job = weaver.state.jobs.get(job_id)
+        if job is None or (job.config is None and not job.ranks):
+            return None
+        return job
+
+    def not_found(job_id: str) -> JSONResponse:
+        return JSONResponse(
+            {"ok": False, "error": {"code": "unknown_job", "message": f"no job {job_id!r}"}},
+            status_code=404,
+        )
+
+    async def submit(request: Request, req: ControlRequest) -> JSONResponse:
+        who = request.client.host if request.client else "?"
+        req.requested_by = f"web:{who}"
+        reply: ControlReply = await weaver.submit(req)
+        body: dict[str, Any] = {
+            "ok": reply.ok,
+            "version": reply.version,
+            "effective_step": reply.effective_step,
+            "error": None,
+        }
+        if reply.error is not None:
+            body["error"] = {
+                "code": reply.error.code,
+                "message": reply.error.message,
+                "knob": reply.error.knob,
+            }
+        status = (
+            200 if reply.ok else _STATUS_BY_CODE.get(reply.error.code if reply.error else "", 409)
+        )
+        return JSONResponse(body, status_code=status)
+
+    # ---- the page ------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def index(request: Request) -> HTMLResponse:
+        page = "index.html" if access.allowed(request.headers, request.cookies) else "login.html"
+        return HTMLResponse((STATIC / page).read_text(), headers={"cache-control": "no-store"})
+
+    @app.post("/api/session", include_in_schema=False)
+    async def login(body: SessionBody) -> Response:
+        if not access.required:
+            return JSONResponse({"ok": True})
+        if not access.check_token(body.token):
+            return JSONResponse(
+                {"ok": False, "error": {"code": "unauthorized", "message": "wrong token"}},
+                status_code=401,
+            )
+        resp = JSONResponse({"ok": True})
+        resp.set_cookie(SESSION_COOKIE, access.session_value(), httponly=True, samesite="strict")
+        return resp
+
+    # ---- read-only API -------------------------------------------------------------
+
+    @app.get("/api/health", tags=["read"])
+    async def health() -> dict[str, Any]:
+        """The Weaver's health: NATS link and round trip (ms), loop lateness (ms), drops."""
+        return feed.health()
+
+    @app.get("/api/jobs", tags=["read"])
+    async def jobs() -> list[dict[str, Any]]:
+        """Every job with its run header (step, samples/s, loss, accuracy, groups, goodput)."""
+        health = feed.health()
+        return [
+            frames.header(weaver.state.jobs[j], feed.track(j), health)
+            for j in frames.job_ids(weaver.state)
+        ]
+
+    @app.get("/api/jobs/{job_id}", tags=["read"], response_model=None)
+    async def job(job_id: str) -> dict[str, Any] | JSONResponse:
+        """One job's run header."""
+        j = job_or_404(job_id)
+        return frames.header(j, feed.track(job_id), feed.health()) if j else not_found(job_id)
+
+    @app.get("/api/jobs/{job_id}/ranks", tags=["read"], response_model=None)
+    async def ranks(job_id: str) -> list[dict[str, Any]] | JSONResponse:
+        """The DR map: every rank with host, device, state, step, figures, config versions."""
+        j = job_or_404(job_id)
+        if j is None:
+            return not_found(job_id)
+        now = feed.clock()
+        ranks = sorted(j.ranks.values(), key=lambda r: r.key)
+        return [{**views.rank_view(r, j, now), **frames.rank_row(r, j, now)} for r in ranks]
+
+    @app.get("/api/jobs/{job_id}/config", tags=["read"], response_model=None)
+    async def config(job_id: str) -> dict[str, Any] | JSONResponse:
+        """The desired config: values, overrides, knob registry with bounds, recent applies."""
+        j = job_or_404(job_id)
+        return frames.config(j) if j else not_found(job_id)
+
+    @app.get("/api/jobs/{job_id}/events", tags=["read"], response_model=None)
+    async def events(
+        job_id: str,
+        category: str | None = Query(
+            None, description="failure | recovery | drain | config | policy | other"
+        ),
+        kind: str | None = Query(None, description="one event kind, e.g. rank_failed"),
+        after_seq: int = Query(0, ge=0, description="only events after this seq"),
+        limit: int = Query(500, ge=1, le=2000),
+    ) -> list[dict[str, Any]] | JSONResponse:
+        """The job's event history (kept across Weaver restarts), oldest first."""
+        if job_or_404(job_id) is None and job_id not in feed.tracks:
+            return not_found(job_id)
+        out = [
+            e
+            for e in feed.track(job_id).events_after(after_seq)
+            if (kind is None or e["kind"] == kind)
+            and (category is None or event_category(e["kind"]) == category)
+        ]
+        return out[-limit:]
+
+    @app.get("/api/jobs/{job_id}/series", tags=["read"], response_model=None)
+    async def series(
+        job_id: str, since_ts: float = Query(0.0, description="Unix seconds")
+    ) -> dict[str, Any] | JSONResponse:
+        """Chart series: ``ts`` and columns ``loss/<replica>``, ``acc/<replica>``,
+        ``sps/<replica>`` (samples/s), ``sps`` and ``step`` (job-wide)."""
+        if job_or_404(job_id) is None:
+            return not_found(job_id)
+        return feed.track(job_id).series.since(since_ts)
+
+    @app.get("/api/stream", tags=["read"])
+    async def stream(job: str | None = Query(None)) -> StreamingResponse:
+        """Server-Sent Events: a ``snapshot`` frame, then ``update`` frames (JSON, one per
+        ``data:`` line) every push interval; a fresh snapshot when the client fell behind."""
+        sub = feed.subscribe(job or feed.default_job())
+
+        async def gen() -> AsyncIterator[bytes]:
+            try:
+                yield b"retry: 1000\n\n"
+                while True:
+                    out = await feed.frames_for(sub)
+                    if not out:
+                        yield b": keepalive\n\n"
+                    for data in out:
+                        yield b"data: " + data + b"\n\n"
+            finally:
+                feed.unsubscribe(sub)
+
+        return StreamingResponse(
+            gen(),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
+        )
+
+    @app.get("/metrics", tags=["read"], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text exposition: per-rank step, step time, loss, samples/s, state,
+        heartbeat age, applied config version; per-job failures and config version."""
+        return Response(exposition(collector), media_type="text/plain; version=0.0.4")
+
+    # ---- actions (the control entry point) -----------------------------------------
+
+    @app.post("/api/jobs/{job_id}/config", tags=["actions"], response_model=ControlResult)
+    async def set_knobs(job_id: str, body: SetBody, request: Request) -> JSONResponse:
+        """Change knobs (validated against the knob registry); applied at a common step."""
+        return await submit(
+            request,
+            ControlRequest(
+                op="set",
+                job_id=job_id,
+                values=body.values,
+                replica_id=body.replica_id,
+                reason=body.reason,
+            ),
+        )
+
+    def run_state_action(op: Literal["pause", "resume", "stop"]) -> Any:
+        async def action(
+            job_id: str, request: Request, body: ActionBody | None = None
+        ) -> JSONResponse:
+            reason = body.reason if body else ""
+            return await submit(request, ControlRequest(op=op, job_id=job_id, reason=reason))
+
+        action.__doc__ = f"{op.capitalize()} the job at a common step."
+        return action
+
+    for op in ("pause", "resume", "stop"):
+        app.post(
+            f"/api/jobs/{{job_id}}/{op}",
+            tags=["actions"],
+            response_model=ControlResult,
+            operation_id=f"{op}_job",
+        )(run_state_action(op))
+
+    @app.post("/api/jobs/{job_id}/drain", tags=["actions"], response_model=ControlResult)
+    async def drain(job_id: str, body: DrainBody, request: Request) -> JSONResponse:
+        """Drain a replica group (``replica_id``) or those on a ``device`` at an agreed step."""
+        return await submit(
+            request,
+            ControlRequest(
+                op="drain",
+                job_id=job_id,
+                replica_id=body.replica_id,
+                device=body.device,
+                replace=body.replace,
+                reason=body.reason,
+            ),
+        )
+
+    return app
