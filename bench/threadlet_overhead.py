@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,32 +31,9 @@ from pathlib import Path
 import torch
 
 import torchloom
-from torchloom.paths import read_endpoint
 from torchloom.protocol import ControlReply, ControlRequest, decode, encode, names
 from torchloom.transport import connect
-
-
-class UpProcess:
-    """`torchloom up` in its own process (NATS + Weaver), as users run it: the Weaver must not
-    share this process's GIL with the loop being measured."""
-
-    def __init__(self, state_dir: Path) -> None:
-        exe = Path(sys.executable).parent / "torchloom"
-        self.proc = subprocess.Popen(
-            [str(exe), "up", "--state-dir", str(state_dir), "--lighthouse", "none"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 30
-        while (ep := read_endpoint(state_dir)) is None or ep.get("pid") != self.proc.pid:
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("torchloom up did not start")
-            time.sleep(0.05)
-        self.nats_url: str = ep["nats_url"]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(15)
+from up_process import UpProcess  # bench/ is on sys.path when run as a script
 
 
 def mlp_step_fn():

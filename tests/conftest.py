@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,36 @@ def up(tmp_path: Path) -> Iterator[Up]:
     proc = Up(tmp_path / "state", "--hang-timeout-s", "3")
     yield proc
     proc.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (scripts/browser.sh installs it).
+
+    Not skipped when missing: the dashboard tests are part of the suite, and a machine
+    without the browser must say so.
+    """
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail("no /usr/bin/chromium: run scripts/browser.sh (apt-get install chromium)")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    """Where the dashboard tests save screenshots: $TORCHLOOM_SCREENSHOTS (the README's
+    images come from `TORCHLOOM_SCREENSHOTS=docs/img pytest tests/integration/test_dashboard_browser.py`),
+    else the test's tmp dir."""
+    out = Path(os.environ.get("TORCHLOOM_SCREENSHOTS") or tmp_path / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

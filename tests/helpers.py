@@ -135,6 +135,56 @@ def launch_mnist(
     )
 
 
+def start_two_groups(
+    up: Up,
+    tmp_path: Path,
+    max_steps: int,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    nproc_per_group: int = 1,
+) -> tuple[subprocess.Popen[bytes], Any]:
+    """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
+    cmd = [
+        str(BIN / "torchloom"),
+        "run",
+        "--replicas",
+        "2",
+        "--nproc-per-group",
+        str(nproc_per_group),
+        "--job",
+        "ft",
+        "--state-dir",
+        str(up.state_dir),
+        "--",
+        "python",
+        str(TRAIN),
+        "--ft",
+        "--max-steps",
+        str(max_steps),
+        "--eval-every",
+        "0",
+        "--log-every",
+        "50",
+        "--data-dir",
+        str(mnist_dir()),
+        "--out-dir",
+        str(tmp_path / "out"),
+        # ~60 ms steps: a restarted group (5-10 s to start here) rejoins well before the end
+        "--step-delay-ms",
+        "30",
+        *extra,
+    ]
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
+    )
+    return proc, log
+
+
 def job_status(client: WeaverClient, job: str) -> dict[str, Any] | None:
     jobs = client.status(job).get("jobs", [])
     return jobs[0] if jobs else None

@@ -3,20 +3,17 @@
 import itertools
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from tests.helpers import (
-    BIN,
-    TRAIN,
     TelemetryTap,
     cli,
     history,
     kill_tree,
-    mnist_dir,
     ranks,
+    start_two_groups,
     summaries,
     wait_for,
 )
@@ -24,49 +21,6 @@ from torchloom.chaos import FailurePlan
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
-
-
-def start_two_groups(up, tmp_path, max_steps, *extra, env=None, nproc_per_group=1):
-    """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
-    cmd = [
-        str(BIN / "torchloom"),
-        "run",
-        "--replicas",
-        "2",
-        "--nproc-per-group",
-        str(nproc_per_group),
-        "--job",
-        "ft",
-        "--state-dir",
-        str(up.state_dir),
-        "--",
-        "python",
-        str(TRAIN),
-        "--ft",
-        "--max-steps",
-        str(max_steps),
-        "--eval-every",
-        "0",
-        "--log-every",
-        "50",
-        "--data-dir",
-        str(mnist_dir()),
-        "--out-dir",
-        str(tmp_path / "out"),
-        # ~60 ms steps: a restarted group (5-10 s to start here) rejoins well before the end
-        "--step-delay-ms",
-        "30",
-        *extra,
-    ]
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, **(env or {})},
-    )
-    return proc, log
 
 
 def both_in_quorum(client):

@@ -77,6 +77,17 @@ def test_custom_knobs_bool_str_and_bounds():
         coerce(mode, "slow")
 
 
+def test_off_words_that_are_values_of_the_knob_keep_their_meaning():
+    # the dashboard sends every knob as typed: `lr_scaling=none` is a choice, `augment=off` is False
+    assert coerce(BUILTIN_KNOBS["lr_scaling"], "none") == "none"
+    switch = KnobSpec(name="augment", type="bool")
+    assert coerce(switch, "off") is False and coerce(switch, "OFF") is False
+    with pytest.raises(InvalidKnobError, match="cannot be switched off"):
+        coerce(switch, "none")
+    assert coerce(KnobSpec(name="flag", type="bool", allow_off=True), "null") is None
+    assert coerce(BUILTIN_KNOBS["grad_clip"], "none") is None
+
+
 def test_check_spec_refuses_bad_definitions():
     with pytest.raises(InvalidKnobError):
         check_spec(KnobSpec(name="bad name", type="int"))

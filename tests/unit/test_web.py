@@ -153,7 +153,7 @@ def test_update_sends_only_changed_rows_new_events_and_new_points():
     sample(job, track, 2.0)
     track.add_event(event("config_set", 2.0))
     up = frames.update(job, track, {}, 1.0, ["j"], cursor)  # same `now`: ages unchanged
-    assert [r["id"] for r in up["ranks"]] == ["0/0"]
+    assert up["ranks"] == [{"id": "0/0", "step": 2}]  # only what changed
     assert [e["kind"] for e in up["events"]] == ["config_set"]
     assert up["series"]["ts"] == [2.0] and not up["series_reset"]
 
@@ -161,8 +161,11 @@ def test_update_sends_only_changed_rows_new_events_and_new_points():
     assert up["ranks"] == [] and up["events"] == [] and up["series"]["ts"] == []
 
     del job.ranks[b.key]
+    c = make_rank("1", 0, step=4)
+    job.ranks[c.key] = c
     up = frames.update(job, track, {}, 1.0, ["j"], cursor)
     assert up["removed"] == ["0/1"]
+    assert up["ranks"] == [frames.rows(job, 1.0)["1/0"]]  # a new rank comes whole
 
 
 def test_update_resends_the_series_after_it_was_thinned():

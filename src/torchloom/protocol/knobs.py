@@ -168,7 +168,7 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
         InvalidKnobError: wrong type, out of bounds, not a finite number, or
             ``off`` for a knob that cannot be switched off.
     """
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in _OFF_WORDS):
+    if _means_off(spec, raw):
         if spec.allow_off:
             return None
         raise InvalidKnobError(spec.name, f"cannot be switched off; must be {spec.rule()}")
@@ -182,6 +182,19 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
     return value
 
 
+def _means_off(spec: KnobSpec, raw: Any) -> bool:
+    """Whether ``raw`` switches the knob off: None, or an off word (``off``, ``none``,
+    ``null``) that is not itself a value of the knob (``off`` of a bool is False; a
+    choice named ``none`` is that choice)."""
+    if raw is None:
+        return True
+    if not isinstance(raw, str) or raw.strip().lower() not in _OFF_WORDS:
+        return False
+    if spec.type == "bool" and raw.strip().lower() == "off":
+        return False
+    return not (spec.choices is not None and raw in spec.choices)
+
+
 def _to_type(spec: KnobSpec, raw: Any) -> Any:
     bad = InvalidKnobError(spec.name, f"{raw!r} is not a valid {spec.type}; must be {spec.rule()}")
     if spec.type == "str":
@@ -191,7 +204,7 @@ def _to_type(spec: KnobSpec, raw: Any) -> Any:
     if spec.type == "bool":
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in ("true", "on", "yes", "1", "false", "no", "0"):
+        if isinstance(raw, str) and raw.lower() in ("true", "on", "yes", "1", "false", "off", "no", "0"):
             return raw.lower() in ("true", "on", "yes", "1")
         raise bad
     if isinstance(raw, bool):

@@ -80,7 +80,7 @@ class Feed:
         weaver: Weaver,
         *,
         push_interval_ms: float = 500.0,
-        sample_interval_s: float = 1.0,
+        sample_interval_s: float = 0.5,
         max_pending_frames: int = 4,
         clock: Callable[[], float] = time.time,
     ) -> None:

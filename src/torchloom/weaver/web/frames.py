@@ -77,7 +77,7 @@ def header(job: Job, track: JobTrack, health: dict[str, Any]) -> dict[str, Any]:
     return {
         "job_id": job.job_id,
         "run_state": latest.run_state if latest else None,
-        "step": max((r.entry.last_step for r in live), default=None),
+        "step": max((r.entry.last_step for r in live or job.ranks.values()), default=None),
         "samples_per_s": round(sum(sps), 1) if sps else None,
         "loss": sum(losses) / len(losses) if losses else None,
         "test_acc": max(accs) if accs else None,
@@ -137,11 +137,14 @@ def update(
 ) -> dict[str, Any]:
     """What changed since the frame ``cursor`` describes; moves ``cursor`` past this frame.
 
+    ``ranks`` holds, per rank that changed, its ``id`` and the fields that changed (a new
+    rank comes whole); the page merges them into the rows it has.
+
     When the chart series was thinned since (see :class:`~torchloom.weaver.web.series.Series`),
     the whole series is sent with ``series_reset`` so that the page's copy stays as small.
     """
     current = rows(job, now)
-    changed = [row for rid, row in current.items() if cursor.rows.get(rid) != row]
+    changed = [_changes(row, cursor.rows.get(rid)) for rid, row in current.items()]
     reset = track.series.stride != cursor.series_stride
     series = track.series.since(float("-inf") if reset else cursor.series_ts)
     events = track.events_after(cursor.event_seq)
@@ -151,7 +154,7 @@ def update(
         "jobs": jobs,
         "header": header(job, track, health),
         "config": config(job),
-        "ranks": changed,
+        "ranks": [c for c in changed if c is not None],
         "removed": sorted(set(cursor.rows) - set(current)),
         "events": events,
         "series": series,
@@ -162,6 +165,15 @@ def update(
     cursor.series_ts = track.series.ts[-1] if track.series.ts else cursor.series_ts
     cursor.series_stride = track.series.stride
     return frame
+
+
+def _changes(row: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The fields of ``row`` that differ from ``before`` (with its ``id``); all of a new row;
+    None when nothing changed."""
+    if before is None:
+        return row
+    diff = {k: v for k, v in row.items() if before.get(k) != v}
+    return {"id": row["id"], **diff} if diff else None
 
 
 def snapshot(

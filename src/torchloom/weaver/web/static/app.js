@@ -87,9 +87,10 @@ function apply(f) {
   // update
   S.header = f.header;
   S.config = f.config;
-  for (const r of f.ranks) {
-    const old = S.ranks.get(r.id);
-    if (!old || old.step !== r.step) {
+  for (const diff of f.ranks) {  // only the fields that changed (a new rank comes whole)
+    const old = S.ranks.get(diff.id);
+    const r = old ? Object.assign(old, diff) : diff;
+    if (!old || "step" in diff) {
       const trail = S.sparks.get(r.id) || [];
       trail.push([r.loss, r.step_time_s]);
       if (trail.length > 40) trail.shift();
@@ -276,8 +277,15 @@ function renderTable() {
     return ga === gb ? ra - rb : ga.localeCompare(gb, undefined, { numeric: true });
   });
   const existing = new Map([...tbody.rows].map((tr) => [tr.dataset.id, tr]));
+  // only the rows in view (and a margin) get their cells redrawn; scrolling redraws
+  const wrap = tbody.closest(".table-wrap");
+  const rowH = tbody.rows[0]?.offsetHeight || 24;
+  const first = Math.floor(wrap.scrollTop / rowH) - 10;
+  const last = Math.ceil((wrap.scrollTop + wrap.clientHeight) / rowH) + 10;
   let prev = null;
+  let index = -1;
   for (const id of ids) {
+    index += 1;
     const r = S.ranks.get(id);
     let tr = existing.get(id);
     if (!tr) {
@@ -291,6 +299,7 @@ function renderTable() {
     prev = tr;
     tr.dataset.replica = r.replica_id;
     tr.classList.toggle("sel", S.selected === r.replica_id);
+    if ((index < first || index > last) && tr.cells[0]._h) continue;
     const st = stateOf(r);
     const trail = S.sparks.get(id) || [];
     const match = r.desired_version == null || r.applied_version === r.desired_version;
@@ -392,6 +401,7 @@ function renderKnobs() {
     const list = $("#knob-list");
     list.innerHTML = c.knobs.map((k) => knobRow(k, scope.value)).join("");
     list.querySelectorAll("input,select").forEach((el) => el.addEventListener("input", () => {
+      el.dataset.touched = "1";
       el.classList.toggle("changed", el.value !== el.dataset.value);
       el.classList.remove("invalid");
       const err = el.closest(".knob").querySelector(".err"); if (err) err.textContent = "";
@@ -410,11 +420,11 @@ function show(v) { return v == null ? "off" : typeof v === "boolean" ? (v ? "on"
 function knobRow(k, replica) {
   const [v, overridden] = valueFor(k, replica);
   const locked = replica && k.scope === "job";
-  const input = k.choices
-    ? `<select name="${esc(k.name)}" data-value="${esc(show(v))}" ${locked ? "disabled" : ""}>${k.choices.map((c) => `<option ${c === v ? "selected" : ""}>${esc(c)}</option>`).join("")}</select>`
-    : k.type === "bool"
-      ? `<select name="${esc(k.name)}" data-value="${esc(show(v))}" ${locked ? "disabled" : ""}><option ${v ? "selected" : ""}>on</option><option ${v ? "" : "selected"}>off</option></select>`
-      : `<input name="${esc(k.name)}" value="${esc(show(v))}" data-value="${esc(show(v))}" ${locked ? "disabled" : ""} spellcheck="false">`;
+  const options = k.choices ? [...(k.allow_off || v == null ? ["off"] : []), ...k.choices] : k.type === "bool" ? ["on", "off"] : null;
+  const attrs = `name="${esc(k.name)}" data-value="${esc(show(v))}" ${locked ? "disabled" : ""}`;
+  const input = options
+    ? `<select ${attrs}>${options.map((o) => `<option ${o === show(v) ? "selected" : ""}>${esc(o)}</option>`).join("")}</select>`
+    : `<input ${attrs} value="${esc(show(v))}" spellcheck="false">`;
   return `<div class="knob" data-knob="${esc(k.name)}"><label title="${esc(k.name + ": " + (k.doc || ""))}">${esc(k.name)}</label>${input}
     <div class="rule">${esc(k.rule)}${k.scope === "job" ? " · job-wide" : ""}</div>
     ${overridden ? `<div class="override">overridden for group ${esc(replica)}</div>` : ""}<div class="err"></div></div>`;
@@ -430,7 +440,10 @@ async function post(path, body) {
 async function applyKnobs(ev) {
   ev.preventDefault();
   const values = {};
-  $("#knob-list").querySelectorAll("input,select").forEach((el) => { if (!el.disabled && el.value !== el.dataset.value) values[el.name] = el.value; });
+  // only what the person changed: a knob the page merely shows is never sent back
+  $("#knob-list").querySelectorAll("input,select").forEach((el) => {
+    if (!el.disabled && el.dataset.touched && el.value !== el.dataset.value) values[el.name] = el.value;
+  });
   const status = $("#apply-status");
   if (!Object.keys(values).length) { status.textContent = "nothing changed"; status.className = "msg"; return; }
   const replica = $("#scope").value || null;
@@ -524,6 +537,7 @@ function wire() {
   });
   $("#event-search").addEventListener("input", (e) => { S.search = e.target.value; renderEvents(); });
   $("#drmap").addEventListener("click", (e) => { const c = e.target.closest(".chip"); if (c) select(c.dataset.replica); });
+  $(".table-wrap").addEventListener("scroll", () => requestAnimationFrame(() => { S.dirty.add("ranks"); render(); }), { passive: true });
   $("#ranks tbody").addEventListener("click", (e) => { const tr = e.target.closest("tr"); if (tr) select(tr.dataset.replica); });
   const tip = $("#tip");
   $("#drmap").addEventListener("mousemove", (e) => {
