@@ -31,9 +31,12 @@ def up(tmp_path: Path) -> Iterator[Up]:
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's Chromium, headless, driven by Playwright (scripts/browser.sh installs it).
+
+    Module-scoped: Playwright's sync API runs an event loop on the main thread while it is
+    open, and the other tests' clients call ``asyncio.run`` there.
 
     Not skipped when missing: the dashboard tests are part of the suite, and a machine
     without the browser must say so.

@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from torchloom.protocol import ControlReply, ControlRequest
 from torchloom.weaver import views
 from torchloom.weaver.service import Weaver
+from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
 from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware
 from torchloom.weaver.web.feed import Feed
@@ -116,7 +117,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     collector = WeaverCollector(weaver.state, feed.tracks, feed.clock)
 
-    def job_or_404(job_id: str) -> Any:
+    def find_job(job_id: str) -> Job | None:
         job = weaver.state.jobs.get(job_id)
         if job is None or (job.config is None and not job.ranks):
             return None
@@ -188,13 +189,13 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     @app.get("/api/jobs/{job_id}", tags=["read"], response_model=None)
     async def job(job_id: str) -> dict[str, Any] | JSONResponse:
         """One job's run header."""
-        j = job_or_404(job_id)
+        j = find_job(job_id)
         return frames.header(j, feed.track(job_id), feed.health()) if j else not_found(job_id)
 
     @app.get("/api/jobs/{job_id}/ranks", tags=["read"], response_model=None)
     async def ranks(job_id: str) -> list[dict[str, Any]] | JSONResponse:
         """The DR map: every rank with host, device, state, step, figures, config versions."""
-        j = job_or_404(job_id)
+        j = find_job(job_id)
         if j is None:
             return not_found(job_id)
         now = feed.clock()
@@ -204,7 +205,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     @app.get("/api/jobs/{job_id}/config", tags=["read"], response_model=None)
     async def config(job_id: str) -> dict[str, Any] | JSONResponse:
         """The desired config: values, overrides, knob registry with bounds, recent applies."""
-        j = job_or_404(job_id)
+        j = find_job(job_id)
         return frames.config(j) if j else not_found(job_id)
 
     @app.get("/api/jobs/{job_id}/events", tags=["read"], response_model=None)
@@ -218,7 +219,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         limit: int = Query(500, ge=1, le=2000),
     ) -> list[dict[str, Any]] | JSONResponse:
         """The job's event history (kept across Weaver restarts), oldest first."""
-        if job_or_404(job_id) is None and job_id not in feed.tracks:
+        if find_job(job_id) is None and job_id not in feed.tracks:
             return not_found(job_id)
         out = [
             e
@@ -234,7 +235,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     ) -> dict[str, Any] | JSONResponse:
         """Chart series: ``ts`` and columns ``loss/<replica>``, ``acc/<replica>``,
         ``sps/<replica>`` (samples/s), ``sps`` and ``step`` (job-wide)."""
-        if job_or_404(job_id) is None:
+        if find_job(job_id) is None:
             return not_found(job_id)
         return feed.track(job_id).series.since(since_ts)
 

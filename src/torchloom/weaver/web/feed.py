@@ -187,18 +187,20 @@ class Feed:
     async def run(self) -> None:
         """Sample and push until cancelled; reads the stored history once NATS answers."""
         await self.weaver.ready.wait()
-        pinger = asyncio.ensure_future(self._ping_forever())
+        helpers = [
+            asyncio.ensure_future(self._ping_forever()),
+            asyncio.ensure_future(self._load_history_until_done()),
+        ]
         try:
             while True:
-                if not self.history_loaded:
-                    await self.load_history()
                 try:
                     self.tick()
                 except Exception:  # the dashboard must never take the Weaver down
                     log.exception("dashboard tick failed")
                 await asyncio.sleep(self.push_interval_ms / 1000.0)
         finally:
-            pinger.cancel()
+            for task in helpers:
+                task.cancel()
 
     def tick(self) -> None:
         """Sample every job if due, then push one frame per followed job."""
@@ -220,6 +222,12 @@ class Feed:
             data = _encode(frame)
             for sub in channel.subscribers:
                 sub.push(data)
+
+    async def _load_history_until_done(self, *, retry_s: float = 2.0) -> None:
+        while not self.history_loaded:  # NATS may be away at start; live updates go on meanwhile
+            await self.load_history()
+            if not self.history_loaded:
+                await asyncio.sleep(retry_s)
 
     async def _ping_forever(self, *, interval_s: float = 2.0) -> None:
         while True:
