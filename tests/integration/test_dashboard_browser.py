@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from tests.helpers import Up, kill_tree, launch_mnist, start_two_groups, wait_for
+from tests.helpers import REPO, Up, kill_tree, launch_mnist, start_two_groups, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -203,4 +205,42 @@ def test_a_killed_replica_group_heals_and_one_is_drained_from_the_page(
         page.close()
         kill_tree(proc)
         log.close()
+        up.stop()
+
+
+def simulated_job(nats_url: str, job: str, ranks: int):
+    """Simulated ranks of ``job`` publishing real telemetry (bench/dashboard.py's simulator)."""
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "dashboard.py"), "--simulate", nats_url,
+         "--job", job, "--ranks", str(ranks), "--hz", "4", "--duration-s", "60"],
+    )  # fmt: skip
+
+
+def test_the_page_waits_for_a_job_and_switches_between_jobs(tmp_path, browser):
+    up = Up(tmp_path / "state")
+    p = Page(browser, up.ui_url or "")
+    page = p.page
+    sims = []
+    try:
+        page.goto(up.ui_url or "")
+        page.wait_for_function("document.querySelector('#run-state').textContent === 'no job yet'")
+        sims.append(simulated_job(up.url, "alpha", 3))
+        page.wait_for_selector(
+            p.chip("0/2"), timeout=30_000
+        )  # it follows the first job that appears
+        sims.append(simulated_job(up.url, "beta", 9))
+        page.wait_for_function(
+            "[...document.querySelectorAll('#job option')].map(o => o.value).join() === 'alpha,beta'",
+            timeout=30_000,
+        )
+        page.select_option("#job", "beta")
+        page.wait_for_selector(p.chip("1/0"), timeout=10_000)  # beta's second replica group
+        assert page.locator("#drmap .chip").count() == 9
+        assert "job=beta" in page.url
+        assert p.errors == [] and p.external() == []
+    finally:
+        page.close()
+        for sim in sims:
+            sim.terminate()
+            sim.wait(10)
         up.stop()
