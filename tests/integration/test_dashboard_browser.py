@@ -185,6 +185,18 @@ def test_a_killed_replica_group_heals_and_one_is_drained_from_the_page(
         page.wait_for_function(f"window.__loomPerf.frames > {frames + 10}")  # a few s of training
         page.screenshot(path=str(screenshots / "dashboard.png"), full_page=True)
 
+        # a knob for one replica group: selecting group 1 scopes the knobs panel to it
+        page.click(p.chip("1/0"))
+        assert page.locator("#scope").input_value() == "1"
+        page.fill('#knob-list input[name="lr"]', "0.03")
+        page.click("#apply")
+        page.wait_for_function(
+            "document.querySelector('#apply-status').dataset.applied", timeout=30_000
+        )
+        lrs = {r["id"]: r["config"]["lr"] for r in api_get(up.ui_url or "", "/api/jobs/ft/ranks")}
+        assert lrs == {"0/0": 0.05, "1/0": 0.03}
+        page.click(p.chip("1/0"))  # unselect
+
         # drain group 1 from the page: a confirmation first; cancelling does nothing
         page.click(p.chip("1/0"))
         page.click("#act-drain")
@@ -200,6 +212,12 @@ def test_a_killed_replica_group_heals_and_one_is_drained_from_the_page(
             what="1/0 leaves the map",
         )
         assert page.locator(p.chip("0/0", "training")).count() == 1
+
+        # stop, confirmed: the job ends cleanly
+        page.click("#act-stop")
+        page.click("#confirm-ok")
+        assert proc.wait(60) == 0
+        page.wait_for_function("document.querySelector('#run-state').textContent === 'stopped'")
         assert p.errors == [] and p.external() == []
     finally:
         page.close()

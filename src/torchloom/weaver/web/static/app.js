@@ -66,14 +66,15 @@ function connect() {
 
 function apply(f) {
   S.jobs = f.jobs || S.jobs;
-  if (f.type === "jobs") {
-    if (!S.job && S.jobs.length) { S.job = S.jobs[0]; connect(); }
-    S.dirty.add("jobs");
+  if (f.type === "jobs" || (f.type === "snapshot" && !f.header)) {
+    // no job yet, or not this one: follow the first job there is
+    S.header = null;
+    ["jobs", "header"].forEach((k) => S.dirty.add(k));
+    if (S.jobs.length && !S.jobs.includes(S.job)) { S.job = S.jobs[0]; connect(); }
     return;
   }
   if (f.type === "snapshot") {
     perf.snapshots += 1;
-    if (!f.header) { S.header = null; S.dirty.add("jobs"); S.dirty.add("header"); if (!S.job && S.jobs.length) { S.job = S.jobs[0]; connect(); } return; }
     S.job = f.header.job_id;
     S.ranks = new Map(f.ranks.map((r) => [r.id, r]));
     S.sparks = new Map(Object.entries(f.sparks || {}));
