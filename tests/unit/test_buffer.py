@@ -24,6 +24,16 @@ def test_drain_limit_and_push_front():
     assert buf.drain() == [0, 1, 2, 3, 4]
 
 
+def test_push_front_into_a_full_buffer_counts_every_item_that_did_not_fit():
+    buf = DropOldestBuffer[int](4)
+    taken = [0, 1, 2]
+    for i in range(3, 6):
+        buf.append(i)
+    buf.push_front(taken)  # room for one: the newest of the taken ones goes back
+    assert buf.drain() == [2, 3, 4, 5]
+    assert buf.dropped == 2
+
+
 def test_capacity_must_be_positive():
     with pytest.raises(ValueError):
         DropOldestBuffer[int](0)

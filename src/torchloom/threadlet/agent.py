@@ -298,9 +298,9 @@ class Agent:
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, step, samples)
+        raw_points = run._points.drain(512)
         points = [
-            MetricPoint(step=s, ts=ts, values=_to_floats(values))
-            for s, ts, values in run._points.drain(512)
+            MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in raw_points
         ]
         self._seq += 1
         tel = Telemetry(
@@ -328,7 +328,7 @@ class Agent:
                 names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel)
             )
         except NotReachableError:
-            pass
+            run._points.push_front(raw_points)  # sent with the next flush, not lost
 
 
 def _to_floats(values: dict[str, object]) -> dict[str, float | None]:

@@ -43,9 +43,9 @@ class DropOldestBuffer(Generic[T]):
 
     def push_front(self, items: list[T]) -> None:
         """Put back items that could not be sent (they stay oldest; drops count if full)."""
-        for item in reversed(items):
+        for i, item in enumerate(reversed(items)):
             if len(self._items) == self.capacity:
-                self.dropped += 1
+                self.dropped += len(items) - i  # every item that did not fit
                 return
             self._items.appendleft(item)
 
