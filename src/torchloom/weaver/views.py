@@ -51,8 +51,9 @@ def _job(job: Job, now: float) -> dict[str, Any]:
     }
 
 
-def rank_view(rank: Rank, job: Job, now: float) -> dict[str, Any]:
-    """One rank of the DR map with its figures, applied and desired config version."""
+def rank_view(rank: Rank, job: Job, now: float, *, with_config: bool = True) -> dict[str, Any]:
+    """One rank of the DR map with its figures, applied and desired config version, and
+    (``with_config``) the knob values in force for it."""
     e = rank.entry
     latest = job.config.latest() if job.config else None
     snap = (
@@ -84,7 +85,7 @@ def rank_view(rank: Rank, job: Job, now: float) -> dict[str, Any]:
         "heartbeat_age_s": round(max(0.0, now - e.last_seen_ts), 3),
         "dropped_points": rank.dropped_points,
         "quorum": rank.quorum,
-        "config": resolve_values(snap, e.replica_id) if snap is not None else {},
+        **({"config": resolve_values(snap, e.replica_id) if snap else {}} if with_config else {}),
     }
 
 

@@ -19,7 +19,6 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from torchloom.protocol import ControlReply, ControlRequest
-from torchloom.weaver import views
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
@@ -200,7 +199,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             return not_found(job_id)
         now = feed.clock()
         ranks = sorted(j.ranks.values(), key=lambda r: r.key)
-        return [{**views.rank_view(r, j, now), **frames.rank_row(r, j, now)} for r in ranks]
+        return [frames.rank_row(r, j, now, detail=True) for r in ranks]
 
     @app.get("/api/jobs/{job_id}/config", tags=["read"], response_model=None)
     async def config(job_id: str) -> dict[str, Any] | JSONResponse:

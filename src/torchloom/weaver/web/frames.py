@@ -38,14 +38,16 @@ _ROW_KEYS = (
 )
 
 
-def rank_row(rank: Rank, job: Job, now: float) -> dict[str, Any]:
-    """One rank as a row of the replicas table and a cell of the DR map.
+def rank_row(rank: Rank, job: Job, now: float, *, detail: bool = False) -> dict[str, Any]:
+    """One rank as a row of the replicas table and a cell of the DR map; with ``detail``
+    also everything :func:`~torchloom.weaver.views.rank_view` knows (config, metrics, quorum).
 
     ``risk`` (failure risk, 0-1) and ``straggler`` are None until a policy computes them.
     """
-    v = views.rank_view(rank, job, now)
+    v = views.rank_view(rank, job, now, with_config=detail)
     quorum = rank.quorum or {}
     return {
+        **(v if detail else {}),
         "id": rank_id(rank),
         **{k: v[k] for k in _ROW_KEYS},
         "step_time_s": finite(v["step_time_s"]),
