@@ -73,6 +73,13 @@ def test_api_reads_steers_and_guards_a_live_job(tmp_path):
         for path in ("/api/jobs", "/api/jobs/{job_id}/ranks", "/api/jobs/{job_id}/events",
                      "/api/jobs/{job_id}/config", "/api/jobs/{job_id}/drain", "/metrics"):  # fmt: skip
             assert path in spec["paths"], path
+        ok_schema = spec["paths"]["/api/jobs/{job_id}/ranks"]["get"]["responses"]["200"]
+        assert ok_schema["content"]["application/json"]["schema"]["items"]["$ref"].endswith(
+            "/RankDetail"
+        )
+        assert {"Header", "Health", "ConfigView", "KnobInfo", "EventView"} <= set(
+            spec["components"]["schemas"]
+        )
 
         # actions: refused with a readable error that names the knob, nothing changes
         version = cfg["version"]

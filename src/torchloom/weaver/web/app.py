@@ -25,6 +25,14 @@ from torchloom.weaver.web import frames
 from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware
 from torchloom.weaver.web.feed import Feed
 from torchloom.weaver.web.metrics import WeaverCollector, exposition
+from torchloom.weaver.web.schema import (
+    ConfigView,
+    EventView,
+    Header,
+    Health,
+    RankDetail,
+    SeriesView,
+)
 
 STATIC = importlib.resources.files("torchloom.weaver.web") / "static"
 
@@ -53,6 +61,24 @@ def event_category(kind: str) -> str:
         if kind in kinds:
             return name
     return "other"
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    knob: str | None = None
+
+
+class ErrorReply(BaseModel):
+    """What a refused or failed request answers."""
+
+    ok: bool = False
+    error: ErrorDetail
+
+
+NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorReply, "description": "no such job"}
+}
 
 
 class SetBody(BaseModel):
@@ -86,7 +112,7 @@ class ControlResult(BaseModel):
     ok: bool
     version: int | None = None
     effective_step: int | None = None
-    error: dict[str, Any] | None = None
+    error: ErrorDetail | None = None
 
 
 def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
@@ -172,12 +198,12 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     # ---- read-only API -------------------------------------------------------------
 
     @app.get("/api/health", tags=["read"])
-    async def health() -> dict[str, Any]:
+    async def health() -> Health:
         """The Weaver's health: NATS link and round trip (ms), loop lateness (ms), drops."""
         return feed.health()
 
     @app.get("/api/jobs", tags=["read"])
-    async def jobs() -> list[dict[str, Any]]:
+    async def jobs() -> list[Header]:
         """Every job with its run header (step, samples/s, loss, accuracy, groups, goodput)."""
         health = feed.health()
         return [
@@ -185,29 +211,41 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             for j in frames.job_ids(weaver.state)
         ]
 
-    @app.get("/api/jobs/{job_id}", tags=["read"], response_model=None)
-    async def job(job_id: str) -> dict[str, Any] | JSONResponse:
+    @app.get("/api/jobs/{job_id}", tags=["read"], response_model=Header, responses=NOT_FOUND)
+    async def job(job_id: str) -> Header | JSONResponse:
         """One job's run header."""
         j = find_job(job_id)
         return frames.header(j, feed.track(job_id), feed.health()) if j else not_found(job_id)
 
-    @app.get("/api/jobs/{job_id}/ranks", tags=["read"], response_model=None)
-    async def ranks(job_id: str) -> list[dict[str, Any]] | JSONResponse:
+    @app.get(
+        "/api/jobs/{job_id}/ranks",
+        tags=["read"],
+        response_model=list[RankDetail],
+        responses=NOT_FOUND,
+    )
+    async def ranks(job_id: str) -> list[RankDetail] | JSONResponse:
         """The DR map: every rank with host, device, state, step, figures, config versions."""
         j = find_job(job_id)
         if j is None:
             return not_found(job_id)
         now = feed.clock()
         ranks = sorted(j.ranks.values(), key=lambda r: r.key)
-        return [frames.rank_row(r, j, now, detail=True) for r in ranks]
+        return [frames.rank_detail(r, j, now) for r in ranks]
 
-    @app.get("/api/jobs/{job_id}/config", tags=["read"], response_model=None)
-    async def config(job_id: str) -> dict[str, Any] | JSONResponse:
+    @app.get(
+        "/api/jobs/{job_id}/config", tags=["read"], response_model=ConfigView, responses=NOT_FOUND
+    )
+    async def config(job_id: str) -> ConfigView | JSONResponse:
         """The desired config: values, overrides, knob registry with bounds, recent applies."""
         j = find_job(job_id)
         return frames.config(j) if j else not_found(job_id)
 
-    @app.get("/api/jobs/{job_id}/events", tags=["read"], response_model=None)
+    @app.get(
+        "/api/jobs/{job_id}/events",
+        tags=["read"],
+        response_model=list[EventView],
+        responses=NOT_FOUND,
+    )
     async def events(
         job_id: str,
         category: str | None = Query(
@@ -216,7 +254,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         kind: str | None = Query(None, description="one event kind, e.g. rank_failed"),
         after_seq: int = Query(0, ge=0, description="only events after this seq"),
         limit: int = Query(500, ge=1, le=2000),
-    ) -> list[dict[str, Any]] | JSONResponse:
+    ) -> list[EventView] | JSONResponse:
         """The job's event history (kept across Weaver restarts), oldest first."""
         if find_job(job_id) is None and job_id not in feed.tracks:
             return not_found(job_id)
@@ -228,10 +266,12 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         ]
         return out[-limit:]
 
-    @app.get("/api/jobs/{job_id}/series", tags=["read"], response_model=None)
+    @app.get(
+        "/api/jobs/{job_id}/series", tags=["read"], response_model=SeriesView, responses=NOT_FOUND
+    )
     async def series(
         job_id: str, since_ts: float = Query(0.0, description="Unix seconds")
-    ) -> dict[str, Any] | JSONResponse:
+    ) -> SeriesView | JSONResponse:
         """Chart series: ``ts`` and columns ``loss/<replica>``, ``acc/<replica>``,
         ``sps/<replica>`` (samples/s), ``sps`` and ``step`` (job-wide)."""
         if find_job(job_id) is None:

@@ -25,6 +25,7 @@ import msgspec
 from torchloom.errors import NotReachableError
 from torchloom.protocol import HistoryEvent
 from torchloom.weaver.web import frames
+from torchloom.weaver.web.schema import Health
 from torchloom.weaver.web.track import JobTrack, sample
 
 if TYPE_CHECKING:
@@ -132,8 +133,17 @@ class Feed:
 
     # ---- outputs ---------------------------------------------------------------------
 
-    def health(self) -> dict[str, Any]:
-        return {**self.weaver.health(), "nats_rtt_ms": self.nats_rtt_ms}
+    def health(self) -> Health:
+        h = self.weaver.health()
+        return {
+            "ready": h["ready"],
+            "nats_connected": h["nats_connected"],
+            "nats_url": h["nats_url"],
+            "nats_rtt_ms": self.nats_rtt_ms,
+            "loop_late_ms": h["loop_late_ms"],
+            "unsaved_events": h["unsaved_events"],
+            "dropped_messages": h["dropped_messages"],
+        }
 
     def default_job(self) -> str | None:
         ids = frames.job_ids(self.weaver.state)

@@ -9,59 +9,66 @@ sent a snapshot instead (see :mod:`~torchloom.weaver.web.feed`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torchloom.protocol import to_builtins
 from torchloom.weaver import views
 from torchloom.weaver.state import Job, Rank, WeaverState
+from torchloom.weaver.web.schema import ConfigView, Header, Health, RankDetail, RankRow
 from torchloom.weaver.web.track import JobTrack, finite, rank_id
 
 SNAPSHOT_EVENTS = 500
 """Events a snapshot carries (the page can ask the API for older ones)."""
 
-_ROW_KEYS = (
-    "replica_id",
-    "rank",
-    "group_world_size",
-    "state",
-    "host",
-    "pid",
-    "device",
-    "step",
-    "step_time_s",
-    "samples_per_s",
-    "applied_version",
-    "applied_at_step",
-    "desired_version",
-    "heartbeat_age_s",
-)
+
+def rank_row(rank: Rank, job: Job, now: float) -> RankRow:
+    """One rank as a row of the replicas table and a cell of the DR map."""
+    return _row(rank, views.rank_view(rank, job, now, with_config=False))
 
 
-def rank_row(rank: Rank, job: Job, now: float, *, detail: bool = False) -> dict[str, Any]:
-    """One rank as a row of the replicas table and a cell of the DR map; with ``detail``
-    also everything :func:`~torchloom.weaver.views.rank_view` knows (config, metrics, quorum).
+def rank_detail(rank: Rank, job: Job, now: float) -> RankDetail:
+    """A rank's row plus everything :func:`~torchloom.weaver.views.rank_view` knows."""
+    v = views.rank_view(rank, job, now)
+    return {
+        **_row(rank, v),
+        "steps_per_s": v["steps_per_s"],
+        "metrics": v["metrics"],
+        "dropped_points": v["dropped_points"],
+        "quorum": v["quorum"],
+        "config": v["config"],
+    }
 
-    ``risk`` (failure risk, 0-1) and ``straggler`` are None until a policy computes them.
-    """
-    v = views.rank_view(rank, job, now, with_config=detail)
+
+def _row(rank: Rank, v: dict[str, Any]) -> RankRow:
     quorum = rank.quorum or {}
     return {
-        **(v if detail else {}),
         "id": rank_id(rank),
-        **{k: v[k] for k in _ROW_KEYS},
+        "replica_id": v["replica_id"],
+        "rank": v["rank"],
+        "group_world_size": v["group_world_size"],
+        "state": v["state"],
+        "host": v["host"],
+        "pid": v["pid"],
+        "device": v["device"],
+        "step": v["step"],
         "step_time_s": finite(v["step_time_s"]),
         "samples_per_s": finite(v["samples_per_s"]),
+        "applied_version": v["applied_version"],
+        "applied_at_step": v["applied_at_step"],
+        "desired_version": v["desired_version"],
+        "heartbeat_age_s": v["heartbeat_age_s"],
         "loss": finite(rank.metrics.get("loss")),
         "test_acc": finite(rank.metrics.get("test_acc")),
         "healing": bool(quorum.get("healing")),
-        "participating": quorum.get("participating"),
+        "participants": quorum.get("participants"),
         "straggler": None,
         "risk": None,
     }
 
 
-def header(job: Job, track: JobTrack, health: dict[str, Any]) -> dict[str, Any]:
+def header(job: Job, track: JobTrack, health: Health) -> Header:
     """The run header: global step, samples/s, loss, accuracy, healthy groups, goodput, health."""
     live = job.live_ranks()
     latest = job.config.latest() if job.config else None
@@ -92,12 +99,15 @@ def header(job: Job, track: JobTrack, health: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def config(job: Job) -> dict[str, Any]:
+def config(job: Job) -> ConfigView:
     """The desired config: latest version, values, overrides, knob registry, recent applies."""
     latest = job.config.latest() if job.config else None
     applies = sorted(job.applies.values(), key=lambda t: t.version)[-8:]
+    knobs = views.knobs(job)
     return {
-        **views.knobs(job),
+        "job_id": job.job_id,
+        "version": knobs["version"],
+        "knobs": knobs["knobs"],
         "epoch": job.config.epoch if job.config else None,
         "effective_step": latest.effective_step if latest else None,
         "values": to_builtins(latest.values) if latest else {},
@@ -118,7 +128,7 @@ def config(job: Job) -> dict[str, Any]:
     }
 
 
-def rows(job: Job, now: float) -> dict[str, dict[str, Any]]:
+def rows(job: Job, now: float) -> dict[str, RankRow]:
     """Every rank's row, by rank id, in DR-map order."""
     ranks = sorted(job.ranks.values(), key=lambda r: r.key)
     return {rank_id(r): rank_row(r, job, now) for r in ranks}
@@ -128,14 +138,14 @@ def rows(job: Job, now: float) -> dict[str, dict[str, Any]]:
 class Cursor:
     """How far a stream of frames has got: what the last frame sent held."""
 
-    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rows: dict[str, RankRow] = field(default_factory=dict)
     event_seq: int = 0
     series_ts: float = float("-inf")
     series_stride: int = 1
 
 
 def update(
-    job: Job, track: JobTrack, health: dict[str, Any], now: float, jobs: list[str], cursor: Cursor
+    job: Job, track: JobTrack, health: Health, now: float, jobs: list[str], cursor: Cursor
 ) -> dict[str, Any]:
     """What changed since the frame ``cursor`` describes; moves ``cursor`` past this frame.
 
@@ -169,7 +179,7 @@ def update(
     return frame
 
 
-def _changes(row: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any] | None:
+def _changes(row: RankRow, before: RankRow | None) -> Mapping[str, Any] | None:
     """The fields of ``row`` that differ from ``before`` (with its ``id``); all of a new row;
     None when nothing changed."""
     if before is None:
@@ -179,7 +189,7 @@ def _changes(row: dict[str, Any], before: dict[str, Any] | None) -> dict[str, An
 
 
 def snapshot(
-    job: Job, track: JobTrack, health: dict[str, Any], now: float, jobs: list[str]
+    job: Job, track: JobTrack, health: Health, now: float, jobs: list[str]
 ) -> tuple[dict[str, Any], Cursor]:
     """Everything the page needs to draw ``job`` from nothing, and the cursor just after it."""
     current = rows(job, now)

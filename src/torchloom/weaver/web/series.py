@@ -10,7 +10,7 @@ run doubles, and memory never grows past ``capacity`` points per column
 
 from __future__ import annotations
 
-from typing import Any
+from torchloom.weaver.web.schema import SeriesView
 
 
 class Series:
@@ -59,7 +59,7 @@ class Series:
         self.columns = {k: v[::2] for k, v in self.columns.items()}
         self.stride *= 2
 
-    def since(self, ts: float) -> dict[str, Any]:
+    def since(self, ts: float) -> SeriesView:
         """The points after ``ts`` (Unix s) as ``{"ts": [...], "columns": {name: [...]}}``."""
         start = len(self.ts)
         while start > 0 and self.ts[start - 1] > ts:

@@ -16,6 +16,7 @@ from typing import Any
 
 from torchloom.protocol import HistoryEvent, to_builtins
 from torchloom.weaver.state import Job, Rank
+from torchloom.weaver.web.schema import EventView
 from torchloom.weaver.web.series import Series
 
 SPARK_POINTS = 40
@@ -103,7 +104,7 @@ class JobTrack:
         for ev in [*stored, *live]:
             self.add_event(ev)
 
-    def events_after(self, seq: int, *, limit: int | None = None) -> list[dict[str, Any]]:
+    def events_after(self, seq: int, *, limit: int | None = None) -> list[EventView]:
         """Kept events with a ``seq`` above ``seq`` (at most the newest ``limit``), as dicts."""
         out = [event_doc(s, ev) for s, ev in self.events if s > seq]
         return out[-limit:] if limit else out
@@ -113,9 +114,21 @@ def _event_key(ev: HistoryEvent) -> tuple[Any, ...]:
     return (ev.kind, ev.ts, ev.replica_id, ev.rank, ev.message)
 
 
-def event_doc(seq: int, ev: HistoryEvent) -> dict[str, Any]:
+def event_doc(seq: int, ev: HistoryEvent) -> EventView:
     """An event as the page and API see it: the history event's fields and its ``seq``."""
-    return {**to_builtins(ev), "seq": seq}
+    return {
+        "v": ev.v,
+        "job_id": ev.job_id,
+        "kind": ev.kind,
+        "ts": ev.ts,
+        "message": ev.message,
+        "replica_id": ev.replica_id,
+        "rank": ev.rank,
+        "step": ev.step,
+        "version": ev.version,
+        "data": to_builtins(ev.data),
+        "seq": seq,
+    }
 
 
 def sample(job: Job, track: JobTrack, now: float) -> None:

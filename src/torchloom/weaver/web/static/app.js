@@ -247,7 +247,7 @@ function tipFor(r) {
     ["host", r.host], ["device", r.device], ["pid", r.pid], ["step", fmt.num(r.step)],
     ["step time", fmt.ms(r.step_time_s)], ["samples/s", fmt.num(r.samples_per_s)], ["loss", fmt.sig(r.loss)],
     ["config", `v${r.applied_version} (desired v${r.desired_version ?? "—"})`],
-    ["heartbeat", fmt.age(r.heartbeat_age_s) + " ago"], ["participating", r.participating == null ? "—" : String(r.participating)],
+    ["heartbeat", fmt.age(r.heartbeat_age_s) + " ago"], ["quorum", r.participants == null ? "—" : `${r.participants} replica group(s)`],
     ["failure risk", r.risk == null ? "—" : fmt.pct(r.risk)],
   ];
   return "<dl>" + rows.map(([k, v]) => `<dt>${k}</dt><dd>${esc(v ?? "—")}</dd>`).join("") + "</dl>";
