@@ -222,7 +222,7 @@ function renderDrMap() {
     html.push(`<div class="host"><div class="hname" title="${esc(host)}">${esc(host)}</div><div class="devices">`);
     for (const [dev, ranks] of [...devs].sort()) {
       html.push(`<div class="device"><div class="dname" title="${esc(dev)}">${esc(dev.replace(/^cuda:GPU-/, "GPU-").slice(0, 22))}</div><div class="chips">`);
-      for (const r of ranks) {
+      for (const r of ranks.sort((a, b) => a.id.localeCompare(b.id, undefined, { numeric: true }))) {
         const st = stateOf(r);
         const sel = S.selected === r.replica_id ? " sel" : "";
         html.push(`<span class="chip s-${st}${sel}" data-id="${esc(r.id)}" data-replica="${esc(r.replica_id)}" data-state="${st}">${esc(r.id)}</span>`);
@@ -359,7 +359,11 @@ function chartSpec(prefix, el, extraTotal) {
     width, height: 180, series, plugins: [marksPlugin()],
     legend: { show: groups.length <= 8 },
     cursor: { drag: { x: true, y: false } },
-    scales: { x: { time: true } },
+    scales: {
+      x: { time: true },
+      // accuracy lives in [0, 1]: show the band the data is in, never beyond 1
+      ...(prefix === "acc" ? { y: { range: (u, min, max) => [min == null ? 0 : Math.max(0, min - 0.02), max == null ? 1 : Math.min(1, max + 0.01)] } } : {}),
+    },
     axes: [
       { stroke: "#8593a3", grid: { stroke: "#2a343f", width: 1 }, ticks: { stroke: "#2a343f" }, size: 30 },
       { stroke: "#8593a3", grid: { stroke: "#2a343f", width: 1 }, ticks: { stroke: "#2a343f" }, size: 58 },
