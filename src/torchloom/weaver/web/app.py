@@ -102,6 +102,16 @@ class DrainBody(BaseModel):
     reason: str = ""
 
 
+REFUSED: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorReply, "description": what}
+    for code, what in (
+        (400, "refused: invalid knob value or request (error.knob names the knob)"),
+        (404, "no such job or replica group"),
+        (503, "not applied: the Weaver could not store it"),
+    )
+}
+
+
 class SessionBody(BaseModel):
     token: str
 
@@ -123,6 +133,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         description="Read-only views of the Weaver's state, actions through its control entry "
         "point, a Server-Sent Events feed and Prometheus metrics.",
         openapi_url="/api/openapi.json",
+        responses={422: {"model": ErrorReply, "description": "the request does not validate"}},
         docs_url=None,
         redoc_url=None,
     )
@@ -310,7 +321,12 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
 
     # ---- actions (the control entry point) -----------------------------------------
 
-    @app.post("/api/jobs/{job_id}/config", tags=["actions"], response_model=ControlResult)
+    @app.post(
+        "/api/jobs/{job_id}/config",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
     async def set_knobs(job_id: str, body: SetBody, request: Request) -> JSONResponse:
         """Change knobs (validated against the knob registry); applied at a common step."""
         return await submit(
@@ -339,10 +355,16 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             f"/api/jobs/{{job_id}}/{op}",
             tags=["actions"],
             response_model=ControlResult,
+            responses=REFUSED,
             operation_id=f"{op}_job",
         )(run_state_action(op))
 
-    @app.post("/api/jobs/{job_id}/drain", tags=["actions"], response_model=ControlResult)
+    @app.post(
+        "/api/jobs/{job_id}/drain",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
     async def drain(job_id: str, body: DrainBody, request: Request) -> JSONResponse:
         """Drain a replica group (``replica_id``) or those on a ``device`` at an agreed step."""
         return await submit(
