@@ -12,17 +12,18 @@ import importlib.resources
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from torchloom.protocol import ControlReply, ControlRequest
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
-from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware
+from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware, require_json
 from torchloom.weaver.web.feed import Feed
 from torchloom.weaver.web.metrics import WeaverCollector, exposition
 from torchloom.weaver.web.schema import (
@@ -84,7 +85,9 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 class SetBody(BaseModel):
     """Change knobs, job-wide or for one replica group."""
 
-    values: dict[str, Any] = Field(description="knob name → new value (null turns a knob off)")
+    values: dict[str, Any] = Field(
+        min_length=1, description="knob name → new value (null turns a knob off)"
+    )
     replica_id: str | None = Field(None, description="one replica group; omitted = job-wide")
     reason: str = ""
 
@@ -107,6 +110,7 @@ REFUSED: dict[int | str, dict[str, Any]] = {
     for code, what in (
         (400, "refused: invalid knob value or request (error.knob names the knob)"),
         (404, "no such job or replica group"),
+        (415, "not sent as application/json"),
         (503, "not applied: the Weaver could not store it"),
     )
 }
@@ -133,11 +137,23 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         description="Read-only views of the Weaver's state, actions through its control entry "
         "point, a Server-Sent Events feed and Prometheus metrics.",
         openapi_url="/api/openapi.json",
-        responses={422: {"model": ErrorReply, "description": "the request does not validate"}},
+        dependencies=[Depends(require_json)],  # every POST route, present and future
+        responses={
+            422: {"model": ErrorReply, "description": "the request does not validate"},
+        },
         docs_url=None,
         redoc_url=None,
     )
     app.add_middleware(AccessMiddleware, access=access)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        return JSONResponse(
+            {"ok": False, "error": {"code": code, "message": str(exc.detail)}},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

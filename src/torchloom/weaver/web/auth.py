@@ -9,9 +9,10 @@ anyone on the machine may use it. With a token:
   ``SameSite=Strict`` cookie holding an HMAC of the token (never the token);
 * everything but the login form and its assets answers 401 without one of them.
 
-Always: state changes are ``POST`` with a JSON body (a cross-site form cannot
-send one without a CORS preflight, which is never granted), and when bound to
-loopback the ``Host`` header must name loopback (no DNS rebinding).
+Always: state changes are ``POST`` with a JSON body (:func:`require_json`; a
+cross-site form cannot send one without a CORS preflight, which is never
+granted), and when bound to loopback the ``Host`` header must name loopback (no
+DNS rebinding).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 SESSION_COOKIE = "torchloom_session"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/static/login.js", "/static/app.css"})
-SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def is_loopback(host: str) -> bool:
@@ -90,11 +92,6 @@ class AccessMiddleware:
         if self.access.loopback and not is_loopback(host):
             await _error(send, 421, "bad_host", f"host {host!r} is not served here")
             return
-        if method not in SAFE_METHODS:
-            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype != "application/json":
-                await _error(send, 415, "invalid_request", "send state changes as application/json")
-                return
         if path in PUBLIC_PATHS or (path == "/api/session" and method == "POST"):
             await self.app(scope, receive, send)
             return
@@ -108,6 +105,19 @@ class AccessMiddleware:
             )
             return
         await self.app(scope, receive, send)
+
+
+def require_json(request: Request) -> None:
+    """A dependency of every route: a POST (the only state-changing method) must carry JSON.
+
+    Raises:
+        HTTPException: 415 for a POST with any other content type.
+    """
+    if request.method != "POST":
+        return
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise HTTPException(415, "send state changes as application/json")
 
 
 def _hostname(host: str) -> str:
