@@ -56,7 +56,8 @@ def test_api_reads_steers_and_guards_a_live_job(tmp_path):
         # no state change by GET, no form posts (CSRF), no other Host (DNS rebinding)
         assert c.get("/api/jobs/mnist/pause").status_code == 405
         form = c.post("/api/jobs/mnist/pause", content=b"reason=x")
-        assert form.status_code == 415
+        assert form.status_code == 415 and form.json()["error"]["code"] == "invalid_request"
+        assert c.post("/api/jobs", content=b"x").status_code == 405  # no POST route there
         assert c.get("/api/jobs", headers={"host": "evil.example:80"}).status_code == 421
 
         # read-only views
