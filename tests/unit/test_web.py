@@ -145,7 +145,8 @@ def test_update_sends_only_changed_rows_new_events_and_new_points():
     track = JobTrack()
     sample(job, track, 1.0)
     track.add_event(event("job_started", 1.0))
-    snap, cursor = frames.snapshot(job, track, {}, 1.0, ["j"])
+    snap = frames.snapshot(job, track, {}, 1.0, ["j"])
+    cursor = frames.cursor_at(track, frames.rows(job, 1.0))
     assert {r["id"] for r in snap["ranks"]} == {"0/0", "0/1"}
     assert len(snap["events"]) == 1 and snap["series"]["ts"] == [1.0]
 
@@ -173,7 +174,7 @@ def test_update_resends_the_series_after_it_was_thinned():
     track = JobTrack()
     track.series = Series(capacity=4)
     sample(job, track, 0.0)
-    _, cursor = frames.snapshot(job, track, {}, 0.0, ["j"])
+    cursor = frames.cursor_at(track, frames.rows(job, 0.0))
     for t in range(1, 6):
         sample(job, track, float(t))
     up = frames.update(job, track, {}, 5.0, ["j"], cursor)

@@ -171,9 +171,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
 
     def find_job(job_id: str) -> Job | None:
         job = weaver.state.jobs.get(job_id)
-        if job is None or (job.config is None and not job.ranks):
-            return None
-        return job
+        return job if job is not None and frames.shown(job) else None
 
     def not_found(job_id: str) -> JSONResponse:
         return JSONResponse(

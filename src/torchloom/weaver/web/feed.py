@@ -149,21 +149,26 @@ class Feed:
         ids = frames.job_ids(self.weaver.state)
         return ids[0] if ids else None
 
-    def snapshot(self, job_id: str | None) -> tuple[dict[str, Any], frames.Cursor | None]:
+    def snapshot(self, job_id: str | None) -> dict[str, Any]:
         """A snapshot frame of ``job_id``, or a job list when it is None or unknown."""
         now = self.clock()
         jobs = frames.job_ids(self.weaver.state)
         job = self.weaver.state.jobs.get(job_id) if job_id else None
         if job is None:
-            return {"type": "snapshot", "ts": now, "jobs": jobs, "header": None}, None
+            return {"type": "snapshot", "ts": now, "jobs": jobs, "header": None}
         return frames.snapshot(job, self.track(job.job_id), self.health(), now, jobs)
 
     def subscribe(self, job_id: str | None) -> Subscriber:
         sub = Subscriber(job_id=job_id, max_pending_frames=self.max_pending_frames)
         channel = self._channels.get(job_id)
-        if channel is None:
-            _, cursor = self.snapshot(job_id)
-            channel = self._channels[job_id] = _Channel(cursor or frames.Cursor())
+        if channel is None:  # the page's own snapshot comes in frames_for; here only the cursor
+            job = self.weaver.state.jobs.get(job_id) if job_id else None
+            cursor = (
+                frames.cursor_at(self.track(job.job_id), frames.rows(job, self.clock()))
+                if job is not None
+                else frames.Cursor()
+            )
+            channel = self._channels[job_id] = _Channel(cursor)
         channel.subscribers.add(sub)
         return sub
 
@@ -184,8 +189,7 @@ class Feed:
         if sub.needs_snapshot:
             sub.needs_snapshot = False
             sub.pending.clear()
-            frame, _ = self.snapshot(sub.job_id)
-            out = [_encode(frame)]
+            out = [_encode(self.snapshot(sub.job_id))]
         else:
             out = list(sub.pending)
             sub.pending.clear()

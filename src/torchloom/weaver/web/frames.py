@@ -190,29 +190,36 @@ def _changes(row: RankRow, before: RankRow | None) -> Mapping[str, Any] | None:
 
 def snapshot(
     job: Job, track: JobTrack, health: Health, now: float, jobs: list[str]
-) -> tuple[dict[str, Any], Cursor]:
-    """Everything the page needs to draw ``job`` from nothing, and the cursor just after it."""
-    current = rows(job, now)
-    frame = {
+) -> dict[str, Any]:
+    """Everything the page needs to draw ``job`` from nothing."""
+    return {
         "type": "snapshot",
         "ts": now,
         "jobs": jobs,
         "header": header(job, track, health),
         "config": config(job),
-        "ranks": list(current.values()),
+        "ranks": list(rows(job, now).values()),
         "sparks": {k: [list(p) for p in v] for k, v in track.sparks.items()},
         "events": track.events_after(0, limit=SNAPSHOT_EVENTS),
         "series": track.series.since(float("-inf")),
     }
-    cursor = Cursor(
+
+
+def cursor_at(track: JobTrack, current: dict[str, RankRow]) -> Cursor:
+    """The cursor of a frame that held the rows ``current`` and everything ``track`` holds."""
+    return Cursor(
         rows=current,
         event_seq=track.event_seq,
         series_ts=track.series.ts[-1] if track.series.ts else float("-inf"),
         series_stride=track.series.stride,
     )
-    return frame, cursor
+
+
+def shown(job: Job) -> bool:
+    """Whether the dashboard shows ``job``: it has a config or a known rank."""
+    return job.config is not None or bool(job.ranks)
 
 
 def job_ids(state: WeaverState) -> list[str]:
-    """The jobs worth showing: those with a config or a known rank."""
-    return sorted(j.job_id for j in state.jobs.values() if j.config is not None or j.ranks)
+    """The jobs the dashboard shows, sorted."""
+    return sorted(j.job_id for j in state.jobs.values() if shown(j))
