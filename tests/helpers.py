@@ -142,6 +142,7 @@ def start_two_groups(
     *extra: str,
     env: dict[str, str] | None = None,
     nproc_per_group: int = 1,
+    step_delay_ms: int = 30,
 ) -> tuple[subprocess.Popen[bytes], Any]:
     """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
     cmd = [
@@ -171,7 +172,7 @@ def start_two_groups(
         str(tmp_path / "out"),
         # ~60 ms steps: a restarted group (5-10 s to start here) rejoins well before the end
         "--step-delay-ms",
-        "30",
+        str(step_delay_ms),
         *extra,
     ]
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115

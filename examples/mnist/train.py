@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mnist_data
 
 import torchloom
-from torchloom.chaos import failure_steps, maybe_fail
+from torchloom.chaos import failure_steps, maybe_fail, nan_steps, slowdown
 from torchloom.data import ElasticLoader, Transforms
 from torchloom.integrations.torchft import last_quorum, sync_every_knob
 from torchloom.protocol import KnobSpec
@@ -316,7 +316,6 @@ def main() -> None:
 
     if args.ft:
         # torchft: this torchrun is one replica group; its Manager averages across the groups
-        from torchft import DistributedDataParallel as FTDDP
         from torchft import Optimizer as FTOptimizer
 
         manager = ft_manager(
@@ -333,7 +332,8 @@ def main() -> None:
         )
         shard = min(shard, groups - 1)
         if args.algo == "ddp":
-            ddp = FTDDP(manager, model) if world == 1 else ddp
+            # gradients are averaged across the groups after backward (local_step), so that the
+            # time a group computes and the time it waits for its peers are told apart
             opt = FTOptimizer(manager, base_opt)
         else:
             algo = outer_algorithm(args.algo, manager, model, base_opt, sync_every=args.sync_every)
@@ -346,6 +346,7 @@ def main() -> None:
             "batch_size": args.batch_size,
             "momentum": args.momentum,
             "global_batch_size": args.global_batch_size,
+            "skip_nonfinite": True,  # a NaN step is zeroed on the device, not applied
             **({"sync_every": args.sync_every} if algo is not None else {}),
         },
         custom_knobs=custom_knobs,
@@ -366,35 +367,50 @@ def main() -> None:
     if checkpoint is not None:
         load_state_dict(checkpoint)
     if manager is not None:
-        from torchloom.integrations.torchft import attach, follow_sync_every
+        from torchloom.integrations.torchft import attach, follow_sync_every, participant_ids
 
         attach(run, manager)
         if algo is not None:
             follow_sync_every(run, algo)
 
-    def quorum() -> tuple[int, int]:
-        """This step's replica groups and our rank among them (waits for torchft's quorum)."""
+    def quorum() -> tuple[int, int, tuple[str, ...] | None]:
+        """This step's replica groups, our rank among them and their ids (waits for the quorum)."""
         if manager is None:
-            return 1, 0
+            return 1, 0, None
         # a group that is healing does not take part in the step: it mirrors rank 0's share
-        return manager.num_participants(), manager.participating_rank() or 0
+        n, rank_in = manager.num_participants(), manager.participating_rank() or 0
+        return n, rank_in, participant_ids(manager, job_id=args.job_id)
 
-    def local_step(step: int, participants: int, replica_rank: int):
-        """Forward and backward of this rank's share, in micro-batches (gradient accumulation)."""
-        batch = loader.next(step=step, participants=participants, replica_rank=replica_rank)
+    slow = slowdown(run.identity.replica_id)  # test aid: torchloom.chaos.FailurePlan.slow
+    poison = nan_steps(run.identity.replica_id)  # test aid: FailurePlan.nan_at
+
+    def local_step(step: int, participants: int, replica_rank: int, ids=None):
+        """Forward and backward of this rank's share, in micro-batches (gradient accumulation);
+        marks the time spent waiting for data and computing."""
+        batch = loader.next(
+            step=step, participants=participants, replica_rank=replica_rank, participant_ids=ids
+        )
         x, y = (t.to(device, non_blocking=True) for t in batch.data)
+        run.mark("data")
+        t_compute = time.perf_counter()
         plan, first = batch.plan, 0
         for i, micro in enumerate(plan.micro_batches):
             last = i == len(plan.micro_batches) - 1
             with contextlib.nullcontext() if last or not hasattr(ddp, "no_sync") else ddp.no_sync():
                 loss = F.cross_entropy(ddp(x[first : first + micro]), y[first : first + micro])
-                (loss * (micro / plan.local_samples)).backward()
+                if step in poison:
+                    loss = loss * float("nan")
+                # uneven shares (batch_weights): weigh each group by its samples
+                (loss * (micro / plan.local_samples) * plan.loss_scale).backward()
             first += micro
-        if manager is not None and algo is None and world > 1:
-            # several ranks per group: DDP averaged within the group; now across the groups
+        if slow is not None and step >= slow[0]:  # a slower device: compute takes factor × as long
+            time.sleep((slow[1] - 1.0) * (time.perf_counter() - t_compute))
+        run.mark("compute")
+        if manager is not None and algo is None:
+            # DDP averaged within the group (several ranks); now across the groups
             for w in [manager.allreduce(p.grad) for p in model.parameters() if p.grad is not None]:
                 w.wait()
-        run.clip_grad_norm_(model.parameters())
+        run.guard_gradients(model.parameters())
         return loss, batch
 
     t0 = time.time()
@@ -422,21 +438,23 @@ def main() -> None:
             ft_step = manager.current_step() if manager is not None else step
             if algo is None:
                 opt.zero_grad(set_to_none=True)  # torchft: starts this step's quorum
-                participants, replica_rank = quorum()
-                loss, batch = local_step(step, participants, replica_rank)
+                participants, replica_rank, ids = quorum()
+                loss, batch = local_step(step, participants, replica_rank, ids)
                 opt.step()  # torchft: commits the step only if every participant finished it
+                run.mark("comm")
                 inner = 1
             else:  # one outer step: sync_every inner steps, then the algorithm's sync
                 inner = run["sync_every"]
                 # the groups split each inner step's data as in the last outer sync's quorum
                 participants, replica_rank = last_quorum(manager) or (groups, shard)
-                for _ in range(inner):
+                for i in range(inner):
                     opt.zero_grad(set_to_none=True)
                     loss, batch = local_step(step, participants, replica_rank)
                     # every inner step moves the shared cursor on every group, before the sync
                     # (where a joining group heals, cursor included)
                     loader.advance()
                     opt.step()  # after the last inner step: quorum, average, commit
+                    run.mark("comm" if i == inner - 1 else "compute")
             committed = manager is None or manager.current_step() > ft_step
             if algo is None:
                 loader.advance(committed=committed)

@@ -1,10 +1,11 @@
-"""Fault injection: kill ranks on a schedule (``torchloom chaos``) or at chosen steps (``fail_at``).
+"""Fault injection: kill ranks on a schedule (``torchloom chaos``) or at chosen steps (``fail_at``),
+slow a replica group down, poison a step's loss with NaN, or degrade its device telemetry.
 
 Deciding is pure (:func:`choose_victim`, :func:`parse_duration`); the CLI does the
-killing. :class:`FailurePlan` is the builder tests use to make a replica group crash
-at a given step: it travels to the training processes as ``TORCHLOOM_FAIL_AT``
-and :func:`maybe_fail` (called once per step by the training script) SIGKILLs the
-process when its step comes.
+killing. :class:`FailurePlan` is the builder tests use: it travels to the training
+processes as environment variables (``TORCHLOOM_FAIL_AT``, ``TORCHLOOM_SLOW``,
+``TORCHLOOM_NAN_AT``, ``TORCHLOOM_DEVICE_TRACE``) and the training script asks
+:func:`maybe_fail`, :func:`slowdown` and :func:`nan_steps` once per step.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 ENV_FAIL_AT = "TORCHLOOM_FAIL_AT"
+ENV_SLOW = "TORCHLOOM_SLOW"
+ENV_NAN_AT = "TORCHLOOM_NAN_AT"
+ENV_DEVICE_TRACE = "TORCHLOOM_DEVICE_TRACE"  # read by torchloom.threadlet.device
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -56,27 +60,63 @@ class FailurePlan:
     """Builder of crashes at chosen steps: ``FailurePlan().fail_at("1", 120).env()``."""
 
     def __init__(self) -> None:
-        self._points: list[tuple[str, int]] = []
+        self._items: dict[str, list[str]] = {}
+
+    def _add(self, env: str, *fields: object) -> FailurePlan:
+        self._items.setdefault(env, []).append(":".join(str(f) for f in fields))
+        return self
 
     def fail_at(self, replica: str, step: int) -> FailurePlan:
         """Make every rank of replica group ``replica`` die (SIGKILL) before running ``step``."""
-        self._points.append((str(replica), int(step)))
-        return self
+        return self._add(ENV_FAIL_AT, replica, int(step))
+
+    def slow(self, replica: str, *, from_step: int, factor: float) -> FailurePlan:
+        """From ``from_step`` on, make ``replica``'s compute take ``factor`` times as long (a
+        slower device: the extra time grows with the batch, as a slow GPU's would)."""
+        return self._add(ENV_SLOW, replica, int(from_step), float(factor))
+
+    def nan_at(self, replica: str, step: int) -> FailurePlan:
+        """Make ``replica``'s loss NaN at ``step`` (so its gradients are NaN too)."""
+        return self._add(ENV_NAN_AT, replica, int(step))
+
+    def degrade(self, replica: str, *, after_s: float, rate: float = 1.0) -> FailurePlan:
+        """Make ``replica``'s device telemetry degrade from ``after_s`` seconds after its
+        Threadlet starts (:func:`torchloom.threadlet.device.degradation`)."""
+        return self._add(ENV_DEVICE_TRACE, replica, float(after_s), float(rate))
 
     def env(self) -> dict[str, str]:
         """The environment to give the training processes."""
-        return {ENV_FAIL_AT: ",".join(f"{r}:{s}" for r, s in self._points)}
+        return {k: ",".join(v) for k, v in self._items.items()}
+
+
+def _items(env_name: str, replica_id: str, env: Mapping[str, str] | None) -> list[list[str]]:
+    spec = (env if env is not None else os.environ).get(env_name, "")
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        fields = item.split(":")
+        if fields[0] == replica_id:
+            out.append(fields[1:])
+    return out
+
+
+def slowdown(replica_id: str, env: Mapping[str, str] | None = None) -> tuple[int, float] | None:
+    """``(from_step, factor)`` of this replica group's injected slowdown, from ``TORCHLOOM_SLOW``."""
+    for fields in _items(ENV_SLOW, replica_id, env):
+        if len(fields) == 2:
+            return int(fields[0]), float(fields[1])
+    return None
+
+
+def nan_steps(replica_id: str, env: Mapping[str, str] | None = None) -> frozenset[int]:
+    """The steps at which this replica group's loss is made NaN, from ``TORCHLOOM_NAN_AT``."""
+    return frozenset(int(f[0]) for f in _items(ENV_NAN_AT, replica_id, env) if f and f[0].isdigit())
 
 
 def failure_steps(replica_id: str, env: Mapping[str, str] | None = None) -> frozenset[int]:
     """The steps at which this replica group must crash, from ``TORCHLOOM_FAIL_AT``."""
-    spec = (env if env is not None else os.environ).get(ENV_FAIL_AT, "")
-    steps = set()
-    for item in filter(None, (x.strip() for x in spec.split(","))):
-        replica, _, step = item.partition(":")
-        if replica == replica_id and step.isdigit():
-            steps.add(int(step))
-    return frozenset(steps)
+    return frozenset(
+        int(f[0]) for f in _items(ENV_FAIL_AT, replica_id, env) if f and f[0].isdigit()
+    )
 
 
 def maybe_fail(step: int, steps: frozenset[int]) -> None:

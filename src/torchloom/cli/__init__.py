@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
@@ -27,12 +27,22 @@ from rich.text import Text
 from torchloom.cli import render
 from torchloom.cli.client import RemoteError, WeaverClient, who
 from torchloom.cli.launcher import RestartPolicy, Supervisor, kill_tree, script_argv
+from torchloom.cli.options import (
+    JobOpt,
+    NatsUrl,
+    StateDir,
+    TimeoutOpt,
+    err,
+    out,
+)
+from torchloom.cli.options import pick_job as _pick_job
+from torchloom.cli.options import weaver_client as _client
+from torchloom.cli.policy import app as policy_app
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 from torchloom.paths import (
     DEFAULT_UI_PORT,
     ENV_NATS_URL,
-    ENV_STATE_DIR,
     default_state_dir,
     read_endpoint,
     resolve_nats_url,
@@ -47,55 +57,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-NatsUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--nats-url",
-        envvar=ENV_NATS_URL,
-        help="NATS server/cluster; default: the one `torchloom up` started",
-    ),
-]
-StateDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--state-dir",
-        envvar=ENV_STATE_DIR,
-        help="state dir of `torchloom up` [default: ~/.local/state/torchloom]",
-    ),
-]
-JobOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--job", "-j", envvar="TORCHLOOM_JOB", help="job id; default: the only job with live ranks"
-    ),
-]
-TimeoutOpt = Annotated[
-    float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
-]
-
-
-def _client(nats_url: str | None, state_dir: Path | None, timeout_s: float = 5.0) -> WeaverClient:
-    return WeaverClient(nats_url=nats_url, state_dir=state_dir, timeout_s=timeout_s)
-
-
-def _pick_job(client: WeaverClient, job: str | None) -> str:
-    if job:
-        return job
-    jobs = client.status().get("jobs", [])
-    live = [
-        j["job_id"] for j in jobs if any(r["state"] not in ("exited", "failed") for r in j["ranks"])
-    ]
-    candidates = live or [j["job_id"] for j in jobs]
-    if len(candidates) == 1:
-        return str(candidates[0])
-    if not candidates:
-        raise InvalidRequestError("no job is known to the Weaver yet; pass --job")
-    raise InvalidRequestError(f"several jobs ({', '.join(candidates)}): pass --job")
-
-
 # ---- up / demo ---------------------------------------------------------------------------
 
 
@@ -110,9 +71,11 @@ def _stack(
     lighthouse: str | None = "auto",
     lighthouse_heartbeat_timeout_ms: int = 1000,
     ui: dict[str, Any] | None = None,
+    policy_file: Path | None = None,
 ) -> Stack:
     return Stack(
         **(ui or {}),
+        policy_file=policy_file,
         lighthouse=lighthouse,
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         state_dir=state_dir or default_state_dir(),
@@ -151,6 +114,15 @@ UiTokenOpt = Annotated[
     ),
 ]
 NoUiOpt = Annotated[bool, typer.Option("--no-ui", help="serve no dashboard")]
+PoliciesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--policies",
+        help="TOML settings of the policies (enabled, dry_run, parameters) [default: the stored "
+        "settings, else straggler, divergence and failure on]",
+        show_default=False,
+    ),
+]
 
 
 def _ui(host: str, port: int | None, token: str | None, off: bool) -> dict[str, Any]:
@@ -234,6 +206,7 @@ def up(
     ui_host: UiHostOpt = "127.0.0.1",
     ui_token: UiTokenOpt = None,
     no_ui: NoUiOpt = False,
+    policies: PoliciesOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
@@ -250,6 +223,7 @@ def up(
         lighthouse=_lighthouse_arg(lighthouse),
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         ui=_ui(ui_host, ui_port, ui_token, no_ui),
+        policy_file=policies,
     )
     stack.start()
     nats_where = (
@@ -279,7 +253,8 @@ def up(
                 ),
                 Text.assemble(
                     ("steer     ", "bold"),
-                    "torchloom status · torchloom set lr=0.01 · torchloom events --follow",
+                    "torchloom status · torchloom set lr=0.01 · torchloom events --follow · "
+                    "torchloom policy list",
                 ),
             ),
             title="torchloom up",
@@ -323,6 +298,7 @@ def demo(
     ui_host: UiHostOpt = "127.0.0.1",
     ui_token: UiTokenOpt = None,
     no_ui: NoUiOpt = False,
+    policies: PoliciesOpt = None,
     extra: Annotated[
         list[str] | None, typer.Argument(help="extra arguments for the training script")
     ] = None,
@@ -344,6 +320,7 @@ def demo(
         lead_time_s,
         on_event=events.append,
         ui=_ui(ui_host, ui_port, ui_token, no_ui),
+        policy_file=policies,
     )
     stack.start()
     env = {**os.environ, ENV_NATS_URL: stack.nats_url, "TORCHLOOM_JOB": job}
@@ -781,6 +758,9 @@ def events(
         _client(nats_url, state_dir).history(job, follow=follow, on_event=show)
     except KeyboardInterrupt:
         pass
+
+
+app.add_typer(policy_app, name="policy")
 
 
 def _logging(verbose: bool) -> None:

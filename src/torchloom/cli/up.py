@@ -22,6 +22,7 @@ from torchloom.lighthouse import available as lighthouse_available
 from torchloom.nats_server import NatsServer
 from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, read_endpoint, write_endpoint
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
+from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.service import EventSink
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ class Stack:
         ui_port_fallback: when ``ui_port`` is taken, serve on a free port instead of failing.
         ui_host: interface the dashboard binds (loopback by default).
         ui_token: bearer token for the dashboard and API; required off loopback.
+        policy_file: TOML settings of the policies (they win over settings stored by an
+            earlier run); None: the stored settings, else the defaults.
     """
 
     def __init__(
@@ -59,7 +62,10 @@ class Stack:
         ui_host: str = "127.0.0.1",
         ui_token: str | None = None,
         ui_port_fallback: bool = False,
+        policy_file: Path | None = None,
     ) -> None:
+        # a bad policy file is an error before anything starts
+        self.policies = PolicyEngine.from_file(policy_file) if policy_file else None
         self.state_dir = Path(state_dir).expanduser()
         self.lighthouse_arg = lighthouse
         self.lighthouse_heartbeat_timeout_ms = lighthouse_heartbeat_timeout_ms
@@ -125,6 +131,8 @@ class Stack:
                 liveness=self.liveness,
                 control_settings=self.control_settings,
                 on_event=self.on_event,
+                policies=self.policies,
+                restore_policies=self.policies is None,
             )
             if self.ui_port is not None:
                 # FastAPI is imported only where the dashboard is served

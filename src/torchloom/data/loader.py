@@ -140,6 +140,10 @@ def _die_with_trainer(worker_id: int) -> None:
         os._exit(0)  # the trainer died before prctl
 
 
+_Quorum = tuple[int, int, "tuple[str, ...] | None"]
+"""``(participants, replica rank, participant ids or None)`` of a step."""
+
+
 class ElasticLoader:
     """Batches that follow the run's config and quorum exactly at every step.
 
@@ -208,20 +212,22 @@ class ElasticLoader:
         )
         self._it: Iterator[_Piece] | None = None
         self._last_plan: BatchPlan | None = None
-        # where the next forecast starts: step, stream cursor, participants, replica rank
-        self._base: tuple[int, int, int, int] = (0, 0, 1, 0)
+        # where the next forecast starts: step, stream cursor, and the quorum
+        self._base: tuple[int, int, _Quorum] = (0, 0, (1, 0, None))
         self.stats = {"worker": 0, "main": 0}
         """Batches served from the workers' prefetch and made in the main process."""
 
     # ---- what a step needs -----------------------------------------------------------
 
-    def _plan(self, config: Mapping[str, Any], participants: int, replica_rank: int) -> BatchPlan:
+    def _plan(self, config: Mapping[str, Any], quorum: _Quorum) -> BatchPlan:
+        participants, replica_rank, ids = quorum
         return plan_step(
             config,
             participants=participants,
             replica_rank=replica_rank,
             group_world_size=self.group_world_size,
             group_rank=self.group_rank,
+            participant_ids=ids,
         )
 
     def _key(self, cursor: int, plan: BatchPlan, config: Mapping[str, Any]) -> Key:
@@ -235,30 +241,40 @@ class ElasticLoader:
     def forecast(self) -> Iterator[_Request]:
         """Requests for the steps after the last one served, assuming each is committed with the
         same quorum, under the config the newest known desired config puts in force then."""
-        step, cursor, participants, replica_rank = self._base
+        step, cursor, quorum = self._base
         for s in itertools.count(step):
             config = self.run.config_at(s)
-            plan = self._plan(config, participants, replica_rank)
+            plan = self._plan(config, quorum)
             yield self._request(self._key(cursor, plan, config))
             cursor += plan.global_samples
 
     # ---- the training loop's calls -----------------------------------------------------
 
-    def next(self, *, step: int, participants: int = 1, replica_rank: int = 0) -> Batch:
+    def next(
+        self,
+        *,
+        step: int,
+        participants: int = 1,
+        replica_rank: int = 0,
+        participant_ids: tuple[str, ...] | None = None,
+    ) -> Batch:
         """This rank's batch for ``step``, under the config in force and the step's quorum.
 
         Args:
             step: the step about to run (the index ``run.steps()`` yielded).
             participants: replica groups in this step's quorum (torchft: ``manager.num_participants()``).
             replica_rank: this group's rank among them (``manager.participating_rank()``).
+            participant_ids: the participants' replica ids in quorum order, for uneven
+                shares by ``batch_weights`` (:func:`~torchloom.protocol.batching.plan_step`).
         """
         config = self.run.config
-        plan = self._plan(config, participants, replica_rank)
+        quorum: _Quorum = (participants, replica_rank, participant_ids)
+        plan = self._plan(config, quorum)
         key = self._key(self.stream.cursor, plan, config)
         piece = None
         if self._loader is not None:
             if self._it is None:
-                self._base = (step, self.stream.cursor, participants, replica_rank)
+                self._base = (step, self.stream.cursor, quorum)
                 self._it = iter(self._loader)
             piece = next(self._it)
         self._last_plan = plan
@@ -266,7 +282,7 @@ class ElasticLoader:
             piece = self._pieces[self._request(key)]  # made here; re-forecast from the next step
             if self._loader is not None:
                 cursor = self.stream.cursor + plan.global_samples
-                self._base = (step + 1, cursor, participants, replica_rank)
+                self._base = (step + 1, cursor, quorum)
                 self._it = iter(self._loader)
         self.stats[piece.source] += 1
         start, _, settings = key

@@ -82,7 +82,12 @@ def heal_source(quorum: Any, *, job_id: str) -> str | None:
     ids = list(getattr(quorum, "replica_ids", None) or [])
     if src is None or not 0 <= src < len(ids):
         return None
-    name = str(ids[src]).split(":", 1)[0]
+    return _torchloom_id(ids[src], job_id=job_id)
+
+
+def _torchloom_id(torchft_id: object, *, job_id: str) -> str:
+    """``"mnist_1:<uuid>"`` → ``"1"`` (torchft's id when it does not follow the convention)."""
+    name = str(torchft_id).split(":", 1)[0]
     prefix = f"{job_id}_"
     return name[len(prefix) :] if name.startswith(prefix) else name
 
@@ -178,6 +183,25 @@ def last_quorum(manager: Any) -> tuple[int, int] | None:
     if world < 1 or rank is None:
         return None
     return world, int(rank)
+
+
+def participant_ids(manager: Any, *, job_id: str) -> tuple[str, ...] | None:
+    """torchloom replica ids of the last quorum's participants in replica-rank order, for
+    uneven batch shares (``batch_weights``); None when unknown.
+
+    Read from the quorum that :func:`attach` taps (torchft names a group
+    ``<replica_id>:<uuid>``; the MNIST job's ``replica_id=f"{job_id}_{REPLICA_GROUP_ID}"``
+    maps back to torchloom's id). Only when every member of the quorum takes part
+    (none is healing) are the quorum's ids the participants; otherwise None, and the
+    step's shares are even on every group alike. Non-blocking.
+    """
+    tap = getattr(manager, "_client", None)
+    quorum = tap.last if isinstance(tap, _QuorumTap) else None
+    ids = list(getattr(quorum, "replica_ids", None) or [])
+    participants = int(getattr(manager, "_participating_replica_world_size", 0) or 0)
+    if not ids or len(ids) != participants:
+        return None
+    return tuple(_torchloom_id(i, job_id=job_id) for i in ids)
 
 
 def _fragments(algorithm: Any) -> int:

@@ -16,7 +16,7 @@ the ``lr_scaling`` knob can scale the learning rate with it (:func:`scale_lr`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -34,27 +34,78 @@ class BatchPlan(msgspec.Struct, frozen=True):
             (shares of ranks in quorum order are consecutive: ``[offset, offset +
             local_samples)``), so that a shared index stream hands every sample
             of the step to exactly one rank (:mod:`torchloom.data`).
+        loss_scale: multiply this rank's mean loss by it before ``backward()``: with
+            uneven shares (``batch_weights``), the equal-weight gradient average of
+            DDP/torchft then equals the mean gradient over the global batch
+            (``local_samples × ranks in the step / global_samples``; 1.0 for even shares).
     """
 
     micro_batches: tuple[int, ...]
     local_samples: int
     global_samples: int
     offset: int = 0
+    loss_scale: float = 1.0
+
+
+def parse_weights(text: str | None) -> dict[str, float]:
+    """``"0:1,1:0.5"`` (the ``batch_weights`` knob) → ``{"0": 1.0, "1": 0.5}``; None or "" → {}.
+
+    Raises:
+        ValueError: a pair that is not ``replica_id:weight`` or a weight that is not a
+            finite number > 0.
+    """
+    out: dict[str, float] = {}
+    for pair in filter(None, (p.strip() for p in (text or "").split(","))):
+        rid, sep, raw = pair.rpartition(":")
+        try:
+            w = float(raw)
+        except ValueError:
+            w = math.nan
+        if not sep or not rid or not math.isfinite(w) or w <= 0:
+            raise ValueError(f"bad batch weight {pair!r}: want replica_id:weight with weight > 0")
+        out[rid] = w
+    return out
+
+
+def format_weights(weights: Mapping[str, float]) -> str:
+    """The inverse of :func:`parse_weights`, ids sorted, weights to 3 significant digits."""
+    return ",".join(f"{rid}:{w:.3g}" for rid, w in sorted(weights.items()))
+
+
+def split(total: int, weights: Sequence[float]) -> list[int]:
+    """``total`` samples split in proportion to ``weights`` (largest remainder, ties to the
+    lower index), so the parts add up to ``total`` exactly. Equal weights give the even
+    split with the remainder on the lowest indices (128 over 3 is 43, 43, 42)."""
+    s = sum(weights)
+    exact = [total * w / s for w in weights]
+    parts = [math.floor(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (parts[i] - exact[i], i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
 
 def plan_batch(
-    *, global_batch: int, participants: int, replica_rank: int, max_batch: int | None
+    *,
+    global_batch: int,
+    participants: int,
+    replica_rank: int,
+    max_batch: int | None,
+    weights: Sequence[float] | None = None,
 ) -> BatchPlan:
     """This replica group's share of ``global_batch`` among ``participants`` groups.
 
-    The remainder of an uneven split goes to the lowest replica ranks (128 over 3
-    groups is 43, 43, 42), so the shares add up to ``global_batch`` exactly.
+    Even by default: the remainder goes to the lowest replica ranks (128 over 3
+    groups is 43, 43, 42). With ``weights`` (one per participant, in quorum order)
+    the shares are in proportion to them (:func:`split`). Either way they add up
+    to ``global_batch`` exactly.
 
     Args:
         global_batch: samples per step over all replica groups, ≥ 1.
         participants: replica groups in this step's quorum, ≥ 1.
         replica_rank: this group's rank in the quorum, in ``[0, participants)``.
         max_batch: the most samples one micro-batch may hold (None: no limit).
+        weights: positive weights of the participants in quorum order, or None (even).
 
     Raises:
         ValueError: an argument out of range.
@@ -66,9 +117,11 @@ def plan_batch(
         )
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    base, extra = divmod(global_batch, participants)
-    local = base + (1 if replica_rank < extra else 0)
-    offset = replica_rank * base + min(replica_rank, extra)
+    if weights is not None and (len(weights) != participants or min(weights) <= 0):
+        raise ValueError(f"want {participants} positive weights, got {list(weights)}")
+    parts = split(global_batch, weights if weights is not None else [1.0] * participants)
+    local = parts[replica_rank]
+    offset = sum(parts[:replica_rank])
     if local == 0:
         return BatchPlan(
             micro_batches=(), local_samples=0, global_samples=global_batch, offset=offset
@@ -77,7 +130,11 @@ def plan_batch(
     size, rest = divmod(local, steps)
     micro = tuple(size + (1 if i < rest else 0) for i in range(steps))
     return BatchPlan(
-        micro_batches=micro, local_samples=local, global_samples=global_batch, offset=offset
+        micro_batches=micro,
+        local_samples=local,
+        global_samples=global_batch,
+        offset=offset,
+        loss_scale=local * participants / global_batch,
     )
 
 
@@ -88,11 +145,14 @@ def plan_step(
     replica_rank: int,
     group_world_size: int = 1,
     group_rank: int = 0,
+    participant_ids: Sequence[str] | None = None,
 ) -> BatchPlan:
     """One rank's share of a step, from the knobs in force and the step's quorum.
 
     With ``global_batch_size`` set, it is split among the ``participants``
-    replica groups (:func:`plan_batch`), and each group's share among its
+    replica groups (:func:`plan_batch`) — in proportion to ``batch_weights`` when
+    that knob is set and ``participant_ids`` names every participant (unlisted
+    groups weigh 1), evenly otherwise — and each group's share among its
     ``group_world_size`` ranks; otherwise every rank takes ``batch_size`` and the
     global batch is ``batch_size × group_world_size × participants``. Either way
     a share larger than ``max_batch_size`` becomes gradient-accumulation
@@ -105,19 +165,26 @@ def plan_step(
         replica_rank: this group's rank among them.
         group_world_size: ranks in this replica group, ≥ 1.
         group_rank: this rank within its group.
+        participant_ids: torchloom replica ids of the participants in quorum order
+            (:func:`torchloom.integrations.torchft.participant_ids`), or None.
 
     Raises:
         ValueError: an argument out of range.
     """
     max_batch = config.get("max_batch_size")
     global_batch = config.get("global_batch_size")
+    weights = None
     if global_batch is None:
         global_batch = int(config.get("batch_size") or 1) * group_world_size * participants
+    elif config.get("batch_weights") and participant_ids and len(participant_ids) == participants:
+        table = parse_weights(config["batch_weights"])
+        weights = [table.get(rid, 1.0) for rid in participant_ids]
     group = plan_batch(
         global_batch=global_batch,
         participants=participants,
         replica_rank=replica_rank,
         max_batch=None,
+        weights=weights,
     )
     if group.local_samples == 0:
         return group
@@ -128,7 +195,10 @@ def plan_step(
         max_batch=max_batch,
     )
     return msgspec.structs.replace(
-        rank, global_samples=global_batch, offset=group.offset + rank.offset
+        rank,
+        global_samples=global_batch,
+        offset=group.offset + rank.offset,
+        loss_scale=rank.local_samples * group_world_size * participants / global_batch,
     )
 
 

@@ -11,6 +11,7 @@ from the command line) into the knob's type or raises
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import msgspec
@@ -43,6 +44,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         choices: allowed values of a ``str`` knob, or None for any string.
         multiple_of: an ``int`` knob's values must be multiples of this, or None
             (DiLoCo's ``sync_every`` with several model fragments).
+        pattern: a ``str`` knob's values must match this regular expression in full, or None.
         doc: one line shown in ``torchloom knobs`` and the dashboard.
     """
 
@@ -56,6 +58,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
     consistent: bool = True
     choices: tuple[str, ...] | None = None
     multiple_of: int | None = None
+    pattern: str | None = None
     doc: str = ""
 
     def rule(self) -> str:
@@ -70,7 +73,14 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         text = " ".join(parts)
         if self.multiple_of is not None:
             text += f", a multiple of {self.multiple_of}"
+        if self.pattern is not None:
+            text += f" like {self.pattern!r}"
         return f"{text} or off" if self.allow_off else text
+
+
+_WEIGHT = r"(?:\d+(?:\.\d*)?|\.\d+)"
+WEIGHTS_PATTERN = rf"[A-Za-z0-9_-]{{1,64}}:{_WEIGHT}(?:,[A-Za-z0-9_-]{{1,64}}:{_WEIGHT})*"
+"""``batch_weights``: ``replica_id:weight`` pairs, e.g. ``0:1,1:0.55``."""
 
 
 def _fmt(x: float) -> str:
@@ -132,6 +142,19 @@ BUILTIN_KNOBS: dict[str, KnobSpec] = {
             doc="largest micro-batch per rank; a larger share is split into gradient-accumulation steps",
         ),
         KnobSpec(
+            name="batch_weights",
+            type="str",
+            allow_off=True,
+            scope="job",
+            pattern=WEIGHTS_PATTERN,
+            doc="shares of global_batch_size per replica group, e.g. 0:1,1:0.5 (unlisted: 1); off: even",
+        ),
+        KnobSpec(
+            name="skip_nonfinite",
+            type="bool",
+            doc="zero a step's gradients on the device when their norm is NaN/Inf (Run.guard_gradients)",
+        ),
+        KnobSpec(
             name="lr_scaling",
             type="str",
             choices=("none", "linear", "sqrt"),
@@ -181,6 +204,8 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
         raise InvalidKnobError(spec.name, f"{value!r} is not one of {list(spec.choices)}")
     if spec.multiple_of is not None and value % spec.multiple_of:
         raise InvalidKnobError(spec.name, f"{value!r} is not a multiple of {spec.multiple_of}")
+    if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
+        raise InvalidKnobError(spec.name, f"{value!r} does not match {spec.pattern!r}")
     return value
 
 
@@ -263,6 +288,13 @@ def check_spec(spec: KnobSpec) -> KnobSpec:
         raise InvalidKnobError(spec.name, f"min {spec.min} > max {spec.max}")
     if spec.multiple_of is not None and (spec.type != "int" or spec.multiple_of < 1):
         raise InvalidKnobError(spec.name, "multiple_of must be a positive int, for an int knob")
+    if spec.pattern is not None:
+        if spec.type != "str":
+            raise InvalidKnobError(spec.name, "pattern is for a str knob")
+        try:
+            re.compile(spec.pattern)
+        except re.error as exc:
+            raise InvalidKnobError(spec.name, f"pattern does not compile: {exc}") from None
     builtin = BUILTIN_KNOBS.get(spec.name)
     if builtin is not None and builtin.type != spec.type:
         raise InvalidKnobError(

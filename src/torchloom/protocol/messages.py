@@ -17,7 +17,9 @@ SCHEMA_VERSION = 1
 
 RankState = Literal["joining", "training", "paused", "suspect", "hung", "failed", "exited"]
 RunState = Literal["running", "paused", "stopped"]
-ControlOp = Literal["join", "set", "pause", "resume", "stop", "drain", "status", "knobs"]
+ControlOp = Literal[
+    "join", "set", "pause", "resume", "stop", "drain", "status", "knobs", "policies", "policy"
+]
 
 
 class MetricPoint(msgspec.Struct, array_like=True):
@@ -45,6 +47,13 @@ class Telemetry(msgspec.Struct, kw_only=True):
             rank (receive time minus the Weaver's issue time), in seconds.
         quorum: fault-tolerance facts from an integration (torchft: ``quorum_id``,
             ``participants``, ``ft_step``, ``healing``, ``commit_failures``, ``heals``), or None.
+        phases_s: mean seconds per step spent in each phase the training loop marked
+            since the previous flush (``data``, ``compute``, ``comm``, ``other``), or None.
+        device_stats: the newest sample of the rank's device health (NVML on a GPU:
+            ``temp_c``, ``power_w``, ``sm_clock_mhz``, ``throttle_hw``, ``ecc_corrected``,
+            ``ecc_uncorrected``, ``retired_pages_pending``, ``xid``, ``mem_used_frac``; psutil
+            on a CPU host: ``cpu_util``, ``mem_used_frac``, ``swap_used_frac``, ``load_per_cpu``,
+            ``temp_c`` where readable), sent when a new sample was taken, else None.
     """
 
     v: int = SCHEMA_VERSION
@@ -63,6 +72,8 @@ class Telemetry(msgspec.Struct, kw_only=True):
     dropped_points: int = 0
     config_lag_s: float = 0.0
     quorum: dict[str, Any] | None = None
+    phases_s: dict[str, float] | None = None
+    device_stats: dict[str, float] | None = None
     host: str = ""
     pid: int = 0
     device: str = ""
@@ -114,7 +125,9 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     """A request to the one control entry point ``loom.<job>.control``.
 
     Attributes:
-        op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs`` or ``join``.
+        op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs``, ``join``,
+            ``policies`` (list the Weaver's policies) or ``policy`` (change one: ``values``
+            holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);
             for ``drain``: the replica group to take out of the run.
         device: for ``drain``: take out every replica group with a rank on this device

@@ -79,6 +79,10 @@ def config_key(job_id: str) -> str:
     return job_id
 
 
+POLICIES_KEY = "_weaver.policies"
+"""Key of the Weaver's policy settings in the config bucket (no job id has a dot)."""
+
+
 def config_watch_subject(job_id: str) -> str:
     """The subject a KV put on the job's desired config is published on."""
     return f"$KV.{CONFIG_BUCKET}.{config_key(job_id)}"

@@ -34,6 +34,7 @@ from torchloom.protocol import (
     from_builtins,
     names,
 )
+from torchloom.threadlet.device import DeviceSampler, trace_from_env
 from torchloom.transport import Connection, KeyValue, Message, connect
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ class Agent:
             looked up again every ``retry_s`` until one is found.
         interval_s: telemetry flush period (the heartbeat), in seconds.
         join_timeout_s: how long one join request waits for the Weaver, in seconds.
+        device_interval_s: period of device health samples (NVML or host), in seconds.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Agent:
         interval_s: float,
         join_timeout_s: float = 2.0,
         retry_s: float = 1.0,
+        device_interval_s: float = 1.0,
     ) -> None:
         self._run = run
         self._explicit_url = nats_url
@@ -80,6 +83,10 @@ class Agent:
         self._next_sync = 0.0
         self._seq = 0
         self._last_flush: tuple[float, int, int] | None = None
+        self._last_phases: dict[str, float] = {}
+        self.device_interval_s = device_interval_s
+        self._sampler: DeviceSampler | None = None
+        self._next_sample = 0.0
         self.joined = threading.Event()
         self.nats_url: str | None = None
         self.flush_errors = 0
@@ -246,6 +253,22 @@ class Agent:
 
     # ---- telemetry ---------------------------------------------------------------
 
+    def _device_sample(self) -> dict[str, float] | None:
+        """A device health sample every ``device_interval_s`` (None between two)."""
+        mono = time.monotonic()
+        if self.device_interval_s <= 0 or mono < self._next_sample:
+            return None
+        self._next_sample = mono + self.device_interval_s
+        ident = self._run.identity
+        try:
+            if self._sampler is None:
+                overlay = trace_from_env(ident.replica_id)
+                self._sampler = DeviceSampler(device=ident.device, overlay=overlay)
+            return self._sampler.sample(time.time())
+        except Exception as exc:  # a broken sensor must not end the heartbeat
+            log.warning("torchloom: device sample failed (%s); trying again later", exc)
+            return None
+
     async def _guarded_flush(self) -> None:
         """One flush; a bug in it is logged (once) and the loop goes on: a failed flush must
         not end the heartbeat of a healthy training process."""
@@ -288,16 +311,19 @@ class Agent:
         step = run.step
         applied = run.applied_version
         samples = run._samples
+        phases = dict(run.phase_totals)  # one C-level copy under the GIL
         now_mono = time.monotonic()
-        step_time = samples_per_s = None
+        step_time = samples_per_s = phases_s = None
         if self._last_flush is not None:
             t0, step0, samples0 = self._last_flush
             dt = now_mono - t0
             if step > step0 and dt > 0:
                 step_time = dt / (step - step0)
+                phases_s = _per_step(phases, self._last_phases, step - step0)
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, step, samples)
+        self._last_phases = phases
         raw_points = run._points.drain(512)
         points = [
             MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in raw_points
@@ -319,6 +345,8 @@ class Agent:
             dropped_points=run._points.dropped,
             config_lag_s=run._config_lag_s,
             quorum=run.quorum,
+            phases_s=phases_s,
+            device_stats=self._device_sample(),
             host=ident.host,
             pid=ident.pid,
             device=ident.device,
@@ -329,6 +357,10 @@ class Agent:
             )
         except NotReachableError:
             run._points.push_front(raw_points)  # sent with the next flush, not lost
+
+
+def _per_step(now: dict[str, float], before: dict[str, float], steps: int) -> dict[str, float]:
+    return {k: round((v - before.get(k, 0.0)) / steps, 6) for k, v in now.items()}
 
 
 def _to_floats(values: dict[str, object]) -> dict[str, float | None]:

@@ -94,6 +94,9 @@ class Run:
         self.start_step = start_step
         self.stop_reason: str | None = None
         self._samples = 0
+        self._phase_t = 0.0  # perf_counter of the last mark or step boundary
+        self.phase_totals: dict[str, float] = {}
+        """Seconds spent in each marked phase since the start (written by the training thread only)."""
         self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(
             buffer_points
         )
@@ -156,6 +159,10 @@ class Run:
                     break
                 self.step = step
                 self._samples += self.config.get("batch_size", 0) or 0
+                if self._phase_t:
+                    self.mark("other")
+                else:
+                    self._phase_t = time.perf_counter()
                 yield step
                 step = step + 1 if current_step is None else current_step()
             if self.stop_reason is None:
@@ -166,6 +173,23 @@ class Run:
     def add_step_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` on the training thread at every step boundary (keep it to microseconds)."""
         self._step_hooks.append(hook)
+
+    def mark(self, phase: str) -> None:
+        """Attribute the wall time since the previous mark (or the step's start) to ``phase``.
+
+        Call it after each part of the step — ``data`` (waiting for the batch),
+        ``compute`` (forward and backward), ``comm`` (gradient allreduce, the commit)
+        — and the Threadlet reports the mean seconds per step of each phase
+        (``Telemetry.phases_s``; time between the last mark and the next step is
+        ``other``). The straggler policy compares ranks on ``data + compute``: the time
+        a rank is busy on its own, not waiting for its peers. Host wall time (about
+        0.2 µs, no device sync): on a GPU, mark after an op that waits for the device
+        anyway (the allreduce's wait, ``.item()``), or the device time lands in a later phase.
+        """
+        t = time.perf_counter()
+        totals = self.phase_totals
+        totals[phase] = totals.get(phase, 0.0) + (t - self._phase_t)
+        self._phase_t = t
 
     def emit(self, kind: str, *, step: int | None = None, **data: Any) -> None:
         """Queue a lifecycle event for the Weaver's history (no I/O here; sent by the Threadlet)."""
@@ -284,6 +308,37 @@ class Run:
 
         return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
 
+    def guard_gradients(self, parameters: Any) -> Any:
+        """Clip by the ``grad_clip`` knob and, with ``skip_nonfinite`` on, zero the step's
+        gradients when their total norm is NaN or Inf — on the device, without a host sync.
+
+        The zeroed step changes no weight through the gradient (an optimizer with momentum
+        still moves by its momentum buffer, and Adam-like ones by their moments), so one
+        bad batch does not poison the weights; the norm is logged as ``grad_norm`` for the
+        divergence guard (None in telemetry when it was not finite).
+
+        Args:
+            parameters: the model's parameters (an iterable of tensors with ``.grad``).
+
+        Returns:
+            The total gradient norm before clipping: a 0-d float tensor, not synced.
+        """
+        import torch
+
+        grads = [p.grad for p in parameters if p.grad is not None]
+        if not grads:
+            return None
+        norm = torch.nn.utils.get_total_norm(grads)
+        max_norm = self.config.get("grad_clip")
+        if max_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+        if self.config.get("skip_nonfinite"):
+            keep = torch.isfinite(norm).to(grads[0].dtype)
+            for g in grads:
+                g.nan_to_num_(0.0, 0.0, 0.0).mul_(keep)
+        self.log(grad_norm=norm)
+        return norm
+
     def batch_plan(
         self,
         *,
@@ -291,6 +346,7 @@ class Run:
         replica_rank: int = 0,
         group_world_size: int = 1,
         group_rank: int = 0,
+        participant_ids: tuple[str, ...] | None = None,
     ) -> BatchPlan:
         """This rank's share of the step, from the config in force and the step's quorum.
 
@@ -306,6 +362,8 @@ class Run:
             replica_rank: this group's rank among them (``manager.participating_rank()``).
             group_world_size: ranks in this replica group (torchrun's ``WORLD_SIZE``).
             group_rank: this rank within its group (torchrun's ``RANK``).
+            participant_ids: the participants' replica ids in quorum order, for uneven
+                shares by ``batch_weights`` (torchft: ``participant_ids(manager, job_id=…)``).
         """
         return plan_step(
             self.config,
@@ -313,6 +371,7 @@ class Run:
             replica_rank=replica_rank,
             group_world_size=group_world_size,
             group_rank=group_rank,
+            participant_ids=participant_ids,
         )
 
     def config_at(self, step: int) -> Mapping[str, Any]:

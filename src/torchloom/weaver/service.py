@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from torchloom.errors import DecodeError, NotReachableError
+import msgspec
+
+from torchloom.errors import DecodeError, InvalidRequestError, NotReachableError
 from torchloom.protocol import (
     ControlReply,
     ControlRequest,
@@ -31,10 +33,12 @@ from torchloom.protocol import (
     decode,
     encode,
     names,
+    to_builtins,
 )
 from torchloom.transport import Connection, History, KeyValue, Message, connect, ensure_jetstream
 from torchloom.weaver import control
 from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.policies import Decision, PolicyEngine
 from torchloom.weaver.state import (
     LIVE_STATES,
     LivenessConfig,
@@ -64,6 +68,11 @@ class Weaver:
             more listeners can be added with :meth:`add_listener`.
         max_outbox: history events kept while NATS is unreachable; beyond it the
             oldest are dropped and counted (``history_outbox_full``).
+        policies: the policy engine (default: the built-in policies with their defaults).
+        restore_policies: take the policy settings stored in the config bucket (changed
+            live by an earlier run) over ``policies``' own.
+        policy_interval_s: how often the policies decide, in seconds (also right after a
+            rank's failure, drain or exit).
     """
 
     def __init__(
@@ -76,6 +85,9 @@ class Weaver:
         clock: Callable[[], float] = time.time,
         on_event: EventSink | None = None,
         max_outbox: int = 100_000,
+        policies: PolicyEngine | None = None,
+        policy_interval_s: float = 0.5,
+        restore_policies: bool = True,
     ) -> None:
         self.nats_url = nats_url
         self.state = WeaverState(liveness=liveness or LivenessConfig())
@@ -96,6 +108,11 @@ class Weaver:
         self._closing = False
         self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
+        self.policies = policies if policies is not None else PolicyEngine()
+        self.policy_interval_s = policy_interval_s
+        self.restore_policies = restore_policies
+        self._next_policy_mono = 0.0
+        self._deciding: asyncio.Future[None] | None = None
         self.ready = asyncio.Event()
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -128,6 +145,7 @@ class Weaver:
                 while True:
                     await asyncio.sleep(self.tick_interval_s)
                     self.tick()
+                    self._maybe_decide()
             finally:
                 persister.cancel()
         finally:
@@ -146,6 +164,10 @@ class Weaver:
         assert self._config_kv is not None and self._registry_kv is not None
         now = self.clock()
         for key, raw in (await self._config_kv.items()).items():
+            if key == names.POLICIES_KEY:
+                if self.restore_policies:
+                    self._restore_policies(raw)
+                continue
             try:
                 doc = decode(raw, DesiredConfig, kind="stored config")
             except DecodeError as exc:
@@ -195,6 +217,74 @@ class Weaver:
             grant_grace(self.state, self.clock())
             return
         self._record(check_liveness(self.state, self.clock()))
+
+    # ---- policies --------------------------------------------------------------------
+
+    def _maybe_decide(self) -> None:
+        mono = time.monotonic()
+        busy = self._deciding is not None and not self._deciding.done()
+        if busy or mono < self._next_policy_mono or not self._listening:
+            return
+        self._next_policy_mono = mono + self.policy_interval_s
+        self._deciding = asyncio.ensure_future(self._decide())
+
+    async def _decide(self) -> None:
+        """One round of the policies; each decision goes through :meth:`submit` like a person's."""
+        now = self.clock()
+        for decision, dry_run in self.policies.decide(now, self.state):
+            self.state.note_acted(decision.key, now)
+            req = decision.request()
+            reply = None
+            if req is not None and not dry_run:
+                reply = await self.submit(req)
+            self._record([_decision_event(decision, now, dry_run=dry_run, reply=reply)])
+
+    def _restore_policies(self, raw: bytes) -> None:
+        try:
+            settings = msgspec.json.decode(raw)
+            for name, table in settings.items():
+                if name in self.policies.slots:
+                    self.policies.update(name, dict(table))
+        except (msgspec.DecodeError, InvalidRequestError, AttributeError) as exc:
+            log.warning("ignoring the stored policy settings: %s", exc)
+
+    async def _policy_op(self, req: ControlRequest) -> ControlReply:
+        """``policies`` (list) and ``policy`` (change one; persisted before the reply)."""
+        if req.op == "policies":
+            return ControlReply(ok=True, data=self.policies.describe_all())
+        values = dict(req.values)
+        name = str(values.pop("policy", ""))
+        before = self.policies.settings()
+        try:
+            changes = dict(values.pop("params", None) or {})
+            described = self.policies.update(name, {**values, **changes})
+        except (InvalidRequestError, TypeError, ValueError) as exc:
+            code = getattr(exc, "code", "invalid_request")
+            return ControlReply(ok=False, error=ErrorInfo(code=code, message=str(exc)))
+        assert self._config_kv is not None
+        try:
+            await self._config_kv.put(
+                names.POLICIES_KEY, msgspec.json.encode(self.policies.settings())
+            )
+        except NotReachableError as exc:
+            for n, table in before.items():
+                self.policies.update(n, table)
+            return ControlReply(
+                ok=False, error=ErrorInfo(code=exc.code, message=f"not changed: {exc.message}")
+            )
+        who = f" by {req.requested_by}" if req.requested_by else ""
+        self._record(
+            [
+                HistoryEvent(
+                    job_id=req.job_id,
+                    kind="policy_settings",
+                    ts=self.clock(),
+                    message=f"policy {name}: {_fmt_changes(req.values)}{who}",
+                    data={"policy": name, "changes": to_builtins(req.values), "now": described},
+                )
+            ]
+        )
+        return ControlReply(ok=True, data=described)
 
     async def _persist_forever(self) -> None:
         while True:
@@ -295,7 +385,9 @@ class Weaver:
                 msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
             )
             return
-        reply = await self.submit(req)
+        reply = await (
+            self._policy_op(req) if req.op in ("policies", "policy") else self.submit(req)
+        )
         await self._reply(msg, reply)
 
     async def submit(self, req: ControlRequest) -> ControlReply:
@@ -375,6 +467,49 @@ class Weaver:
             except NotReachableError:
                 return
             self.state.dirty.discard(key)
+
+
+def _decision_event(
+    d: Decision, now: float, *, dry_run: bool, reply: ControlReply | None
+) -> HistoryEvent:
+    """The history entry of a policy decision: its reason, the features it saw, what came of it.
+
+    These entries are the trajectory dataset (``torchloom policy export``)."""
+    if dry_run:
+        outcome: dict[str, Any] = {"done": False, "why": "dry run"}
+        prefix = "[dry run] "
+    elif reply is None:
+        outcome, prefix = {"done": True}, ""
+    elif reply.ok:
+        outcome = {"done": True, "version": reply.version, "effective_step": reply.effective_step}
+        prefix = ""
+    else:
+        err = reply.error
+        outcome = {"done": False, "error": err.message if err else "refused"}
+        prefix = "[refused] "
+    return HistoryEvent(
+        job_id=d.job_id,
+        kind=f"policy_{d.policy}",
+        ts=now,
+        message=f"{prefix}policy {d.policy}: {d.reason}",
+        replica_id=d.replica_id,
+        version=reply.version if reply is not None and reply.ok else None,
+        data={
+            "policy": d.policy,
+            "action": d.action,
+            "dry_run": dry_run,
+            "values": to_builtins(d.values),
+            "replica_id": d.replica_id,
+            "device": d.device,
+            "replace": d.replace,
+            "features": to_builtins(d.features),
+            "outcome": outcome,
+        },
+    )
+
+
+def _fmt_changes(values: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "policy") or "no change"
 
 
 def _check_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:

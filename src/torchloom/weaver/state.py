@@ -15,6 +15,7 @@ A heartbeat from a suspect, hung or failed rank brings it back to training.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,57 @@ class LivenessConfig:
 
 
 @dataclass(slots=True)
+class Timing:
+    """One telemetry flush's step timing: means per step since the previous flush, in seconds.
+
+    ``busy_s`` is ``data + compute`` (the time the rank works on its own, not waiting
+    for peers), None when the training loop marks no phases (:meth:`Run.mark`).
+    """
+
+    ts: float
+    step: int
+    step_s: float
+    busy_s: float | None
+    comm_s: float | None
+
+
+def _window(n: int) -> deque[Any]:
+    return deque(maxlen=n)
+
+
+@dataclass(slots=True)
+class RankWindow:
+    """The recent past of one rank that policies read: bounded, oldest dropped.
+
+    Attributes:
+        timing: step timings of the last flushes that saw progress (64 ≈ 13 s at 5 Hz).
+        losses: ``(step, loss)`` of the last logged ``loss`` values; NaN when the rank
+            logged a NaN or ±Inf.
+        grad_norms: ``(step, norm)`` of the last logged ``grad_norm`` values, likewise.
+        device: ``(ts, sample)`` device health samples (64 ≈ 1 min at 1 Hz).
+    """
+
+    timing: deque[Timing] = field(default_factory=lambda: _window(64))
+    losses: deque[tuple[int, float]] = field(default_factory=lambda: _window(256))
+    grad_norms: deque[tuple[int, float]] = field(default_factory=lambda: _window(64))
+    device: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: _window(64))
+
+    def observe(self, msg: Telemetry, now: float) -> None:
+        """Fold one telemetry flush in."""
+        if msg.step_time_s:
+            ph = msg.phases_s or {}
+            busy = ph["data"] + ph["compute"] if "data" in ph and "compute" in ph else None
+            self.timing.append(Timing(now, msg.step, msg.step_time_s, busy, ph.get("comm")))
+        for point in msg.points:
+            for name, out in (("loss", self.losses), ("grad_norm", self.grad_norms)):
+                if name in point.values:
+                    v = point.values[name]
+                    out.append((point.step, math.nan if v is None else v))
+        if msg.device_stats:
+            self.device.append((now, msg.device_stats))
+
+
+@dataclass(slots=True)
 class Rank:
     """One rank as the Weaver knows it: the persisted entry plus volatile figures."""
 
@@ -55,6 +107,7 @@ class Rank:
     config_lag_s: float = 0.0
     last_seq: int = -1
     quorum: dict[str, Any] | None = None
+    window: RankWindow = field(default_factory=RankWindow)
 
     @property
     def key(self) -> RankKey:
@@ -122,6 +175,16 @@ class WeaverState:
     dropped_messages: dict[str, int] = field(default_factory=dict)
     dirty: set[RankKey] = field(default_factory=set)
     removed: set[RankKey] = field(default_factory=set)
+    acted: dict[str, deque[float]] = field(default_factory=dict)
+    """When policies acted on each decision key (newest last, 32 kept): their cooldowns
+    and repeat counts are read from here."""
+
+    def note_acted(self, key: str, now: float) -> None:
+        self.acted.setdefault(key, deque(maxlen=32)).append(now)
+
+    def last_acted(self, key: str) -> float | None:
+        times = self.acted.get(key)
+        return times[-1] if times else None
 
     def job(self, job_id: str) -> Job:
         job = self.jobs.get(job_id)
@@ -270,6 +333,7 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
         if point.step >= rank.metrics_step:
             rank.metrics.update(point.values)
             rank.metrics_step = point.step
+    rank.window.observe(msg, now)
     # "exited" comes with its reason in the rank's exit event; a heartbeat only says alive or paused
     reported: RankState = (
         "paused" if msg.state == "paused" else ("joining" if msg.step < 0 else "training")

@@ -1,4 +1,6 @@
-"""Policies: pure decisions ``decide(now, state) -> [Decision]`` over the Weaver's state.
+"""Policies: pure ``decide(now, state) -> [Decision]`` functions and the engine that runs them."""
 
-None ship yet; the Weaver's tick is where they will be called.
-"""
+from torchloom.weaver.policies.base import Decision, Policy
+from torchloom.weaver.policies.engine import DEFAULT_ENABLED, ENTRY_POINT_GROUP, PolicyEngine
+
+__all__ = ["DEFAULT_ENABLED", "ENTRY_POINT_GROUP", "Decision", "Policy", "PolicyEngine"]

@@ -1,0 +1,63 @@
+"""Options, consoles and helpers shared by the ``torchloom`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from torchloom.cli.client import WeaverClient
+from torchloom.errors import InvalidRequestError
+from torchloom.paths import ENV_NATS_URL, ENV_STATE_DIR
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+NatsUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--nats-url",
+        envvar=ENV_NATS_URL,
+        help="NATS server/cluster; default: the one `torchloom up` started",
+    ),
+]
+StateDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--state-dir",
+        envvar=ENV_STATE_DIR,
+        help="state dir of `torchloom up` [default: ~/.local/state/torchloom]",
+    ),
+]
+JobOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--job", "-j", envvar="TORCHLOOM_JOB", help="job id; default: the only job with live ranks"
+    ),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
+]
+
+
+def weaver_client(
+    nats_url: str | None, state_dir: Path | None, timeout_s: float = 5.0
+) -> WeaverClient:
+    return WeaverClient(nats_url=nats_url, state_dir=state_dir, timeout_s=timeout_s)
+
+
+def pick_job(client: WeaverClient, job: str | None) -> str:
+    if job:
+        return job
+    jobs = client.status().get("jobs", [])
+    live = [
+        j["job_id"] for j in jobs if any(r["state"] not in ("exited", "failed") for r in j["ranks"])
+    ]
+    candidates = live or [j["job_id"] for j in jobs]
+    if len(candidates) == 1:
+        return str(candidates[0])
+    if not candidates:
+        raise InvalidRequestError("no job is known to the Weaver yet; pass --job")
+    raise InvalidRequestError(f"several jobs ({', '.join(candidates)}): pass --job")

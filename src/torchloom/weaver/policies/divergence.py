@@ -1,0 +1,163 @@
+"""Divergence guard: NaN/Inf or a loss spike → lower the learning rate; repeated → pause and alert.
+
+Reads the ``loss`` and ``grad_norm`` values the ranks log (``run.log(loss=…)``,
+:meth:`Run.guard_gradients`). A non-finite value, or a spike — the median of a
+rank's newest ``spike_steps`` losses above the median of its earlier
+``window_steps`` losses by ``spike_k`` robust standard deviations (1.4826·MAD) —
+makes the guard lower ``lr`` by ``lr_factor`` job-wide and switch
+``skip_nonfinite`` on (so the ranks zero any further non-finite gradient on the
+device instead of stepping on it; the step that carried the NaN is skipped there
+when the knob was already on). After ``max_lowerings`` within ``repeat_window_s``
+it pauses the job instead and says so: a person should look. The same practice
+is in PaLM (Chowdhery et al. 2022: restart before a spike, skip batches) and
+OPT-175B (Zhang et al. 2022: lower the lr after divergence).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from torchloom.weaver.policies.base import Decision, mad, median
+from torchloom.weaver.state import Job, Rank, WeaverState
+
+
+class DivergenceParams(msgspec.Struct, kw_only=True):
+    """Parameters of the divergence guard.
+
+    Attributes:
+        spike_k: robust standard deviations above the window median that make a spike.
+        spike_steps: the newest losses whose median is tested (a single noisy batch is not a spike).
+        window_steps: earlier losses that make the baseline.
+        min_history: losses needed in the baseline before spikes are judged.
+        lr_factor: multiply ``lr`` by this on each action, in (0, 1).
+        max_lowerings: actions within ``repeat_window_s`` after which the job is paused.
+        repeat_window_s: see ``max_lowerings`` (seconds).
+        cooldown_s: no second action within this time (seconds).
+    """
+
+    spike_k: float = 8.0
+    spike_steps: int = 5
+    window_steps: int = 200
+    min_history: int = 30
+    lr_factor: float = 0.5
+    max_lowerings: int = 3
+    repeat_window_s: float = 300.0
+    cooldown_s: float = 3.0
+
+
+def check(p: DivergenceParams) -> None:
+    if not 0.0 < p.lr_factor < 1.0:
+        raise ValueError("lr_factor must be in (0, 1)")
+    if p.spike_k <= 0 or p.spike_steps < 1 or p.min_history < 3 or p.max_lowerings < 1:
+        raise ValueError("spike_k > 0, spike_steps >= 1, min_history >= 3, max_lowerings >= 1")
+
+
+def _nonfinite(rank: Rank, since_step: int) -> str | None:
+    for name, window in (("loss", rank.window.losses), ("grad_norm", rank.window.grad_norms)):
+        for step, v in reversed(window):
+            if step < since_step:
+                break
+            if not math.isfinite(v):
+                return f"{name} is NaN/Inf at step {step} on rank {rank.entry.replica_id}/{rank.entry.rank}"
+    return None
+
+
+def spike(losses: list[tuple[int, float]], p: DivergenceParams) -> dict[str, float] | None:
+    """The spike test on one rank's ``(step, loss)`` list (oldest first); None when calm."""
+    values = [v for _, v in losses if math.isfinite(v)]
+    if len(values) < p.min_history + p.spike_steps:
+        return None
+    new, base = values[-p.spike_steps :], values[-p.spike_steps - p.window_steps : -p.spike_steps]
+    m = median(base)
+    sigma = max(1.4826 * mad(base, m), 1e-3 * abs(m), 1e-8)
+    level = median(new)
+    z = (level - m) / sigma
+    if z < p.spike_k:
+        return None
+    return {"loss": level, "baseline": m, "sigma": sigma, "z": z}
+
+
+class DivergencePolicy:
+    """NaN/Inf or a loss spike → lower lr (and skip non-finite steps); repeated → pause."""
+
+    name = "divergence"
+    doc = "NaN/Inf or a loss spike: lr × lr_factor and skip_nonfinite on; repeated: pause and alert"
+    Params = DivergenceParams
+
+    def __init__(self, params: DivergenceParams) -> None:
+        check(params)
+        self.params = params
+
+    def decide(self, now: float, state: WeaverState) -> list[Decision]:
+        out: list[Decision] = []
+        for job in state.jobs.values():
+            d = self._job(now, state, job)
+            if d is not None:
+                out.append(d)
+        return out
+
+    def _job(self, now: float, state: WeaverState, job: Job) -> Decision | None:
+        p = self.params
+        latest = job.config.latest() if job.config else None
+        if latest is None or latest.run_state != "running":
+            return None
+        key = f"{self.name}/{job.job_id}"
+        # only what ranks logged since the newest config (a change the guard made starts afresh)
+        since = latest.effective_step
+        what: str | None = None
+        features: dict[str, Any] = {}
+        for rank in sorted(job.live_ranks(), key=lambda r: r.key):
+            what = _nonfinite(rank, since)
+            if what is not None:
+                features = {
+                    "trigger": "nonfinite",
+                    "rank": f"{rank.entry.replica_id}/{rank.entry.rank}",
+                }
+                break
+            fresh = [(s, v) for s, v in rank.window.losses if s >= since]
+            older = [(s, v) for s, v in rank.window.losses if s < since]
+            found = (
+                spike(older[-p.window_steps :] + fresh, p) if len(fresh) >= p.spike_steps else None
+            )
+            if found is not None:
+                what = (
+                    f"loss spike on rank {rank.entry.replica_id}/{rank.entry.rank}: {found['loss']:.4g} "
+                    f"against a median of {found['baseline']:.4g} ({found['z']:.1f} robust σ)"
+                )
+                features = {
+                    "trigger": "spike",
+                    "rank": f"{rank.entry.replica_id}/{rank.entry.rank}",
+                }
+                features.update({k: round(v, 6) for k, v in found.items()})
+                break
+        if what is None:
+            return None
+        recent = [t for t in state.acted.get(key, ()) if now - t <= p.repeat_window_s]
+        lr = latest.values.get("lr")
+        features.update({"lr": lr, "lowerings_recent": len(recent), "step": since})
+        if len(recent) >= p.max_lowerings or lr is None:
+            return Decision(
+                policy=self.name,
+                job_id=job.job_id,
+                action="pause",
+                reason=f"{what}; lr already lowered {len(recent)}× in {p.repeat_window_s:g} s: "
+                "pausing the job for a person to look",
+                key=key,
+                features=features,
+            )
+        values: dict[str, Any] = {"lr": lr * p.lr_factor}
+        if not latest.values.get("skip_nonfinite"):
+            values["skip_nonfinite"] = True
+        return Decision(
+            policy=self.name,
+            job_id=job.job_id,
+            action="set",
+            values=values,
+            reason=f"{what}: lr {lr:g} → {lr * p.lr_factor:g}"
+            + (", skip_nonfinite on" if "skip_nonfinite" in values else ""),
+            key=key,
+            features=features,
+        )

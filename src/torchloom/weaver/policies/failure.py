@@ -1,0 +1,218 @@
+"""Failure prediction and proactive drain (after SuperBench's proactive validation and replacement).
+
+Each rank's Threadlet samples its device's health (NVML on a GPU, psutil on a
+CPU host; :mod:`torchloom.threadlet.device`). A risk score in [0, 1] per device
+is the larger of:
+
+* **rules** (documented thresholds, :data:`RULES`): uncorrectable ECC errors, pages
+  pending retirement and critical XID errors (1.0 / 0.9), temperature at or above
+  ``temp_crit_c`` (0.9) or ``temp_warn_c`` (0.5), hardware/thermal throttling (0.5),
+  corrected ECC errors growing faster than ``ecc_per_min`` (0.7), host memory nearly
+  full (0.8);
+* an **online anomaly model**: the robust z-score (median/MAD) of each signal's
+  newest value against the device's own recent samples; a z beyond ``z_warn``
+  adds risk up to 0.8 at ``z_crit``.
+
+When a device's risk stays at ``drain_risk`` or more for ``sustain_samples``
+samples in a row, the replica group on it is drained with a replacement
+(``torchloom run`` starts a fresh group) before the device fails.
+Validated on synthetic degradation traces only (``TORCHLOOM_DEVICE_TRACE``, the
+simulator); the NVML read path has not met a failing GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from torchloom.weaver.policies.base import Decision, robust_z
+from torchloom.weaver.state import RankKey, WeaverState
+
+CRITICAL_XIDS = frozenset({48, 63, 64, 74, 79, 92, 94, 95})
+"""XID errors that mean the GPU is failing (DBE ECC, page retirement, NVLink, fell off the bus, …)."""
+
+RULES = {
+    "ecc_uncorrected": "uncorrectable ECC errors > 0 → 1.0",
+    "retired_pages_pending": "pages pending retirement → 0.9",
+    "xid": f"a critical XID ({', '.join(map(str, sorted(CRITICAL_XIDS)))}) → 1.0",
+    "temp_c": "temperature ≥ temp_crit_c → 0.9, ≥ temp_warn_c → 0.5",
+    "throttle_hw": "hardware or thermal clock throttling → 0.5",
+    "ecc_corrected": "corrected ECC errors growing ≥ ecc_per_min → 0.7",
+    "mem_used_frac": "host memory ≥ 97 % used → 0.8",
+}
+"""The documented rules of the risk score (signal → rule)."""
+
+ANOMALY_SIGNALS = ("temp_c", "power_w", "ecc_corrected", "mem_used_frac", "swap_used_frac")
+
+
+class FailureParams(msgspec.Struct, kw_only=True):
+    """Parameters of failure prediction.
+
+    Attributes:
+        drain_risk: risk at or above which a device counts as failing, in [0, 1].
+        sustain_samples: consecutive samples at that risk before draining.
+        temp_warn_c, temp_crit_c: temperature thresholds, °C.
+        ecc_per_min: corrected ECC errors per minute that count as a failing memory.
+        z_warn, z_crit: robust z-scores where the anomaly model starts to add risk and
+            where it reaches 0.8.
+        min_baseline: samples of a signal needed before the anomaly model judges it.
+        replace: ask for a replacement replica group when draining.
+        cooldown_s: no second drain of the same replica group within this time (seconds).
+    """
+
+    drain_risk: float = 0.8
+    sustain_samples: int = 3
+    temp_warn_c: float = 83.0
+    temp_crit_c: float = 90.0
+    ecc_per_min: float = 100.0
+    z_warn: float = 6.0
+    z_crit: float = 12.0
+    min_baseline: int = 10
+    replace: bool = True
+    cooldown_s: float = 60.0
+
+
+def check(p: FailureParams) -> None:
+    if not 0.0 < p.drain_risk <= 1.0 or p.sustain_samples < 1:
+        raise ValueError("drain_risk must be in (0, 1] and sustain_samples >= 1")
+    if p.temp_warn_c >= p.temp_crit_c or p.z_warn >= p.z_crit:
+        raise ValueError("temp_warn_c < temp_crit_c and z_warn < z_crit are needed")
+
+
+@dataclass(frozen=True, slots=True)
+class Risk:
+    """A device's failure risk from one sample: the score and the reasons behind it."""
+
+    score: float
+    reasons: tuple[str, ...]
+
+
+def rule_risk(
+    sample: dict[str, float],
+    previous: tuple[float, dict[str, float]] | None,
+    now: float,
+    p: FailureParams,
+) -> Risk:
+    """The rules' risk for one sample (``previous``: the sample before, for rates)."""
+    parts: list[tuple[float, str]] = []
+    if sample.get("ecc_uncorrected", 0) > 0:
+        parts.append((1.0, f"{sample['ecc_uncorrected']:.0f} uncorrectable ECC errors"))
+    if sample.get("retired_pages_pending", 0) >= 1:
+        parts.append((0.9, "pages pending retirement"))
+    if int(sample.get("xid", 0)) in CRITICAL_XIDS:
+        parts.append((1.0, f"XID {int(sample['xid'])}"))
+    temp = sample.get("temp_c")
+    if temp is not None and temp >= p.temp_crit_c:
+        parts.append((0.9, f"{temp:.0f} °C ≥ {p.temp_crit_c:g} °C"))
+    elif temp is not None and temp >= p.temp_warn_c:
+        parts.append((0.5, f"{temp:.0f} °C ≥ {p.temp_warn_c:g} °C"))
+    if sample.get("throttle_hw", 0) >= 1:
+        parts.append((0.5, "clocks throttled (hardware/thermal)"))
+    if previous is not None and "ecc_corrected" in sample and "ecc_corrected" in previous[1]:
+        dt_min = max(now - previous[0], 1e-3) / 60.0
+        rate = (sample["ecc_corrected"] - previous[1]["ecc_corrected"]) / dt_min
+        if rate >= p.ecc_per_min:
+            parts.append((0.7, f"corrected ECC errors +{rate:.0f}/min"))
+    if sample.get("mem_used_frac", 0) >= 0.97 and "cpu_util" in sample:
+        parts.append((0.8, f"host memory {sample['mem_used_frac']:.0%} used"))
+    if not parts:
+        return Risk(0.0, ())
+    return Risk(max(s for s, _ in parts), tuple(r for _, r in parts))
+
+
+def anomaly_risk(
+    history: list[dict[str, float]], sample: dict[str, float], p: FailureParams
+) -> Risk:
+    """The anomaly model's risk: the largest robust z of a signal against its own past."""
+    best, why = 0.0, ""
+    for name in ANOMALY_SIGNALS:
+        past = [h[name] for h in history if name in h]
+        if name not in sample or len(past) < p.min_baseline:
+            continue
+        z = robust_z(sample[name], past, floor=max(1e-6, 0.01 * abs(sum(past) / len(past))))
+        if z > best:
+            best, why = z, f"{name} {sample[name]:.4g} is {z:.1f} robust σ above its recent median"
+    if best <= p.z_warn:
+        return Risk(0.0, ())
+    return Risk(min(0.8, 0.8 * (best - p.z_warn) / (p.z_crit - p.z_warn)), (why,))
+
+
+def device_risks(samples: list[tuple[float, dict[str, float]]], p: FailureParams) -> list[Risk]:
+    """The risk of each sample of one device's window (oldest first)."""
+    out = []
+    for i, (ts, sample) in enumerate(samples):
+        prev = samples[i - 1] if i else None
+        rules = rule_risk(sample, prev, ts, p)
+        history = [s for _, s in samples[max(0, i - 60) : i]]
+        anomaly = anomaly_risk(history, sample, p)
+        out.append(Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons))
+    return out
+
+
+def assess(state: WeaverState, p: FailureParams) -> dict[RankKey, tuple[Risk, int]]:
+    """Each live rank's device risk now, and for how many samples in a row it has been at
+    ``drain_risk`` or more."""
+    out: dict[RankKey, tuple[Risk, int]] = {}
+    for job in state.jobs.values():
+        for rank in job.live_ranks():
+            samples = list(rank.window.device)
+            if not samples:
+                continue
+            risks = device_risks(samples[-(p.sustain_samples + 1) :], p)
+            streak = 0
+            for r in reversed(risks):
+                if r.score < p.drain_risk:
+                    break
+                streak += 1
+            if len(samples) > p.sustain_samples + 1:  # the anomaly model needs the longer past
+                risks[-1] = device_risks(samples, p)[-1]
+            out[rank.key] = (risks[-1], streak)
+    return out
+
+
+class FailurePolicy:
+    """Drain (with replacement) the replica group on a device whose failure risk stays high."""
+
+    name = "failure"
+    doc = "device health rules + robust anomaly scores; sustained risk ≥ drain_risk → drain with replacement"
+    Params = FailureParams
+
+    def __init__(self, params: FailureParams) -> None:
+        check(params)
+        self.params = params
+
+    def decide(self, now: float, state: WeaverState) -> list[Decision]:
+        p = self.params
+        out: list[Decision] = []
+        for key, (risk, streak) in sorted(assess(state, p).items()):
+            job = state.jobs[key[0]]
+            latest = job.config.latest() if job.config else None
+            if streak < p.sustain_samples or latest is None or latest.run_state == "stopped":
+                continue
+            if key[1] in latest.drained:
+                continue
+            rank = job.ranks[key]
+            features: dict[str, Any] = {
+                "rank": f"{key[1]}/{key[2]}",
+                "device": rank.entry.device,
+                "risk": round(risk.score, 3),
+                "streak": streak,
+                "sample": dict(rank.window.device[-1][1]),
+            }
+            out.append(
+                Decision(
+                    policy=self.name,
+                    job_id=key[0],
+                    action="drain",
+                    replica_id=key[1],
+                    replace=p.replace,
+                    reason=f"device {rank.entry.device} of rank {key[1]}/{key[2]} at failure risk "
+                    f"{risk.score:.2f} for {streak} samples ({'; '.join(risk.reasons)}): drain"
+                    + (" with replacement" if p.replace else ""),
+                    key=f"{self.name}/{key[0]}/{key[1]}",
+                    features=features,
+                )
+            )
+        return out

@@ -1,0 +1,276 @@
+"""Straggler detection and mitigation.
+
+After Megatron-LM's ``StragglerDetector`` and NVIDIA resiliency-ext's straggler
+scores (a *relative* score against the other ranks, an *individual* score
+against the rank's own best), on the time a rank is busy on its own —
+``data + compute`` per step from :meth:`Run.mark` — because in synchronous
+training every rank's *total* step time is the slowest rank's: the fast ones
+wait in the allreduce. Mitigation by rebalancing follows DynMO (dynamic load
+balancing of per-worker work in proportion to measured throughput) while
+torchloom holds the global batch constant.
+
+A rank is flagged when, over the last ``window_s``, at least ``min_fraction`` of
+its flushes (and at least ``min_samples``) had a busy time per step of
+``slow_ratio`` × the reference or more — the reference being the median of the
+other live ranks' window medians — and, with three or more other ranks, when its
+window median is also ``min_z`` robust z-scores (median/MAD) above theirs, so a
+noisy job is judged by its own spread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import msgspec
+
+from torchloom.protocol.batching import format_weights, parse_weights
+from torchloom.weaver.policies.base import Decision, median, robust_z
+from torchloom.weaver.state import Job, Rank, RankKey, Timing, WeaverState
+
+Mitigation = Literal["rebalance", "drain", "alert"]
+
+
+class StragglerParams(msgspec.Struct, kw_only=True):
+    """Parameters of the straggler policy (times in seconds, ratios unitless).
+
+    Attributes:
+        slow_ratio: busy time per step, relative to the reference, that counts as slow.
+        window_s: the recent past judged.
+        min_fraction: share of the window's flushes that must be slow.
+        min_samples: flushes needed in the window before judging at all.
+        min_z: with ≥ 3 other ranks, the robust z-score the rank's median must also reach.
+        mitigation: ``rebalance`` (shares of ``global_batch_size`` in proportion to
+            measured throughput), ``drain`` (drain the replica group, with a
+            replacement, once it has been slow for ``drain_after_s``) or ``alert``.
+        drain_after_s: how long a group must stay slow before ``drain`` acts (at most the
+            rank window, about 12 s at the default flush interval).
+        min_change: rebalance only when a weight moves by more than this fraction.
+        cooldown_s: no second action on the same job within this time (the change must
+            take effect and fresh timings come in).
+    """
+
+    slow_ratio: float = 1.3
+    window_s: float = 3.0
+    min_fraction: float = 0.75
+    min_samples: int = 5
+    min_z: float = 3.0
+    mitigation: Mitigation = "rebalance"
+    drain_after_s: float = 10.0
+    min_change: float = 0.05
+    cooldown_s: float = 8.0
+
+
+def check(p: StragglerParams) -> None:
+    if p.slow_ratio <= 1.0:
+        raise ValueError("slow_ratio must be > 1")
+    if not 0.0 < p.min_fraction <= 1.0:
+        raise ValueError("min_fraction must be in (0, 1]")
+    if p.window_s <= 0 or p.drain_after_s <= 0 or p.cooldown_s < 0 or p.min_samples < 1:
+        raise ValueError("window_s, drain_after_s > 0, cooldown_s >= 0, min_samples >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    """One rank's straggler scores.
+
+    Attributes:
+        busy_s: its median busy (or, without phase marks, total) time per step in the window.
+        reference_s: the median of the other live ranks' medians.
+        ratio: ``busy_s / reference_s`` (the inverse of resiliency-ext's relative score).
+        z: robust z-score of ``busy_s`` among the other ranks (None with < 3 others).
+        slow_fraction: share of the window's flushes at ``slow_ratio`` × reference or more.
+        slow_for_s: how long its flushes have been slow without a break (s).
+        individual: ``busy_s`` over its own best window median in the rank's history.
+        flagged: a straggler by the rule above.
+    """
+
+    busy_s: float
+    reference_s: float
+    ratio: float
+    z: float | None
+    slow_fraction: float
+    slow_for_s: float
+    individual: float
+    flagged: bool
+
+
+def _busy(t: Timing) -> float:
+    return t.busy_s if t.busy_s is not None else t.step_s
+
+
+def _recent(rank: Rank, now: float, window_s: float) -> list[Timing]:
+    return [t for t in rank.window.timing if now - t.ts <= window_s]
+
+
+def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment]:
+    """Straggler scores of every live, training rank of ``job`` with enough recent flushes."""
+    recent = {
+        r.key: w
+        for r in job.ranks.values()
+        if r.state == "training" and len(w := _recent(r, now, p.window_s)) >= p.min_samples
+    }
+    medians = {k: median([_busy(t) for t in w]) for k, w in recent.items()}
+    out: dict[RankKey, Assessment] = {}
+    for key, w in recent.items():
+        others = [m for k, m in medians.items() if k != key]
+        if not others:
+            continue
+        ref = median(others)
+        if ref <= 0:
+            continue
+        slow = [_busy(t) >= p.slow_ratio * ref for t in w]
+        streak = 0.0
+        for t, is_slow in zip(reversed(w), reversed(slow), strict=True):
+            if not is_slow:
+                break
+            streak = now - t.ts
+        z = robust_z(medians[key], others, floor=0.05 * ref) if len(others) >= 3 else None
+        fraction = sum(slow) / len(slow)
+        history = job.ranks[key].window.timing
+        best = min((_busy(t) for t in history), default=medians[key])
+        out[key] = Assessment(
+            busy_s=medians[key],
+            reference_s=ref,
+            ratio=medians[key] / ref,
+            z=z,
+            slow_fraction=fraction,
+            slow_for_s=streak,
+            individual=medians[key] / best if best > 0 else 1.0,
+            flagged=fraction >= p.min_fraction and (z is None or z >= p.min_z),
+        )
+    return out
+
+
+class StragglerPolicy:
+    """Flag ranks that are slow on their own and rebalance, drain or alert (see module doc)."""
+
+    name = "straggler"
+    doc = "flag ranks busy ≥ slow_ratio × their peers; rebalance shares of the global batch, drain, or alert"
+    Params = StragglerParams
+
+    def __init__(self, params: StragglerParams) -> None:
+        check(params)
+        self.params = params
+
+    def decide(self, now: float, state: WeaverState) -> list[Decision]:
+        out: list[Decision] = []
+        for job in state.jobs.values():
+            latest = job.config.latest() if job.config else None
+            if latest is None or latest.run_state != "running":
+                continue
+            scores = assess(job, now, self.params)
+            flagged = {k: a for k, a in scores.items() if a.flagged}
+            if not flagged:
+                if self.params.mitigation == "rebalance" and latest.values.get("batch_weights"):
+                    out += self._rebalance(job, now, scores, flagged)
+                continue
+            if self.params.mitigation == "rebalance":
+                out += self._rebalance(job, now, scores, flagged)
+            else:
+                out += self._flag(job, flagged)
+        return out
+
+    def _features(self, key: RankKey, a: Assessment) -> dict[str, Any]:
+        return {
+            "rank": f"{key[1]}/{key[2]}",
+            "busy_s": round(a.busy_s, 6),
+            "reference_s": round(a.reference_s, 6),
+            "ratio": round(a.ratio, 4),
+            "z": None if a.z is None else round(a.z, 3),
+            "slow_fraction": round(a.slow_fraction, 3),
+            "slow_for_s": round(a.slow_for_s, 3),
+            "individual": round(a.individual, 4),
+        }
+
+    def _flag(self, job: Job, flagged: dict[RankKey, Assessment]) -> list[Decision]:
+        p = self.params
+        out = []
+        for key, a in sorted(flagged.items()):
+            rid = key[1]
+            why = (
+                f"rank {rid}/{key[2]} is a straggler: {a.busy_s * 1000:.1f} ms busy per step, "
+                f"{a.ratio:.2f}× its peers' {a.reference_s * 1000:.1f} ms "
+                f"(slow in {a.slow_fraction:.0%} of the last {p.window_s:g} s)"
+            )
+            if p.mitigation == "drain" and a.slow_for_s >= p.drain_after_s:
+                out.append(
+                    Decision(
+                        policy=self.name,
+                        job_id=job.job_id,
+                        action="drain",
+                        replica_id=rid,
+                        replace=True,
+                        reason=f"{why}; slow for {a.slow_for_s:.1f} s: drain with replacement",
+                        key=f"{self.name}/{job.job_id}/drain/{rid}",
+                        features=self._features(key, a),
+                    )
+                )
+            else:
+                out.append(
+                    Decision(
+                        policy=self.name,
+                        job_id=job.job_id,
+                        action="alert",
+                        replica_id=rid,
+                        reason=why,
+                        key=f"{self.name}/{job.job_id}/alert/{rid}",
+                        features=self._features(key, a),
+                    )
+                )
+        return out
+
+    def _rebalance(
+        self, job: Job, now: float, scores: dict[RankKey, Assessment], flagged: dict[RankKey, Any]
+    ) -> list[Decision]:
+        """New ``batch_weights`` ∝ each group's samples per busy second, when they moved enough."""
+        assert job.config is not None
+        latest = job.config.latest()
+        assert latest is not None
+        global_batch = latest.values.get("global_batch_size")
+        if not global_batch:
+            return self._flag(job, flagged) if flagged else []
+        groups: dict[str, float] = {}  # replica group → its slowest rank's busy time per step
+        for key, a in scores.items():
+            groups[key[1]] = max(groups.get(key[1], 0.0), a.busy_s)
+        live_groups = {r.entry.replica_id for r in job.live_ranks()}
+        if set(groups) != live_groups or len(groups) < 2:
+            return []  # judge only with timings of every group
+        try:
+            current = parse_weights(latest.values.get("batch_weights"))
+        except ValueError:
+            current = {}
+        w_now = {g: current.get(g, 1.0) for g in groups}
+        total_w = sum(w_now.values())
+        throughput = {g: (w_now[g] / total_w) * global_batch / groups[g] for g in groups}
+        mean_t = sum(throughput.values()) / len(throughput)
+        w_new = {g: t / mean_t for g, t in throughput.items()}
+        spread = max(groups.values()) / min(groups.values())
+        moved = max(abs(w_new[g] / (w_now[g] / (total_w / len(w_now))) - 1) for g in groups)
+        if (not flagged and spread < self.params.slow_ratio) or moved <= self.params.min_change:
+            return []
+        text = format_weights(w_new)
+        slow = ", ".join(f"{k[1]}/{k[2]} {a.ratio:.2f}×" for k, a in sorted(flagged.items()))
+        why = (
+            (f"straggler(s) {slow}: " if flagged else f"busy times {spread:.2f}× apart: ")
+            + f"batch_weights={text} (samples per busy second {', '.join(f'{g}: {t:.0f}' for g, t in sorted(throughput.items()))}; global batch {global_batch} held)"
+        )
+        features: dict[str, Any] = {
+            "global_batch_size": global_batch,
+            "busy_s": {g: round(b, 6) for g, b in sorted(groups.items())},
+            "weights_before": {g: round(w, 4) for g, w in sorted(w_now.items())},
+            "weights_after": {g: round(w, 4) for g, w in sorted(w_new.items())},
+            "spread": round(spread, 4),
+            "flagged": sorted(f"{k[1]}/{k[2]}" for k in flagged),
+        }
+        return [
+            Decision(
+                policy=self.name,
+                job_id=job.job_id,
+                action="set",
+                values={"batch_weights": text},
+                reason=why,
+                key=f"{self.name}/{job.job_id}/rebalance",
+                features=features,
+            )
+        ]
