@@ -36,7 +36,8 @@ from torchloom.transport import connect
 from up_process import UpProcess  # bench/ is on sys.path when run as a script
 
 
-def mlp_step_fn():
+def mlp_step_fn(guard=None):
+    """A 2-layer MLP step; ``guard(parameters)`` (e.g. ``run.guard_gradients``) after backward."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)
@@ -48,6 +49,8 @@ def mlp_step_fn():
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if guard is not None:
+            guard(model.parameters())
         opt.step()
         return loss.detach()
 
@@ -65,30 +68,46 @@ def time_baseline(work, n):
     return time.perf_counter() - t0
 
 
-def time_torchloom(work, n, url, job):
+def time_torchloom(work, n, url, job, *, marks=False, guard=False):
+    """``work`` in ``run.steps()`` with ``run.log``; ``marks``: three ``run.mark`` per step;
+    ``guard``: ``work`` is an MLP step that calls ``run.guard_gradients`` after backward."""
     run = torchloom.init(
         job_id=job,
-        knobs={"lr": 0.01, "batch_size": 64},
+        knobs={"lr": 0.01, "batch_size": 64, "skip_nonfinite": True},
         max_steps=n,
         nats_url=url,
         rank=0,
         replica_id="0",
     )
     run.agent.joined.wait(5)
+    if guard:
+        work = mlp_step_fn(run.guard_gradients)
     t0 = time.perf_counter()
     for _ in run.steps():
-        loss = work()
+        if marks:
+            run.mark("data")
+            loss = work()
+            run.mark("compute")
+            run.mark("comm")
+        else:
+            loss = work()
         run.log(loss=loss)
     return time.perf_counter() - t0
 
 
 def bench_step_cost(url, *, steps, rounds):
     rows = []
-    for name, work in (("empty step", empty_step), ("MLP step (CPU)", mlp_step_fn())):
+    cases = (
+        ("empty step", empty_step, {}),
+        ("empty step + 3 run.mark() phases", empty_step, {"marks": True}),
+        ("MLP step (CPU)", mlp_step_fn(), {}),
+        ("MLP step + run.guard_gradients (norm, NaN zeroing)", mlp_step_fn(), {"guard": True}),
+    )
+    for name, work, options in cases:
         base, tl = [], []
         for r in range(rounds):
             base.append(time_baseline(work, steps) / steps)
-            elapsed = time_torchloom(work, steps, url, f"bench{r}")
+            elapsed = time_torchloom(work, steps, url, f"bench{r}", **options)
             tl.append(elapsed / steps)
         b, t = statistics.median(base), statistics.median(tl)
         spread = (max(base) - min(base)) / b  # how much the plain loop itself varies between rounds
@@ -186,7 +205,7 @@ def main() -> None:
             for name, b, t, d, spread in rows:
                 print(f"| {name} | {b:.2f} | {t:.2f} | {d:.2f} | {spread * 100:.1f}% |")
             own = rows[0][3]
-            step = rows[1][1]
+            step = rows[2][1]
             print(
                 f"\ntorchloom's own cost per step (empty-step difference): {own:.2f} µs = "
                 f"{own / step * 100:.2f}% of the {step:.0f} µs MLP step. The direct MLP difference is "

@@ -38,6 +38,7 @@ from torchloom.cli.options import (
 from torchloom.cli.options import pick_job as _pick_job
 from torchloom.cli.options import weaver_client as _client
 from torchloom.cli.policy import app as policy_app
+from torchloom.cli.sim import sim as sim_command
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 from torchloom.paths import (
@@ -761,6 +762,7 @@ def events(
 
 
 app.add_typer(policy_app, name="policy")
+app.command("sim")(sim_command)
 
 
 def _logging(verbose: bool) -> None:

@@ -22,8 +22,8 @@ KnobType = Literal["float", "int", "bool", "str"]
 KnobScope = Literal["job", "replica"]
 
 _OFF_WORDS = {"off", "none", "null"}
-_TRUE_WORDS = frozenset({"true", "on", "yes", "1"})
-_FALSE_WORDS = frozenset({"false", "off", "no", "0"})
+TRUE_WORDS = frozenset({"true", "on", "yes", "1"})
+FALSE_WORDS = frozenset({"false", "off", "no", "0"})
 
 
 class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -231,8 +231,8 @@ def _to_type(spec: KnobSpec, raw: Any) -> Any:
     if spec.type == "bool":
         if isinstance(raw, bool):
             return raw
-        if isinstance(raw, str) and raw.lower() in _TRUE_WORDS | _FALSE_WORDS:
-            return raw.lower() in _TRUE_WORDS
+        if isinstance(raw, str) and raw.lower() in TRUE_WORDS | FALSE_WORDS:
+            return raw.lower() in TRUE_WORDS
         raise bad
     if isinstance(raw, bool):
         raise bad

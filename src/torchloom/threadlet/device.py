@@ -29,10 +29,10 @@ ENV_DEVICE_TRACE = "TORCHLOOM_DEVICE_TRACE"
 Sample = dict[str, float]
 
 
-def degradation(elapsed_s: float, *, rate: float = 1.0) -> Sample:
+def degradation(elapsed_s: float, *, rate: float = 1.0, base_temp_c: float = 70.0) -> Sample:
     """A GPU on its way out, ``elapsed_s`` seconds into its decline (``rate`` speeds it up).
 
-    Temperature climbs from 70 °C by 2 °C/s (to 105 °C), corrected ECC errors grow
+    Temperature climbs from ``base_temp_c`` by 2 °C/s (to 105 °C), corrected ECC errors grow
     quadratically, and from 8 s on the board throttles. The shape follows the
     precursors reported for GPU failures in large fleets (thermal excursions and a
     rising corrected-error rate before uncorrectable errors; e.g. Kokolis et al.,
@@ -40,7 +40,7 @@ def degradation(elapsed_s: float, *, rate: float = 1.0) -> Sample:
     """
     t = max(0.0, elapsed_s * rate)
     return {
-        "temp_c": min(105.0, 70.0 + 2.0 * t),
+        "temp_c": min(105.0, base_temp_c + 2.0 * t),
         "ecc_corrected": float(int(0.5 * t * t)),
         "throttle_hw": 1.0 if t >= 8.0 else 0.0,
     }

@@ -333,9 +333,10 @@ class Run:
         if max_norm is not None:
             torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
         if self.config.get("skip_nonfinite"):
-            keep = torch.isfinite(norm).to(grads[0].dtype)
+            keep = torch.isfinite(norm)  # a 0-d bool on the device: no sync
+            zero = norm.new_zeros(())
             for g in grads:
-                g.nan_to_num_(0.0, 0.0, 0.0).mul_(keep)
+                torch.where(keep, g, zero, out=g)  # one kernel per gradient
         self.log(grad_norm=norm)
         return norm
 

@@ -231,6 +231,10 @@ class Weaver:
     async def _decide(self) -> None:
         """One round of the policies; each decision goes through :meth:`submit` like a person's."""
         now = self.clock()
+        scores = self.policies.scores(now, self.state)
+        for job in self.state.jobs.values():
+            for key, rank in job.ranks.items():
+                rank.straggler, rank.risk = scores.get(key, (None, None))
         for decision, dry_run in self.policies.decide(now, self.state):
             self.state.note_acted(decision.key, now)
             req = decision.request()

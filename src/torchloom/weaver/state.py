@@ -108,6 +108,10 @@ class Rank:
     last_seq: int = -1
     quorum: dict[str, Any] | None = None
     window: RankWindow = field(default_factory=RankWindow)
+    straggler: bool | None = None
+    """Flagged by the straggler policy's scores at its last round (None: not judged)."""
+    risk: float | None = None
+    """Its device's failure risk in [0, 1] at the failure policy's last round (None: no sample)."""
 
     @property
     def key(self) -> RankKey:

@@ -33,12 +33,14 @@ from typing import Any
 import msgspec
 
 from torchloom.errors import InvalidRequestError
+from torchloom.protocol.knobs import FALSE_WORDS, TRUE_WORDS
+from torchloom.weaver.policies import failure, straggler
 from torchloom.weaver.policies.base import Decision, Policy
 from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
 from torchloom.weaver.policies.straggler import StragglerPolicy
 from torchloom.weaver.policies.sync_period import SyncPeriodPolicy
-from torchloom.weaver.state import WeaverState
+from torchloom.weaver.state import RankKey, WeaverState
 
 log = logging.getLogger("torchloom.weaver")
 
@@ -115,6 +117,15 @@ def _params(cls: Any, raw: Mapping[str, Any], base: Any | None = None) -> Any:
     return params
 
 
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS | FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise InvalidRequestError(f"{name} must be true or false, got {value!r}")
+
+
 class PolicyEngine:
     """The policies of one Weaver and their settings.
 
@@ -176,10 +187,7 @@ class PolicyEngine:
             )
         changes = dict(changes)
         flags = {k: changes.pop(k) for k in ("enabled", "dry_run") if k in changes}
-        try:
-            flag_values = {k: msgspec.convert(v, bool, strict=False) for k, v in flags.items()}
-        except msgspec.ValidationError:
-            raise InvalidRequestError(f"{', '.join(flags)} must be true or false") from None
+        flag_values = {k: _flag(k, v) for k, v in flags.items()}
         cls: Any = type(slot.policy)
         if changes:
             slot.policy = cls(_params(cls, changes, slot.policy.params))
@@ -215,6 +223,21 @@ class PolicyEngine:
 
     def params(self, name: str) -> Any:
         return self.slots[name].policy.params
+
+    def scores(
+        self, now: float, state: WeaverState
+    ) -> dict[RankKey, tuple[bool | None, float | None]]:
+        """Per rank: flagged as a straggler, and its device's failure risk (None where the
+        policy is off or has nothing to judge) — what the dashboard and API show."""
+        out: dict[RankKey, tuple[bool | None, float | None]] = {}
+        if self.slots["straggler"].enabled:
+            for job in state.jobs.values():
+                for key, a in straggler.assess(job, now, self.params("straggler")).items():
+                    out[key] = (a.flagged, None)
+        if self.slots["failure"].enabled:
+            for key, (risk, _) in failure.assess(state, self.params("failure")).items():
+                out[key] = (out.get(key, (None, None))[0], risk.score)
+        return out
 
     def decide(self, now: float, state: WeaverState) -> list[tuple[Decision, bool]]:
         """Every enabled policy's decisions that may go out now, each with its ``dry_run`` flag.

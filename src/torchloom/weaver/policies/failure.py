@@ -139,35 +139,35 @@ def anomaly_risk(
     return Risk(min(0.8, 0.8 * (best - p.z_warn) / (p.z_crit - p.z_warn)), (why,))
 
 
-def device_risks(samples: list[tuple[float, dict[str, float]]], p: FailureParams) -> list[Risk]:
-    """The risk of each sample of one device's window (oldest first)."""
+def device_risks(
+    samples: list[tuple[float, dict[str, float]]], p: FailureParams, *, last: int
+) -> list[Risk]:
+    """The risk of each of the ``last`` newest samples of one device's window (oldest first),
+    each judged by the rules and against the samples before it."""
     out = []
-    for i, (ts, sample) in enumerate(samples):
-        prev = samples[i - 1] if i else None
-        rules = rule_risk(sample, prev, ts, p)
-        history = [s for _, s in samples[max(0, i - 60) : i]]
-        anomaly = anomaly_risk(history, sample, p)
+    for i in range(max(0, len(samples) - last), len(samples)):
+        ts, sample = samples[i]
+        rules = rule_risk(sample, samples[i - 1] if i else None, ts, p)
+        anomaly = anomaly_risk([s for _, s in samples[max(0, i - 60) : i]], sample, p)
         out.append(Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons))
     return out
 
 
 def assess(state: WeaverState, p: FailureParams) -> dict[RankKey, tuple[Risk, int]]:
     """Each live rank's device risk now, and for how many samples in a row it has been at
-    ``drain_risk`` or more."""
+    ``drain_risk`` or more (counting up to ``sustain_samples``)."""
     out: dict[RankKey, tuple[Risk, int]] = {}
     for job in state.jobs.values():
         for rank in job.live_ranks():
             samples = list(rank.window.device)
             if not samples:
                 continue
-            risks = device_risks(samples[-(p.sustain_samples + 1) :], p)
+            risks = device_risks(samples, p, last=p.sustain_samples)
             streak = 0
             for r in reversed(risks):
                 if r.score < p.drain_risk:
                     break
                 streak += 1
-            if len(samples) > p.sustain_samples + 1:  # the anomaly model needs the longer past
-                risks[-1] = device_risks(samples, p)[-1]
             out[rank.key] = (risks[-1], streak)
     return out
 

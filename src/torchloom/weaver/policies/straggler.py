@@ -50,7 +50,7 @@ class StragglerParams(msgspec.Struct, kw_only=True):
             take effect and fresh timings come in).
     """
 
-    slow_ratio: float = 1.3
+    slow_ratio: float = 1.2
     window_s: float = 3.0
     min_fraction: float = 0.75
     min_samples: int = 5
@@ -99,16 +99,30 @@ def _busy(t: Timing) -> float:
     return t.busy_s if t.busy_s is not None else t.step_s
 
 
-def _recent(rank: Rank, now: float, window_s: float) -> list[Timing]:
-    return [t for t in rank.window.timing if now - t.ts <= window_s]
+def _recent(rank: Rank, now: float, p: StragglerParams, since: tuple[int, float]) -> list[Timing]:
+    step, ts = since
+    return [
+        t for t in rank.window.timing if now - t.ts <= p.window_s and t.step >= step and t.ts > ts
+    ]
 
 
 def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment]:
-    """Straggler scores of every live, training rank of ``job`` with enough recent flushes."""
+    """Straggler scores of every live, training rank of ``job`` with enough recent flushes.
+
+    Only flushes since the newest config took effect and since the newest rank joined
+    count: a rebalance or a change of membership changes every group's share, so timings
+    from before it do not judge the shares after it.
+    """
+    latest = job.config.latest() if job.config else None
+    live = job.live_ranks()
+    since = (
+        latest.effective_step if latest is not None else 0,
+        max((r.entry.joined_ts for r in live), default=0.0),
+    )
     recent = {
         r.key: w
-        for r in job.ranks.values()
-        if r.state == "training" and len(w := _recent(r, now, p.window_s)) >= p.min_samples
+        for r in live
+        if r.state == "training" and len(w := _recent(r, now, p, since)) >= p.min_samples
     }
     medians = {k: median([_busy(t) for t in w]) for k, w in recent.items()}
     out: dict[RankKey, Assessment] = {}
@@ -120,14 +134,14 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
         if ref <= 0:
             continue
         slow = [_busy(t) >= p.slow_ratio * ref for t in w]
-        streak = 0.0
-        for t, is_slow in zip(reversed(w), reversed(slow), strict=True):
-            if not is_slow:
+        history = job.ranks[key].window.timing
+        streak = 0.0  # slow without a break, over the rank's whole timing window
+        for t in reversed(history):
+            if _busy(t) < p.slow_ratio * ref:
                 break
             streak = now - t.ts
         z = robust_z(medians[key], others, floor=0.05 * ref) if len(others) >= 3 else None
         fraction = sum(slow) / len(slow)
-        history = job.ranks[key].window.timing
         best = min((_busy(t) for t in history), default=medians[key])
         out[key] = Assessment(
             busy_s=medians[key],

@@ -63,8 +63,8 @@ def _row(rank: Rank, v: dict[str, Any]) -> RankRow:
         "test_acc": finite(rank.metrics.get("test_acc")),
         "healing": bool(quorum.get("healing")),
         "participants": quorum.get("participants"),
-        "straggler": None,
-        "risk": None,
+        "straggler": rank.straggler,
+        "risk": None if rank.risk is None else round(rank.risk, 3),
     }
 
 

@@ -47,8 +47,9 @@ class RankRow(TypedDict):
     """One rank in the DR map and the replicas table (``id`` is ``"<replica_id>/<rank>"``).
 
     ``participants`` is the replica groups in the rank's last torchft quorum (None without
-    torchft); ``straggler`` and ``risk`` (failure risk, 0-1) are None until a policy
-    computes them.
+    torchft); ``straggler`` (flagged by the straggler policy's scores) and ``risk`` (its
+    device's failure risk, 0-1, from the failure policy) are None while the policy is off or
+    has nothing to judge.
     """
 
     id: str

@@ -224,7 +224,7 @@ function renderDrMap() {
       html.push(`<div class="device"><div class="dname" title="${esc(dev)}">${esc(dev.replace(/^cuda:GPU-/, "GPU-").slice(0, 22))}</div><div class="chips">`);
       for (const r of ranks.sort((a, b) => a.id.localeCompare(b.id, undefined, { numeric: true }))) {
         const st = stateOf(r);
-        const sel = S.selected === r.replica_id ? " sel" : "";
+        const sel = (S.selected === r.replica_id ? " sel" : "") + (r.risk >= 0.5 ? " at-risk" : "");
         html.push(`<span class="chip s-${st}${sel}" data-id="${esc(r.id)}" data-replica="${esc(r.replica_id)}" data-state="${st}">${esc(r.id)}</span>`);
       }
       html.push("</div></div>");
@@ -236,7 +236,7 @@ function renderDrMap() {
   if (el.dataset.html !== out) { el.innerHTML = out; el.dataset.html = out; }
   const leg = $("#legend");
   if (!leg.dataset.done) {
-    leg.innerHTML = STATES.map((s) => `<span><i class="s-${s}"></i>${s}</span>`).join("") + "<span>failure risk: —</span>";
+    leg.innerHTML = STATES.map((s) => `<span><i class="s-${s}"></i>${s}</span>`).join("") + `<span><i class="at-risk"></i>failure risk ≥ 50 %</span>`;
     leg.dataset.done = "1";
   }
 }
