@@ -440,3 +440,19 @@ def test_decision_events_are_json_safe_rows():
     assert msgspec.json.decode(msgspec.json.encode(row)) == row
     dry = _decision_event(d, 4.0, dry_run=True, reply=None)
     assert dry.message.startswith("[dry run]") and dry.data["outcome"]["done"] is False
+
+
+def test_scores_reach_the_dashboard_rows():
+    from torchloom.weaver.web.frames import rank_row
+
+    state = slow_state()
+    job = state.jobs[JOB]
+    for i in range(4):
+        feed(state, "1", tel("1", 100 + i, device={"temp_c": 95.0}), 4.0)
+    scores = PolicyEngine().scores(4.0, state)
+    assert scores[(JOB, "1", 0)] == (True, 0.9)
+    assert scores[(JOB, "0", 0)] == (False, None)
+    for key, rank in job.ranks.items():
+        rank.straggler, rank.risk = scores.get(key, (None, None))
+    row = rank_row(job.ranks[(JOB, "1", 0)], job, 4.0)
+    assert row["straggler"] is True and row["risk"] == 0.9

@@ -95,8 +95,8 @@ def run_virtual(
                 if outcome.reply.ok:
                     new = control.commit(state, req, outcome, t)
                     run.events += new
-                    for ev in new:
-                        job.on_history(ev)
+                    for hev in new:
+                        job.on_history(hev)
                     done = True
             run.decisions.append((t, decision, done or req is None))
     return run

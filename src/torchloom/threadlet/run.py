@@ -95,6 +95,7 @@ class Run:
         self.stop_reason: str | None = None
         self._samples = 0
         self._phase_t = 0.0  # perf_counter of the last mark or step boundary
+        self._grad_norm: Any = None
         self.phase_totals: dict[str, float] = {}
         """Seconds spent in each marked phase since the start (written by the training thread only)."""
         self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(
@@ -260,6 +261,9 @@ class Run:
         """
         if samples is not None:
             self._samples += samples - (self.config.get("batch_size", 0) or 0)
+        if self._grad_norm is not None:
+            metrics.setdefault("grad_norm", self._grad_norm)
+            self._grad_norm = None
         for name, value in metrics.items():
             detach = getattr(value, "detach", None)
             if detach is not None:
@@ -314,8 +318,8 @@ class Run:
 
         The zeroed step changes no weight through the gradient (an optimizer with momentum
         still moves by its momentum buffer, and Adam-like ones by their moments), so one
-        bad batch does not poison the weights; the norm is logged as ``grad_norm`` for the
-        divergence guard (None in telemetry when it was not finite).
+        bad batch does not poison the weights; the norm goes out as ``grad_norm`` with the
+        step's next :meth:`log` (None in telemetry when it was not finite) for the divergence guard.
 
         Args:
             parameters: the model's parameters (an iterable of tensors with ``.grad``).
@@ -325,19 +329,20 @@ class Run:
         """
         import torch
 
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
+        params = [p for p in parameters if p.grad is not None]
+        if not params:
             return None
+        grads = [p.grad for p in params]
         norm = torch.nn.utils.get_total_norm(grads)
         max_norm = self.config.get("grad_clip")
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         if self.config.get("skip_nonfinite"):
             keep = torch.isfinite(norm)  # a 0-d bool on the device: no sync
             zero = norm.new_zeros(())
             for g in grads:
                 torch.where(keep, g, zero, out=g)  # one kernel per gradient
-        self.log(grad_norm=norm)
+        self._grad_norm = norm  # rides on the step's next log() point
         return norm
 
     def batch_plan(
