@@ -48,9 +48,9 @@ def straggler_case(seed: int, groups: int, factor: float) -> dict[str, float | N
     return out
 
 
-def healthy_case(seed: int, groups: int, noise: float) -> dict[str, int]:
-    """Decisions of each policy over a healthy 10-minute run (every one a false positive)."""
-    run = run_virtual(SimSpec(groups=groups, seed=seed, noise=noise), duration_s=600.0)
+def healthy_case(seed: int, groups: int, noise: float, drift: float = 0.0) -> dict[str, int]:
+    """Decisions of each policy over a 10-minute run with no fault injected."""
+    run = run_virtual(SimSpec(groups=groups, seed=seed, noise=noise, drift=drift), duration_s=600.0)
     out = {"straggler": 0, "divergence": 0, "failure": 0}
     for _, d, _ in run.decisions:
         out[d.policy] = out.get(d.policy, 0) + 1
@@ -111,12 +111,15 @@ def main() -> None:
         "| divergence actions | failure drains |"
     )
     print("| --- | --- | --- | --- | --- |")
-    for noise in (0.05, 0.10, 0.20):
-        runs = [healthy_case(s, args.groups, noise) for s in seeds]
+    for noise, drift in ((0.05, 0.0), (0.10, 0.0), (0.20, 0.0), (0.30, 0.0), (0.10, 0.10)):
+        runs = [healthy_case(s, args.groups, noise, drift) for s in seeds]
         hours = len(runs) * args.groups * 600 / 3600
         flags = [r["straggler"] for r in runs]
+        what = f"compute noise σ = {noise:.2f}" + (
+            f" + slow drift σ = {drift:.2f} (a noisy neighbour)" if drift else ""
+        )
         print(
-            f"| compute noise σ = {noise:.2f} | {sum(1 for f in flags if f)}/{len(runs)} "
+            f"| {what} | {sum(1 for f in flags if f)}/{len(runs)} "
             f"| {sum(flags) / hours:.3f} | {sum(r['divergence'] for r in runs)} "
             f"| {sum(r['failure'] for r in runs)} |"
         )

@@ -77,6 +77,8 @@ class SimSpec:
         sample_s: compute seconds per sample on a healthy device.
         allreduce_s: the gradient allreduce per step, in seconds.
         noise: σ of the lognormal noise on each group's compute time per step.
+        drift: σ of a slowly varying factor on each group's compute time (log-AR(1) with a
+            ~100-step memory: a noisy neighbour, thermal drift), 0 for none.
         interval_s: telemetry flush period of every rank, in seconds.
         fail_after_s: a degrading device fails this long after its degradation starts.
         replace_after_s: a replacement group joins this long after a drain with replacement.
@@ -90,6 +92,7 @@ class SimSpec:
     sample_s: float = 0.0003
     allreduce_s: float = 0.005
     noise: float = 0.05
+    drift: float = 0.0
     interval_s: float = 0.2
     fail_after_s: float = 30.0
     replace_after_s: float = 5.0
@@ -109,6 +112,7 @@ class Group:
     comm_sum: float = 0.0
     steps: int = 0
     next_sample_s: float = 0.0
+    drift_log: float = 0.0
 
 
 class SimJob:
@@ -228,8 +232,15 @@ class SimJob:
                 int(self.config["global_batch_size"]),
                 [weights.get(g.replica_id, 1.0) for g in live],
             )
+            if self.spec.drift:
+                for g in live:  # AR(1), ρ = 0.99, stationary σ = drift
+                    g.drift_log = 0.99 * g.drift_log + self.rng.gauss(0, self.spec.drift * 0.141)
             busy = [
-                self.spec.sample_s * share * g.slow * self.rng.lognormvariate(0, self.spec.noise)
+                self.spec.sample_s
+                * share
+                * g.slow
+                * math.exp(g.drift_log)
+                * self.rng.lognormvariate(0, self.spec.noise)
                 for g, share in zip(live, shares, strict=True)
             ]
             step_s = max(busy) + self.spec.allreduce_s

@@ -54,6 +54,11 @@ log = logging.getLogger("torchloom.weaver")
 
 EventSink = Callable[[HistoryEvent], None]
 
+_DECIDE_NOW = frozenset(
+    {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
+)
+"""History events after which the policies decide at the next tick, not at their interval."""
+
 
 class Weaver:
     """The central controller. ``await Weaver(...).run()`` serves until cancelled.
@@ -71,8 +76,8 @@ class Weaver:
         policies: the policy engine (default: the built-in policies with their defaults).
         restore_policies: take the policy settings stored in the config bucket (changed
             live by an earlier run) over ``policies``' own.
-        policy_interval_s: how often the policies decide, in seconds (also right after a
-            rank's failure, drain or exit).
+        policy_interval_s: how often the policies decide, in seconds (and at the next tick
+            after a rank joins, fails, hangs, exits or is drained).
     """
 
     def __init__(
@@ -432,6 +437,8 @@ class Weaver:
 
     def _record(self, events: list[HistoryEvent]) -> None:
         for ev in events:
+            if ev.kind in _DECIDE_NOW:
+                self._next_policy_mono = 0.0  # the policies look at it on the next tick
             if len(self._outbox) == self._outbox.maxlen:
                 self.state.count_dropped("history_outbox_full")
             self._outbox.append(ev)

@@ -207,31 +207,21 @@ class StragglerPolicy:
                 f"{a.ratio:.2f}× its peers' {a.reference_s * 1000:.1f} ms "
                 f"(slow in {a.slow_fraction:.0%} of the last {p.window_s:g} s)"
             )
-            if p.mitigation == "drain" and a.slow_for_s >= p.drain_after_s:
-                out.append(
-                    Decision(
-                        policy=self.name,
-                        job_id=job.job_id,
-                        action="drain",
-                        replica_id=rid,
-                        replace=True,
-                        reason=f"{why}; slow for {a.slow_for_s:.1f} s: drain with replacement",
-                        key=f"{self.name}/{job.job_id}/drain/{rid}",
-                        features=self._features(key, a),
-                    )
+            drain = p.mitigation == "drain" and a.slow_for_s >= p.drain_after_s
+            out.append(
+                Decision(
+                    policy=self.name,
+                    job_id=job.job_id,
+                    action="drain" if drain else "alert",
+                    replica_id=rid,
+                    replace=drain,
+                    reason=f"{why}; slow for {a.slow_for_s:.1f} s: drain with replacement"
+                    if drain
+                    else why,
+                    key=f"{self.name}/{job.job_id}/{'drain' if drain else 'alert'}/{rid}",
+                    features=self._features(key, a),
                 )
-            else:
-                out.append(
-                    Decision(
-                        policy=self.name,
-                        job_id=job.job_id,
-                        action="alert",
-                        replica_id=rid,
-                        reason=why,
-                        key=f"{self.name}/{job.job_id}/alert/{rid}",
-                        features=self._features(key, a),
-                    )
-                )
+            )
         return out
 
     def _rebalance(
