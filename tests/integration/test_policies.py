@@ -47,7 +47,7 @@ def test_a_slowed_replica_group_is_flagged_and_rebalanced_and_throughput_recover
     slow_from = 250
     plan = FailurePlan().slow("1", from_step=slow_from, factor=4.0)
     sup, log = start_two_groups(
-        up, tmp_path, 1100, "--global-batch-size", "128", env=plan.env(), step_delay_ms=0
+        up, tmp_path, 800, "--global-batch-size", "128", env=plan.env(), step_delay_ms=0
     )
     try:
         assert sup.wait(300) == 0, (tmp_path / "run.log").read_text()[-3000:]
@@ -80,7 +80,7 @@ def test_a_slowed_replica_group_is_flagged_and_rebalanced_and_throughput_recover
     # the global batch was held and every group ends with the same weights and data
     s = {x["replica_id"]: x for x in summaries(tmp_path)}
     assert s["0"]["params_sha256"] == s["1"]["params_sha256"]
-    assert s["0"]["data_cursor"] == s["1"]["data_cursor"] == 1100 * 128
+    assert s["0"]["data_cursor"] == s["1"]["data_cursor"] == 800 * 128
     assert s["0"]["test_acc"] > 0.95
 
 
@@ -108,15 +108,16 @@ def test_a_nan_loss_lowers_lr_and_training_goes_on_to_a_good_accuracy(tmp_path, 
     s = summaries(tmp_path)
     assert len(s) == 2 and all(x["lr"] == pytest.approx(0.025) for x in s)
     assert s[0]["params_sha256"] == s[1]["params_sha256"]
+    print(f"test accuracy after the NaN at step {nan_step}: {[x['test_acc'] for x in s]}")
     assert all(x["test_acc"] > 0.97 for x in s), s
 
 
 def test_a_degrading_device_is_drained_and_replaced_before_it_fails(tmp_path, up):
     pytest.importorskip("torchft")
     client = up.client()
-    crash_step = 900
+    crash_step = 650
     plan = FailurePlan().degrade("1", after_s=2.0, rate=1.5).fail_at("1", crash_step)
-    sup, log = start_two_groups(up, tmp_path, 1200, env=plan.env(), step_delay_ms=10)
+    sup, log = start_two_groups(up, tmp_path, 800, env=plan.env(), step_delay_ms=10)
     try:
         wait_for(
             lambda: any(
@@ -141,5 +142,6 @@ def test_a_degrading_device_is_drained_and_replaced_before_it_fails(tmp_path, up
     assert not [e for e in events if e.kind == "rank_failed"], "the device failed before the drain"
     s = {x["replica_id"]: x for x in summaries(tmp_path)}
     assert s["1"]["stop_reason"] == "drained" and s["1"]["step"] < crash_step
-    assert s["0"]["step"] == s["2"]["step"] == 1199
+    print(f"drained at step {s['1']['step']}, crash was due at step {crash_step}")
+    assert s["0"]["step"] == s["2"]["step"] == 799
     assert s["0"]["params_sha256"] == s["2"]["params_sha256"]
