@@ -51,7 +51,7 @@ class Telemetry(msgspec.Struct, kw_only=True):
             since the previous flush (``data``, ``compute``, ``comm``, ``other``), or None.
         device_stats: the newest sample of the rank's device health (NVML on a GPU:
             ``temp_c``, ``power_w``, ``sm_clock_mhz``, ``throttle_hw``, ``ecc_corrected``,
-            ``ecc_uncorrected``, ``retired_pages_pending``, ``xid``, ``mem_used_frac``; psutil
+            ``ecc_uncorrected``, ``retired_pages_pending``, ``mem_used_frac``; psutil
             on a CPU host: ``cpu_util``, ``mem_used_frac``, ``swap_used_frac``, ``load_per_cpu``,
             ``temp_c`` where readable), sent when a new sample was taken, else None.
     """

@@ -2,9 +2,9 @@
 
 On a rank with an NVIDIA GPU the sample comes from NVML (``nvidia-ml-py``):
 temperature, power, SM clock, hardware/thermal throttling, ECC error counts,
-pages pending retirement, the last XID error where the driver exposes it
-(``nvmlEventSet`` needs root on most hosts; without it ``xid`` is absent), and
-memory use. On a CPU host it comes from psutil: CPU use, memory and swap use,
+pages pending retirement, and memory use. XID errors are not read here (NVML's
+event sets need a blocking wait and, on most hosts, root); the failure policy's XID
+rule applies to samples that carry an ``xid`` field (e.g. from a log-scraping exporter). On a CPU host it comes from psutil: CPU use, memory and swap use,
 load per CPU, and the hottest sensor where the kernel exposes one. Every read
 that fails is left out of the sample instead of failing it.
 
