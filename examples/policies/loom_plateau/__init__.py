@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from torchloom.weaver.policies import Decision
+from torchloom.weaver.policies.base import median
 
 
 class PlateauParams(msgspec.Struct, kw_only=True):
@@ -63,10 +64,10 @@ class PlateauPolicy:
             if not losses or losses[-1][0] - losses[0][0] < p.patience_steps + p.window_steps:
                 continue
             end = losses[-1][0]
-            now_med = _median([v for s, v in losses if s > end - p.window_steps])
+            now_med = median([v for s, v in losses if s > end - p.window_steps])
             past = [v for s, v in losses if s <= end - p.patience_steps]
             best = min(
-                _median(past[i : i + p.window_steps])
+                median(past[i : i + p.window_steps])
                 for i in range(0, max(1, len(past) - p.window_steps + 1), p.window_steps)
             )
             lr = latest.values["lr"]
@@ -85,9 +86,3 @@ class PlateauPolicy:
                 )
             )
         return out
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

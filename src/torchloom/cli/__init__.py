@@ -34,6 +34,7 @@ from torchloom.cli.options import (
     TimeoutOpt,
     err,
     out,
+    parse_assignments,
 )
 from torchloom.cli.options import pick_job as _pick_job
 from torchloom.cli.options import weaver_client as _client
@@ -499,16 +500,6 @@ def _follow_replacements(
 # ---- steering ------------------------------------------------------------------------------
 
 
-def _parse_assignments(pairs: list[str]) -> dict[str, str]:
-    values: dict[str, str] = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep or not name.strip():
-            raise InvalidRequestError(f"expected KNOB=VALUE, got {pair!r}")
-        values[name.strip()] = value.strip()
-    return values
-
-
 @app.command("set")
 def set_(
     assignments: Annotated[
@@ -527,7 +518,7 @@ def set_(
     timeout_s: TimeoutOpt = 5.0,
 ) -> None:
     """Change knobs, job-wide or for one replica group, at a step every rank agrees on."""
-    values = _parse_assignments(assignments)
+    values = parse_assignments(assignments, what="KNOB")
     client = _client(nats_url, state_dir, timeout_s)
     job_id = _pick_job(client, job)
     reply = client.control("set", job_id, values=values, replica_id=replica, reason=reason)

@@ -61,3 +61,18 @@ def pick_job(client: WeaverClient, job: str | None) -> str:
     if not candidates:
         raise InvalidRequestError("no job is known to the Weaver yet; pass --job")
     raise InvalidRequestError(f"several jobs ({', '.join(candidates)}): pass --job")
+
+
+def parse_assignments(pairs: list[str], *, what: str) -> dict[str, str]:
+    """``["lr=0.1", …]`` → ``{"lr": "0.1", …}``.
+
+    Raises:
+        InvalidRequestError: an item is not ``NAME=VALUE`` (``what`` names it: KNOB, PARAM).
+    """
+    values: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise InvalidRequestError(f"expected {what}=VALUE, got {pair!r}")
+        values[name.strip()] = value.strip()
+    return values

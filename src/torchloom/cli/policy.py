@@ -9,8 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from torchloom.cli.client import who
-from torchloom.cli.options import NatsUrl, StateDir, TimeoutOpt, out, weaver_client
-from torchloom.errors import InvalidRequestError
+from torchloom.cli.options import (
+    NatsUrl,
+    StateDir,
+    TimeoutOpt,
+    out,
+    parse_assignments,
+    weaver_client,
+)
 from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
 from torchloom.protocol.names import ALL_JOBS
 
@@ -95,12 +101,7 @@ def set_(
     timeout_s: TimeoutOpt = 5.0,
 ) -> None:
     """Change a policy's parameters (all or nothing; kept across Weaver restarts)."""
-    params: dict[str, str] = {}
-    for pair in assignments:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InvalidRequestError(f"expected PARAM=VALUE, got {pair!r}")
-        params[key.strip()] = value.strip()
+    params = parse_assignments(assignments, what="PARAM")
     _show(_change({"policy": name, "params": params}, nats_url, state_dir, timeout_s))
 
 

@@ -13,10 +13,8 @@ from collections.abc import Callable
 from torchloom.errors import DecodeError, NotReachableError
 from torchloom.protocol import (
     ControlReply,
-    ControlRequest,
     DesiredConfig,
     HistoryEvent,
-    JoinInfo,
     decode,
     encode,
     from_builtins,
@@ -27,22 +25,7 @@ from torchloom.transport import Connection, Message, connect
 
 
 async def _join(conn: Connection, job: SimJob, rid: str, *, resuming: bool) -> None:
-    for rank in range(job.spec.ranks_per_group):
-        req = ControlRequest(
-            op="join",
-            job_id=job.spec.job_id,
-            requested_by=f"sim {rid}/{rank}",
-            join=JoinInfo(
-                replica_id=rid,
-                rank=rank,
-                group_world_size=job.spec.ranks_per_group,
-                host="sim",
-                pid=0,
-                device=f"sim-{rid}-{rank}",
-                initial_values=dict(job.config),
-                resuming=resuming,
-            ),
-        )
+    for req in job.join_requests(rid, resuming=resuming):
         raw = await conn.request(names.control_subject(job.spec.job_id), encode(req), timeout_s=5.0)
         reply = decode(raw, ControlReply, kind="join reply")
         if not reply.ok:

@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchloom.protocol import (
+    ControlRequest,
     DesiredConfig,
     HistoryEvent,
+    JoinInfo,
     MetricPoint,
     RankEvent,
     Telemetry,
@@ -175,6 +177,26 @@ class SimJob:
 
     def ranks(self) -> range:
         return range(self.spec.ranks_per_group)
+
+    def join_requests(self, rid: str, *, resuming: bool) -> list[ControlRequest]:
+        """The ``join`` control requests of every rank of replica group ``rid``."""
+        return [
+            ControlRequest(
+                op="join",
+                job_id=self.spec.job_id,
+                requested_by=f"sim {rid}/{rank}",
+                join=JoinInfo(
+                    replica_id=rid,
+                    rank=rank,
+                    group_world_size=self.spec.ranks_per_group,
+                    host="sim",
+                    device=f"sim-{rid}-{rank}",
+                    initial_values=dict(self.config),
+                    resuming=resuming,
+                ),
+            )
+            for rank in self.ranks()
+        ]
 
     def event(self, rid: str, rank: int, kind: str, reason: str = "") -> RankEvent:
         return RankEvent(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torchloom.protocol import ControlRequest, HistoryEvent, JoinInfo
+from torchloom.protocol import HistoryEvent
 from torchloom.sim.model import SimJob, SimSpec
 from torchloom.weaver import control
 from torchloom.weaver.control import ControlSettings
@@ -32,22 +32,8 @@ def _join(
     state: WeaverState, job: SimJob, rid: str, now: float, settings: ControlSettings
 ) -> list[HistoryEvent]:
     events = []
-    for rank in range(job.spec.ranks_per_group):
-        req = ControlRequest(
-            op="join",
-            job_id=job.spec.job_id,
-            join=JoinInfo(
-                replica_id=rid,
-                rank=rank,
-                group_world_size=job.spec.ranks_per_group,
-                initial_values=dict(job.config),
-                resuming=bool(state.jobs.get(job.spec.job_id)),
-                device=f"sim-{rid}-{rank}",
-                host="sim",
-            ),
-        )
-        outcome = control.handle(state, req, now, settings)
-        events += control.commit(state, req, outcome, now)
+    for req in job.join_requests(rid, resuming=bool(state.jobs.get(job.spec.job_id))):
+        events += control.commit(state, req, control.handle(state, req, now, settings), now)
     return events
 
 

@@ -160,7 +160,7 @@ class Run:
                     break
                 self.step = step
                 self._samples += self.config.get("batch_size", 0) or 0
-                if self._phase_t:
+                if self.phase_totals:  # the loop marks its phases: the rest is "other"
                     self.mark("other")
                 else:
                     self._phase_t = time.perf_counter()
