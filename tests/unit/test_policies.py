@@ -218,6 +218,20 @@ def test_divergence_sees_a_sustained_spike_but_not_noise_or_one_bad_batch():
     assert d.features["trigger"] == "spike" and d.values["lr"] == 0.05
 
 
+def test_a_loss_jump_at_a_persons_config_change_is_not_a_spike():
+    """More noise in the data (or a larger batch) moves the loss; the baseline starts afresh."""
+    rng = random.Random(5)
+    state = make_state(1, effective_step=100)
+    losses(state, "0", [0.2 + 0.02 * rng.random() for _ in range(100)])  # before the change
+    losses(state, "0", [0.9 + 0.05 * rng.random() for _ in range(10)], start=100)
+    assert DivergencePolicy(DivergenceParams()).decide(1.0, state) == []
+    # a real spike after the change is still one
+    losses(state, "0", [0.9 + 0.05 * rng.random() for _ in range(40)], start=110)
+    losses(state, "0", [9.0] * 5, start=150)
+    (d,) = DivergencePolicy(DivergenceParams()).decide(1.0, state)
+    assert d.features["trigger"] == "spike"
+
+
 def test_divergence_pauses_after_repeated_lowerings_and_not_a_paused_job():
     state = make_state(1)
     losses(state, "0", [0.5, float("nan")])

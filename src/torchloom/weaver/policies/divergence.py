@@ -3,8 +3,8 @@
 Reads the ``loss`` and ``grad_norm`` values the ranks log (``run.log(loss=…)``,
 :meth:`Run.guard_gradients`). A non-finite value, or a spike — the median of a
 rank's newest ``spike_steps`` losses above the median of its earlier
-``window_steps`` losses by ``spike_k`` robust standard deviations (1.4826·MAD) —
-makes the guard lower ``lr`` by ``lr_factor`` job-wide and switch
+``window_steps`` losses by ``spike_k`` robust standard deviations (1.4826·MAD), all
+logged since the newest config took effect — makes the guard lower ``lr`` by ``lr_factor`` job-wide and switch
 ``skip_nonfinite`` on (so the ranks zero any further non-finite gradient on the
 device instead of stepping on it; the step that carried the NaN is skipped there
 when the knob was already on). After ``max_lowerings`` within ``repeat_window_s``
@@ -105,7 +105,8 @@ class DivergencePolicy:
         if latest is None or latest.run_state != "running":
             return None
         key = f"{self.name}/{job.job_id}"
-        # only what ranks logged since the newest config (a change the guard made starts afresh)
+        # only what ranks logged since the newest config took effect: the guard's own change
+        # starts afresh, and a person's change (more noise, a larger batch) is not a spike
         since = latest.effective_step
         what: str | None = None
         features: dict[str, Any] = {}
@@ -117,11 +118,8 @@ class DivergencePolicy:
                     "rank": f"{rank.entry.replica_id}/{rank.entry.rank}",
                 }
                 break
-            fresh = [(s, v) for s, v in rank.window.losses if s >= since]
-            older = [(s, v) for s, v in rank.window.losses if s < since]
-            found = (
-                spike(older[-p.window_steps :] + fresh, p) if len(fresh) >= p.spike_steps else None
-            )
+            # the baseline too: a change of data, batch size or lr may move the loss legitimately
+            found = spike([(s, v) for s, v in rank.window.losses if s >= since], p)
             if found is not None:
                 what = (
                     f"loss spike on rank {rank.entry.replica_id}/{rank.entry.rank}: {found['loss']:.4g} "
