@@ -118,5 +118,9 @@ def test_the_weights_knob_is_validated():
     spec = BUILTIN_KNOBS["batch_weights"]
     assert coerce(spec, "0:1,1:0.55") == "0:1,1:0.55"
     assert coerce(spec, "off") is None
-    with pytest.raises(InvalidKnobError, match="does not match"):
+    with pytest.raises(InvalidKnobError, match=r"'0=1' is not of the form 0:1,1:0\.5"):
         coerce(spec, "0=1")
+    assert spec.rule() == "str like 0:1,1:0.5 or off"
+    custom = BUILTIN_KNOBS["lr_scaling"].__class__(name="tag", type="str", pattern="[a-z]+")
+    with pytest.raises(InvalidKnobError, match="does not match"):
+        coerce(custom, "A1")

@@ -45,6 +45,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         multiple_of: an ``int`` knob's values must be multiples of this, or None
             (DiLoCo's ``sync_every`` with several model fragments).
         pattern: a ``str`` knob's values must match this regular expression in full, or None.
+        example: a valid value, shown in the knob's rule instead of ``pattern``.
         doc: one line shown in ``torchloom knobs`` and the dashboard.
     """
 
@@ -59,6 +60,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
     choices: tuple[str, ...] | None = None
     multiple_of: int | None = None
     pattern: str | None = None
+    example: str | None = None
     doc: str = ""
 
     def rule(self) -> str:
@@ -74,7 +76,7 @@ class KnobSpec(msgspec.Struct, frozen=True, kw_only=True):
         if self.multiple_of is not None:
             text += f", a multiple of {self.multiple_of}"
         if self.pattern is not None:
-            text += f" like {self.pattern!r}"
+            text += f" like {self.example or repr(self.pattern)}"
         return f"{text} or off" if self.allow_off else text
 
 
@@ -147,6 +149,7 @@ BUILTIN_KNOBS: dict[str, KnobSpec] = {
             allow_off=True,
             scope="job",
             pattern=WEIGHTS_PATTERN,
+            example="0:1,1:0.5",
             doc="shares of global_batch_size per replica group, e.g. 0:1,1:0.5 (unlisted: 1); off: even",
         ),
         KnobSpec(
@@ -205,7 +208,12 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
     if spec.multiple_of is not None and value % spec.multiple_of:
         raise InvalidKnobError(spec.name, f"{value!r} is not a multiple of {spec.multiple_of}")
     if spec.pattern is not None and not re.fullmatch(spec.pattern, value):
-        raise InvalidKnobError(spec.name, f"{value!r} does not match {spec.pattern!r}")
+        form = (
+            f"is not of the form {spec.example}"
+            if spec.example
+            else f"does not match {spec.pattern!r}"
+        )
+        raise InvalidKnobError(spec.name, f"{value!r} {form}")
     return value
 
 
