@@ -31,6 +31,25 @@ class Message:
     reply: str
 
 
+class _Client(Client):
+    """nats-py's client with one fix: the PONG of a flush that already timed out is skipped.
+
+    nats-py (2.16) leaves a timed-out flush's cancelled future in its queue of PONG waiters;
+    the late PONG then raises ``InvalidStateError`` inside the read loop, which ends it: the
+    connection still says it is connected but delivers nothing more. Under load (a flush
+    timing out on a busy loop) that made a Weaver with 10,000 ranks deaf for good. The same
+    kind of bug as nats-io/nats.py#624 (the flusher's queue), fixed there the same way.
+    """
+
+    async def _process_pong(self) -> None:
+        if self._pongs:
+            future = self._pongs.pop(0)
+            if not future.done():
+                future.set_result(True)
+            self._pongs_received += 1
+            self._pings_outstanding = 0
+
+
 Handler = Callable[[Message], Awaitable[None]]
 Hook = Callable[[], Awaitable[None]]
 
@@ -150,12 +169,13 @@ async def connect(
             await on_disconnect()
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
+    nc = _Client()
     try:
-        nc = await nats.connect(
+        await nc.connect(
             servers=servers,
             name=name,
-            connect_timeout=connect_timeout_s,
-            reconnect_time_wait=reconnect_wait_s,
+            connect_timeout=connect_timeout_s,  # type: ignore[arg-type]  # seconds, floats work
+            reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
             max_reconnect_attempts=-1 if retry_forever else 1,
             allow_reconnect=retry_forever,
             error_cb=_error_cb,

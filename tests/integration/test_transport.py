@@ -1,0 +1,71 @@
+"""The transport against a real nats-server: a connection that outlives a timed-out flush,
+and batched history and KV writes that store every item once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from torchloom.errors import NotReachableError
+from torchloom.nats_server import NatsServer
+from torchloom.protocol import names
+from torchloom.transport import History, KeyValue, Message, connect, ensure_jetstream
+
+
+def test_a_flush_that_times_out_does_not_make_the_connection_deaf(nats: NatsServer) -> None:
+    """nats-py 2.16 ended its read loop on the late PONG of a timed-out flush: the connection
+    said it was connected and delivered nothing more (a 10k-rank Weaver went deaf)."""
+
+    async def main() -> list[bytes]:
+        conn = await connect(nats.url, name="t")
+        got: list[bytes] = []
+
+        async def on_msg(msg: Message) -> None:
+            got.append(msg.data)
+
+        await conn.subscribe("t.x", on_msg)
+        await conn.flush()
+        assert nats.proc is not None
+        os.kill(nats.proc.pid, signal.SIGSTOP)  # the server answers nothing for a while
+        try:
+            with pytest.raises(NotReachableError):
+                await conn.flush(timeout_s=0.1)
+        finally:
+            os.kill(nats.proc.pid, signal.SIGCONT)
+        await asyncio.sleep(0.2)  # the late PONG arrives
+        for i in range(3):
+            await conn.publish("t.x", b"%d" % i)
+        await conn.flush(timeout_s=2.0)
+        await asyncio.sleep(0.2)
+        assert conn.is_connected
+        await conn.close()
+        return got
+
+    assert asyncio.run(main()) == [b"0", b"1", b"2"]
+
+
+def test_batched_history_and_registry_writes_store_each_item_once(nats: NatsServer) -> None:
+    async def main() -> tuple[list[bytes], dict[str, bytes], int]:
+        conn = await connect(nats.url, name="t")
+        await ensure_jetstream(conn)
+        history = History(conn)
+        items = [(names.history_subject("j", "k"), b"%d" % i, f"id-{i}") for i in range(600)]
+        assert await history.append_many(items[:400]) == 400
+        again = await history.append_many(items[300:])  # a retry that overlaps: deduplicated
+        stored = [raw async for raw in history.read(names.history_filter("j"))]
+        kv = await KeyValue.open(conn, names.REGISTRY_BUCKET)
+        written = await kv.write_many({f"j.0.{i}": b"%d" % i for i in range(300)})
+        assert written == {f"j.0.{i}" for i in range(300)}
+        deleted = await kv.write_many({f"j.0.{i}": None for i in range(100)})
+        assert len(deleted) == 100
+        left = await kv.items()
+        await conn.close()
+        return stored, left, again
+
+    stored, left, again = asyncio.run(main())
+    assert again == 300
+    assert stored == [b"%d" % i for i in range(600)]
+    assert left == {f"j.0.{i}": b"%d" % i for i in range(100, 300)}
