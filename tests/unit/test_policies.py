@@ -68,6 +68,7 @@ def tel(rid, step, *, step_s=0.05, busy=None, comm=None, points=(), device=None,
 
 def feed(state, rid, msg, now):
     state.jobs[JOB].ranks[(JOB, rid, 0)].window.observe(msg, now)
+    state.updates += 1  # as on_telemetry counts it: policies work a round out once per update
 
 
 def run_timing(state, now0, seconds, busy_of, *, hz=5.0):

@@ -39,6 +39,7 @@ from torchloom.cli.options import (
 from torchloom.cli.options import pick_job as _pick_job
 from torchloom.cli.options import weaver_client as _client
 from torchloom.cli.policy import app as policy_app
+from torchloom.cli.printer import EventPrinter
 from torchloom.cli.sim import sim as sim_command
 from torchloom.cli.up import Stack
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
@@ -85,7 +86,7 @@ def _stack(
         nats_port=nats_port,
         liveness=LivenessConfig(
             failure_timeout_s=failure_timeout_s,
-            suspect_after_s=min(0.5, failure_timeout_s * 0.6),
+            suspect_after_s=failure_timeout_s * 0.6,  # a late heartbeat, not a missed one
             hang_timeout_s=hang_timeout_s,
         ),
         control_settings=ControlSettings(lead_time_s=lead_time_s),
@@ -156,7 +157,11 @@ def _lighthouse_arg(value: str) -> str | None:
 
 
 FailOpt = Annotated[
-    float, typer.Option("--failure-timeout-s", help="no heartbeat for this long → failed")
+    float,
+    typer.Option(
+        "--failure-timeout-s",
+        help="no heartbeat for this long → failed (60 % of it late → suspect)",
+    ),
 ]
 HangOpt = Annotated[
     float, typer.Option("--hang-timeout-s", help="step not moving for this long → hung")
@@ -214,6 +219,7 @@ def up(
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
     and the Weaver, and serve until Ctrl-C / SIGTERM."""
     _logging(verbose)
+    printer = EventPrinter(out)
     stack = _stack(
         state_dir,
         nats_url,
@@ -221,7 +227,7 @@ def up(
         failure_timeout_s,
         hang_timeout_s,
         lead_time_s,
-        on_event=lambda ev: out.print(render.event_line(ev)),
+        on_event=printer.add,
         lighthouse=_lighthouse_arg(lighthouse),
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         ui=_ui(ui_host, ui_port, ui_token, no_ui),
@@ -263,11 +269,13 @@ def up(
             border_style="green",
         )
     )
+    printer.start()
     try:
         why = _wait_for_signal(stack)
     finally:
         out.print("[dim]shutting down…[/]")
         stack.stop()
+        printer.stop()
     if why != "signal":
         raise TorchloomError(f"torchloom up stopped: {why}")
 

@@ -134,3 +134,20 @@ def event_line(ev: HistoryEvent) -> Text:
     text.append(f"{ev.job_id:<8} {ev.kind:<15} ", style=EVENT_STYLE.get(ev.kind, ""))
     text.append(ev.message)
     return text
+
+
+def event_lines(events: list[HistoryEvent], *, max_per_kind: int = 5) -> list[Text]:
+    """The lines of a batch of events, at most ``max_per_kind`` per job and kind; the rest of
+    a kind (a join storm of thousands of ranks, a partition) is one line with its count."""
+    seen: dict[tuple[str, str], int] = {}
+    lines = []
+    for ev in events:
+        n = seen[ev.job_id, ev.kind] = seen.get((ev.job_id, ev.kind), 0) + 1
+        if n <= max_per_kind:
+            lines.append(event_line(ev))
+    for (job_id, kind), n in seen.items():
+        if n > max_per_kind:
+            more = Text(f"{'':13}{job_id:<8} {kind:<15} ", style=EVENT_STYLE.get(kind, ""))
+            more.append(f"… and {n - max_per_kind} more (torchloom events -k {kind})", style="dim")
+            lines.append(more)
+    return lines

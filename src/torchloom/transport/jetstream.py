@@ -11,7 +11,7 @@ storage dir) or of the Weaver loses nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import nats.errors
 import nats.js.errors
@@ -137,8 +137,28 @@ class KeyValue:
                 f"KV delete {self.bucket}/{key} failed: {exc or type(exc).__name__}"
             ) from None
 
+    async def write_many(self, changes: dict[str, bytes | None]) -> set[str]:
+        """Put (or, for None, delete) many keys at once, without waiting for each
+        acknowledgement before sending the next.
+
+        Returns:
+            The keys whose write was acknowledged; the others are unchanged or may be
+            written, and are to be tried again.
+        """
+
+        async def one(key: str, value: bytes | None) -> None:
+            await (self._kv.delete(key) if value is None else self._kv.put(key, value))
+
+        done = await asyncio.gather(
+            *(one(k, v) for k, v in changes.items()), return_exceptions=True
+        )
+        for result in done:
+            if isinstance(result, BaseException) and not isinstance(result, _JS_ERRORS):
+                raise result
+        return {k for k, r in zip(changes, done, strict=True) if r is None}
+
     async def items(self) -> dict[str, bytes]:
-        """Every live key and its latest value."""
+        """Every live key and its latest value (read concurrently, in chunks of 256)."""
         try:
             keys = await self._kv.keys()
         except nats.js.errors.NoKeysError:
@@ -148,10 +168,13 @@ class KeyValue:
                 f"KV list {self.bucket} failed: {exc or type(exc).__name__}"
             ) from None
         out: dict[str, bytes] = {}
-        for key in keys:
-            value = await self.get(key)
-            if value is not None:
-                out[key] = value
+        for i in range(0, len(keys), 256):
+            chunk = keys[i : i + 256]
+            for key, value in zip(
+                chunk, await asyncio.gather(*(self.get(k) for k in chunk)), strict=True
+            ):
+                if value is not None:
+                    out[key] = value
         return out
 
 
@@ -161,17 +184,33 @@ class History:
     def __init__(self, conn: Connection, *, timeout_s: float = 5.0) -> None:
         self._js: JetStreamContext = conn.client.jetstream(timeout=timeout_s)
 
-    async def append(self, subject: str, data: bytes) -> int:
-        """Store one event; returns its stream sequence number.
+    async def append_many(self, items: Sequence[tuple[str, bytes, str]]) -> int:
+        """Store ``(subject, data, msg_id)`` events, in order, without waiting for each
+        acknowledgement before sending the next (one round trip for the lot).
 
-        Raises:
-            NotReachableError: the server did not acknowledge it.
+        Each carries its ``msg_id`` as ``Nats-Msg-Id``, so the stream ignores a resend of an
+        event it already holds (within its duplicate window, 2 min): retrying after a
+        partial failure stores every event once.
+
+        Returns:
+            How many of the first items were acknowledged: ``len(items)``, or the index of the
+            first that was not (it and the later ones are to be sent again).
         """
-        try:
-            ack = await self._js.publish(subject, data, stream=names.EVENTS_STREAM)
-        except _JS_ERRORS as exc:
-            raise NotReachableError(f"history append failed: {exc or type(exc).__name__}") from None
-        return int(ack.seq)
+        acks = await asyncio.gather(
+            *(
+                self._js.publish(
+                    subject, data, stream=names.EVENTS_STREAM, headers={"Nats-Msg-Id": msg_id}
+                )
+                for subject, data, msg_id in items
+            ),
+            return_exceptions=True,
+        )
+        for i, ack in enumerate(acks):
+            if isinstance(ack, BaseException):
+                if not isinstance(ack, _JS_ERRORS):
+                    raise ack
+                return i
+        return len(items)
 
     async def read(
         self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0

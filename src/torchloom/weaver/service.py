@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +40,7 @@ from torchloom.protocol import (
 from torchloom.transport import Connection, History, KeyValue, Message, connect, ensure_jetstream
 from torchloom.weaver import control
 from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.ingest import IngestStats
 from torchloom.weaver.policies import Decision, PolicyEngine
 from torchloom.weaver.state import (
     LIVE_STATES,
@@ -53,6 +56,15 @@ from torchloom.weaver.state import (
 log = logging.getLogger("torchloom.weaver")
 
 EventSink = Callable[[HistoryEvent], None]
+
+_HISTORY_BATCH = 256
+"""History events sent to the stream before waiting for their acknowledgements."""
+_POLICY_SHARE_INV = 10
+"""A policy round that took t seconds is followed by at least 10·t seconds without one, so
+policies never take more than a tenth of the Weaver's loop (at 10,000 ranks a round takes
+~50 ms: rounds every 0.5 s still; beyond, they space out instead of starving the intake)."""
+_KV_BATCH = 256
+"""Registry writes sent before waiting for their acknowledgements."""
 
 _DECIDE_NOW = frozenset(
     {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
@@ -104,7 +116,11 @@ class Weaver:
         self._config_kv: KeyValue | None = None
         self._registry_kv: KeyValue | None = None
         self._history: History | None = None
-        self._outbox: collections.deque[HistoryEvent] = collections.deque(maxlen=max_outbox)
+        self._outbox: collections.deque[tuple[str, HistoryEvent]] = collections.deque(
+            maxlen=max_outbox
+        )
+        self._instance = secrets.token_hex(6)
+        self._recorded = 0
         self._control_lock = asyncio.Lock()
         self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
@@ -117,8 +133,13 @@ class Weaver:
         self.policy_interval_s = policy_interval_s
         self.restore_policies = restore_policies
         self._next_policy_mono = 0.0
+        self._policy_rest_until = 0.0
+        self.policy_round_s = 0.0
+        """How long the last policy round took to decide, in seconds."""
         self._deciding: asyncio.Future[None] | None = None
         self.ready = asyncio.Event()
+        self.ingest = {"telemetry": IngestStats(), "rank_event": IngestStats()}
+        """Intake counters and lag per message kind (see :mod:`~torchloom.weaver.ingest`)."""
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -228,7 +249,11 @@ class Weaver:
     def _maybe_decide(self) -> None:
         mono = time.monotonic()
         busy = self._deciding is not None and not self._deciding.done()
-        if busy or mono < self._next_policy_mono or not self._listening:
+        if (
+            busy
+            or mono < max(self._next_policy_mono, self._policy_rest_until)
+            or not self._listening
+        ):
             return
         self._next_policy_mono = mono + self.policy_interval_s
         self._deciding = asyncio.ensure_future(self._decide())
@@ -236,11 +261,17 @@ class Weaver:
     async def _decide(self) -> None:
         """One round of the policies; each decision goes through :meth:`submit` like a person's."""
         now = self.clock()
+        t0 = time.monotonic()
         scores = self.policies.scores(now, self.state)
         for job in self.state.jobs.values():
             for key, rank in job.ranks.items():
                 rank.straggler, rank.risk = scores.get(key, (None, None))
-        for decision, dry_run in self.policies.decide(now, self.state):
+        decisions = self.policies.decide(now, self.state)
+        spent_s = time.monotonic() - t0
+        self.policy_round_s = spent_s
+        # policies take at most 1/_POLICY_SHARE_INV of the loop, however many ranks
+        self._policy_rest_until = t0 + spent_s * _POLICY_SHARE_INV
+        for decision, dry_run in decisions:
             self.state.note_acted(decision.key, now)
             req = decision.request()
             reply = None
@@ -322,6 +353,7 @@ class Weaver:
             "nats_connected": bool(conn is not None and conn.is_connected and self._listening),
             "nats_url": conn.connected_url if conn is not None else None,
             "loop_late_ms": round(self._tick_late_s * 1000.0, 1),
+            "policy_round_ms": round(self.policy_round_s * 1000.0, 1),
             "unsaved_events": len(self._outbox),
             "dropped_messages": dict(self.state.dropped_messages),
         }
@@ -372,6 +404,7 @@ class Weaver:
             self._drop("telemetry", exc)
             return
         self._record(on_telemetry(self.state, tel, self.clock()))
+        self.ingest["telemetry"].observe(nbytes=len(msg.data), lag_s=self.clock() - tel.ts)
 
     async def _on_rank_event(self, msg: Message) -> None:
         try:
@@ -381,6 +414,7 @@ class Weaver:
             self._drop("rank_event", exc)
             return
         self._record(on_rank_event(self.state, ev, self.clock()))
+        self.ingest["rank_event"].observe(nbytes=len(msg.data), lag_s=self.clock() - ev.ts)
         await self._flush_all()
 
     async def _on_control(self, msg: Message) -> None:
@@ -441,7 +475,8 @@ class Weaver:
                 self._next_policy_mono = 0.0  # the policies look at it on the next tick
             if len(self._outbox) == self._outbox.maxlen:
                 self.state.count_dropped("history_outbox_full")
-            self._outbox.append(ev)
+            self._recorded += 1
+            self._outbox.append((f"{self._instance}-{self._recorded}", ev))
             log.info("[%s] %s", ev.job_id, ev.message)
             for listener in self._listeners:
                 try:
@@ -453,31 +488,46 @@ class Weaver:
         if self._history is None:
             return
         while self._outbox:
-            ev = self._outbox[0]
-            try:
-                await self._history.append(names.history_subject(ev.job_id, ev.kind), encode(ev))
-            except NotReachableError:
+            batch = list(itertools.islice(self._outbox, _HISTORY_BATCH))
+            done = await self._history.append_many(
+                [(names.history_subject(ev.job_id, ev.kind), encode(ev), mid) for mid, ev in batch]
+            )
+            for _ in range(done):
+                self._outbox.popleft()
+            if done < len(batch):
                 return  # kept; retried on the next tick
-            self._outbox.popleft()
 
     async def _persist_registry(self) -> None:
+        """Write the DR map's changed and removed ranks to the registry bucket, in batches.
+
+        A rank is taken out of ``dirty``/``removed`` before its write and put back if the
+        write fails, so a change made while a write is in flight is written next time."""
         kv = self._registry_kv
         if kv is None:
             return
-        for key in list(self.state.removed):
-            try:
-                await kv.delete(names.registry_key(*key))
-            except NotReachableError:
-                return
-            self.state.removed.discard(key)
-        for key in list(self.state.dirty):
-            rank = self.state.jobs[key[0]].ranks.get(key)
-            try:
+        state = self.state
+        while state.removed or state.dirty:
+            removed = list(itertools.islice(state.removed, _KV_BATCH))
+            dirty = list(itertools.islice(state.dirty, _KV_BATCH - len(removed)))
+            state.removed.difference_update(removed)
+            state.dirty.difference_update(dirty)
+            changes: dict[str, bytes | None] = {names.registry_key(*k): None for k in removed}
+            for key in dirty:
+                rank = state.jobs[key[0]].ranks.get(key)
                 if rank is not None:
-                    await kv.put(names.registry_key(*key), encode(rank.entry))
-            except NotReachableError:
-                return
-            self.state.dirty.discard(key)
+                    changes[names.registry_key(*key)] = encode(rank.entry)
+            written = await kv.write_many(changes)
+            if len(written) < len(changes):
+                for key in removed:
+                    if (
+                        names.registry_key(*key) not in written
+                        and key not in state.jobs[key[0]].ranks
+                    ):
+                        state.removed.add(key)
+                for key in dirty:
+                    if names.registry_key(*key) not in written and key in state.jobs[key[0]].ranks:
+                        state.dirty.add(key)
+                return  # the rest is tried again on the next tick
 
 
 def _decision_event(

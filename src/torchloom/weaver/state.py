@@ -70,12 +70,18 @@ class RankWindow:
             logged a NaN or ±Inf.
         grad_norms: ``(step, norm)`` of the last logged ``grad_norm`` values, likewise.
         device: ``(ts, sample)`` device health samples (64 ≈ 1 min at 1 Hz).
+        busy: the busy time per step (``Timing.busy_s``, else ``step_s``) of each entry of
+            ``timing``, as plain floats (``min()`` over them runs in C).
+        nonfinite: ``(step, name)`` of the newest NaN/±Inf logged as ``loss`` or ``grad_norm``,
+            or None: policies read it in O(1) instead of scanning the windows.
     """
 
     timing: deque[Timing] = field(default_factory=lambda: _window(64))
+    busy: deque[float] = field(default_factory=lambda: _window(64))
     losses: deque[tuple[int, float]] = field(default_factory=lambda: _window(256))
     grad_norms: deque[tuple[int, float]] = field(default_factory=lambda: _window(64))
     device: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: _window(64))
+    nonfinite: tuple[int, str] | None = None
 
     def observe(self, msg: Telemetry, now: float) -> None:
         """Fold one telemetry flush in."""
@@ -83,11 +89,16 @@ class RankWindow:
             ph = msg.phases_s or {}
             busy = ph["data"] + ph["compute"] if "data" in ph and "compute" in ph else None
             self.timing.append(Timing(now, msg.step, msg.step_time_s, busy, ph.get("comm")))
+            self.busy.append(msg.step_time_s if busy is None else busy)
         for point in msg.points:
             for name, out in (("loss", self.losses), ("grad_norm", self.grad_norms)):
                 if name in point.values:
                     v = point.values[name]
-                    out.append((point.step, math.nan if v is None else v))
+                    if v is None or not math.isfinite(v):
+                        v = math.nan
+                        if self.nonfinite is None or point.step >= self.nonfinite[0]:
+                            self.nonfinite = (point.step, name)
+                    out.append((point.step, v))
         if msg.device_stats:
             self.device.append((now, msg.device_stats))
 
@@ -179,6 +190,9 @@ class WeaverState:
     dropped_messages: dict[str, int] = field(default_factory=dict)
     dirty: set[RankKey] = field(default_factory=set)
     removed: set[RankKey] = field(default_factory=set)
+    updates: int = 0
+    """Messages folded in so far (telemetry and rank events): a result worked out from the
+    state at one ``(now, updates)`` is still valid while neither moved."""
     acted: dict[str, deque[float]] = field(default_factory=dict)
     """When policies acted on each decision key (newest last, 32 kept): their cooldowns
     and repeat counts are read from here."""
@@ -296,6 +310,7 @@ def upsert_rank(
 
 def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[HistoryEvent]:
     """Fold one telemetry flush (a heartbeat) into the state."""
+    state.updates += 1
     job = state.jobs.get(msg.job_id)
     if job is not None and job.departed.get((msg.job_id, msg.replica_id, msg.rank)) == msg.pid:
         return []  # the last flush of a drained rank
@@ -356,6 +371,7 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
 
 def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[HistoryEvent]:
     """Fold a rank's lifecycle event (config applied, exited, or a fault-tolerance fact) into the state."""
+    state.updates += 1
     key = (msg.job_id, msg.replica_id, msg.rank)
     job = state.jobs.get(msg.job_id)
     if job is not None and key in job.departed and key not in job.ranks:

@@ -112,6 +112,23 @@ def mad(xs: Sequence[float], center: float | None = None) -> float:
     return median([abs(x - c) for x in xs])
 
 
+def median_without(ordered: Sequence[float], j: int) -> float:
+    """The median of sorted ``ordered`` without its element at index ``j``, in O(1).
+
+    Raises:
+        ValueError: fewer than two elements.
+    """
+    n = len(ordered) - 1
+    if n < 1:
+        raise ValueError("the median of nothing")
+
+    def at(i: int) -> float:
+        return ordered[i] if i < j else ordered[i + 1]
+
+    mid = n // 2
+    return at(mid) if n % 2 else (at(mid - 1) + at(mid)) / 2.0
+
+
 def robust_z(x: float, xs: Sequence[float], *, floor: float) -> float:
     """``(x - median) / (1.4826 · MAD)``, the MAD floored at ``floor`` (same unit as ``x``)
     so that a window of near-identical values does not turn noise into huge scores."""

@@ -16,12 +16,13 @@ OPT-175B (Zhang et al. 2022: lower the lr after divergence).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
 
 from torchloom.weaver.policies.base import Decision, mad, median
-from torchloom.weaver.state import Job, Rank, WeaverState
+from torchloom.weaver.state import Job, Rank, RankKey, WeaverState
 
 
 class DivergenceParams(msgspec.Struct, kw_only=True):
@@ -56,28 +57,50 @@ def check(p: DivergenceParams) -> None:
 
 
 def _nonfinite(rank: Rank, since_step: int) -> str | None:
-    for name, window in (("loss", rank.window.losses), ("grad_norm", rank.window.grad_norms)):
-        for step, v in reversed(window):
-            if step < since_step:
-                break
-            if not math.isfinite(v):
-                return f"{name} is NaN/Inf at step {step} on rank {rank.entry.replica_id}/{rank.entry.rank}"
-    return None
+    found = rank.window.nonfinite
+    if found is None or found[0] < since_step:
+        return None
+    step, name = found
+    return f"{name} is NaN/Inf at step {step} on rank {rank.entry.replica_id}/{rank.entry.rank}"
+
+
+def baseline(values: list[float], p: DivergenceParams) -> tuple[float, float] | None:
+    """``(median, σ)`` of the ``window_steps`` finite losses before the newest ``spike_steps``
+    of ``values`` (oldest first), σ = 1.4826·MAD floored; None with too short a history."""
+    if len(values) < p.min_history + p.spike_steps:
+        return None
+    base = values[-p.spike_steps - p.window_steps : -p.spike_steps]
+    m = median(base)
+    return m, max(1.4826 * mad(base, m), 1e-3 * abs(m), 1e-8)
+
+
+def judge(level: float, base: tuple[float, float], p: DivergenceParams) -> dict[str, float] | None:
+    """The spike test of ``level`` (the median of the newest losses) against ``base``."""
+    m, sigma = base
+    z = (level - m) / sigma
+    if z < p.spike_k:
+        return None
+    return {"loss": level, "baseline": m, "sigma": sigma, "z": z}
 
 
 def spike(losses: list[tuple[int, float]], p: DivergenceParams) -> dict[str, float] | None:
     """The spike test on one rank's ``(step, loss)`` list (oldest first); None when calm."""
     values = [v for _, v in losses if math.isfinite(v)]
-    if len(values) < p.min_history + p.spike_steps:
-        return None
-    new, base = values[-p.spike_steps :], values[-p.spike_steps - p.window_steps : -p.spike_steps]
-    m = median(base)
-    sigma = max(1.4826 * mad(base, m), 1e-3 * abs(m), 1e-8)
-    level = median(new)
-    z = (level - m) / sigma
-    if z < p.spike_k:
-        return None
-    return {"loss": level, "baseline": m, "sigma": sigma, "z": z}
+    base = baseline(values, p)
+    return None if base is None else judge(median(values[-p.spike_steps :]), base, p)
+
+
+def _newest(losses: Iterable[tuple[int, float]], since: int, n: int) -> list[float]:
+    """Up to ``n`` newest finite losses logged at or after step ``since``, newest first."""
+    out = []
+    for step, v in losses:
+        if step < since:
+            break
+        if math.isfinite(v):
+            out.append(v)
+            if len(out) == n:
+                break
+    return out
 
 
 class DivergencePolicy:
@@ -90,9 +113,30 @@ class DivergencePolicy:
     def __init__(self, params: DivergenceParams) -> None:
         check(params)
         self.params = params
+        self._baselines: dict[RankKey, tuple[int, int, tuple[float, float] | None]] = {}
+        """Per rank: (since step, newest step, baseline) of its last baseline; recomputed
+        when the config changed or ``spike_steps`` × 5 newer steps came (O(window) each time,
+        O(spike_steps) per round in between — what keeps a round cheap at 10,000 ranks)."""
+
+    def _baseline(self, rank: Rank, since: int) -> tuple[float, float] | None:
+        losses = rank.window.losses
+        newest = losses[-1][0] if losses else -1
+        cached = self._baselines.get(rank.key)
+        if (
+            cached is None
+            or cached[0] != since
+            or newest - cached[1] >= 5 * self.params.spike_steps
+        ):
+            values = [v for s, v in losses if s >= since and math.isfinite(v)]
+            cached = (since, newest, baseline(values, self.params))
+            self._baselines[rank.key] = cached
+        return cached[2]
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
         out: list[Decision] = []
+        live = {k for job in state.jobs.values() for k in job.ranks}
+        for key in [k for k in self._baselines if k not in live]:
+            del self._baselines[key]
         for job in state.jobs.values():
             d = self._job(now, state, job)
             if d is not None:
@@ -119,7 +163,9 @@ class DivergencePolicy:
                 }
                 break
             # the baseline too: a change of data, batch size or lr may move the loss legitimately
-            found = spike([(s, v) for s, v in rank.window.losses if s >= since], p)
+            base = self._baseline(rank, since)
+            newest = _newest(reversed(rank.window.losses), since, p.spike_steps) if base else []
+            found = judge(median(newest), base, p) if base and newest else None
             if found is not None:
                 what = (
                     f"loss spike on rank {rank.entry.replica_id}/{rank.entry.rank}: {found['loss']:.4g} "

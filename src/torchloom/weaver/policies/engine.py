@@ -28,13 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
 from torchloom.errors import InvalidRequestError
 from torchloom.protocol.knobs import FALSE_WORDS, TRUE_WORDS
-from torchloom.weaver.policies import failure, straggler
 from torchloom.weaver.policies.base import Decision, Policy
 from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
@@ -45,6 +44,8 @@ from torchloom.weaver.state import RankKey, WeaverState
 log = logging.getLogger("torchloom.weaver")
 
 ENTRY_POINT_GROUP = "torchloom.policies"
+
+P = TypeVar("P")
 
 BUILTIN: tuple[type[Any], ...] = (
     StragglerPolicy,
@@ -224,6 +225,11 @@ class PolicyEngine:
     def params(self, name: str) -> Any:
         return self.slots[name].policy.params
 
+    def _policy(self, name: str, kind: type[P]) -> P:
+        policy = self.slots[name].policy
+        assert isinstance(policy, kind), f"{name} is not a {kind.__name__}"
+        return policy
+
     def scores(
         self, now: float, state: WeaverState
     ) -> dict[RankKey, tuple[bool | None, float | None]]:
@@ -232,10 +238,16 @@ class PolicyEngine:
         out: dict[RankKey, tuple[bool | None, float | None]] = {}
         if self.slots["straggler"].enabled:
             for job in state.jobs.values():
-                for key, a in straggler.assess(job, now, self.params("straggler")).items():
+                for key, a in (
+                    self._policy("straggler", StragglerPolicy)
+                    .assessed(job, now, state.updates)
+                    .items()
+                ):
                     out[key] = (a.flagged, None)
         if self.slots["failure"].enabled:
-            for key, (risk, _) in failure.assess(state, self.params("failure")).items():
+            for key, (risk, _) in (
+                self._policy("failure", FailurePolicy).assessed(state, now).items()
+            ):
                 out[key] = (out.get(key, (None, None))[0], risk.score)
         return out
 

@@ -22,12 +22,12 @@ simulator); the NVML read path has not met a failing GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from torchloom.weaver.policies.base import Decision, robust_z
+from torchloom.weaver.policies.base import Decision, mad, median
 from torchloom.weaver.state import RankKey, WeaverState
 
 CRITICAL_XIDS = frozenset({48, 63, 64, 74, 79, 92, 94, 95})
@@ -122,16 +122,36 @@ def rule_risk(
     return Risk(max(s for s, _ in parts), tuple(r for _, r in parts))
 
 
-def anomaly_risk(
-    history: list[dict[str, float]], sample: dict[str, float], p: FailureParams
-) -> Risk:
-    """The anomaly model's risk: the largest robust z of a signal against its own past."""
-    best, why = 0.0, ""
+def signal_baselines(
+    history: list[dict[str, float]], p: FailureParams
+) -> dict[str, tuple[float, float]]:
+    """Per anomaly signal with ``min_baseline`` past values: ``(median, σ)`` of its past,
+    σ = 1.4826·MAD floored at 1 % of the mean (so a flat signal's noise is not a huge score)."""
+    out = {}
     for name in ANOMALY_SIGNALS:
         past = [h[name] for h in history if name in h]
-        if name not in sample or len(past) < p.min_baseline:
+        if len(past) >= p.min_baseline:
+            c = median(past)
+            floor = max(1e-6, 0.01 * abs(sum(past) / len(past)))
+            out[name] = (c, max(1.4826 * mad(past, c), floor))
+    return out
+
+
+def anomaly_risk(
+    history: list[dict[str, float]],
+    sample: dict[str, float],
+    p: FailureParams,
+    *,
+    baselines: dict[str, tuple[float, float]] | None = None,
+) -> Risk:
+    """The anomaly model's risk: the largest robust z of a signal against its own past
+    (``baselines``: :func:`signal_baselines` of ``history`` when already at hand)."""
+    best, why = 0.0, ""
+    base = signal_baselines(history, p) if baselines is None else baselines
+    for name, (c, sigma) in base.items():
+        if name not in sample:
             continue
-        z = robust_z(sample[name], past, floor=max(1e-6, 0.01 * abs(sum(past) / len(past))))
+        z = (sample[name] - c) / sigma
         if z > best:
             best, why = z, f"{name} {sample[name]:.4g} is {z:.1f} robust σ above its recent median"
     if best <= p.z_warn:
@@ -139,36 +159,80 @@ def anomaly_risk(
     return Risk(min(0.8, 0.8 * (best - p.z_warn) / (p.z_crit - p.z_warn)), (why,))
 
 
+REFRESH_SAMPLES = 10
+"""A device's signal baselines are worked out again after this many new samples."""
+
+
+@dataclass(slots=True)
+class DeviceMemo:
+    """What the failure policy already worked out for one rank's device: the risk of each
+    recent sample (by its time) and the signals' baselines, refreshed every
+    ``REFRESH_SAMPLES`` samples — each sample is judged once, in O(signals)."""
+
+    risks: dict[float, Risk] = field(default_factory=dict)
+    baselines: dict[str, tuple[float, float]] = field(default_factory=dict)
+    baseline_age: int = REFRESH_SAMPLES
+
+
 def device_risks(
-    samples: list[tuple[float, dict[str, float]]], p: FailureParams, *, last: int
+    samples: list[tuple[float, dict[str, float]]],
+    p: FailureParams,
+    *,
+    last: int,
+    memo: DeviceMemo | None = None,
 ) -> list[Risk]:
     """The risk of each of the ``last`` newest samples of one device's window (oldest first),
-    each judged by the rules and against the samples before it."""
+    each judged by the rules and against the samples before it (``memo``: reuse and keep
+    what earlier rounds worked out)."""
     out = []
     for i in range(max(0, len(samples) - last), len(samples)):
         ts, sample = samples[i]
+        if memo is not None and ts in memo.risks:
+            out.append(memo.risks[ts])
+            continue
         rules = rule_risk(sample, samples[i - 1] if i else None, ts, p)
-        anomaly = anomaly_risk([s for _, s in samples[max(0, i - 60) : i]], sample, p)
-        out.append(Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons))
+        history = [s for _, s in samples[max(0, i - 60) : i]]
+        if memo is None:
+            anomaly = anomaly_risk(history, sample, p)
+        else:
+            if memo.baseline_age >= REFRESH_SAMPLES:
+                memo.baselines, memo.baseline_age = signal_baselines(history, p), 0
+            memo.baseline_age += 1
+            anomaly = anomaly_risk(history, sample, p, baselines=memo.baselines)
+        risk = Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons)
+        if memo is not None:
+            memo.risks[ts] = risk
+        out.append(risk)
+    if memo is not None and len(memo.risks) > 2 * last:
+        keep = {ts for ts, _ in samples[-last:]}
+        memo.risks = {ts: r for ts, r in memo.risks.items() if ts in keep}
     return out
 
 
-def assess(state: WeaverState, p: FailureParams) -> dict[RankKey, tuple[Risk, int]]:
+def assess(
+    state: WeaverState, p: FailureParams, memos: dict[RankKey, DeviceMemo] | None = None
+) -> dict[RankKey, tuple[Risk, int]]:
     """Each live rank's device risk now, and for how many samples in a row it has been at
-    ``drain_risk`` or more (counting up to ``sustain_samples``)."""
+    ``drain_risk`` or more (counting up to ``sustain_samples``); ``memos`` (per rank) carry
+    work over from earlier rounds."""
     out: dict[RankKey, tuple[Risk, int]] = {}
     for job in state.jobs.values():
         for rank in job.live_ranks():
-            samples = list(rank.window.device)
-            if not samples:
+            window = rank.window.device
+            if not window:
                 continue
-            risks = device_risks(samples, p, last=p.sustain_samples)
+            memo = None if memos is None else memos.setdefault(rank.key, DeviceMemo())
+            samples = list(window)
+            risks = device_risks(samples, p, last=p.sustain_samples, memo=memo)
             streak = 0
             for r in reversed(risks):
                 if r.score < p.drain_risk:
                     break
                 streak += 1
             out[rank.key] = (risks[-1], streak)
+    if memos is not None:
+        for key in [k for k in memos if k not in out]:
+            del memos[key]
     return out
 
 
@@ -182,11 +246,21 @@ class FailurePolicy:
     def __init__(self, params: FailureParams) -> None:
         check(params)
         self.params = params
+        self._memos: dict[RankKey, DeviceMemo] = {}
+        self._assessed: tuple[tuple[float, int], dict[RankKey, tuple[Risk, int]]] | None = None
+
+    def assessed(self, state: WeaverState, now: float) -> dict[RankKey, tuple[Risk, int]]:
+        """:func:`assess` at ``now``, worked out once per round and carrying each sample's
+        risk over from earlier rounds (the dashboard's scores and :meth:`decide` share it, while
+        ``state.updates`` has not moved)."""
+        if self._assessed is None or self._assessed[0] != (now, state.updates):
+            self._assessed = ((now, state.updates), assess(state, self.params, self._memos))
+        return self._assessed[1]
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
         p = self.params
         out: list[Decision] = []
-        for key, (risk, streak) in sorted(assess(state, p).items()):
+        for key, (risk, streak) in sorted(self.assessed(state, now).items()):
             job = state.jobs[key[0]]
             latest = job.config.latest() if job.config else None
             if streak < p.sustain_samples or latest is None or latest.run_state == "stopped":

@@ -19,14 +19,18 @@ noisy job is judged by its own spread.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
 
 from torchloom.protocol.batching import format_weights, parse_weights
-from torchloom.weaver.policies.base import Decision, median, robust_z
+from torchloom.weaver.policies.base import Decision, mad, median, median_without, robust_z
 from torchloom.weaver.state import Job, Rank, RankKey, Timing, WeaverState
+
+EXACT_UP_TO = 64
+"""Up to this many judged ranks, each is compared with the median and MAD of the others."""
 
 Mitigation = Literal["rebalance", "drain", "alert"]
 
@@ -100,10 +104,16 @@ def _busy(t: Timing) -> float:
 
 
 def _recent(rank: Rank, now: float, p: StragglerParams, since: tuple[int, float]) -> list[Timing]:
+    """The rank's flushes in the window and since ``since`` (oldest first); reads only those."""
     step, ts = since
-    return [
-        t for t in rank.window.timing if now - t.ts <= p.window_s and t.step >= step and t.ts > ts
-    ]
+    out = []
+    for t in reversed(rank.window.timing):  # newest first; the window is in time order
+        if now - t.ts > p.window_s or t.ts <= ts or t.step < step:
+            break
+        if t.ts <= now:
+            out.append(t)
+    out.reverse()
+    return out
 
 
 def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment]:
@@ -125,12 +135,15 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
         if r.state == "training" and len(w := _recent(r, now, p, since)) >= p.min_samples
     }
     medians = {k: median([_busy(t) for t in w]) for k, w in recent.items()}
+    ordered = sorted(medians.values())
+    if len(ordered) < 2:
+        return {}
+    # Beyond EXACT_UP_TO ranks the spread (MAD) is that of all ranks, the rank's own value
+    # included (it moves a median of that many by at most one place): O(N log N), not O(N²).
+    spread = mad(ordered) if len(ordered) > EXACT_UP_TO else None
     out: dict[RankKey, Assessment] = {}
     for key, w in recent.items():
-        others = [m for k, m in medians.items() if k != key]
-        if not others:
-            continue
-        ref = median(others)
+        ref = median_without(ordered, bisect.bisect_left(ordered, medians[key]))
         if ref <= 0:
             continue
         slow = [_busy(t) >= p.slow_ratio * ref for t in w]
@@ -140,9 +153,15 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
             if _busy(t) < p.slow_ratio * ref:
                 break
             streak = now - t.ts
-        z = robust_z(medians[key], others, floor=0.05 * ref) if len(others) >= 3 else None
+        if len(ordered) < 4:
+            z = None
+        elif spread is None:
+            others = [m for k, m in medians.items() if k != key]
+            z = robust_z(medians[key], others, floor=0.05 * ref)
+        else:
+            z = (medians[key] - ref) / max(1.4826 * spread, 0.05 * ref)
         fraction = sum(slow) / len(slow)
-        best = min((_busy(t) for t in history), default=medians[key])
+        best = min(job.ranks[key].window.busy, default=medians[key])
         out[key] = Assessment(
             busy_s=medians[key],
             reference_s=ref,
@@ -166,6 +185,16 @@ class StragglerPolicy:
     def __init__(self, params: StragglerParams) -> None:
         check(params)
         self.params = params
+        self._assessed: dict[str, tuple[tuple[float, int], dict[RankKey, Assessment]]] = {}
+
+    def assessed(self, job: Job, now: float, updates: int) -> dict[RankKey, Assessment]:
+        """:func:`assess` of ``job`` at ``now``, worked out once per round (the dashboard's
+        scores and :meth:`decide` share it) — while ``updates`` (``WeaverState.updates``)
+        has not moved."""
+        cached = self._assessed.get(job.job_id)
+        if cached is None or cached[0] != (now, updates):
+            cached = self._assessed[job.job_id] = ((now, updates), assess(job, now, self.params))
+        return cached[1]
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
         out: list[Decision] = []
@@ -173,7 +202,7 @@ class StragglerPolicy:
             latest = job.config.latest() if job.config else None
             if latest is None or latest.run_state != "running":
                 continue
-            scores = assess(job, now, self.params)
+            scores = self.assessed(job, now, state.updates)
             flagged = {k: a for k, a in scores.items() if a.flagged}
             if not flagged:
                 if self.params.mitigation == "rebalance" and latest.values.get("batch_weights"):

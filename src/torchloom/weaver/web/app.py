@@ -25,7 +25,7 @@ from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
 from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware, require_json
 from torchloom.weaver.web.feed import Feed
-from torchloom.weaver.web.metrics import WeaverCollector, exposition
+from torchloom.weaver.web.metrics import IntakeCollector, WeaverCollector, exposition
 from torchloom.weaver.web.schema import (
     ConfigView,
     EventView,
@@ -167,7 +167,10 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         )
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-    collector = WeaverCollector(weaver.state, feed.tracks, feed.clock)
+    collectors = [
+        WeaverCollector(weaver.state, feed.tracks, feed.clock),
+        IntakeCollector(weaver.ingest),
+    ]
 
     def find_job(job_id: str) -> Job | None:
         job = weaver.state.jobs.get(job_id)
@@ -328,10 +331,14 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         )
 
     @app.get("/metrics", tags=["read"], response_class=Response)
-    async def metrics() -> Response:
+    async def metrics(
+        name: list[str] | None = Query(None, alias="name[]", description="only these families"),
+    ) -> Response:
         """Prometheus text exposition: per-rank step, step time, loss, samples/s, state,
-        heartbeat age, applied config version; per-job failures and config version."""
-        return Response(exposition(collector), media_type="text/plain; version=0.0.4")
+        heartbeat age, applied config version; per-job failures and config version; the
+        Weaver's intake (messages, bytes, lag histogram). ``name[]`` (repeatable) limits
+        the answer to those metric families, as Prometheus' own exporters do."""
+        return Response(exposition(collectors, name), media_type="text/plain; version=0.0.4")
 
     # ---- actions (the control entry point) -----------------------------------------
 

@@ -95,6 +95,8 @@ class Feed:
         self.tracks: dict[str, JobTrack] = {}
         self._channels: dict[str | None, _Channel] = {}
         self._last_sample = float("-inf")
+        self.sample_cost_s = 0.0
+        """How long the last chart sample of every job took, in seconds."""
         self.nats_rtt_ms: float | None = None
         self.history_loaded = False
         weaver.add_listener(self.on_event)
@@ -141,6 +143,7 @@ class Feed:
             "nats_url": h["nats_url"],
             "nats_rtt_ms": self.nats_rtt_ms,
             "loop_late_ms": h["loop_late_ms"],
+            "policy_round_ms": h["policy_round_ms"],
             "unsaved_events": h["unsaved_events"],
             "dropped_messages": h["dropped_messages"],
         }
@@ -219,10 +222,13 @@ class Feed:
     def tick(self) -> None:
         """Sample every job if due, then push one frame per followed job."""
         now = self.clock()
-        if now - self._last_sample >= self.sample_interval_s:
+        if now - self._last_sample >= max(self.sample_interval_s, 10 * self.sample_cost_s):
             self._last_sample = now
+            t0 = time.monotonic()
             for each in self.weaver.state.jobs.values():
                 sample(each, self.track(each.job_id), now)
+            # at most a tenth of the loop: with 10,000 ranks samples space out a little
+            self.sample_cost_s = time.monotonic() - t0
         jobs = frames.job_ids(self.weaver.state)
         health = self.health()
         for job_id, channel in self._channels.items():

@@ -1,9 +1,12 @@
-"""Prometheus ``/metrics``: the Weaver's view of every rank, read at scrape time.
+"""Prometheus ``/metrics``: the Weaver's view of every rank, and its own intake, read at
+scrape time.
 
-A custom collector (prometheus-client's documented way to export state that
+Custom collectors (prometheus-client's documented way to export state that
 already lives elsewhere): nothing is updated per message, a scrape reads the
 state once. Metric names follow Prometheus conventions (base units, ``_total``
-for counters).
+for counters). Both collectors describe their names, so a scrape can ask for some
+of them only (``/metrics?name[]=torchloom_weaver_ingest_lag_seconds``), which does not
+read the per-rank state at all.
 """
 
 from __future__ import annotations
@@ -11,9 +14,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
+from torchloom.weaver.ingest import LAG_BOUNDS_S, IngestStats
 from torchloom.weaver.state import WeaverState
 from torchloom.weaver.web.track import JobTrack, finite
 
@@ -31,8 +40,15 @@ class WeaverCollector(Collector):
         self.tracks = tracks
         self.clock = clock
 
+    def describe(self) -> Iterator[Metric]:
+        return self._families(fill=False)
+
     def collect(self) -> Iterator[Metric]:
-        now = self.clock()
+        return self._families(fill=True)
+
+    def _families(self, *, fill: bool) -> Iterator[Metric]:
+        """The metric families, filled from the state or (``fill=False``) empty."""
+        now = self.clock() if fill else 0.0
         g = {
             "step": GaugeMetricFamily(
                 "torchloom_rank_step", "Last step the rank reported", labels=RANK_LABELS
@@ -75,7 +91,7 @@ class WeaverCollector(Collector):
             "Rank failures and hangs in the job's history",
             labels=["job"],
         )
-        for job in self.state.jobs.values():
+        for job in self.state.jobs.values() if fill else ():
             latest = job.config.latest() if job.config else None
             if latest is not None:
                 version.add_metric([job.job_id], latest.version)
@@ -100,14 +116,63 @@ class WeaverCollector(Collector):
             "Messages the Weaver could not decode or keep, by kind",
             labels=["kind"],
         )
-        for kind, n in sorted(self.state.dropped_messages.items()):
+        for kind, n in sorted(self.state.dropped_messages.items()) if fill else ():
             dropped.add_metric([kind], n)
         yield from g.values()
         yield from (version, failures, dropped)
 
 
-def exposition(collector: WeaverCollector) -> bytes:
-    """The text exposition format of one scrape of ``collector``."""
+class IntakeCollector(Collector):
+    """Exports the Weaver's intake per message kind: messages, bytes and the lag histogram
+    (publish → state updated, see :mod:`torchloom.weaver.ingest`)."""
+
+    def __init__(self, ingest: dict[str, IngestStats]) -> None:
+        self.ingest = ingest
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(fill=False)
+
+    def collect(self) -> Iterator[Metric]:
+        return self._families(fill=True)
+
+    def _families(self, *, fill: bool) -> Iterator[Metric]:
+        messages = CounterMetricFamily(
+            "torchloom_weaver_messages",
+            "Messages from ranks folded into the Weaver's state, by kind",
+            labels=["kind"],
+        )
+        nbytes = CounterMetricFamily(
+            "torchloom_weaver_received_bytes",
+            "Payload bytes of those messages, by kind",
+            labels=["kind"],
+        )
+        lag = HistogramMetricFamily(
+            "torchloom_weaver_ingest_lag_seconds",
+            "From a message's timestamp (the sender's clock) to the Weaver's state holding it",
+            labels=["kind"],
+        )
+        for kind, stats in sorted(self.ingest.items()) if fill else ():
+            messages.add_metric([kind], stats.messages)
+            nbytes.add_metric([kind], stats.bytes)
+            cumulative, buckets = 0, []
+            for bound, n in zip((*LAG_BOUNDS_S, float("inf")), stats.lag_counts, strict=True):
+                cumulative += n
+                buckets.append((repr(bound) if bound != float("inf") else "+Inf", cumulative))
+            lag.add_metric([kind], buckets, stats.lag_sum_s)
+        yield from (messages, nbytes, lag)
+
+
+def exposition(collectors: list[Collector], names: list[str] | None = None) -> bytes:
+    """The text exposition format of one scrape of ``collectors``; only the metric families
+    in ``names`` (with or without their ``_total`` / ``_bucket`` suffixes) when given."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return generate_latest(registry)
+    for collector in collectors:
+        registry.register(collector)
+    if not names:
+        return generate_latest(registry)
+    samples = {n + suffix for n in names for suffix in _SAMPLE_SUFFIXES}
+    return generate_latest(registry.restricted_registry(samples))
+
+
+_SAMPLE_SUFFIXES = ("", "_total", "_bucket", "_sum", "_count")
+"""A family's samples are named after it with these suffixes (counters, histograms)."""

@@ -22,6 +22,7 @@ class Health(TypedDict):
     nats_url: str | None
     nats_rtt_ms: float | None
     loop_late_ms: float
+    policy_round_ms: float
     unsaved_events: int
     dropped_messages: dict[str, int]
 

@@ -1,0 +1,411 @@
+"""Benchmark: one Weaver holding many ranks, and what it costs as they grow.
+
+Run:  python bench/scale.py [--sections ingest fanout detection threadlet]
+                            [--ranks 100 1000 10000] [--hz 1 10] [--measure-s 15]
+
+A real `torchloom up` (NATS server, Weaver and dashboard, as users start it) in its own
+process; simulated ranks in `--clients` other processes, each an asyncio loop with one NATS
+connection per `--ranks-per-conn` ranks, publishing real Telemetry on each rank's own
+subject (replica groups of 8 ranks, 10 steps/s, a loss point per step, phase times, a
+device sample each second), spread evenly over the period as unsynchronised ranks are.
+
+* ingest — for each N and rate R: messages/s folded into the Weaver's state, lag from
+  publish (the message's ``ts``) to state updated, p50/p99 from the Weaver's own lag
+  histogram (``/metrics?name[]=torchloom_weaver_ingest_lag_seconds``, ±15 %), the
+  Weaver's CPU (% of one core; the NATS server apart), its RSS, memory per rank and CPU
+  per message, and whether the clients kept their schedule.
+* fanout — N ranks each hold a core-NATS subscription on the job's desired config (as a
+  Threadlet does); from `set` accepted (the snapshot's ``issued_ts``) to every rank holding
+  the new version, decoded; p50/p99 over sets.
+* detection — real training processes (`torchloom.init`, no torch step) killed with
+  SIGKILL → the Weaver's ``rank_failed``; a loop that stops stepping (heartbeats go on)
+  → ``rank_hung``; p50/p99 over trials, beyond the configured timeout too.
+* threadlet — the training-side cost at 1, 10 and 100 ms steps, allocations per step and
+  telemetry bytes per rank per second.
+
+All figures are printed as one table per section, with the date and machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import multiprocessing as mp
+import os
+import platform
+import re
+import tempfile
+import time
+import urllib.request
+from datetime import date
+from pathlib import Path
+
+import psutil
+
+from torchloom.protocol import (
+    ControlReply,
+    ControlRequest,
+    JoinInfo,
+    MetricPoint,
+    Telemetry,
+    decode,
+    encode,
+    names,
+)
+from torchloom.transport import connect
+from up_process import UpProcess  # bench/ is on sys.path when run as a script
+
+GROUP_SIZE = 8
+STEPS_PER_S = 10.0
+
+
+# ---- simulated ranks ------------------------------------------------------------------
+
+
+def _telemetry(job: str, i: int, seq: int, now: float, t0: float, last_step: int) -> Telemetry:
+    step = int((now - t0) * STEPS_PER_S)
+    points = [
+        MetricPoint(step=s, ts=now, values={"loss": 2.3 * math.exp(-s / 400.0)})
+        for s in range(max(last_step + 1, step - 31), step + 1)
+    ]
+    second = int(now) != int(now - 1.0 / STEPS_PER_S)
+    return Telemetry(
+        job_id=job,
+        replica_id=str(i // GROUP_SIZE),
+        rank=i % GROUP_SIZE,
+        group_world_size=GROUP_SIZE,
+        seq=seq,
+        ts=now,
+        step=step,
+        step_time_s=1.0 / STEPS_PER_S,
+        samples_per_s=64 * STEPS_PER_S,
+        points=points,
+        phases_s={"data": 0.01, "compute": 0.07, "comm": 0.02},
+        device_stats={"temp_c": 61.0, "power_w": 300.0, "mem_used_frac": 0.7} if second else None,
+        host=f"node-{i // GROUP_SIZE:04d}",
+        pid=100_000 + i,
+        device=f"GPU-{i:08x}",
+    )
+
+
+async def _publish(
+    nats_url: str, job: str, ranks: list[int], total: int, hz: float, start_at: float,
+    duration_s: float, per_conn: int,
+) -> dict[str, float]:  # fmt: skip
+    """Publish telemetry of ``ranks`` (of ``total``) at ``hz`` each, evenly spread."""
+    conns = [
+        await connect(nats_url, name=f"scale-sim-{k}")
+        for k in range(max(1, math.ceil(len(ranks) / per_conn)))
+    ]
+    n = len(ranks)
+    seqs = [0] * n
+    last = [-1] * n
+    while time.time() < start_at:
+        await asyncio.sleep(0.01)
+    t0 = time.time()
+    sent, worst_behind = 0, 0.0
+    subjects = [names.telemetry_subject(job, str(i // GROUP_SIZE), i % GROUP_SIZE) for i in ranks]
+    while (elapsed := time.time() - t0) < duration_s:
+        due = int(elapsed * hz * n) + 1
+        if due - sent > n:  # more than a whole period behind
+            worst_behind = max(worst_behind, (due - sent) / (hz * n))
+        while sent < due:
+            k = sent % n
+            seqs[k] += 1
+            now = time.time()
+            tel = _telemetry(job, ranks[k], seqs[k], now, start_at, last[k])
+            last[k] = tel.step
+            await conns[k % len(conns)].publish(subjects[k], encode(tel))
+            sent += 1
+        await asyncio.sleep(0.002)
+    for c in conns:
+        await c.flush()
+        await c.close()
+    return {"sent": sent, "seconds": time.time() - t0, "worst_behind_s": worst_behind}
+
+
+def _client(args: tuple, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    out.put(asyncio.run(_publish(*args)))
+
+
+# ---- the Weaver's side ----------------------------------------------------------------
+
+
+def scrape(ui_url: str, *families: str) -> str:
+    query = "&".join(f"name[]={f}" for f in families)
+    with urllib.request.urlopen(f"{ui_url.rstrip('/')}/metrics?{query}", timeout=30) as r:
+        return r.read().decode()
+
+
+def intake(text: str, kind: str = "telemetry") -> tuple[int, list[tuple[float, int]]]:
+    """(messages, cumulative lag buckets [(le_s, count)]) of ``kind`` from a scrape."""
+    m = re.search(rf'torchloom_weaver_messages_total{{kind="{kind}"}} ([0-9.e+]+)', text)
+    buckets = [
+        (float("inf") if le == "+Inf" else float(le), int(float(n)))
+        for le, n in re.findall(
+            rf'torchloom_weaver_ingest_lag_seconds_bucket{{kind="{kind}",le="([^"]+)"}} ([0-9.e+]+)',
+            text,
+        )
+    ]
+    return (int(float(m.group(1))) if m else 0), buckets
+
+
+def quantile(before: list, after: list, q: float) -> float:
+    """The ``q`` quantile (s) of the lags counted between two scrapes, interpolated."""
+    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+    total = counts[-1][1]
+    if total <= 0:
+        return float("nan")
+    rank, lo = q * total, 0.0
+    for le, cum in counts:
+        if cum >= rank:
+            prev = next((c for l2, c in reversed(counts) if l2 < le), 0)
+            hi = le if le != float("inf") else lo
+            return lo + (hi - lo) * (rank - prev) / max(1, cum - prev)
+        lo = le
+    return lo
+
+
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
+def health(ui_url: str) -> dict:
+    import json
+
+    with urllib.request.urlopen(f"{ui_url.rstrip('/')}/api/health", timeout=30) as r:
+        return json.loads(r.read())
+
+
+async def join_one(nats_url: str, job: str) -> None:
+    """Create the job (its knob registry and first config) by joining one rank."""
+    conn = await connect(nats_url, name="scale-join")
+    req = ControlRequest(
+        op="join",
+        job_id=job,
+        join=JoinInfo(
+            replica_id="0", rank=0, group_world_size=GROUP_SIZE,
+            initial_values={"lr": 0.01, "batch_size": 64},
+        ),
+    )  # fmt: skip
+    raw = await conn.request(names.control_subject(job), encode(req), timeout_s=10.0)
+    reply = decode(raw, ControlReply)
+    await conn.close()
+    if not reply.ok:
+        raise RuntimeError(f"join refused: {reply.error}")
+
+
+def measure_ingest(
+    *, ranks: int, hz: float, measure_s: float, clients: int, per_conn: int, up_args: list[str]
+) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        up = UpProcess(Path(tmp), *up_args)
+        try:
+            assert up.ui_url is not None
+            weaver = psutil.Process(up.proc.pid)
+            nats = [p for p in weaver.children(recursive=True) if "nats" in p.name()]
+            job = f"scale{ranks}"
+            asyncio.run(join_one(up.nats_url, job))
+            rss0 = weaver.memory_info().rss
+            ctx = mp.get_context("spawn")
+            out = ctx.Queue()
+            warm_s = 5.0 + ranks / 2000
+            start_at = time.time() + 3.0
+            split = [list(range(k, ranks, clients)) for k in range(clients)]
+            procs = [
+                ctx.Process(
+                    target=_client,
+                    args=(
+                        (
+                            up.nats_url,
+                            job,
+                            part,
+                            ranks,
+                            hz,
+                            start_at,
+                            warm_s + measure_s + 2,
+                            per_conn,
+                        ),
+                        out,
+                    ),
+                )
+                for part in split
+            ]
+            for p in procs:
+                p.start()
+            time.sleep(max(0.0, start_at - time.time()) + warm_s)
+            wait_until = time.time() + 60
+            while health(up.ui_url)["unsaved_events"] and time.time() < wait_until:
+                time.sleep(0.5)  # the join storm's history is written
+            before = intake(scrape(up.ui_url, "torchloom_weaver_messages",
+                                   "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
+            c0, n0, t0 = cpu_s(weaver), sum(cpu_s(p) for p in nats), time.time()
+            time.sleep(measure_s)
+            after = intake(scrape(up.ui_url, "torchloom_weaver_messages",
+                                  "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
+            c1, n1, t1 = cpu_s(weaver), sum(cpu_s(p) for p in nats), time.time()
+            rss = weaver.memory_info().rss
+            results = [out.get(timeout=120) for _ in procs]
+            for p in procs:
+                p.join(30)
+            h = health(up.ui_url)
+        finally:
+            up.stop()
+    msgs = after[0] - before[0]
+    wall = t1 - t0
+    return {
+        "ranks": ranks,
+        "hz": hz,
+        "offered": ranks * hz,
+        "ingest": msgs / wall,
+        "p50_ms": quantile(before[1], after[1], 0.5) * 1000,
+        "p99_ms": quantile(before[1], after[1], 0.99) * 1000,
+        "cpu": (c1 - c0) / wall * 100,
+        "nats_cpu": (n1 - n0) / wall * 100,
+        "us_per_msg": (c1 - c0) / max(1, msgs) * 1e6,
+        "rss_mb": rss / 1e6,
+        "kb_per_rank": (rss - rss0) / ranks / 1e3,
+        "behind_s": max(r["worst_behind_s"] for r in results),
+        "dropped": sum(h["dropped_messages"].values()),
+    }
+
+
+INGEST_HEAD = (
+    "| ranks | Hz | offered msg/s | ingested msg/s | lag p50 ms | lag p99 ms | Weaver CPU % "
+    "| NATS CPU % | Weaver µs/msg | Weaver RSS MB | kB per rank | clients behind s | dropped |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def ingest_row(r: dict) -> str:
+    return (
+        f"| {r['ranks']} | {r['hz']:g} | {r['offered']:.0f} | {r['ingest']:.0f} | "
+        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cpu']:.0f} | {r['nats_cpu']:.0f} | "
+        f"{r['us_per_msg']:.0f} | {r['rss_mb']:.0f} | {r['kb_per_rank']:.1f} | "
+        f"{r['behind_s']:.2f} | {r['dropped']} |"
+    )
+
+
+# ---- growth: the Weaver's own work, in this process, as N grows -------------------------
+
+
+def _filled_state(ranks: int, flushes: int):
+    """A WeaverState holding ``ranks`` ranks of one job, each after ``flushes`` flushes at
+    5 Hz, built through the Weaver's real ingest (``on_telemetry``) and join."""
+    from torchloom.weaver import control
+    from torchloom.weaver.state import WeaverState, on_telemetry
+
+    state = WeaverState()
+    join = ControlRequest(
+        op="join", job_id="g",
+        join=JoinInfo(replica_id="0", rank=0, group_world_size=GROUP_SIZE,
+                      initial_values={"lr": 0.01, "batch_size": 64}),
+    )  # fmt: skip
+    out = control.handle(state, join, 0.0, control.ControlSettings())
+    control.commit(state, join, out, 0.0)
+    t0 = 1_000.0
+    last = [-1] * ranks
+    for f in range(flushes):
+        for i in range(ranks):
+            now = t0 + f * 0.2 + i * 0.2 / ranks
+            tel = _telemetry("g", i, f + 1, now, t0, last[i])
+            last[i] = tel.step
+            on_telemetry(state, tel, now)
+    state.dirty.clear()
+    return state, t0 + flushes * 0.2, last
+
+
+def measure_growth(ranks: int) -> dict:
+    from torchloom.weaver.policies import PolicyEngine
+    from torchloom.weaver.state import check_liveness, on_telemetry
+    from torchloom.weaver.web.metrics import WeaverCollector, exposition
+    from torchloom.weaver.web.track import JobTrack, sample
+
+    flushes = 40
+    state, now, last = _filled_state(ranks, flushes)
+    job = state.jobs["g"]
+    # steady-state ingest: one more flush of every rank, timed per message
+    msgs = []
+    for i in range(ranks):
+        tel = _telemetry("g", i, flushes + 1, now + i * 0.2 / ranks, now - flushes * 0.2, last[i])
+        msgs.append(tel)
+    t = time.perf_counter()
+    for tel in msgs:
+        on_telemetry(state, tel, tel.ts)
+    ingest_us = (time.perf_counter() - t) / ranks * 1e6
+    now += 0.2
+    raw = [encode(m) for m in msgs]
+    t = time.perf_counter()
+    for r in raw:
+        decode(r, Telemetry)
+    decode_us = (time.perf_counter() - t) / ranks * 1e6
+
+    def timed(fn, repeat: int = 3) -> float:
+        best = float("inf")
+        for _ in range(repeat):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best * 1000
+
+    engine = PolicyEngine()
+    track = JobTrack()
+    return {
+        "ranks": ranks,
+        "decode_us": decode_us,
+        "ingest_us": ingest_us,
+        "liveness_ms": timed(lambda: check_liveness(state, now)),
+        "policies_ms": timed(lambda: (engine.scores(now, state), engine.decide(now, state))),
+        "dashboard_ms": timed(lambda: sample(job, track, now)),
+        "metrics_ms": timed(lambda: exposition([WeaverCollector(state, {}, lambda: now)]), 1),
+    }
+
+
+GROWTH_HEAD = (
+    "| ranks | decode µs/msg | state update µs/msg | liveness check ms/tick | policy round ms "
+    "| dashboard sample ms | /metrics scrape ms |\n|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def growth_row(r: dict) -> str:
+    return (
+        f"| {r['ranks']} | {r['decode_us']:.1f} | {r['ingest_us']:.1f} | {r['liveness_ms']:.2f} | "
+        f"{r['policies_ms']:.1f} | {r['dashboard_ms']:.1f} | {r['metrics_ms']:.0f} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", nargs="+", default=["ingest"])
+    ap.add_argument("--ranks", nargs="+", type=int, default=[100, 1000, 10000])
+    ap.add_argument("--hz", nargs="+", type=float, default=[1.0, 10.0])
+    ap.add_argument("--measure-s", type=float, default=15.0)
+    ap.add_argument("--clients", type=int, default=1, help="processes of simulated ranks")
+    ap.add_argument("--ranks-per-conn", type=int, default=250)
+    args = ap.parse_args()
+    print(
+        f"# torchloom scale bench — {date.today()}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    if "growth" in args.sections:
+        print("\n## Growth (the Weaver's work in one process, per operation)\n")
+        print(GROWTH_HEAD, flush=True)
+        for n in args.ranks:
+            print(growth_row(measure_growth(n)), flush=True)
+    if "ingest" in args.sections:
+        print("\n## Ingest\n")
+        print(INGEST_HEAD, flush=True)
+        for hz in args.hz:
+            for n in args.ranks:
+                r = measure_ingest(
+                    ranks=n, hz=hz, measure_s=args.measure_s, clients=args.clients,
+                    per_conn=args.ranks_per_conn,
+                    up_args=["--ui-port", "0", "--failure-timeout-s", str(max(0.8, 3.0 / hz))],
+                )  # fmt: skip
+                print(ingest_row(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
