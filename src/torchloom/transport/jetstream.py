@@ -11,7 +11,7 @@ storage dir) or of the Weaver loses nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import nats.errors
 import nats.js.errors
@@ -27,6 +27,16 @@ _JS_ERRORS = (
     nats.js.errors.Error,
     asyncio.TimeoutError,
 )
+
+
+async def _acknowledged(writes: Sequence[Awaitable[object]]) -> list[bool]:
+    """Await ``writes`` concurrently; for each, whether the server acknowledged it. A
+    JetStream or timeout error is a False; any other error is raised."""
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, _JS_ERRORS):
+            raise result
+    return [not isinstance(result, BaseException) for result in results]
 
 
 async def ensure_jetstream(
@@ -149,13 +159,8 @@ class KeyValue:
         async def one(key: str, value: bytes | None) -> None:
             await (self._kv.delete(key) if value is None else self._kv.put(key, value))
 
-        done = await asyncio.gather(
-            *(one(k, v) for k, v in changes.items()), return_exceptions=True
-        )
-        for result in done:
-            if isinstance(result, BaseException) and not isinstance(result, _JS_ERRORS):
-                raise result
-        return {k for k, r in zip(changes, done, strict=True) if r is None}
+        acked = await _acknowledged([one(k, v) for k, v in changes.items()])
+        return {k for k, ok in zip(changes, acked, strict=True) if ok}
 
     async def items(self) -> dict[str, bytes]:
         """Every live key and its latest value (read concurrently, in chunks of 256)."""
@@ -196,21 +201,15 @@ class History:
             How many of the first items were acknowledged: ``len(items)``, or the index of the
             first that was not (it and the later ones are to be sent again).
         """
-        acks = await asyncio.gather(
-            *(
+        acked = await _acknowledged(
+            [
                 self._js.publish(
                     subject, data, stream=names.EVENTS_STREAM, headers={"Nats-Msg-Id": msg_id}
                 )
                 for subject, data, msg_id in items
-            ),
-            return_exceptions=True,
+            ]
         )
-        for i, ack in enumerate(acks):
-            if isinstance(ack, BaseException):
-                if not isinstance(ack, _JS_ERRORS):
-                    raise ack
-                return i
-        return len(items)
+        return acked.index(False) if False in acked else len(items)
 
     async def read(
         self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0
