@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import multiprocessing as mp
 import os
@@ -54,6 +55,7 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.transport import connect
+from torchloom.weaver.ingest import IngestStats
 from up_process import UpProcess  # bench/ is on sys.path when run as a script
 
 GROUP_SIZE = 8
@@ -151,20 +153,11 @@ def intake(text: str, kind: str = "telemetry") -> tuple[int, list[tuple[float, i
     return (int(float(m.group(1))) if m else 0), buckets
 
 
-def quantile(before: list, after: list, q: float) -> float:
-    """The ``q`` quantile (s) of the lags counted between two scrapes, interpolated."""
-    counts = [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
-    total = counts[-1][1]
-    if total <= 0:
-        return float("nan")
-    rank, lo = q * total, 0.0
-    for le, cum in counts:
-        if cum >= rank:
-            prev = next((c for l2, c in reversed(counts) if l2 < le), 0)
-            hi = le if le != float("inf") else lo
-            return lo + (hi - lo) * (rank - prev) / max(1, cum - prev)
-        lo = le
-    return lo
+def lags_between(before: list, after: list) -> IngestStats:
+    """The lags counted between two scrapes, as the Weaver's own histogram (its quantiles)."""
+    cumulative = [a - b for (_, a), (_, b) in zip(after, before, strict=True)]
+    counts = [c - p for c, p in zip(cumulative, [0, *cumulative[:-1]], strict=True)]
+    return IngestStats(lag_counts=counts)
 
 
 def cpu_s(proc: psutil.Process) -> float:
@@ -173,8 +166,6 @@ def cpu_s(proc: psutil.Process) -> float:
 
 
 def health(ui_url: str) -> dict:
-    import json
-
     with urllib.request.urlopen(f"{ui_url.rstrip('/')}/api/health", timeout=30) as r:
         return json.loads(r.read())
 
@@ -254,14 +245,15 @@ def measure_ingest(
         finally:
             up.stop()
     msgs = after[0] - before[0]
+    lags = lags_between(before[1], after[1])
     wall = t1 - t0
     return {
         "ranks": ranks,
         "hz": hz,
         "offered": ranks * hz,
         "ingest": msgs / wall,
-        "p50_ms": quantile(before[1], after[1], 0.5) * 1000,
-        "p99_ms": quantile(before[1], after[1], 0.99) * 1000,
+        "p50_ms": (lags.lag_quantile_s(0.5) or math.nan) * 1000,
+        "p99_ms": (lags.lag_quantile_s(0.99) or math.nan) * 1000,
         "cpu": (c1 - c0) / wall * 100,
         "nats_cpu": (n1 - n0) / wall * 100,
         "us_per_msg": (c1 - c0) / max(1, msgs) * 1e6,
