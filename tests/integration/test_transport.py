@@ -4,8 +4,10 @@ and batched history and KV writes that store every item once, in order."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import signal
+import time
 
 import pytest
 
@@ -13,6 +15,23 @@ from torchloom.errors import NotReachableError
 from torchloom.nats_server import NatsServer
 from torchloom.protocol import names
 from torchloom.transport import History, KeyValue, Message, connect, ensure_jetstream
+
+
+def _stop(pid: int, *, timeout_s: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and wait until the kernel shows it stopped (state T, every thread): the signal is
+    asynchronous, and a server still running for a moment would answer the next PING."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_state(stat) == "T" for stat in glob.glob(f"/proc/{pid}/task/*/stat")):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s:g} s")
+
+
+def _state(stat_path: str) -> str:
+    with open(stat_path) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_a_flush_that_times_out_does_not_make_the_connection_deaf(nats: NatsServer) -> None:
@@ -29,7 +48,7 @@ def test_a_flush_that_times_out_does_not_make_the_connection_deaf(nats: NatsServ
         await conn.subscribe("t.x", on_msg)
         await conn.flush()
         assert nats.proc is not None
-        os.kill(nats.proc.pid, signal.SIGSTOP)  # the server answers nothing for a while
+        _stop(nats.proc.pid)  # the server answers nothing for a while
         try:
             with pytest.raises(NotReachableError):
                 await conn.flush(timeout_s=0.1)
