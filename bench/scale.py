@@ -47,14 +47,17 @@ import psutil
 from torchloom.protocol import (
     ControlReply,
     ControlRequest,
+    DesiredConfig,
+    HistoryEvent,
     JoinInfo,
     MetricPoint,
+    RankEvent,
     Telemetry,
     decode,
     encode,
     names,
 )
-from torchloom.transport import connect
+from torchloom.transport import History, connect
 from torchloom.weaver.ingest import IngestStats
 from up_process import UpProcess  # bench/ is on sys.path when run as a script
 
@@ -280,6 +283,152 @@ def ingest_row(r: dict) -> str:
     )
 
 
+# ---- fan-out: from `set` accepted to every rank holding the new config -----------------
+
+
+async def _follow(
+    nats_url: str, job: str, ranks: list[int], per_conn: int, ready: mp.Event, duration_s: float,
+) -> list[tuple[int, float]]:  # fmt: skip
+    """Ranks ``ranks`` as a Threadlet follows its job: each announces itself with one
+    telemetry message, holds its own subscription on the job's desired config, decodes each
+    copy it gets, and reports ``config_applied`` at the effective step.
+    Returns ``[(version, seconds from issued to held)]``, one per rank and version."""
+    conns = [
+        await connect(nats_url, name=f"scale-follow-{k}")
+        for k in range(max(1, math.ceil(len(ranks) / per_conn)))
+    ]
+    held: list[tuple[int, float]] = []
+    now = time.time()
+    for n, i in enumerate(ranks):
+        conn = conns[n % len(conns)]
+        replica, rank = str(i // GROUP_SIZE), i % GROUP_SIZE
+
+        async def on_config(msg, conn=conn, replica=replica, rank=rank) -> None:  # type: ignore[no-untyped-def]
+            got = time.time()
+            snap = decode(msg.data, DesiredConfig).snapshots[-1]
+            held.append((snap.version, got - snap.issued_ts))
+            ev = RankEvent(kind="config_applied", job_id=job, replica_id=replica, rank=rank,
+                           ts=time.time(), step=snap.effective_step, version=snap.version)  # fmt: skip
+            await conn.publish(names.events_subject(job, replica, rank), encode(ev))
+
+        await conn.subscribe(names.config_watch_subject(job), on_config)
+        await conn.publish(
+            names.telemetry_subject(job, replica, rank), encode(_telemetry(job, i, 1, now, now, -1))
+        )
+    for c in conns:
+        await c.flush(timeout_s=30)
+    ready.set()
+    await asyncio.sleep(duration_s)
+    for c in conns:
+        await c.close()
+    return held
+
+
+def _follower(args: tuple, out: mp.Queue) -> None:  # type: ignore[type-arg]
+    out.put(asyncio.run(_follow(*args)))
+
+
+async def _set_and_read(nats_url: str, job: str, sets: int, gap_s: float) -> list[HistoryEvent]:
+    """Issue ``sets`` job-wide ``set lr=…`` ``gap_s`` apart; return the job's history."""
+    conn = await connect(nats_url, name="scale-set")
+    for k in range(sets):
+        req = ControlRequest(op="set", job_id=job, values={"lr": 0.01 + 0.001 * (k + 1)},
+                             requested_by="bench")  # fmt: skip
+        raw = await conn.request(names.control_subject(job), encode(req), timeout_s=30.0)
+        reply = decode(raw, ControlReply)
+        if not reply.ok:
+            raise RuntimeError(f"set refused: {reply.error}")
+        await asyncio.sleep(gap_s)
+    history = [decode(r, HistoryEvent) async for r in History(conn).read(names.history_filter(job))]
+    await conn.close()
+    return history
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else math.nan
+
+
+def measure_fanout(*, ranks: int, sets: int, clients: int, per_conn: int) -> dict:
+    gap_s = 1.0 + ranks / 2500
+    with tempfile.TemporaryDirectory() as tmp:
+        up = UpProcess(
+            Path(tmp), "--ui-port", "0", "--failure-timeout-s", "3600", "--hang-timeout-s", "3600"
+        )
+        try:
+            assert up.ui_url is not None
+            weaver = psutil.Process(up.proc.pid)
+            job = f"fanout{ranks}"
+            asyncio.run(join_one(up.nats_url, job))
+            ctx = mp.get_context("spawn")
+            out = ctx.Queue()
+            split = [list(range(k, ranks, clients)) for k in range(clients)]
+            readies = [ctx.Event() for _ in split]
+            duration_s = 10.0 + ranks / 1000 + sets * gap_s
+            procs = [
+                ctx.Process(target=_follower,
+                            args=((up.nats_url, job, part, per_conn, ev, duration_s), out))
+                for part, ev in zip(split, readies, strict=True)
+            ]  # fmt: skip
+            for p in procs:
+                p.start()
+            for ev in readies:
+                if not ev.wait(120):
+                    raise RuntimeError("the simulated ranks did not subscribe in time")
+            deadline = time.time() + 120
+            while (heard := intake(scrape(up.ui_url, "torchloom_weaver_messages"))[0]) < ranks or (
+                health(up.ui_url)["unsaved_events"]
+            ):
+                if time.time() > deadline:
+                    raise RuntimeError(f"the Weaver heard {heard} of {ranks} ranks")
+                time.sleep(0.5)  # every rank known, the join storm's history written
+            c0, t0 = cpu_s(weaver), time.time()
+            history = asyncio.run(_set_and_read(up.nats_url, job, sets, gap_s))
+            cpu = (cpu_s(weaver) - c0) / (time.time() - t0) * 100
+            held = [x for _ in procs for x in out.get(timeout=duration_s + 120)]
+            for p in procs:
+                p.join(30)
+        finally:
+            up.stop()
+    by_version: dict[int, list[float]] = {}
+    for version, lag in held:
+        by_version.setdefault(version, []).append(lag)
+    complete = [max(v) for v in by_version.values() if len(v) == ranks]
+    first = [min(v) for v in by_version.values()]
+    applied = [
+        e.data["latency_s"] for e in history if e.kind == "config_applied" and e.version > 1
+    ]  # v1 is the job's initial config
+    lags = [lag for v in by_version.values() for lag in v]
+    return {
+        "ranks": ranks,
+        "sets": len(by_version),
+        "complete": len(complete),
+        "first_ms": _quantile(first, 0.5) * 1000,
+        "p50_ms": _quantile(lags, 0.5) * 1000,
+        "p99_ms": _quantile(lags, 0.99) * 1000,
+        "all_ms": _quantile(complete, 0.5) * 1000,
+        "all_max_ms": max(complete, default=math.nan) * 1000,
+        "applied_ms": _quantile(applied, 0.5) * 1000,
+        "applied_n": len(applied),
+        "cpu": cpu,
+    }
+
+
+FANOUT_HEAD = (
+    "| ranks | sets | every rank held it | first rank p50 ms | rank held p50 ms | rank held p99 ms | last rank p50 ms "
+    "| last rank max ms | Weaver saw all applied p50 ms | Weaver CPU % |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def fanout_row(r: dict) -> str:
+    return (
+        f"| {r['ranks']} | {r['sets']} | {r['complete']} | {r['first_ms']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+        f"{r['all_ms']:.0f} | {r['all_max_ms']:.0f} | {r['applied_ms']:.0f} ({r['applied_n']}) | "
+        f"{r['cpu']:.0f} |"
+    )
+
+
 # ---- growth: the Weaver's own work, in this process, as N grows -------------------------
 
 
@@ -376,6 +525,7 @@ def main() -> None:
     ap.add_argument("--measure-s", type=float, default=15.0)
     ap.add_argument("--clients", type=int, default=1, help="processes of simulated ranks")
     ap.add_argument("--ranks-per-conn", type=int, default=250)
+    ap.add_argument("--sets", type=int, default=20, help="config changes per fan-out row")
     args = ap.parse_args()
     print(
         f"# torchloom scale bench — {date.today()}, {platform.machine()}, "
@@ -397,6 +547,13 @@ def main() -> None:
                     up_args=["--ui-port", "0", "--failure-timeout-s", str(max(0.8, 3.0 / hz))],
                 )  # fmt: skip
                 print(ingest_row(r), flush=True)
+    if "fanout" in args.sections:
+        print("\n## Control fan-out\n")
+        print(FANOUT_HEAD, flush=True)
+        for n in args.ranks:
+            r = measure_fanout(ranks=n, sets=args.sets, clients=args.clients,
+                               per_conn=args.ranks_per_conn)  # fmt: skip
+            print(fanout_row(r), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from torchloom.protocol import RankEvent, Telemetry
 from torchloom.weaver.state import (
+    PROGRESS_SAVE_S,
     ApplyTracking,
     LivenessConfig,
     WeaverState,
@@ -193,3 +194,25 @@ def test_effective_step_with_no_live_rank_is_zero():
     beat(s, 100.0)
     check_liveness(s, 110.0)
     assert plan_effective_step(s.jobs["j"], 110.0, lead_time_s=0.5, min_lead_steps=2) == 0
+
+
+def test_an_apply_storm_is_reported_once_and_marks_the_registry_at_most_every_30_s():
+    """10,000 ranks applying two changes: one ``config_applied`` each, at the last rank; the
+    applied versions are progress, saved at most every PROGRESS_SAVE_S per rank."""
+    s = WeaverState()
+    n = 10_000
+    for r in range(n):
+        beat(s, 100.0, rank=r)
+    keys = set(s.jobs["j"].ranks)
+    assert s.dirty == keys  # joined, and the first progress of each rank
+    s.dirty.clear()
+    for version, now in ((2, 101.0), (3, 110.0)):
+        s.jobs["j"].applies[version] = ApplyTracking(
+            version=version, effective_step=50, issued_ts=now, expected=set(keys)
+        )
+        done = [kinds(applied(s, r, version, 50, now)) for r in range(n)]
+        assert done[-1] == ["config_applied"] and not any(done[:-1])
+    assert not s.dirty  # within 30 s of the last save: not yet
+    beat(s, 100.0 + PROGRESS_SAVE_S, rank=0, step=11, applied=3)
+    assert s.dirty == {("j", "0", 0)}
+    assert rank0(s).entry.applied_version == 3

@@ -418,7 +418,6 @@ class Weaver:
             return
         self._record(on_rank_event(self.state, ev, self.clock()))
         self.ingest["rank_event"].observe(nbytes=len(msg.data), lag_s=self.clock() - ev.ts)
-        await self._flush_all()
 
     async def _on_control(self, msg: Message) -> None:
         try:

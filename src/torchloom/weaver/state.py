@@ -28,8 +28,10 @@ RankKey = tuple[str, str, int]
 """``(job_id, replica_id, rank)``."""
 
 PROGRESS_SAVE_S = 30.0
-"""A training rank's step is written to the registry at most this often, in seconds (state
-changes, identity and applied versions are written at once)."""
+"""A training rank's progress (step, applied config version) is written to the registry at
+most this often, in seconds; state changes and identity are written at once. A registry
+entry is written whole, so the next write carries the newest progress, and a stale one
+after a crash is older, which is the safe side (the Weaver keeps more snapshots)."""
 
 LIVE_STATES: frozenset[str] = frozenset({"joining", "training", "paused", "suspect", "hung"})
 
@@ -344,14 +346,12 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
     prev_step = e.last_step
     if msg.step != prev_step:
         rank.step_changed_ts = now
-        if now - rank.progress_saved_ts >= PROGRESS_SAVE_S:
-            rank.progress_saved_ts = now
-            state.dirty.add(rank.key)
+        mark_progress(state, rank, now)
     e.last_step = msg.step
     e.last_seen_ts = now
     if e.applied_version != msg.applied_version:
         e.applied_version = msg.applied_version
-        state.dirty.add(rank.key)
+        mark_progress(state, rank, now)
     rank.samples_per_s = msg.samples_per_s
     rank.step_time_s = msg.step_time_s
     if msg.step_time_s:
@@ -403,7 +403,7 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
     job = state.jobs[msg.job_id]
     if msg.version > rank.entry.applied_version:
         rank.entry.applied_version = msg.version
-        state.dirty.add(rank.key)
+        mark_progress(state, rank, now)
     for tracking in job.applies.values():
         if tracking.version <= msg.version and rank.key not in tracking.applied:
             tracking.applied[rank.key] = msg.step
@@ -426,6 +426,14 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
                     )
                 )
     return events + check_apply_done(job, now)
+
+
+def mark_progress(state: WeaverState, rank: Rank, now: float) -> None:
+    """The rank's step or applied version moved: mark it for the registry at most every
+    ``PROGRESS_SAVE_S`` (10,000 ranks applying a change would be 10,000 writes at once)."""
+    if now - rank.progress_saved_ts >= PROGRESS_SAVE_S:
+        rank.progress_saved_ts = now
+        state.dirty.add(rank.key)
 
 
 def remove_drained(state: WeaverState, rank: Rank, now: float) -> list[HistoryEvent]:
@@ -515,7 +523,7 @@ def check_apply_done(job: Job, now: float) -> list[HistoryEvent]:
     """Emit ``config_applied`` for each tracked version every expected rank has applied."""
     events = []
     for t in sorted(job.applies.values(), key=lambda t: t.version):
-        if t.done or not t.expected.issubset(t.applied):
+        if t.done or not t.applied.keys() >= t.expected:  # a view: no copy of 10k keys per event
             continue
         t.done = True
         if not t.expected:
