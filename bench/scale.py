@@ -36,6 +36,8 @@ import multiprocessing as mp
 import os
 import platform
 import re
+import signal
+import statistics
 import tempfile
 import time
 import urllib.request
@@ -429,6 +431,277 @@ def fanout_row(r: dict) -> str:
     )
 
 
+# ---- detection: kill -9 → failed, a stopped loop → hung ----------------------------------
+
+UP_FAILURE_TIMEOUT_S = "0.8"
+UP_HANG_TIMEOUT_S = "2"
+
+
+RANK_SCRIPT = """
+import signal, sys, time
+import torchloom
+job, replica, url = sys.argv[1:4]
+run = torchloom.init(job_id=job, replica_id=replica, rank=0, group_world_size=1, nats_url=url,
+                     knobs={"lr": 0.01, "batch_size": 1})
+stuck = []
+signal.signal(signal.SIGUSR1, lambda *_: stuck.append(time.time()))
+for step in run.steps():
+    time.sleep(0.01)
+    run.log(loss=1.0)
+    while stuck:  # the loop is stuck (a deadlocked collective); the Threadlet's heartbeats go on
+        time.sleep(1.0)
+"""
+
+
+async def _history(nats_url: str, job: str) -> list[HistoryEvent]:
+    conn = await connect(nats_url, name="scale-history")
+    events = [decode(r, HistoryEvent) async for r in History(conn).read(names.history_filter(job))]
+    await conn.close()
+    return events
+
+
+def _detect(up: UpProcess, *, trials: int, batch: int, hang: bool, seed: int) -> list[float]:
+    """Seconds from the fault (SIGKILL, or SIGUSR1: the loop stops) to the Weaver's
+    ``rank_failed`` / ``rank_hung`` event, one per trial; ``batch`` ranks at a time."""
+    import random
+    import subprocess
+    import sys
+
+    rng = random.Random(seed)
+    kind = "rank_hung" if hang else "rank_failed"
+    delays: list[float] = []
+    for b in range(math.ceil(trials / batch)):
+        job = f"{'hang' if hang else 'kill'}{b}"
+        procs = {
+            str(k): subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, job, str(k), up.nats_url])
+            for k in range(min(batch, trials - b * batch))
+        }
+        try:
+            deadline = time.time() + 60
+            while sum(
+                e.kind == "rank_joined" for e in asyncio.run(_history(up.nats_url, job))
+            ) < len(procs):
+                if time.time() > deadline:
+                    raise RuntimeError("the rank processes did not join in time")
+                time.sleep(0.5)
+            time.sleep(1.0)  # every rank stepping
+            faulted: dict[str, float] = {}
+            for replica, proc in procs.items():
+                time.sleep(rng.uniform(0.05, 0.5))  # any phase against heartbeats and ticks
+                faulted[replica] = time.time()
+                proc.send_signal(signal.SIGUSR1 if hang else signal.SIGKILL)
+            time.sleep(3.0 + (float(UP_HANG_TIMEOUT_S) if hang else 0.0))
+            seen = {
+                e.replica_id: e.ts
+                for e in asyncio.run(_history(up.nats_url, job))
+                if e.kind == kind and e.replica_id in faulted
+            }
+            missing = set(faulted) - set(seen)
+            if missing:
+                raise RuntimeError(f"no {kind} for replica groups {sorted(missing)}")
+            delays += [seen[r] - t for r, t in faulted.items()]
+        finally:
+            for proc in procs.values():
+                proc.kill()
+                proc.wait()
+    return delays
+
+
+def measure_detection(*, trials: int, batch: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        up = UpProcess(Path(tmp), "--failure-timeout-s", UP_FAILURE_TIMEOUT_S,
+                       "--hang-timeout-s", UP_HANG_TIMEOUT_S)  # fmt: skip
+        try:
+            for hang, what, bound in (
+                (False, "kill -9 → failed", UP_FAILURE_TIMEOUT_S),
+                (True, "loop stopped → hung", UP_HANG_TIMEOUT_S),
+            ):
+                d = _detect(up, trials=trials, batch=batch, hang=hang, seed=len(rows))
+                rows.append({"what": what, "timeout_s": float(bound), "n": len(d),
+                             "p50": _quantile(d, 0.5), "p99": _quantile(d, 0.99),
+                             "min": min(d), "max": max(d)})  # fmt: skip
+        finally:
+            up.stop()
+    return rows
+
+
+DETECTION_HEAD = (
+    "| fault | configured timeout s | trials | p50 s | p99 s | min s | max s |\n"
+    "|---|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def detection_row(r: dict) -> str:
+    return (
+        f"| {r['what']} | {r['timeout_s']:g} | {r['n']} | {r['p50']:.2f} | {r['p99']:.2f} | "
+        f"{r['min']:.2f} | {r['max']:.2f} |"
+    )
+
+
+# ---- threadlet: the training side's cost ----------------------------------------------
+
+
+def _spin(iterations: int) -> int:
+    """Fixed CPU work that holds the GIL: the worst case for a background thread."""
+    x = 0
+    for _ in range(iterations):
+        x += 1
+    return x
+
+
+def _iterations_for(step_s: float) -> int:
+    n = 20_000
+    per = statistics.median(_timed(lambda: _spin(n)) for _ in range(50)) / n
+    return max(1, round(step_s / per))
+
+
+def _timed(fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _plain_round(iters: int, n: int) -> tuple[float, list[float]]:
+    """(seconds, seconds outside the step's own work per step) of ``n`` plain steps."""
+    outside = []
+    t = last = time.perf_counter()
+    for _ in range(n):
+        w = time.perf_counter()
+        _spin(iters)
+        end = time.perf_counter()
+        outside.append(w - last)
+        last = end
+    return time.perf_counter() - t, outside
+
+
+def _loom_round(iters: int, n: int, run) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    """The same steps under torchloom: ``run.steps()``, two marks, ``run.log``."""
+    outside = []
+    t = last = time.perf_counter()
+    for _ in run.steps():
+        run.mark("data")
+        w = time.perf_counter()
+        _spin(iters)
+        end = time.perf_counter()
+        run.mark("compute")
+        run.log(loss=0.5)
+        outside.append(w - last)
+        last = end
+    return time.perf_counter() - t, outside
+
+
+def measure_threadlet(*, step_ms: float, seconds: float, rounds: int, up: UpProcess) -> dict:
+    """Alternate rounds of a plain loop and the same loop under torchloom, the Threadlet
+    connected to a live Weaver and flushing every 200 ms. Per step: torchloom's own code on
+    the training thread (time between one step's work and the next, less the plain loop's;
+    median and mean — the mean includes the rare step boundary where the Threadlet's thread
+    held the GIL), the Threadlet thread's CPU (process CPU less the training thread's, % of
+    wall time: what it can take from a step that holds the GIL), and the whole step's
+    difference (medians over rounds; includes both, and this shared machine's noise).
+    Telemetry bytes/s per rank from the Weaver's own intake counter."""
+    import torchloom
+
+    assert up.ui_url is not None
+    iters = _iterations_for(step_ms / 1000)
+    n = max(50, int(seconds * 1000 / step_ms))
+    plain, loom, thread_cpu, loom_s = [], [], [], 0.0
+    p_out: list[float] = []
+    l_out: list[float] = []
+    received = "torchloom_weaver_received_bytes"
+    bytes0 = _intake_bytes(scrape(up.ui_url, received))
+    for r in range(rounds):
+        if r % 2 == 0:  # the plain loop first in even rounds, last in odd ones: no order bias
+            p_total, p_steps = _plain_round(iters, n)
+        run = torchloom.init(job_id=f"cost{step_ms:g}ms{r}", replica_id="0", rank=0,
+                             group_world_size=1, nats_url=up.nats_url, max_steps=n,
+                             knobs={"lr": 0.01, "batch_size": 64})  # fmt: skip
+        run.agent.joined.wait(10)
+        cpu0, th0 = time.process_time(), time.thread_time()
+        l_total, l_steps = _loom_round(iters, n, run)
+        thread_cpu.append((time.process_time() - cpu0 - (time.thread_time() - th0)) / l_total)
+        l_out += l_steps[1:]
+        run.close()
+        if r % 2 == 1:
+            p_total, p_steps = _plain_round(iters, n)
+        p_out += p_steps[1:]
+        plain.append(p_total / n)
+        loom.append(l_total / n)
+        loom_s += l_total
+    time.sleep(0.5)  # the last flushes are counted
+    sent = _intake_bytes(scrape(up.ui_url, received)) - bytes0
+    p, lo = statistics.median(plain), statistics.median(loom)
+    return {"step_ms": step_ms, "plain_us": p * 1e6, "loom_us": lo * 1e6,
+            "own_us": (statistics.median(l_out) - statistics.median(p_out)) * 1e6,
+            "own_mean_us": (statistics.fmean(l_out) - statistics.fmean(p_out)) * 1e6,
+            "thread_pct": statistics.median(thread_cpu) * 100,
+            "extra_us": (lo - p) * 1e6, "extra_pct": (lo - p) / p * 100,
+            "spread_pct": (max(plain) - min(plain)) / p * 100,
+            "bytes_per_s": sent / loom_s}  # fmt: skip
+
+
+def _intake_bytes(text: str) -> float:
+    m = re.search(r'torchloom_weaver_received_bytes_total{kind="telemetry"} ([0-9.e+]+)', text)
+    return float(m.group(1)) if m else 0.0
+
+
+def measure_held_per_step(steps: int = 5000) -> dict:
+    """What the training thread keeps per logged step until the next flush (tracemalloc,
+    no NATS session: the Threadlet's thread is not running) and the cyclic GC's gen-0
+    collections per 1,000 steps, against a plain loop doing the same ``float`` math."""
+    import gc
+    import tracemalloc
+
+    import torchloom
+
+    def gen0() -> int:
+        return int(gc.get_stats()[0]["collections"])
+
+    c = gen0()
+    for _ in range(steps):
+        _spin(10)
+    plain_gc = gen0() - c
+    run = torchloom.init(job_id="held", max_steps=steps, connect=False,
+                         knobs={"lr": 0.01, "batch_size": 64})  # fmt: skip
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    c = gen0()
+    for _ in run.steps():
+        run.mark("data")
+        _spin(10)
+        run.mark("compute")
+        run.log(loss=0.5)
+    loom_gc = gen0() - c
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    diff = after.filter_traces(keep).compare_to(before.filter_traces(keep), "filename")
+    run.close()
+    return {
+        "blocks": sum(d.count_diff for d in diff) / steps,
+        "bytes": sum(d.size_diff for d in diff) / steps,
+        "plain_gc": plain_gc * 1000 / steps,
+        "loom_gc": loom_gc * 1000 / steps,
+    }
+
+
+THREADLET_HEAD = (
+    "| step | plain loop µs/step | torchloom's code on the training thread µs/step (median / mean) "
+    "| Threadlet thread CPU % | under torchloom µs/step | whole-step difference "
+    "| plain loop's own spread % | telemetry bytes/s per rank |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def threadlet_row(r: dict) -> str:
+    return (
+        f"| {r['step_ms']:g} ms | {r['plain_us']:.0f} | {r['own_us']:.2f} / {r['own_mean_us']:.2f} | {r['thread_pct']:.2f} | "
+        f"{r['loom_us']:.0f} | {r['extra_us']:+.0f} µs ({r['extra_pct']:+.2f} %) | "
+        f"{r['spread_pct']:.1f} | {r['bytes_per_s']:.0f} |"
+    )
+
+
 # ---- growth: the Weaver's own work, in this process, as N grows -------------------------
 
 
@@ -526,6 +799,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=1, help="processes of simulated ranks")
     ap.add_argument("--ranks-per-conn", type=int, default=250)
     ap.add_argument("--sets", type=int, default=20, help="config changes per fan-out row")
+    ap.add_argument("--trials", type=int, default=50, help="faults of each kind (detection)")
+    ap.add_argument("--batch", type=int, default=10, help="rank processes at a time (detection)")
+    ap.add_argument("--step-ms", nargs="+", type=float, default=[1.0, 10.0, 100.0])
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (threadlet)")
     args = ap.parse_args()
     print(
         f"# torchloom scale bench — {date.today()}, {platform.machine()}, "
@@ -554,6 +831,29 @@ def main() -> None:
             r = measure_fanout(ranks=n, sets=args.sets, clients=args.clients,
                                per_conn=args.ranks_per_conn)  # fmt: skip
             print(fanout_row(r), flush=True)
+    if "detection" in args.sections:
+        print("\n## Detection (real rank processes, torchloom.init, a 10 ms step)\n")
+        print(DETECTION_HEAD, flush=True)
+        for r in measure_detection(trials=args.trials, batch=args.batch):
+            print(detection_row(r), flush=True)
+    if "threadlet" in args.sections:
+        print("\n## Training-side cost (the step holds the GIL; medians over rounds)\n")
+        print(THREADLET_HEAD, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            up = UpProcess(Path(tmp), "--ui-port", "0")
+            try:
+                for ms in args.step_ms:
+                    r = measure_threadlet(step_ms=ms, seconds=args.measure_s / 5,
+                                          rounds=args.rounds, up=up)  # fmt: skip
+                    print(threadlet_row(r), flush=True)
+            finally:
+                up.stop()
+        h = measure_held_per_step()
+        print(
+            f"\nHeld per logged step until the next flush: {h['blocks']:.1f} blocks, "
+            f"{h['bytes']:.0f} bytes; gen-0 GC collections per 1,000 steps: "
+            f"{h['loom_gc']:.1f} (plain loop {h['plain_gc']:.1f})."
+        )
 
 
 if __name__ == "__main__":
