@@ -596,7 +596,8 @@ def measure_threadlet(*, step_ms: float, seconds: float, rounds: int, up: UpProc
     connected to a live Weaver and flushing every 200 ms. Per step: torchloom's own code on
     the training thread (time between one step's work and the next, less the plain loop's;
     median and mean — the mean includes the rare step boundary where the Threadlet's thread
-    held the GIL), the Threadlet thread's CPU (process CPU less the training thread's, % of
+    held the GIL; and the same with no NATS session, the Threadlet's thread not running: what
+    the code costs by itself), the Threadlet thread's CPU (process CPU less the training thread's, % of
     wall time: what it can take from a step that holds the GIL), and the whole step's
     difference (medians over rounds; includes both, and this shared machine's noise).
     Telemetry bytes/s per rank from the Weaver's own intake counter."""
@@ -608,6 +609,7 @@ def measure_threadlet(*, step_ms: float, seconds: float, rounds: int, up: UpProc
     plain, loom, thread_cpu, loom_s = [], [], [], 0.0
     p_out: list[float] = []
     l_out: list[float] = []
+    a_out: list[float] = []  # torchloom with no NATS session: the Threadlet's thread not running
     received = "torchloom_weaver_received_bytes"
     bytes0 = _intake_bytes(scrape(up.ui_url, received))
     for r in range(rounds):
@@ -622,6 +624,10 @@ def measure_threadlet(*, step_ms: float, seconds: float, rounds: int, up: UpProc
         thread_cpu.append((time.process_time() - cpu0 - (time.thread_time() - th0)) / l_total)
         l_out += l_steps[1:]
         run.close()
+        run = torchloom.init(job_id="alone", max_steps=n, connect=False,
+                             knobs={"lr": 0.01, "batch_size": 64})  # fmt: skip
+        a_out += _loom_round(iters, n, run)[1][1:]
+        run.close()
         if r % 2 == 1:
             p_total, p_steps = _plain_round(iters, n)
         p_out += p_steps[1:]
@@ -634,6 +640,7 @@ def measure_threadlet(*, step_ms: float, seconds: float, rounds: int, up: UpProc
     return {"step_ms": step_ms, "plain_us": p * 1e6, "loom_us": lo * 1e6,
             "own_us": (statistics.median(l_out) - statistics.median(p_out)) * 1e6,
             "own_mean_us": (statistics.fmean(l_out) - statistics.fmean(p_out)) * 1e6,
+            "alone_us": (statistics.median(a_out) - statistics.median(p_out)) * 1e6,
             "thread_pct": statistics.median(thread_cpu) * 100,
             "extra_us": (lo - p) * 1e6, "extra_pct": (lo - p) / p * 100,
             "spread_pct": (max(plain) - min(plain)) / p * 100,
@@ -688,15 +695,16 @@ def measure_held_per_step(steps: int = 5000) -> dict:
 
 THREADLET_HEAD = (
     "| step | plain loop µs/step | torchloom's code on the training thread µs/step (median / mean) "
+    "| the same, no NATS session µs/step "
     "| Threadlet thread CPU % | under torchloom µs/step | whole-step difference "
     "| plain loop's own spread % | telemetry bytes/s per rank |\n"
-    "|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def threadlet_row(r: dict) -> str:
     return (
-        f"| {r['step_ms']:g} ms | {r['plain_us']:.0f} | {r['own_us']:.2f} / {r['own_mean_us']:.2f} | {r['thread_pct']:.2f} | "
+        f"| {r['step_ms']:g} ms | {r['plain_us']:.0f} | {r['own_us']:.2f} / {r['own_mean_us']:.2f} | {r['alone_us']:.2f} | {r['thread_pct']:.2f} | "
         f"{r['loom_us']:.0f} | {r['extra_us']:+.0f} µs ({r['extra_pct']:+.2f} %) | "
         f"{r['spread_pct']:.1f} | {r['bytes_per_s']:.0f} |"
     )
@@ -731,38 +739,47 @@ def _filled_state(ranks: int, flushes: int):
     return state, t0 + flushes * 0.2, last
 
 
-def measure_growth(ranks: int) -> dict:
+def measure_growth(ranks: int, *, flushes: int = 100) -> dict:
+    """The Weaver's periodic work as it really runs: after ``flushes`` flushes of history per
+    rank, each timed operation follows one more flush of every rank at a later time (the
+    policies' per-round caches are keyed on both); medians of 3 after one warm-up."""
     from torchloom.weaver.policies import PolicyEngine
     from torchloom.weaver.state import check_liveness, on_telemetry
     from torchloom.weaver.web.metrics import WeaverCollector, exposition
     from torchloom.weaver.web.track import JobTrack, sample
 
-    flushes = 40
     state, now, last = _filled_state(ranks, flushes)
+    t0 = now - flushes * 0.2
     job = state.jobs["g"]
-    # steady-state ingest: one more flush of every rank, timed per message
-    msgs = []
-    for i in range(ranks):
-        tel = _telemetry("g", i, flushes + 1, now + i * 0.2 / ranks, now - flushes * 0.2, last[i])
-        msgs.append(tel)
+    seq = flushes
+
+    def next_flush() -> list[Telemetry]:
+        nonlocal now, seq
+        seq += 1
+        msgs = [_telemetry("g", i, seq, now + i * 0.2 / ranks, t0, last[i]) for i in range(ranks)]
+        for i, tel in enumerate(msgs):
+            last[i] = tel.step
+        now += 0.2
+        return msgs
+
+    msgs = next_flush()  # steady-state ingest, timed per message
     t = time.perf_counter()
     for tel in msgs:
         on_telemetry(state, tel, tel.ts)
     ingest_us = (time.perf_counter() - t) / ranks * 1e6
-    now += 0.2
     raw = [encode(m) for m in msgs]
     t = time.perf_counter()
     for r in raw:
         decode(r, Telemetry)
     decode_us = (time.perf_counter() - t) / ranks * 1e6
 
-    def timed(fn, repeat: int = 3) -> float:
-        best = float("inf")
-        for _ in range(repeat):
-            t = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t)
-        return best * 1000
+    def after_a_flush(fn) -> float:  # type: ignore[no-untyped-def]
+        times = []
+        for _ in range(4):
+            for tel in next_flush():
+                on_telemetry(state, tel, tel.ts)
+            times.append(_timed(fn))
+        return statistics.median(times[1:]) * 1000
 
     engine = PolicyEngine()
     track = JobTrack()
@@ -770,10 +787,12 @@ def measure_growth(ranks: int) -> dict:
         "ranks": ranks,
         "decode_us": decode_us,
         "ingest_us": ingest_us,
-        "liveness_ms": timed(lambda: check_liveness(state, now)),
-        "policies_ms": timed(lambda: (engine.scores(now, state), engine.decide(now, state))),
-        "dashboard_ms": timed(lambda: sample(job, track, now)),
-        "metrics_ms": timed(lambda: exposition([WeaverCollector(state, {}, lambda: now)]), 1),
+        "liveness_ms": after_a_flush(lambda: check_liveness(state, now)),
+        "policies_ms": after_a_flush(
+            lambda: (engine.scores(now, state), engine.decide(now, state))
+        ),
+        "dashboard_ms": after_a_flush(lambda: sample(job, track, now)),
+        "metrics_ms": _timed(lambda: exposition([WeaverCollector(state, {}, lambda: now)])) * 1000,
     }
 
 

@@ -88,3 +88,30 @@ def test_batched_history_and_registry_writes_store_each_item_once(nats: NatsServ
     assert again == 300
     assert stored == [b"%d" % i for i in range(600)]
     assert left == {f"j.0.{i}": b"%d" % i for i in range(100, 300)}
+
+
+def test_an_inline_subscription_gets_every_message_in_order_and_survives_a_failing_handler(
+    nats: NatsServer,
+) -> None:
+    async def main() -> tuple[list[tuple[str, bytes]], int]:
+        conn = await connect(nats.url, name="t")
+        got: list[tuple[str, bytes]] = []
+
+        def on_msg(msg: Message) -> None:
+            if msg.data == b"boom":
+                raise ValueError("a handler's bug")
+            got.append((msg.subject, msg.data))
+
+        await conn.subscribe_inline("t.*", on_msg)
+        await conn.flush()
+        for i in range(2000):
+            await conn.publish(f"t.{i % 3}", b"boom" if i == 5 else b"%d" % i)
+        await conn.flush(timeout_s=5.0)
+        await asyncio.sleep(0.2)
+        fast = conn.client.stats["in_msgs"]
+        await conn.close()
+        return got, fast
+
+    got, received = asyncio.run(main())
+    assert got == [(f"t.{i % 3}", b"%d" % i) for i in range(2000) if i != 5]
+    assert received == 2000

@@ -159,8 +159,8 @@ class Weaver:
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
             self._history = History(self._conn)
             await self._load()
-            await self._conn.subscribe(names.ALL_TELEMETRY, self._on_telemetry)
-            await self._conn.subscribe(names.ALL_EVENTS, self._on_rank_event)
+            await self._conn.subscribe_inline(names.ALL_TELEMETRY, self._on_telemetry)
+            await self._conn.subscribe_inline(names.ALL_EVENTS, self._on_rank_event)
             await self._conn.subscribe(
                 names.ALL_CONTROL, self._on_control, queue="torchloom-weaver"
             )
@@ -399,7 +399,7 @@ class Weaver:
         elif n % 1000 == 0:
             log.warning("dropped %d %s messages so far", n, kind)
 
-    async def _on_telemetry(self, msg: Message) -> None:
+    def _on_telemetry(self, msg: Message) -> None:
         try:
             tel = decode(msg.data, Telemetry, kind="telemetry")
             _check_subject(msg.subject, tel.job_id, tel.replica_id, tel.rank)
@@ -409,7 +409,7 @@ class Weaver:
         self._record(on_telemetry(self.state, tel, self.clock()))
         self.ingest["telemetry"].observe(nbytes=len(msg.data), lag_s=self.clock() - tel.ts)
 
-    async def _on_rank_event(self, msg: Message) -> None:
+    def _on_rank_event(self, msg: Message) -> None:
         try:
             ev = decode(msg.data, RankEvent, kind="rank event")
             _check_subject(msg.subject, ev.job_id, ev.replica_id, ev.rank)
