@@ -1,6 +1,6 @@
 """Benchmark: one Weaver holding many ranks, and what it costs as they grow.
 
-Run:  python bench/scale.py [--sections ingest fanout detection threadlet]
+Run:  python bench/scale.py [--sections growth ingest fanout detection threadlet]
                             [--ranks 100 1000 10000] [--hz 1 10] [--measure-s 15]
 
 A real `torchloom up` (NATS server, Weaver and dashboard, as users start it) in its own
@@ -9,6 +9,9 @@ connection per `--ranks-per-conn` ranks, publishing real Telemetry on each rank'
 subject (replica groups of 8 ranks, 10 steps/s, a loss point per step, phase times, a
 device sample each second), spread evenly over the period as unsynchronised ranks are.
 
+* growth — the Weaver's own work in this process as N grows: decode and state update per
+  message, and each periodic operation (liveness check, policy round, dashboard sample,
+  `/metrics` scrape) right after a fresh flush of every rank.
 * ingest — for each N and rate R: messages/s folded into the Weaver's state, lag from
   publish (the message's ``ts``) to state updated, p50/p99 from the Weaver's own lag
   histogram (``/metrics?name[]=torchloom_weaver_ingest_lag_seconds``, ±15 %), the
@@ -16,12 +19,13 @@ device sample each second), spread evenly over the period as unsynchronised rank
   per message, and whether the clients kept their schedule.
 * fanout — N ranks each hold a core-NATS subscription on the job's desired config (as a
   Threadlet does); from `set` accepted (the snapshot's ``issued_ts``) to every rank holding
-  the new version, decoded; p50/p99 over sets.
+  the new version, decoded, and to the Weaver seeing every rank apply it; p50/p99 over sets.
 * detection — real training processes (`torchloom.init`, no torch step) killed with
   SIGKILL → the Weaver's ``rank_failed``; a loop that stops stepping (heartbeats go on)
   → ``rank_hung``; p50/p99 over trials, beyond the configured timeout too.
-* threadlet — the training-side cost at 1, 10 and 100 ms steps, allocations per step and
-  telemetry bytes per rank per second.
+* threadlet — the training-side cost at 1, 10 and 100 ms steps (torchloom's code between
+  steps, with and without a NATS session; the Threadlet thread's CPU; the whole step),
+  objects held per logged step, gen-0 collections, and telemetry bytes per rank per second.
 
 All figures are printed as one table per section, with the date and machine.
 """
@@ -63,6 +67,7 @@ from torchloom.transport import History, connect
 from torchloom.weaver.ingest import IngestStats
 from up_process import UpProcess  # bench/ is on sys.path when run as a script
 
+SECTIONS = ("growth", "ingest", "fanout", "detection", "threadlet")
 GROUP_SIZE = 8
 STEPS_PER_S = 10.0
 
@@ -811,7 +816,7 @@ def growth_row(r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sections", nargs="+", default=["ingest"])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     ap.add_argument("--ranks", nargs="+", type=int, default=[100, 1000, 10000])
     ap.add_argument("--hz", nargs="+", type=float, default=[1.0, 10.0])
     ap.add_argument("--measure-s", type=float, default=15.0)
