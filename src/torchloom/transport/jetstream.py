@@ -11,6 +11,7 @@ storage dir) or of the Weaver loses nothing.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import nats.errors
@@ -163,15 +164,33 @@ class KeyValue:
         return {k for k, ok in zip(changes, acked, strict=True) if ok}
 
     async def items(self) -> dict[str, bytes]:
-        """Every live key and its latest value (read concurrently, in chunks of 256)."""
-        try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            return {}
-        except _JS_ERRORS as exc:
-            raise NotReachableError(
-                f"KV list {self.bucket} failed: {exc or type(exc).__name__}"
-            ) from None
+        """Every live key and its latest value (read concurrently, in chunks of 256).
+
+        The keys come from the bucket stream's subject list (``STREAM.INFO`` with a subject
+        filter, paged), not nats-py's ``keys()``: its watcher can end before the first key
+        when the server has pushed every entry before it reads the consumer's info (seen
+        under load: an empty registry after a restart).
+
+        Raises:
+            NotReachableError: the server did not answer.
+        """
+        js, stream, prefix = self._kv._js, self._kv._stream, self._kv._pre
+        keys: list[str] = []
+        while True:
+            request = {"subjects_filter": f"{prefix}>", "offset": len(keys)}
+            try:
+                info = await js._api_request(
+                    f"{js._prefix}.STREAM.INFO.{stream}", json.dumps(request).encode(),
+                    timeout=js._timeout,
+                )  # fmt: skip
+            except _JS_ERRORS as exc:
+                raise NotReachableError(
+                    f"KV list {self.bucket} failed: {exc or type(exc).__name__}"
+                ) from None
+            page = list((info.get("state") or {}).get("subjects") or {})
+            keys += [subject[len(prefix) :] for subject in page]
+            if not page or len(keys) >= int(info.get("total") or 0):
+                break
         out: dict[str, bytes] = {}
         for i in range(0, len(keys), 256):
             chunk = keys[i : i + 256]
