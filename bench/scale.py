@@ -335,8 +335,8 @@ def _follower(args: tuple, out: mp.Queue) -> None:  # type: ignore[type-arg]
     out.put(asyncio.run(_follow(*args)))
 
 
-async def _set_and_read(nats_url: str, job: str, sets: int, gap_s: float) -> list[HistoryEvent]:
-    """Issue ``sets`` job-wide ``set lr=…`` ``gap_s`` apart; return the job's history."""
+async def _set(nats_url: str, job: str, sets: int, gap_s: float) -> None:
+    """Issue ``sets`` job-wide ``set lr=…`` ``gap_s`` apart."""
     conn = await connect(nats_url, name="scale-set")
     for k in range(sets):
         req = ControlRequest(op="set", job_id=job, values={"lr": 0.01 + 0.001 * (k + 1)},
@@ -346,9 +346,14 @@ async def _set_and_read(nats_url: str, job: str, sets: int, gap_s: float) -> lis
         if not reply.ok:
             raise RuntimeError(f"set refused: {reply.error}")
         await asyncio.sleep(gap_s)
-    history = [decode(r, HistoryEvent) async for r in History(conn).read(names.history_filter(job))]
     await conn.close()
-    return history
+
+
+async def _history(nats_url: str, job: str) -> list[HistoryEvent]:
+    conn = await connect(nats_url, name="scale-history")
+    events = [decode(r, HistoryEvent) async for r in History(conn).read(names.history_filter(job))]
+    await conn.close()
+    return events
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -390,8 +395,9 @@ def measure_fanout(*, ranks: int, sets: int, clients: int, per_conn: int) -> dic
                     raise RuntimeError(f"the Weaver heard {heard} of {ranks} ranks")
                 time.sleep(0.5)  # every rank known, the join storm's history written
             c0, t0 = cpu_s(weaver), time.time()
-            history = asyncio.run(_set_and_read(up.nats_url, job, sets, gap_s))
+            asyncio.run(_set(up.nats_url, job, sets, gap_s))
             cpu = (cpu_s(weaver) - c0) / (time.time() - t0) * 100
+            history = asyncio.run(_history(up.nats_url, job))
             held = [x for _ in procs for x in out.get(timeout=duration_s + 120)]
             for p in procs:
                 p.join(30)
@@ -456,13 +462,6 @@ for step in run.steps():
     while stuck:  # the loop is stuck (a deadlocked collective); the Threadlet's heartbeats go on
         time.sleep(1.0)
 """
-
-
-async def _history(nats_url: str, job: str) -> list[HistoryEvent]:
-    conn = await connect(nats_url, name="scale-history")
-    events = [decode(r, HistoryEvent) async for r in History(conn).read(names.history_filter(job))]
-    await conn.close()
-    return events
 
 
 def _detect(up: UpProcess, *, trials: int, batch: int, hang: bool, seed: int) -> list[float]:
