@@ -17,7 +17,7 @@ from torchloom.protocol import to_builtins
 from torchloom.weaver import views
 from torchloom.weaver.state import Job, Rank, WeaverState
 from torchloom.weaver.web.schema import ConfigView, Header, Health, RankDetail, RankRow
-from torchloom.weaver.web.track import JobTrack, finite, rank_id, spark_points
+from torchloom.weaver.web.track import JobTrack, finite, key_id, rank_id, spark_points
 
 SNAPSHOT_EVENTS = 500
 """Events a snapshot carries (the page can ask the API for older ones)."""
@@ -120,8 +120,8 @@ def config(job: Job) -> ConfigView:
                 "effective_step": t.effective_step,
                 "done": t.done,
                 "expected": len(t.expected),
-                "applied": {f"{k[1]}/{k[2]}": s for k, s in t.applied.items()},
-                "flagged": sorted(f"{k[1]}/{k[2]}" for k in t.flagged),
+                "applied": {key_id(k): s for k, s in t.applied.items()},
+                "flagged": sorted(key_id(k) for k in t.flagged),
             }
             for t in applies
         ],

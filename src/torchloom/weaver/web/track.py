@@ -34,6 +34,11 @@ def rank_id(rank: Rank) -> str:
     return f"{rank.entry.replica_id}/{rank.entry.rank}"
 
 
+def key_id(key: RankKey) -> str:
+    """The page's id (:func:`rank_id`) of the rank with this key."""
+    return f"{key[1]}/{key[2]}"
+
+
 def finite(value: Any) -> float | None:
     """``value`` as a float, or None if it is missing, not a number, NaN or infinite."""
     if value.__class__ is float:  # the common case, first
@@ -190,7 +195,7 @@ def spark_points(track: JobTrack) -> dict[str, list[tuple[float | None, float | 
     """Each rank's sparkline trail ``[(loss, step_time_s), …]`` by the page's rank id (as
     logged: rounding 800,000 numbers for a page that opens on 10,000 ranks would hold the
     loop longer than sending them whole)."""
-    return {f"{key[1]}/{key[2]}": list(trail) for key, trail in track.sparks.items()}
+    return {key_id(key): list(trail) for key, trail in track.sparks.items()}
 
 
 def _round(value: float | None, digits: int = 5) -> float | None:
