@@ -51,7 +51,13 @@ def wait_for(
 class Up:
     """A `torchloom up` subprocess (embedded NATS unless nats_url is given)."""
 
-    def __init__(self, state_dir: Path, *args: str, nats_url: str | None = None) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *args: str,
+        nats_url: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.state_dir = state_dir
         cmd = [str(BIN / "torchloom"), "up", "--state-dir", str(state_dir), *args]
         if "--ui-port" not in args and "--no-ui" not in args:
@@ -60,7 +66,9 @@ class Up:
             cmd += ["--nats-url", nats_url]
         self.log_path = state_dir.parent / f"{state_dir.name}-up.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
         endpoint = wait_for(
             lambda: self._endpoint(), timeout_s=30, what="torchloom up to write its endpoint"
         )

@@ -77,6 +77,21 @@ class NotReachableError(TorchloomError):
     code = "not_reachable"
 
 
+class ConflictError(TorchloomError):
+    """A compare-and-set write lost: someone else wrote the key since it was read
+    (another Weaver took over the job's config, or the leader lease moved)."""
+
+    code = "conflict"
+
+    def __init__(self, bucket: str, key: str, expected_revision: int) -> None:
+        super().__init__(
+            f"{bucket}/{key} was written by someone else (expected revision {expected_revision})"
+        )
+        self.bucket = bucket
+        self.key = key
+        self.expected_revision = expected_revision
+
+
 class AlreadyRunningError(TorchloomError):
     """A ``torchloom up`` already holds this state directory."""
 
@@ -100,6 +115,7 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         InvalidRequestError,
         DecodeError,
         NotReachableError,
+        ConflictError,
         AlreadyRunningError,
     )
 }

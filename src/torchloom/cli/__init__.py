@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -188,7 +189,7 @@ def _wait_for_signal(stack: Stack, *, poll_s: float = 0.2) -> str:
     signal.signal(signal.SIGTERM, _handler)
     while not stopping.wait(poll_s):
         if not stack.alive():
-            return "a component stopped unexpectedly"
+            return f"{stack.error}" if stack.error else "a component stopped unexpectedly"
     return "signal"
 
 
@@ -245,7 +246,12 @@ def up(
                 Text.assemble(("NATS      ", "bold"), nats_where),
                 Text.assemble(
                     ("Weaver    ", "bold"),
-                    f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s",
+                    f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s"
+                    + (
+                        ""
+                        if stack.weaver is None or stack.weaver.role == "leader"
+                        else " · STANDBY: another Weaver leads; this one takes over when it stops"
+                    ),
                 ),
                 Text.assemble(
                     ("lighthouse", "bold"),
@@ -618,6 +624,7 @@ def drain(
             replace=replace,
             reason=reason,
             requested_by=who(),
+            request_id=uuid.uuid4().hex,
         )
     )
     what = f"replica group {replica}" if replica else f"the replica group(s) on {device}"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import getpass
 import socket
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ class RemoteError(TorchloomError):
         self.code = code
         self.knob = knob
         self.kind = ERRORS_BY_CODE.get(code, TorchloomError)
+
+
+CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
+"""Ops that make a config version; :meth:`WeaverClient.control` gives them a request id."""
 
 
 def who() -> str:
@@ -58,8 +64,22 @@ class WeaverClient:
         self.timeout_s = timeout_s
 
     def request(self, req: ControlRequest) -> ControlReply:
-        """Send one control request; raise :class:`RemoteError` on an error reply."""
-        reply = asyncio.run(self._request(req))
+        """Send one control request; raise :class:`RemoteError` on an error reply.
+
+        A request with a ``request_id`` (every change :meth:`control` sends) is sent again
+        while no reply comes, until ``timeout_s`` has passed: across a Weaver's failover the
+        standby answers it, and the id makes sure a change that did land the first time is
+        not made twice.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                reply = asyncio.run(self._request(req, timeout_s=deadline - time.monotonic()))
+                break
+            except NotReachableError:
+                if not req.request_id or time.monotonic() > deadline - 0.25:
+                    raise
+                time.sleep(0.25)
         if not reply.ok:
             err = reply.error
             raise RemoteError(
@@ -69,13 +89,16 @@ class WeaverClient:
             )
         return reply
 
-    async def _request(self, req: ControlRequest) -> ControlReply:
+    async def _request(self, req: ControlRequest, *, timeout_s: float) -> ControlReply:
+        timeout_s = max(timeout_s, 0.1)
         conn = await connect(
-            self.nats_url, name="torchloom-cli", connect_timeout_s=min(self.timeout_s, 2.0)
+            self.nats_url, name="torchloom-cli", connect_timeout_s=min(timeout_s, 2.0)
         )
         try:
+            # a retried request waits for less than the whole timeout each time
+            per_try_s = timeout_s if not req.request_id else min(timeout_s, 2.0)
             raw = await conn.request(
-                names.control_subject(req.job_id), encode(req), timeout_s=self.timeout_s
+                names.control_subject(req.job_id), encode(req), timeout_s=per_try_s
             )
         finally:
             await conn.close()
@@ -104,6 +127,7 @@ class WeaverClient:
                 replica_id=replica_id,
                 reason=reason,
                 requested_by=who(),
+                request_id=uuid.uuid4().hex if op in CHANGE_OPS else "",
             )
         )
 

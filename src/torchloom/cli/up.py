@@ -153,7 +153,10 @@ class Stack:
             )
             self._thread.start()
             deadline = time.monotonic() + timeout_s
-            while not (self._loop and self.weaver.ready.is_set()):
+            # a standby (another Weaver holds the lease) has started too: it takes over later
+            while not (
+                self._loop and (self.weaver.ready.is_set() or self.weaver.role == "standby")
+            ):
                 if self.error is not None or not self._thread.is_alive():
                     raise TorchloomError(f"the Weaver did not start: {self.error}")
                 if time.monotonic() > deadline:

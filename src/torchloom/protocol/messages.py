@@ -137,6 +137,10 @@ class ControlRequest(msgspec.Struct, kw_only=True):
         values: for ``set``: raw ``{knob: value}``, validated by the Weaver.
         reason: free text recorded in the history with the change.
         requested_by: who asks (``cli:user@host``, ``policy:name``, ``ui``).
+        request_id: the caller's id of this request (any string up to 64 characters;
+            empty: none). A change sent again with the same id — a retry after a lost
+            reply, maybe to a Weaver that took over — is answered with the version the
+            first one made instead of making another.
     """
 
     v: int = SCHEMA_VERSION
@@ -149,6 +153,7 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     join: JoinInfo | None = None
     device: str | None = None
     replace: bool = False
+    request_id: str = ""
 
 
 class ErrorInfo(msgspec.Struct, kw_only=True):
@@ -166,6 +171,10 @@ class ControlReply(msgspec.Struct, kw_only=True):
     effective_step: int | None = None
     error: ErrorInfo | None = None
     data: Any = None
+
+
+JOURNAL_LENGTH = 8
+"""History entries of the newest config versions kept in the config document."""
 
 
 class ConfigSnapshot(msgspec.Struct, kw_only=True):
@@ -198,6 +207,12 @@ class DesiredConfig(msgspec.Struct, kw_only=True):
     ``snapshots`` is ascending in version and in effective step; it holds the
     newest snapshot that every live rank has passed plus every later one, so a
     rank that hears late still applies each version at its own step.
+
+    ``journal`` holds the history entries of the newest versions (``config_set``,
+    ``job_started``; at most :data:`JOURNAL_LENGTH`), written in the same KV write as the
+    version itself: a Weaver that dies between that write and the history append leaves
+    them here, and the next one appends those the history lacks. Their ``request_id`` (in
+    ``data``) lets a retried request be answered with the version it already made.
     """
 
     v: int = SCHEMA_VERSION
@@ -205,6 +220,7 @@ class DesiredConfig(msgspec.Struct, kw_only=True):
     epoch: int = 1
     knobs: dict[str, KnobSpec] = {}
     snapshots: list[ConfigSnapshot] = []
+    journal: list[HistoryEvent] = []
 
     def latest(self) -> ConfigSnapshot | None:
         return self.snapshots[-1] if self.snapshots else None

@@ -8,6 +8,7 @@
 | desired config                | KV bucket ``loom_config`` key ``<job>``                 |
 | DR map / registry             | KV bucket ``loom_registry`` key ``<job>.<replica>.<rank>`` |
 | event history                 | stream ``LOOM_EVENTS``, subjects ``loom.<job>.history.<kind>`` |
+| Weaver leader lease           | KV bucket ``loom_leader`` key ``weaver`` (TTL = max age)  |
 
 The desired config of a job is one KV entry holding the job-wide values, the
 per-replica-group overrides and the pending versions (see
@@ -24,6 +25,9 @@ from torchloom.errors import InvalidRequestError
 PREFIX = "loom"
 CONFIG_BUCKET = "loom_config"
 REGISTRY_BUCKET = "loom_registry"
+LEADER_BUCKET = "loom_leader"
+"""KV bucket of the Weaver's leader lease (entries expire after the lease's TTL)."""
+LEADER_KEY = "weaver"
 EVENTS_STREAM = "LOOM_EVENTS"
 EVENTS_STREAM_SUBJECTS = f"{PREFIX}.*.history.>"
 

@@ -5,6 +5,19 @@ needs to know nats-py's exception types.
 """
 
 from torchloom.transport.connection import Connection, Message, connect
-from torchloom.transport.jetstream import History, KeyValue, ensure_jetstream
+from torchloom.transport.jetstream import (
+    History,
+    KeyValue,
+    ensure_jetstream,
+    ensure_lease_bucket,
+)
 
-__all__ = ["Connection", "History", "KeyValue", "Message", "connect", "ensure_jetstream"]
+__all__ = [
+    "Connection",
+    "History",
+    "KeyValue",
+    "Message",
+    "connect",
+    "ensure_jetstream",
+    "ensure_lease_bucket",
+]

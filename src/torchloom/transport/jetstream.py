@@ -19,7 +19,7 @@ import nats.js.errors
 from nats.js import JetStreamContext, api
 from nats.js.kv import KeyValue as NatsKeyValue
 
-from torchloom.errors import NotReachableError
+from torchloom.errors import ConflictError, NotReachableError
 from torchloom.protocol import names
 from torchloom.transport.connection import Connection
 
@@ -58,7 +58,10 @@ async def ensure_jetstream(
     """
     js = conn.client.jetstream(timeout=timeout_s)
     try:
-        for bucket, history in ((names.CONFIG_BUCKET, 8), (names.REGISTRY_BUCKET, 1)):
+        for bucket, history in (
+            (names.CONFIG_BUCKET, 8),
+            (names.REGISTRY_BUCKET, 1),
+        ):
             try:
                 await js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
@@ -81,6 +84,33 @@ async def ensure_jetstream(
                     max_age=history_max_age_s,
                     max_bytes=history_max_bytes,
                     discard=api.DiscardPolicy.OLD,
+                )
+            )
+    except _JS_ERRORS as exc:
+        raise NotReachableError(
+            f"JetStream is not available: {exc or type(exc).__name__}"
+        ) from None
+
+
+async def ensure_lease_bucket(conn: Connection, *, ttl_s: float, timeout_s: float = 5.0) -> None:
+    """Create the leader-lease bucket (``loom_leader``) if it does not exist: one value per
+    key, in memory, each entry removed by the server ``ttl_s`` seconds after it was written.
+
+    Raises:
+        NotReachableError: JetStream did not answer in ``timeout_s``.
+    """
+    js = conn.client.jetstream(timeout=timeout_s)
+    try:
+        try:
+            await js.key_value(names.LEADER_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            await js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=names.LEADER_BUCKET,
+                    history=1,
+                    ttl=ttl_s,
+                    storage=api.StorageType.FILE,
+                    direct=True,
                 )
             )
     except _JS_ERRORS as exc:
@@ -117,15 +147,46 @@ class KeyValue:
         Raises:
             NotReachableError: the server did not answer.
         """
+        return (await self.get_entry(key))[0]
+
+    async def get_entry(self, key: str) -> tuple[bytes | None, int]:
+        """The latest value of ``key`` and its revision; ``(None, revision)`` for a deleted
+        key, ``(None, 0)`` for one never written (or expired).
+
+        Raises:
+            NotReachableError: the server did not answer.
+        """
         try:
             entry = await self._kv.get(key)
+        except nats.js.errors.KeyDeletedError as exc:
+            return None, int(exc.entry.revision or 0) if exc.entry else 0
         except nats.js.errors.KeyNotFoundError:
-            return None
+            return None, 0
         except _JS_ERRORS as exc:
             raise NotReachableError(
                 f"KV get {self.bucket}/{key} failed: {exc or type(exc).__name__}"
             ) from None
-        return entry.value
+        return entry.value, int(entry.revision or 0)
+
+    async def update(self, key: str, value: bytes, *, revision: int) -> int:
+        """Compare-and-set: store ``value`` only if ``key``'s latest revision is still
+        ``revision`` (0: only if the key has no live value). Returns the new revision once
+        the server has acknowledged the write (it is then on disk).
+
+        Raises:
+            ConflictError: someone else wrote ``key`` since ``revision``.
+            NotReachableError: the write was not acknowledged.
+        """
+        try:
+            if revision == 0:
+                return int(await self._kv.create(key, value))
+            return int(await self._kv.update(key, value, last=revision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise ConflictError(self.bucket, key, revision) from None
+        except _JS_ERRORS as exc:
+            raise NotReachableError(
+                f"KV update {self.bucket}/{key} failed: {exc or type(exc).__name__}"
+            ) from None
 
     async def put(self, key: str, value: bytes) -> int:
         """Store ``value`` under ``key``; returns the new revision.
@@ -164,7 +225,15 @@ class KeyValue:
         return {k for k, ok in zip(changes, acked, strict=True) if ok}
 
     async def items(self) -> dict[str, bytes]:
-        """Every live key and its latest value (read concurrently, in chunks of 256).
+        """Every live key and its latest value; see :meth:`entries`.
+
+        Raises:
+            NotReachableError: the server did not answer.
+        """
+        return {key: value for key, (value, _) in (await self.entries()).items()}
+
+    async def entries(self) -> dict[str, tuple[bytes, int]]:
+        """Every live key, its latest value and revision (read concurrently, in chunks of 256).
 
         The keys come from the bucket stream's subject list (``STREAM.INFO`` with a subject
         filter, paged), not nats-py's ``keys()``: its watcher can end before the first key
@@ -191,14 +260,14 @@ class KeyValue:
             keys += [subject[len(prefix) :] for subject in page]
             if not page or len(keys) >= int(info.get("total") or 0):
                 break
-        out: dict[str, bytes] = {}
+        out: dict[str, tuple[bytes, int]] = {}
         for i in range(0, len(keys), 256):
             chunk = keys[i : i + 256]
-            for key, value in zip(
-                chunk, await asyncio.gather(*(self.get(k) for k in chunk)), strict=True
+            for key, (value, revision) in zip(
+                chunk, await asyncio.gather(*(self.get_entry(k) for k in chunk)), strict=True
             ):
                 if value is not None:
-                    out[key] = value
+                    out[key] = (value, revision)
         return out
 
 
@@ -229,6 +298,22 @@ class History:
             ]
         )
         return acked.index(False) if False in acked else len(items)
+
+    async def last(self, subject: str) -> bytes | None:
+        """The newest event stored on ``subject`` (no wildcards), or None.
+
+        Raises:
+            NotReachableError: the stream did not answer.
+        """
+        try:
+            msg = await self._js.get_last_msg(names.EVENTS_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            return None
+        except _JS_ERRORS as exc:
+            raise NotReachableError(
+                f"cannot read the history on {subject}: {exc or type(exc).__name__}"
+            ) from None
+        return bytes(msg.data) if msg.data else None
 
     async def read(
         self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0

@@ -35,6 +35,7 @@ from torchloom.protocol import (
 )
 from torchloom.protocol.batching import scale_lr
 from torchloom.protocol.knobs import check_spec
+from torchloom.protocol.messages import JOURNAL_LENGTH
 from torchloom.protocol.names import ALL_JOBS, check_id
 from torchloom.weaver import views
 from torchloom.weaver.state import ApplyTracking, Job, WeaverState, plan_effective_step, upsert_rank
@@ -54,6 +55,10 @@ class ControlSettings:
     lead_time_s: float = 0.5
     min_lead_steps: int = 2
     max_pending_versions: int = 64
+
+
+JOURNAL_KINDS = frozenset({"config_set", "job_started"})
+"""History entries made by a new config version (kept in the config's journal)."""
 
 
 @dataclass(slots=True)
@@ -79,7 +84,10 @@ def handle(
         job = _existing_job(state, req.job_id)
         if req.op == "knobs":
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
-        return _change(job, req, now, settings)
+        if len(req.request_id) > 64:
+            raise InvalidRequestError("request_id is longer than 64 characters")
+        done = _already_done(job, req.request_id)
+        return done if done is not None else _change(job, req, now, settings)
     except TorchloomError as exc:
         return Outcome(
             ControlReply(
@@ -96,6 +104,26 @@ def _existing_job(state: WeaverState, job_id: str) -> Job:
     if job is None or job.config is None:
         raise UnknownJobError(job_id)
     return job
+
+
+def _already_done(job: Job, request_id: str) -> Outcome | None:
+    """The answer a change with this ``request_id`` got the first time (it is in the config's
+    journal), so that a retry makes no second version; None when it is new."""
+    if not request_id or job.config is None:
+        return None
+    for event in reversed(job.config.journal):
+        if event.data.get("request_id") == request_id:
+            return Outcome(ControlReply(ok=True, version=event.version, effective_step=event.step))
+    return None
+
+
+def journaled(config: DesiredConfig, events: list[HistoryEvent]) -> DesiredConfig:
+    """``config`` with ``events``' config entries added to its journal (the newest
+    :data:`~torchloom.protocol.messages.JOURNAL_LENGTH` kept); see :class:`DesiredConfig`."""
+    new = [ev for ev in events if ev.kind in JOURNAL_KINDS]
+    if not new:
+        return config
+    return msgspec.structs.replace(config, journal=[*config.journal, *new][-JOURNAL_LENGTH:])
 
 
 def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings) -> Outcome:
@@ -189,6 +217,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             "values": to_builtins(req.values),
             "reason": req.reason,
             "requested_by": req.requested_by,
+            "request_id": req.request_id,
             "run_state": run_state,
             **(
                 {"drain": sorted(set(drained) - set(latest.drained)), "replace": req.replace}

@@ -16,14 +16,16 @@ import contextlib
 import gc
 import itertools
 import logging
+import os
 import secrets
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from torchloom.errors import DecodeError, InvalidRequestError, NotReachableError
+from torchloom.errors import ConflictError, DecodeError, InvalidRequestError, NotReachableError
 from torchloom.protocol import (
     ControlReply,
     ControlRequest,
@@ -38,10 +40,19 @@ from torchloom.protocol import (
     names,
     to_builtins,
 )
-from torchloom.transport import Connection, History, KeyValue, Message, connect, ensure_jetstream
+from torchloom.transport import (
+    Connection,
+    History,
+    KeyValue,
+    Message,
+    connect,
+    ensure_jetstream,
+    ensure_lease_bucket,
+)
 from torchloom.weaver import control
-from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.control import JOURNAL_KINDS, ControlSettings
 from torchloom.weaver.ingest import IngestStats
+from torchloom.weaver.lease import LeadershipLostError, Lease, LeaseSettings
 from torchloom.weaver.policies import Decision, PolicyEngine
 from torchloom.weaver.state import (
     LIVE_STATES,
@@ -67,6 +78,12 @@ policies never take more than a tenth of the Weaver's loop (at 10,000 ranks a ro
 _KV_BATCH = 256
 """Registry writes sent before waiting for their acknowledgements."""
 
+ENV_CRASH_AT = "TORCHLOOM_WEAVER_CRASH_AT"
+"""Fault injection for crash tests: ``before_config_write:<op>`` or
+``after_config_write:<op>`` makes the Weaver ``SIGKILL`` its own process at that point of
+the first ``<op>`` request (``set``, ``drain``, …): before its KV write, or after the write
+was acknowledged but before its history entry and the reply."""
+
 _DECIDE_NOW = frozenset(
     {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
 )
@@ -91,6 +108,12 @@ class Weaver:
             live by an earlier run) over ``policies``' own.
         policy_interval_s: how often the policies decide, in seconds (and at the next tick
             after a rank joins, fails, hangs, exits or is drained).
+        lease: the leader lease's timing (see :mod:`~torchloom.weaver.lease`): a Weaver
+            serves only while it holds the lease, and stands by until then. None serves
+            at once, without a lease (a single Weaver that nobody may replace).
+
+    :meth:`run` raises :class:`~torchloom.weaver.lease.LeadershipLostError` when another
+    Weaver took the lease or wrote a job's config over this one's.
     """
 
     def __init__(
@@ -106,8 +129,18 @@ class Weaver:
         policies: PolicyEngine | None = None,
         policy_interval_s: float = 0.5,
         restore_policies: bool = True,
+        lease: LeaseSettings | None = LeaseSettings(),
     ) -> None:
         self.nats_url = nats_url
+        self.lease_settings = lease
+        self.lease: Lease | None = None
+        self.role = "starting"
+        """``starting``, ``standby`` (waiting for the lease) or ``leader``."""
+        self.became_leader_mono: float | None = None
+        self._lost: LeadershipLostError | None = None
+        self._crash_at = os.environ.get(ENV_CRASH_AT, "")
+        self._config_rev: dict[str, int] = {}
+        """Revision of each job's config key as this Weaver last read or wrote it."""
         self.state = WeaverState(liveness=liveness or LivenessConfig())
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
@@ -153,8 +186,22 @@ class Weaver:
             on_disconnect=self._on_disconnect,
             on_reconnect=self._on_reconnect,
         )
+        holder: asyncio.Future[None] | None = None
         try:
             await ensure_jetstream(self._conn)
+            if self.lease_settings is not None:
+                await ensure_lease_bucket(self._conn, ttl_s=self.lease_settings.ttl_s)
+                self.lease = Lease(
+                    await KeyValue.open(self._conn, names.LEADER_BUCKET),
+                    instance=self._instance,
+                    settings=self.lease_settings,
+                )
+                self.role = "standby"
+                await self.lease.acquire()
+                holder = asyncio.ensure_future(self.lease.hold())
+                holder.add_done_callback(self._on_lease_done)
+            self.role = "leader"
+            self.became_leader_mono = time.monotonic()
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
             self._history = History(self._conn)
@@ -170,18 +217,30 @@ class Weaver:
             persister = asyncio.ensure_future(self._persist_forever())
             collector = asyncio.ensure_future(_freeze_long_lived())
             try:
-                while True:
+                while self._lost is None:
                     await asyncio.sleep(self.tick_interval_s)
                     self.tick()
                     self._maybe_decide()
+                log.error("weaver %s stops serving: %s", self._instance, self._lost)
+                raise self._lost
             finally:
                 persister.cancel()
                 collector.cancel()
         finally:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._flush_all())
+            if holder is not None:
+                holder.cancel()
+            if self._lost is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._flush_all())
+                if self.lease is not None and self.role == "leader":
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.lease.release())
             self._closing = True
             await self._conn.close()
+
+    def _on_lease_done(self, fut: asyncio.Future[None]) -> None:
+        if not fut.cancelled() and isinstance(fut.exception(), LeadershipLostError):
+            self._lost = fut.exception()  # type: ignore[assignment]
 
     async def _flush_all(self) -> None:
         async with self._io_lock:  # one writer at a time keeps the history in order, once each
@@ -192,7 +251,7 @@ class Weaver:
         """Rebuild jobs, desired configs and the DR map from the KV buckets."""
         assert self._config_kv is not None and self._registry_kv is not None
         now = self.clock()
-        for key, raw in (await self._config_kv.items()).items():
+        for key, (raw, revision) in (await self._config_kv.entries()).items():
             if key == names.POLICIES_KEY:
                 if self.restore_policies:
                     self._restore_policies(raw)
@@ -203,6 +262,8 @@ class Weaver:
                 log.warning("ignoring stored config %s: %s", key, exc)
                 continue
             self.state.job(doc.job_id).config = doc
+            self._config_rev[doc.job_id] = revision
+            await self._replay_journal(doc)
         for key, raw in (await self._registry_kv.items()).items():
             try:
                 entry = decode(raw, RegistryEntry, kind="stored registry entry")
@@ -226,6 +287,25 @@ class Weaver:
             ]
         )
         log.info("restored %d job(s), %d rank(s) from JetStream", len(self.state.jobs), n_ranks)
+
+    async def _replay_journal(self, doc: DesiredConfig) -> None:
+        """Append the journal's entries the history lacks: those of versions written to the
+        KV by a Weaver that died before it appended them (see :class:`DesiredConfig`)."""
+        assert self._history is not None
+        stored = 0
+        for kind in {ev.kind for ev in doc.journal}:
+            raw = await self._history.last(names.history_subject(doc.job_id, kind))
+            if raw:
+                with contextlib.suppress(DecodeError):
+                    stored = max(stored, decode(raw, HistoryEvent).version or 0)
+        missing = [ev for ev in doc.journal if (ev.version or 0) > stored]
+        if missing:
+            log.warning(
+                "job %s: %d history entr(y/ies) of stored versions were missing; appended",
+                doc.job_id,
+                len(missing),
+            )
+            self._record(missing)
 
     def tick(self) -> None:
         """One round of liveness checks.
@@ -353,6 +433,7 @@ class Weaver:
         conn = self._conn
         return {
             "ready": self.ready.is_set(),
+            "role": self.role,
             "nats_connected": bool(conn is not None and conn.is_connected and self._listening),
             "nats_url": conn.connected_url if conn is not None else None,
             "loop_late_ms": round(self._tick_late_s * 1000.0, 1),
@@ -438,6 +519,10 @@ class Weaver:
     async def submit(self, req: ControlRequest) -> ControlReply:
         """The control entry point: validate, persist the new desired config, record, answer."""
         async with self._control_lock:
+            if self._lost is not None:
+                return ControlReply(
+                    ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
+                )
             now = self.clock()
             outcome = control.handle(self.state, req, now, self.settings)
             if not outcome.reply.ok:
@@ -451,18 +536,40 @@ class Weaver:
                 return outcome.reply
             if outcome.new_config is not None:
                 assert self._config_kv is not None
+                outcome.new_config = control.journaled(outcome.new_config, outcome.events)
+                self._maybe_crash("before_config_write", req.op)
                 try:
-                    await self._config_kv.put(
-                        names.config_key(req.job_id), encode(outcome.new_config)
+                    # compare-and-set: a config written by another Weaver is never overwritten
+                    self._config_rev[req.job_id] = await self._config_kv.update(
+                        names.config_key(req.job_id),
+                        encode(outcome.new_config),
+                        revision=self._config_rev.get(req.job_id, 0),
+                    )
+                except ConflictError as exc:
+                    self._lost = LeadershipLostError(
+                        f"another weaver wrote job {req.job_id}'s config ({exc.message})"
+                    )
+                    return ControlReply(
+                        ok=False,
+                        error=ErrorInfo(
+                            code=exc.code,
+                            message=f"not applied: {exc.message}; this weaver steps down",
+                        ),
                     )
                 except NotReachableError as exc:
                     return ControlReply(
                         ok=False,
                         error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}"),
                     )
+                self._maybe_crash("after_config_write", req.op)
             self._record(control.commit(self.state, req, outcome, now))
         await self._flush_all()
         return outcome.reply
+
+    def _maybe_crash(self, point: str, op: str) -> None:
+        if self._crash_at == f"{point}:{op}":
+            log.error("fault injection (%s): killing this weaver at %s", ENV_CRASH_AT, point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     async def _reply(self, msg: Message, reply: ControlReply) -> None:
         if msg.reply and self._conn is not None:
@@ -478,7 +585,14 @@ class Weaver:
             if len(self._outbox) == self._outbox.maxlen:
                 self.state.count_dropped("history_outbox_full")
             self._recorded += 1
-            self._outbox.append((f"{self._instance}-{self._recorded}", ev))
+            # a config version's entries have one id whoever appends them (a Weaver that
+            # replays its journal after a takeover): the stream stores them once
+            mid = (
+                f"{ev.job_id}.v{ev.version}.{ev.kind}"
+                if ev.kind in JOURNAL_KINDS
+                else f"{self._instance}-{self._recorded}"
+            )
+            self._outbox.append((mid, ev))
             log.info("[%s] %s", ev.job_id, ev.message)
             for listener in self._listeners:
                 try:
