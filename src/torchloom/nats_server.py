@@ -36,6 +36,8 @@ class NatsServer:
         port: TCP port, or None for a free one chosen by the server.
         host: address to bind (loopback by default).
         log_file: where the server's own log goes (default ``store_dir/nats-server.log``).
+        config_file: a nats-server config (TLS, users and permissions of ``--secure``);
+            the command line's address, port and JetStream settings come on top of it.
     """
 
     def __init__(
@@ -45,7 +47,9 @@ class NatsServer:
         port: int | None = None,
         host: str = "127.0.0.1",
         log_file: Path | None = None,
+        config_file: Path | None = None,
     ) -> None:
+        self.config_file = config_file
         self.store_dir = Path(store_dir)
         self.port = port
         self.host = host
@@ -77,6 +81,7 @@ class NatsServer:
             str(ports_dir),
             "-m",
             "0",
+            *(["-c", str(self.config_file)] if self.config_file else []),
         ]
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
@@ -100,6 +105,8 @@ class NatsServer:
                 urls = []
             if urls:
                 self.url = str(urls[0])
+                if self.config_file:  # TLS: the server lists nats:// URLs
+                    self.url = self.url.replace("nats://", "tls://", 1)
                 self.port = int(self.url.rsplit(":", 1)[1])
                 return self.url
             time.sleep(0.02)

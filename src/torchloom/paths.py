@@ -22,6 +22,14 @@ DEFAULT_UI_PORT = 8787
 """Port of the dashboard, HTTP API and ``/metrics`` of ``torchloom up``."""
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address to bind or reach) is this machine's loopback."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
 def default_state_dir() -> Path:
     env = os.environ.get(ENV_STATE_DIR)
     if env:

@@ -52,6 +52,7 @@ from torchloom.paths import (
     resolve_nats_url,
 )
 from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
+from torchloom.secure import job_env
 from torchloom.weaver import ControlSettings, LivenessConfig
 
 app = typer.Typer(
@@ -76,9 +77,11 @@ def _stack(
     lighthouse_heartbeat_timeout_ms: int = 1000,
     ui: dict[str, Any] | None = None,
     policy_file: Path | None = None,
+    security: dict[str, Any] | None = None,
 ) -> Stack:
     return Stack(
         **(ui or {}),
+        **(security or {}),
         policy_file=policy_file,
         lighthouse=lighthouse,
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
@@ -108,6 +111,20 @@ UiHostOpt = Annotated[
     str,
     typer.Option("--ui-host", help="interface the dashboard binds; beyond loopback needs a token"),
 ]
+SecureOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--secure/--no-secure",
+        help="nkey credentials per role, TLS and per-job permissions on NATS, HTTPS and a "
+        "token on the dashboard [default: on when NATS or the dashboard binds beyond loopback]",
+        show_default=False,
+    ),
+]
+NatsHostOpt = Annotated[
+    str,
+    typer.Option("--nats-host", help="interface the embedded NATS binds (beyond loopback: secure)"),
+]
+TlsOpt = Annotated[Path | None, typer.Option(help="PEM file (default: made for this state dir)")]
 UiTokenOpt = Annotated[
     str | None,
     typer.Option(
@@ -193,6 +210,22 @@ def _wait_for_signal(stack: Stack, *, poll_s: float = 0.2) -> str:
     return "signal"
 
 
+def _secure_lines(stack: Stack) -> list[Text]:
+    sd = stack.secure_dir
+    if sd is None:
+        return [Text.assemble(("security  ", "bold"), "off (loopback only; --secure turns it on)")]
+    return [
+        Text.assemble(
+            ("security  ", "bold"),
+            f"TLS + nkeys per role ({sd.dir}); the dashboard token is in {sd.dir / 'dashboard.token'}",
+        ),
+        Text.assemble(
+            ("jobs      ", "bold"),
+            "export TORCHLOOM_CREDS=$(torchloom creds job JOB)  (torchloom run/demo do it for you)",
+        ),
+    ]
+
+
 def _dashboard_line(stack: Stack) -> str:
     if stack.dashboard is None:
         return "none (--no-ui)"
@@ -215,10 +248,18 @@ def up(
     ui_token: UiTokenOpt = None,
     no_ui: NoUiOpt = False,
     policies: PoliciesOpt = None,
+    nats_host: NatsHostOpt = "127.0.0.1",
+    secure: SecureOpt = None,
+    tls_cert: TlsOpt = None,
+    tls_key: TlsOpt = None,
+    tls_ca: TlsOpt = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
-    and the Weaver, and serve until Ctrl-C / SIGTERM."""
+    and the Weaver, and serve until Ctrl-C / SIGTERM.
+
+    A second `up` on another state dir with --nats-url of the first's NATS is a standby
+    Weaver: it takes over within seconds when the leader dies."""
     _logging(verbose)
     printer = EventPrinter(out)
     stack = _stack(
@@ -233,6 +274,13 @@ def up(
         lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
         ui=_ui(ui_host, ui_port, ui_token, no_ui),
         policy_file=policies,
+        security={
+            "nats_host": nats_host,
+            "secure": secure,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_ca": tls_ca,
+        },
     )
     stack.start()
     nats_where = (
@@ -260,6 +308,7 @@ def up(
                     else " none (torchft not installed)",
                 ),
                 Text.assemble(("dashboard ", "bold"), _dashboard_line(stack)),
+                *_secure_lines(stack),
                 Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
                 Text.assemble(
                     ("training  ", "bold"),
@@ -284,6 +333,35 @@ def up(
         printer.stop()
     if why != "signal":
         raise TorchloomError(f"torchloom up stopped: {why}")
+
+
+@app.command()
+def creds(
+    role: Annotated[str, typer.Argument(help="job, operator or weaver")],
+    job: Annotated[str | None, typer.Argument(help="the job id (role job)")] = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Print the path of a role's credentials file of a secure `torchloom up` on this machine;
+    for a job, issue them first if it has none (the running NATS reloads its users).
+
+    Example: export TORCHLOOM_CREDS=$(torchloom creds job mnist)"""
+    from torchloom.secure import SecureDir
+
+    sdir = state_dir or default_state_dir()
+    endpoint = read_endpoint(sdir) or {}
+    secure_dir = SecureDir(sdir)
+    if not secure_dir.dir.exists():
+        raise TorchloomError(f"{sdir} has no credentials: start `torchloom up --secure` there")
+    if role == "job":
+        if not job:
+            raise InvalidRequestError("give the job id: torchloom creds job JOB")
+        pid = endpoint.get("nats_pid")
+        path = secure_dir.issue_job(job, nats_pid=pid if isinstance(pid, int) else None)
+    elif role in ("operator", "weaver"):
+        path = secure_dir.creds_file(role)  # type: ignore[arg-type]
+    else:
+        raise InvalidRequestError(f"unknown role {role!r}: use job, operator or weaver")
+    print(path)
 
 
 def _find_example() -> Path | None:
@@ -339,7 +417,12 @@ def demo(
         policy_file=policies,
     )
     stack.start()
-    env = {**os.environ, ENV_NATS_URL: stack.nats_url, "TORCHLOOM_JOB": job}
+    env = {
+        **os.environ,
+        ENV_NATS_URL: stack.nats_url,
+        "TORCHLOOM_JOB": job,
+        **job_env(stack.state_dir, job),
+    }
     cmd = [
         sys.executable,
         "-m",
@@ -354,7 +437,7 @@ def demo(
         *(extra or []),
     ]
     log_path = stack.state_dir / f"demo-{job}.log"
-    client = WeaverClient(nats_url=stack.nats_url, timeout_s=2.0)
+    client = WeaverClient(nats_url=stack.nats_url, state_dir=stack.state_dir, timeout_s=2.0)
     out.print(
         f"[bold]torchloom demo[/]: NATS {stack.nats_url} · job [bold]{job}[/] · training log {log_path}"
     )
@@ -455,6 +538,7 @@ def run(
         )
         if v
     }
+    env.update(job_env(sdir, job) if url else {})
     if not url:
         out.print("[yellow]no torchloom found (torchloom up): the groups train without control[/]")
     if not lighthouse:
@@ -473,7 +557,9 @@ def run(
     )
 
     if url and job:
-        _follow_replacements(WeaverClient(nats_url=url), job, sup, since_ts=time.time())
+        _follow_replacements(
+            WeaverClient(nats_url=url, state_dir=sdir), job, sup, since_ts=time.time()
+        )
 
     def _term(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt

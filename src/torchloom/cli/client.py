@@ -12,10 +12,16 @@ from pathlib import Path
 from typing import Any
 
 from torchloom.errors import ERRORS_BY_CODE, NotReachableError, TorchloomError
-from torchloom.paths import resolve_nats_url
+from torchloom.paths import read_endpoint, resolve_nats_url
 from torchloom.protocol import ControlReply, ControlRequest, HistoryEvent, decode, encode, names
 from torchloom.protocol.names import ALL_JOBS
-from torchloom.transport import History, connect
+from torchloom.transport import (
+    Credentials,
+    History,
+    connect,
+    credentials_from_env,
+    load_credentials,
+)
 
 
 class RemoteError(TorchloomError):
@@ -26,6 +32,21 @@ class RemoteError(TorchloomError):
         self.code = code
         self.knob = knob
         self.kind = ERRORS_BY_CODE.get(code, TorchloomError)
+
+
+def resolve_creds(state_dir: Path | None = None) -> Credentials | None:
+    """``$TORCHLOOM_CREDS``, else the operator credentials of the ``torchloom up`` whose state
+    dir this is (when it runs secure), else None.
+
+    Raises:
+        TorchloomError: a credentials file that cannot be read.
+    """
+    creds = credentials_from_env()
+    if creds is not None:
+        return creds
+    endpoint = read_endpoint(state_dir) or {}
+    path = endpoint.get("operator_creds")
+    return load_credentials(Path(path)) if isinstance(path, str) else None
 
 
 CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
@@ -45,6 +66,8 @@ class WeaverClient:
     Args:
         nats_url: explicit URL; else ``$TORCHLOOM_NATS_URL``, then the state dir's endpoint.
         state_dir: the state dir of a ``torchloom up`` to find.
+        creds: credentials on a secure NATS; None: ``$TORCHLOOM_CREDS``, then the operator
+            credentials named in the state dir's endpoint (the machine of ``torchloom up``).
         timeout_s: how long one request waits for its reply, in seconds.
 
     Raises:
@@ -52,9 +75,15 @@ class WeaverClient:
     """
 
     def __init__(
-        self, *, nats_url: str | None = None, state_dir: Path | None = None, timeout_s: float = 5.0
+        self,
+        *,
+        nats_url: str | None = None,
+        state_dir: Path | None = None,
+        timeout_s: float = 5.0,
+        creds: Credentials | None = None,
     ) -> None:
         url = resolve_nats_url(nats_url, state_dir)
+        self.creds = creds or resolve_creds(state_dir)
         if not url:
             raise NotReachableError(
                 "no torchloom is running here: start one with `torchloom up`, "
@@ -92,7 +121,10 @@ class WeaverClient:
     async def _request(self, req: ControlRequest, *, timeout_s: float) -> ControlReply:
         timeout_s = max(timeout_s, 0.1)
         conn = await connect(
-            self.nats_url, name="torchloom-cli", connect_timeout_s=min(timeout_s, 2.0)
+            self.nats_url,
+            name="torchloom-cli",
+            connect_timeout_s=min(timeout_s, 2.0),
+            creds=self.creds,
         )
         try:
             # a retried request waits for less than the whole timeout each time
@@ -138,7 +170,12 @@ class WeaverClient:
         first; with ``follow``, keep going with new ones until interrupted."""
 
         async def _run() -> None:
-            conn = await connect(self.nats_url, name="torchloom-cli-events", retry_forever=follow)
+            conn = await connect(
+                self.nats_url,
+                name="torchloom-cli-events",
+                retry_forever=follow,
+                creds=self.creds,
+            )
             try:
                 async for raw in History(conn).read(names.history_filter(job_id), follow=follow):
                     try:

@@ -20,7 +20,9 @@ from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomEr
 from torchloom.lighthouse import Lighthouse
 from torchloom.lighthouse import available as lighthouse_available
 from torchloom.nats_server import NatsServer
-from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, read_endpoint, write_endpoint
+from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, is_loopback, read_endpoint, write_endpoint
+from torchloom.secure import SecureDir
+from torchloom.transport import credentials_from_env
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
 from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.service import EventSink
@@ -45,6 +47,13 @@ class Stack:
         ui_token: bearer token for the dashboard and API; required off loopback.
         policy_file: TOML settings of the policies (they win over settings stored by an
             earlier run); None: the stored settings, else the defaults.
+        nats_host: interface the embedded NATS binds (loopback by default).
+        secure: credentials per role, TLS and permissions (:mod:`torchloom.secure`) on the
+            embedded NATS, and HTTPS with a token on the dashboard. None: secure exactly when
+            NATS or the dashboard binds beyond loopback. With ``nats_url`` the Weaver signs
+            in with ``$TORCHLOOM_CREDS``.
+        tls_cert, tls_key, tls_ca: the user's certificate, key and CA for NATS and the
+            dashboard; None: made for this state dir.
     """
 
     def __init__(
@@ -63,7 +72,23 @@ class Stack:
         ui_token: str | None = None,
         ui_port_fallback: bool = False,
         policy_file: Path | None = None,
+        nats_host: str = "127.0.0.1",
+        secure: bool | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_ca: Path | None = None,
     ) -> None:
+        if secure is None:
+            secure = not (is_loopback(nats_host) and (ui_port is None or is_loopback(ui_host)))
+        self.secure = secure
+        self.nats_host = nats_host
+        self.secure_dir = (
+            SecureDir(
+                Path(state_dir).expanduser(), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
+            )
+            if secure and nats_url is None
+            else None
+        )
         # a bad policy file is an error before anything starts
         self.policies = PolicyEngine.from_file(policy_file) if policy_file else None
         self.state_dir = Path(state_dir).expanduser()
@@ -112,10 +137,23 @@ class Stack:
         """
         self._acquire()
         try:
+            creds = None
             if self.external_url:
                 self.nats_url = self.external_url
+                creds = credentials_from_env()
             else:
-                self.nats = NatsServer(store_dir=self.state_dir / "nats", port=self.nats_port)
+                conf = None
+                if self.secure_dir is not None:
+                    self.secure_dir.ensure(extra_hosts=(self.nats_host, self.ui_host))
+                    conf = self.secure_dir.conf_file
+                    creds = self.secure_dir.credentials("weaver")
+                    self.ui_token = self.ui_token or self.secure_dir.dashboard_token()
+                self.nats = NatsServer(
+                    store_dir=self.state_dir / "nats",
+                    port=self.nats_port,
+                    host=self.nats_host,
+                    config_file=conf,
+                )
                 self.nats_url = self.nats.start()
             if self.lighthouse_arg == "auto":
                 if lighthouse_available():
@@ -133,20 +171,27 @@ class Stack:
                 on_event=self.on_event,
                 policies=self.policies,
                 restore_policies=self.policies is None,
+                creds=creds,
             )
             if self.ui_port is not None:
                 # FastAPI is imported only where the dashboard is served
                 from torchloom.weaver.web import Dashboard, PortInUseError
 
+                sd = self.secure_dir
+                tls = {"tls_cert": sd.cert_file, "tls_key": sd.key_file} if sd else {}
                 try:
                     self.dashboard = Dashboard(
-                        self.weaver, host=self.ui_host, port=self.ui_port, token=self.ui_token
+                        self.weaver,
+                        host=self.ui_host,
+                        port=self.ui_port,
+                        token=self.ui_token,
+                        **tls,
                     )
                 except PortInUseError:
                     if not self.ui_port_fallback:
                         raise
                     self.dashboard = Dashboard(
-                        self.weaver, host=self.ui_host, port=0, token=self.ui_token
+                        self.weaver, host=self.ui_host, port=0, token=self.ui_token, **tls
                     )
             self._thread = threading.Thread(
                 target=self._serve, name="torchloom-weaver", daemon=True
@@ -172,6 +217,11 @@ class Stack:
                 started_ts=time.time(),
                 lighthouse_url=self.lighthouse_url or None,
                 ui_url=self.dashboard.url if self.dashboard else None,
+                nats_pid=self.nats.proc.pid if self.nats and self.nats.proc else None,
+                secure=self.secure_dir is not None,
+                operator_creds=(
+                    str(self.secure_dir.creds_file("operator")) if self.secure_dir else None
+                ),
             )
         except BaseException:
             self.stop()

@@ -5,6 +5,7 @@
 | telemetry + heartbeat         | core NATS ``loom.<job>.telemetry.<replica>.<rank>``     |
 | lifecycle events from ranks   | core NATS ``loom.<job>.events.<replica>.<rank>``        |
 | control requests              | request/reply ``loom.<job>.control``                    |
+| a rank's join                 | request/reply ``loom.<job>.join``                       |
 | desired config                | KV bucket ``loom_config`` key ``<job>``                 |
 | DR map / registry             | KV bucket ``loom_registry`` key ``<job>.<replica>.<rank>`` |
 | event history                 | stream ``LOOM_EVENTS``, subjects ``loom.<job>.history.<kind>`` |
@@ -65,6 +66,12 @@ def control_subject(job_id: str) -> str:
     return f"{PREFIX}.{job_id}.control"
 
 
+def join_subject(job_id: str) -> str:
+    """Where a rank asks to join (request/reply): apart from ``control`` so that a job's
+    credentials may join without being allowed to change anything."""
+    return f"{PREFIX}.{job_id}.join"
+
+
 def history_subject(job_id: str, kind: str) -> str:
     return f"{PREFIX}.{job_id}.history.{kind}"
 
@@ -77,6 +84,7 @@ def history_filter(job_id: str | None) -> str:
 ALL_TELEMETRY = f"{PREFIX}.*.telemetry.*.*"
 ALL_EVENTS = f"{PREFIX}.*.events.*.*"
 ALL_CONTROL = f"{PREFIX}.*.control"
+ALL_JOIN = f"{PREFIX}.*.join"
 
 
 def config_key(job_id: str) -> str:

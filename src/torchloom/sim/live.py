@@ -21,12 +21,12 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.sim.model import SimJob, SimSpec
-from torchloom.transport import Connection, Message, connect
+from torchloom.transport import Connection, Message, connect, credentials_from_env
 
 
 async def _join(conn: Connection, job: SimJob, rid: str, *, resuming: bool) -> None:
     for req in job.join_requests(rid, resuming=resuming):
-        raw = await conn.request(names.control_subject(job.spec.job_id), encode(req), timeout_s=5.0)
+        raw = await conn.request(names.join_subject(job.spec.job_id), encode(req), timeout_s=5.0)
         reply = decode(raw, ControlReply, kind="join reply")
         if not reply.ok:
             raise NotReachableError(reply.error.message if reply.error else "join refused")
@@ -51,7 +51,9 @@ async def run_live(
         NotReachableError: NATS or the Weaver did not answer a join.
     """
     job = SimJob(spec)
-    conn = await connect(nats_url, name=f"torchloom-sim-{spec.job_id}")
+    conn = await connect(
+        nats_url, name=f"torchloom-sim-{spec.job_id}", creds=credentials_from_env()
+    )
     try:
 
         async def on_config(msg: Message) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from torchloom.errors import DecodeError, NotReachableError
+from torchloom.errors import DecodeError, NotReachableError, TorchloomError
 from torchloom.paths import resolve_nats_url
 from torchloom.protocol import (
     ControlReply,
@@ -35,7 +35,14 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.threadlet.device import DeviceSampler, trace_from_env
-from torchloom.transport import Connection, KeyValue, Message, connect
+from torchloom.transport import (
+    Connection,
+    Credentials,
+    KeyValue,
+    Message,
+    connect,
+    credentials_from_env,
+)
 
 if TYPE_CHECKING:
     from torchloom.threadlet.run import Run
@@ -89,6 +96,7 @@ class Agent:
         self._next_sample = 0.0
         self.joined = threading.Event()
         self.nats_url: str | None = None
+        self._creds: Credentials | None = None
         self.flush_errors = 0
 
     def start(self) -> None:
@@ -123,6 +131,10 @@ class Agent:
         if url is None:
             return
         self.nats_url = url
+        try:
+            self._creds = credentials_from_env()
+        except TorchloomError as exc:
+            log.error("torchloom: %s; connecting without credentials", exc)
         run = self._run
         connecting = asyncio.ensure_future(
             connect(
@@ -130,6 +142,7 @@ class Agent:
                 name=f"threadlet-{run.identity.job_id}-{run.identity.replica_id}-{run.identity.rank}",
                 retry_forever=True,
                 on_reconnect=self._on_reconnect,
+                creds=self._creds,
             )
         )
         stop_wait = asyncio.ensure_future(self._stop.wait())
@@ -222,7 +235,7 @@ class Agent:
         )
         try:
             raw = await self._conn.request(
-                names.control_subject(ident.job_id), encode(req), timeout_s=self.join_timeout_s
+                names.join_subject(ident.job_id), encode(req), timeout_s=self.join_timeout_s
             )
             reply = decode(raw, ControlReply, kind="join reply")
             if not reply.ok:

@@ -5,6 +5,7 @@ needs to know nats-py's exception types.
 """
 
 from torchloom.transport.connection import Connection, Message, connect
+from torchloom.transport.credentials import Credentials, credentials_from_env, load_credentials
 from torchloom.transport.jetstream import (
     History,
     KeyValue,
@@ -14,10 +15,13 @@ from torchloom.transport.jetstream import (
 
 __all__ = [
     "Connection",
+    "Credentials",
     "History",
     "KeyValue",
     "Message",
     "connect",
+    "credentials_from_env",
     "ensure_jetstream",
     "ensure_lease_bucket",
+    "load_credentials",
 ]

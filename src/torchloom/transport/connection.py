@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from torchloom.errors import NotReachableError
+from torchloom.errors import NotReachableError, TorchloomError
+from torchloom.transport.credentials import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ async def connect(
     reconnect_wait_s: float = 0.5,
     on_reconnect: Hook | None = None,
     on_disconnect: Hook | None = None,
+    creds: Credentials | None = None,
 ) -> Connection:
     """Connect to the NATS server(s) at ``url`` (comma-separated for a cluster).
 
@@ -199,13 +202,19 @@ async def connect(
         reconnect_wait_s: the wait between attempts on the same server, in seconds.
         on_reconnect: awaited after every successful reconnect.
         on_disconnect: awaited when the connection drops.
+        creds: sign in with this nkey over TLS (a server of ``torchloom up --secure``);
+            None: anonymous, plain TCP.
 
     Raises:
         NotReachableError: ``retry_forever`` is False and no server answered.
+        TorchloomError: the server refused the credentials (or asked for some).
     """
 
     async def _error_cb(exc: Exception) -> None:
-        log.debug("NATS (%s): %s", name, exc)
+        if "permissions violation" in str(exc).lower():  # the server refused this role
+            log.warning("NATS (%s): %s", name, exc)
+        else:
+            log.debug("NATS (%s): %s", name, exc)
 
     async def _reconnected() -> None:
         log.info("NATS (%s): reconnected", name)
@@ -219,6 +228,13 @@ async def connect(
 
     servers = [u.strip() for u in url.split(",") if u.strip()]
     nc = _Client()
+    secure: dict[str, Any] = {}
+    if creds is not None:
+        secure = {
+            "nkeys_seed_str": creds.nkey_seed,
+            "tls": creds.tls_context(),
+            "inbox_prefix": creds.inbox_prefix,
+        }
     try:
         await nc.connect(
             servers=servers,
@@ -230,8 +246,16 @@ async def connect(
             error_cb=_error_cb,
             reconnected_cb=_reconnected,
             disconnected_cb=_disconnected,
+            **secure,
         )
-    except (TimeoutError, nats.errors.NoServersError, OSError) as exc:
+    except nats.errors.Error as exc:
+        if "authorization" in str(exc).lower() or "authentication" in str(exc).lower():
+            raise TorchloomError(
+                f"NATS at {url} refused {name}: {exc} (credentials: set $TORCHLOOM_CREDS, "
+                "see `torchloom creds --help`)"
+            ) from None
+        raise NotReachableError(f"no NATS server reachable at {url} ({exc})") from None
+    except (TimeoutError, OSError) as exc:
         raise NotReachableError(
             f"no NATS server reachable at {url} ({exc or type(exc).__name__})"
         ) from None

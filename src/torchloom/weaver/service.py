@@ -42,6 +42,7 @@ from torchloom.protocol import (
 )
 from torchloom.transport import (
     Connection,
+    Credentials,
     History,
     KeyValue,
     Message,
@@ -130,8 +131,10 @@ class Weaver:
         policy_interval_s: float = 0.5,
         restore_policies: bool = True,
         lease: LeaseSettings | None = LeaseSettings(),
+        creds: Credentials | None = None,
     ) -> None:
         self.nats_url = nats_url
+        self.creds = creds
         self.lease_settings = lease
         self.lease: Lease | None = None
         self.role = "starting"
@@ -183,6 +186,7 @@ class Weaver:
             self.nats_url,
             name="torchloom-weaver",
             retry_forever=True,
+            creds=self.creds,
             on_disconnect=self._on_disconnect,
             on_reconnect=self._on_reconnect,
         )
@@ -211,6 +215,7 @@ class Weaver:
             await self._conn.subscribe(
                 names.ALL_CONTROL, self._on_control, queue="torchloom-weaver"
             )
+            await self._conn.subscribe(names.ALL_JOIN, self._on_control, queue="torchloom-weaver")
             await self._conn.flush()
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
@@ -505,6 +510,8 @@ class Weaver:
             req = decode(msg.data, ControlRequest, kind="control request")
             if names.job_of_subject(msg.subject) != req.job_id:
                 raise DecodeError("control request", f"job {req.job_id!r} sent on {msg.subject}")
+            if msg.subject.endswith(".join") and req.op != "join":
+                raise DecodeError("control request", f"only a join is taken on {msg.subject}")
         except DecodeError as exc:
             self._drop("control", exc)
             await self._reply(

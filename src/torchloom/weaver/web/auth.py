@@ -27,13 +27,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from torchloom.paths import is_loopback
+
 SESSION_COOKIE = "torchloom_session"
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/static/login.js", "/static/app.css"})
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
 class Access:

@@ -7,15 +7,16 @@ import contextlib
 import errno
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import uvicorn
 
 from torchloom.errors import TorchloomError
-from torchloom.paths import DEFAULT_UI_PORT
+from torchloom.paths import DEFAULT_UI_PORT, is_loopback
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.web.app import create_app
-from torchloom.weaver.web.auth import Access, is_loopback
+from torchloom.weaver.web.auth import Access
 from torchloom.weaver.web.feed import Feed
 
 log = logging.getLogger("torchloom.web")
@@ -36,6 +37,8 @@ class Dashboard:
         port: TCP port; 0 picks a free one.
         token: bearer token for page and API; None (only allowed on loopback) turns auth off.
         push_interval_ms: period of live updates to each page, in milliseconds.
+        tls_cert: certificate (PEM) to serve HTTPS with; None: plain HTTP.
+        tls_key: its private key (PEM).
 
     Raises:
         TorchloomError: ``host`` is not loopback and no ``token`` is given (anyone on the
@@ -50,7 +53,10 @@ class Dashboard:
         port: int = DEFAULT_UI_PORT,
         token: str | None = None,
         push_interval_ms: float = 500.0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
+        self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         loopback = is_loopback(host)
         if not loopback and not token:
             raise TorchloomError(
@@ -85,7 +91,8 @@ class Dashboard:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host}:{self.port}/"
 
     async def serve(self) -> None:
         """Serve until cancelled (on the Weaver's loop)."""
@@ -95,6 +102,8 @@ class Dashboard:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=1,
+            ssl_certfile=str(self.tls[0]) if self.tls else None,
+            ssl_keyfile=str(self.tls[1]) if self.tls else None,
         )
         self.server = uvicorn.Server(config)
         feed = asyncio.ensure_future(self.feed.run())
