@@ -92,6 +92,12 @@ class ConflictError(TorchloomError):
         self.expected_revision = expected_revision
 
 
+class RateLimitedError(TorchloomError):
+    """A requester sent more changes than the control entry point takes per second."""
+
+    code = "rate_limited"
+
+
 class AlreadyRunningError(TorchloomError):
     """A ``torchloom up`` already holds this state directory."""
 
@@ -116,6 +122,7 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         DecodeError,
         NotReachableError,
         ConflictError,
+        RateLimitedError,
         AlreadyRunningError,
     )
 }

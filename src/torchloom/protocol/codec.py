@@ -37,7 +37,8 @@ def decode(data: bytes, type_: type[T], *, kind: str | None = None) -> T:
         kind: the name used in the error (defaults to the type's name).
 
     Raises:
-        DecodeError: oversized, malformed, wrong schema, or ``v`` not ``SCHEMA_VERSION``.
+        DecodeError: oversized, malformed, nested too deeply, wrong schema, or ``v`` not
+            ``SCHEMA_VERSION``.
     """
     name = kind or type_.__name__
     if len(data) > MAX_MESSAGE_BYTES:
@@ -49,6 +50,8 @@ def decode(data: bytes, type_: type[T], *, kind: str | None = None) -> T:
         msg = dec.decode(data)
     except msgspec.DecodeError as exc:
         raise DecodeError(name, str(exc)) from None
+    except RecursionError:  # found by tests/unit/test_fuzz.py: [[[[…]]]] thousands deep
+        raise DecodeError(name, "nested too deeply") from None
     v = getattr(msg, "v", SCHEMA_VERSION)
     if v != SCHEMA_VERSION:
         raise DecodeError(name, f"schema version {v}, this side speaks {SCHEMA_VERSION}")

@@ -25,7 +25,13 @@ from typing import Any
 
 import msgspec
 
-from torchloom.errors import ConflictError, DecodeError, InvalidRequestError, NotReachableError
+from torchloom.errors import (
+    ConflictError,
+    DecodeError,
+    InvalidRequestError,
+    NotReachableError,
+    RateLimitedError,
+)
 from torchloom.protocol import (
     ControlReply,
     ControlRequest,
@@ -55,6 +61,7 @@ from torchloom.weaver.control import JOURNAL_KINDS, ControlSettings
 from torchloom.weaver.ingest import IngestStats
 from torchloom.weaver.lease import LeadershipLostError, Lease, LeaseSettings
 from torchloom.weaver.policies import Decision, PolicyEngine
+from torchloom.weaver.ratelimit import RateLimiter
 from torchloom.weaver.state import (
     LIVE_STATES,
     LivenessConfig,
@@ -84,6 +91,9 @@ ENV_CRASH_AT = "TORCHLOOM_WEAVER_CRASH_AT"
 ``after_config_write:<op>`` makes the Weaver ``SIGKILL`` its own process at that point of
 the first ``<op>`` request (``set``, ``drain``, …): before its KV write, or after the write
 was acknowledged but before its history entry and the reply."""
+
+_RATE_LIMITED = frozenset({"set", "pause", "resume", "stop", "drain"})
+"""Ops that make a version: limited per requester (reads and joins are not)."""
 
 _DECIDE_NOW = frozenset(
     {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
@@ -142,6 +152,8 @@ class Weaver:
         self.became_leader_mono: float | None = None
         self._lost: LeadershipLostError | None = None
         self._crash_at = os.environ.get(ENV_CRASH_AT, "")
+        self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
+        """Changes per requester at the control entry point (20/s sustained, 50 at once)."""
         self._config_rev: dict[str, int] = {}
         """Revision of each job's config key as this Weaver last read or wrote it."""
         self.state = WeaverState(liveness=liveness or LivenessConfig())
@@ -531,6 +543,14 @@ class Weaver:
                     ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
                 )
             now = self.clock()
+            if req.op in _RATE_LIMITED and not self.rate_limiter.allow(
+                req.requested_by or "?", time.monotonic()
+            ):
+                err = RateLimitedError(
+                    f"{req.requested_by or 'this requester'} sent over "
+                    f"{self.rate_limiter.rate_per_s:g} changes/s; slow down"
+                )
+                return ControlReply(ok=False, error=ErrorInfo(code=err.code, message=err.message))
             outcome = control.handle(self.state, req, now, self.settings)
             if not outcome.reply.ok:
                 if req.op != "join":

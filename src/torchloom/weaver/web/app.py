@@ -44,6 +44,7 @@ _STATUS_BY_CODE = {
     "unknown_job": 404,
     "unknown_replica": 404,
     "not_reachable": 503,
+    "rate_limited": 429,
 }
 
 EVENT_CATEGORIES: dict[str, frozenset[str]] = {
