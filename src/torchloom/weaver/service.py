@@ -122,6 +122,8 @@ class Weaver:
         lease: the leader lease's timing (see :mod:`~torchloom.weaver.lease`): a Weaver
             serves only while it holds the lease, and stands by until then. None serves
             at once, without a lease (a single Weaver that nobody may replace).
+        creds: the ``weaver`` role's credentials on a secure NATS (``torchloom up --secure``);
+            None: anonymous.
 
     :meth:`run` raises :class:`~torchloom.weaver.lease.LeadershipLostError` when another
     Weaver took the lease or wrote a job's config over this one's.
@@ -149,7 +151,6 @@ class Weaver:
         self.lease: Lease | None = None
         self.role = "starting"
         """``starting``, ``standby`` (waiting for the lease) or ``leader``."""
-        self.became_leader_mono: float | None = None
         self._lost: LeadershipLostError | None = None
         self._crash_at = os.environ.get(ENV_CRASH_AT, "")
         self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
@@ -217,7 +218,6 @@ class Weaver:
                 holder = asyncio.ensure_future(self.lease.hold())
                 holder.add_done_callback(self._on_lease_done)
             self.role = "leader"
-            self.became_leader_mono = time.monotonic()
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
             self._history = History(self._conn)
