@@ -127,7 +127,8 @@ class SecureDir:
     ) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise TorchloomError("give both --tls-cert and --tls-key, or neither")
-        self.dir = Path(state_dir) / SECURE_DIR
+        self.state_dir = Path(state_dir)
+        self.dir = self.state_dir / SECURE_DIR
         self.user_cert = tls_cert
         self.user_key = tls_key
         self.user_ca = tls_ca
@@ -203,9 +204,10 @@ class SecureDir:
         """
         return load_credentials(self.creds_file(role, job_id))
 
-    def issue_job(self, job_id: str, *, nats_pid: int | None = None) -> Path:
+    def issue_job(self, job_id: str) -> Path:
         """Credentials for job ``job_id``'s Threadlets (created once, then reused); the
-        server's config is rewritten and, given its pid, reloaded. Returns the file.
+        server's config is rewritten and the running embedded server (its pid from the
+        state dir's endpoint) reloads it. Returns the file.
 
         Raises:
             InvalidRequestError: ``job_id`` is not a valid job id.
@@ -216,8 +218,9 @@ class SecureDir:
         self._ensure_creds("job", job_id)
         if not existed:
             self.write_conf()
-            if nats_pid:
-                os.kill(nats_pid, signal.SIGHUP)  # nats-server reloads its config
+            pid = (read_endpoint(self.state_dir) or {}).get("nats_pid")
+            if isinstance(pid, int):
+                os.kill(pid, signal.SIGHUP)  # nats-server reloads its config
         return self.creds_file("job", job_id)
 
     def dashboard_token(self) -> str:
@@ -320,9 +323,7 @@ def job_env(state_dir: Path, job_id: str | None) -> dict[str, str]:
         return {}
     if not job_id:
         raise TorchloomError("a secure torchloom needs the job id (--job) to issue credentials")
-    pid = endpoint.get("nats_pid")
-    path = SecureDir(state_dir).issue_job(job_id, nats_pid=pid if isinstance(pid, int) else None)
-    return {ENV_CREDS: str(path)}
+    return {ENV_CREDS: str(SecureDir(state_dir).issue_job(job_id))}
 
 
 def _host_names(

@@ -348,15 +348,13 @@ def creds(
     from torchloom.secure import SecureDir
 
     sdir = state_dir or default_state_dir()
-    endpoint = read_endpoint(sdir) or {}
     secure_dir = SecureDir(sdir)
     if not secure_dir.dir.exists():
         raise TorchloomError(f"{sdir} has no credentials: start `torchloom up --secure` there")
     if role == "job":
         if not job:
             raise InvalidRequestError("give the job id: torchloom creds job JOB")
-        pid = endpoint.get("nats_pid")
-        path = secure_dir.issue_job(job, nats_pid=pid if isinstance(pid, int) else None)
+        path = secure_dir.issue_job(job)
     elif role in ("operator", "weaver"):
         path = secure_dir.creds_file(role)  # type: ignore[arg-type]
     else:

@@ -13,7 +13,15 @@ from typing import Any
 
 from torchloom.errors import ERRORS_BY_CODE, NotReachableError, TorchloomError
 from torchloom.paths import read_endpoint, resolve_nats_url
-from torchloom.protocol import ControlReply, ControlRequest, HistoryEvent, decode, encode, names
+from torchloom.protocol import (
+    CHANGE_OPS,
+    ControlReply,
+    ControlRequest,
+    HistoryEvent,
+    decode,
+    encode,
+    names,
+)
 from torchloom.protocol.names import ALL_JOBS
 from torchloom.transport import (
     Credentials,
@@ -47,10 +55,6 @@ def resolve_creds(state_dir: Path | None = None) -> Credentials | None:
     endpoint = read_endpoint(state_dir) or {}
     path = endpoint.get("operator_creds")
     return load_credentials(Path(path)) if isinstance(path, str) else None
-
-
-CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
-"""Ops that make a config version; :meth:`WeaverClient.control` gives them a request id."""
 
 
 def who() -> str:

@@ -80,7 +80,6 @@ class Stack:
     ) -> None:
         if secure is None:
             secure = not (is_loopback(nats_host) and (ui_port is None or is_loopback(ui_host)))
-        self.secure = secure
         self.nats_host = nats_host
         self.secure_dir = (
             SecureDir(

@@ -4,6 +4,7 @@ from torchloom.protocol.codec import MAX_MESSAGE_BYTES, decode, encode, from_bui
 from torchloom.protocol.config import resolve_values, select_snapshot
 from torchloom.protocol.knobs import BUILTIN_KNOBS, KnobSpec, coerce, coerce_all
 from torchloom.protocol.messages import (
+    CHANGE_OPS,
     SCHEMA_VERSION,
     ConfigSnapshot,
     ControlReply,
@@ -20,6 +21,7 @@ from torchloom.protocol.messages import (
 
 __all__ = [
     "BUILTIN_KNOBS",
+    "CHANGE_OPS",
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
     "ConfigSnapshot",

@@ -20,6 +20,8 @@ RunState = Literal["running", "paused", "stopped"]
 ControlOp = Literal[
     "join", "set", "pause", "resume", "stop", "drain", "status", "knobs", "policies", "policy"
 ]
+CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
+"""Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
 
 
 class MetricPoint(msgspec.Struct, array_like=True):

@@ -46,8 +46,7 @@ class Credentials(msgspec.Struct, kw_only=True, frozen=True):
 
     def tls_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts ``ca_pem`` (or the system's CAs)."""
-        ctx = ssl.create_default_context(cadata=self.ca_pem) if self.ca_pem else None
-        return ctx or ssl.create_default_context()
+        return ssl.create_default_context(cadata=self.ca_pem)
 
     def save(self, path: Path) -> Path:
         """Write these credentials to ``path`` (mode 0600); returns it."""

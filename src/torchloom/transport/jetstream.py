@@ -58,21 +58,8 @@ async def ensure_jetstream(
     """
     js = conn.client.jetstream(timeout=timeout_s)
     try:
-        for bucket, history in (
-            (names.CONFIG_BUCKET, 8),
-            (names.REGISTRY_BUCKET, 1),
-        ):
-            try:
-                await js.key_value(bucket)
-            except nats.js.errors.BucketNotFoundError:
-                await js.create_key_value(
-                    api.KeyValueConfig(
-                        bucket=bucket,
-                        history=history,
-                        storage=api.StorageType.FILE,
-                        direct=True,
-                    )
-                )
+        await _ensure_bucket(js, names.CONFIG_BUCKET, history=8)
+        await _ensure_bucket(js, names.REGISTRY_BUCKET, history=1)
         try:
             await js.stream_info(names.EVENTS_STREAM)
         except nats.js.errors.NotFoundError:
@@ -94,29 +81,36 @@ async def ensure_jetstream(
 
 async def ensure_lease_bucket(conn: Connection, *, ttl_s: float, timeout_s: float = 5.0) -> None:
     """Create the leader-lease bucket (``loom_leader``) if it does not exist: one value per
-    key, in memory, each entry removed by the server ``ttl_s`` seconds after it was written.
+    key, on disk, each entry removed by the server ``ttl_s`` seconds after it was written.
 
     Raises:
         NotReachableError: JetStream did not answer in ``timeout_s``.
     """
     js = conn.client.jetstream(timeout=timeout_s)
     try:
-        try:
-            await js.key_value(names.LEADER_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            await js.create_key_value(
-                api.KeyValueConfig(
-                    bucket=names.LEADER_BUCKET,
-                    history=1,
-                    ttl=ttl_s,
-                    storage=api.StorageType.FILE,
-                    direct=True,
-                )
-            )
+        await _ensure_bucket(js, names.LEADER_BUCKET, history=1, ttl_s=ttl_s)
     except _JS_ERRORS as exc:
         raise NotReachableError(
             f"JetStream is not available: {exc or type(exc).__name__}"
         ) from None
+
+
+async def _ensure_bucket(
+    js: JetStreamContext, bucket: str, *, history: int, ttl_s: float | None = None
+) -> None:
+    """Create a file-backed KV bucket with direct gets unless it exists (nats-py errors pass)."""
+    try:
+        await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=bucket,
+                history=history,
+                ttl=ttl_s,
+                storage=api.StorageType.FILE,
+                direct=True,
+            )
+        )
 
 
 class KeyValue:

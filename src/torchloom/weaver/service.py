@@ -33,6 +33,7 @@ from torchloom.errors import (
     RateLimitedError,
 )
 from torchloom.protocol import (
+    CHANGE_OPS,
     ControlReply,
     ControlRequest,
     DesiredConfig,
@@ -91,9 +92,6 @@ ENV_CRASH_AT = "TORCHLOOM_WEAVER_CRASH_AT"
 ``after_config_write:<op>`` makes the Weaver ``SIGKILL`` its own process at that point of
 the first ``<op>`` request (``set``, ``drain``, …): before its KV write, or after the write
 was acknowledged but before its history entry and the reply."""
-
-_RATE_LIMITED = frozenset({"set", "pause", "resume", "stop", "drain"})
-"""Ops that make a version: limited per requester (reads and joins are not)."""
 
 _DECIDE_NOW = frozenset(
     {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
@@ -543,7 +541,7 @@ class Weaver:
                     ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
                 )
             now = self.clock()
-            if req.op in _RATE_LIMITED and not self.rate_limiter.allow(
+            if req.op in CHANGE_OPS and not self.rate_limiter.allow(
                 req.requested_by or "?", time.monotonic()
             ):
                 err = RateLimitedError(
