@@ -92,6 +92,27 @@ class ConflictError(TorchloomError):
         self.expected_revision = expected_revision
 
 
+class DuplicateRankError(TorchloomError):
+    """A second process asked to be a rank whose identity a live process holds (a stale
+    worker from an earlier launch, a script started twice): the first keeps it."""
+
+    code = "duplicate_rank"
+
+    def __init__(
+        self, job_id: str, replica_id: str, rank: int, *, holder_host: str, holder_pid: int
+    ) -> None:
+        super().__init__(
+            f"rank {replica_id}/{rank} of job {job_id!r} is held by pid {holder_pid} on "
+            f"{holder_host or '?'} (a stale process from an earlier launch?); this process "
+            "trains without control and joins once that one is gone"
+        )
+        self.job_id = job_id
+        self.replica_id = replica_id
+        self.rank = rank
+        self.holder_host = holder_host
+        self.holder_pid = holder_pid
+
+
 class RateLimitedError(TorchloomError):
     """A requester sent more changes than the control entry point takes per second."""
 
@@ -122,6 +143,7 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         DecodeError,
         NotReachableError,
         ConflictError,
+        DuplicateRankError,
         RateLimitedError,
         AlreadyRunningError,
     )

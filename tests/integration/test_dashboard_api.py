@@ -160,18 +160,13 @@ def test_api_reads_steers_and_guards_a_live_job(tmp_path):
         again.stop()
 
 
+OFF_LOOPBACK = ("--ui-host", "0.0.0.0", "--no-secure")
+
+
 def test_the_dashboard_refuses_to_serve_off_loopback_without_a_token(tmp_path):
     # --no-secure: the default beyond loopback is secure mode, which makes a token itself
     r = subprocess.run(
-        [
-            str(BIN / "torchloom"),
-            "up",
-            "--state-dir",
-            str(tmp_path / "s"),
-            "--ui-host",
-            "0.0.0.0",
-            "--no-secure",
-        ],  # fmt: skip
+        [str(BIN / "torchloom"), "up", "--state-dir", str(tmp_path / "s"), *OFF_LOOPBACK],
         capture_output=True,
         text=True,
         timeout=60,

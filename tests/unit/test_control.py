@@ -361,3 +361,25 @@ def test_a_restarted_rank_resumes_the_job_instead_of_starting_a_new_epoch():
     commit(s, req, out, 201.0)
     assert not out.reset and s.jobs["j"].config.epoch == 1
     assert s.jobs["j"].config.latest().run_state == "stopped"  # the stop still holds
+
+
+def test_a_join_as_a_live_rank_from_another_process_is_refused_and_changes_nothing():
+    s = started()
+    ctl(s, 100.0, "set", {"lr": "0.01"})
+    before = s.jobs["j"].config
+    req = ControlRequest(
+        op="join",
+        job_id="j",
+        join=JoinInfo(replica_id="0", rank=0, pid=4242, host="h", initial_values={"lr": 0.5}),
+    )
+    out = handle(s, req, 100.1, SETTINGS)
+    assert not out.reply.ok and out.reply.error.code == "duplicate_rank"
+    assert "held by pid 1000" in out.reply.error.message
+    assert out.duplicate == (("j", "0", 0), "h", 4242)
+    assert s.jobs["j"].config is before and s.jobs["j"].ranks[("j", "0", 0)].entry.pid == 1000
+    # the same process joining again (a reconnect) is fine
+    again = ControlRequest(op="join", job_id="j", join=JoinInfo(replica_id="0", rank=0, pid=1000))
+    assert handle(s, again, 100.2, SETTINGS).reply.ok
+    # and once the holder is gone, the other process may join
+    check_liveness(s, 102.0)
+    assert handle(s, req, 102.1, SETTINGS).reply.ok

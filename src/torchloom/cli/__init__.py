@@ -54,6 +54,7 @@ from torchloom.paths import (
 from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
 from torchloom.secure import job_env
 from torchloom.weaver import ControlSettings, LivenessConfig
+from torchloom.weaver.lease import LeadershipLostError
 
 app = typer.Typer(
     name="torchloom",
@@ -206,7 +207,14 @@ def _wait_for_signal(stack: Stack, *, poll_s: float = 0.2) -> str:
     signal.signal(signal.SIGTERM, _handler)
     while not stopping.wait(poll_s):
         if not stack.alive():
-            return f"{stack.error}" if stack.error else "a component stopped unexpectedly"
+            error = stack.error
+            if isinstance(error, LeadershipLostError):
+                return f"this Weaver stepped down: {error.message}"
+            if isinstance(error, TorchloomError):
+                return error.message
+            if error is not None:  # a bug: say what it was, in one line
+                return f"{type(error).__name__}: {error}"
+            return "a component stopped unexpectedly"
     return "signal"
 
 

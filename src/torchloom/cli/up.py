@@ -236,7 +236,7 @@ class Stack:
         except asyncio.CancelledError:
             pass
         except BaseException as exc:
-            self.error = exc
+            self.error = _first_cause(exc)
         finally:
             loop.close()
 
@@ -274,3 +274,10 @@ class Stack:
                 (self.state_dir / ENDPOINT_FILE).unlink(missing_ok=True)
             self._lock.close()
             self._lock = None
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """The error itself, not the TaskGroup's wrapping ("unhandled errors in a TaskGroup")."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc

@@ -18,7 +18,17 @@ SCHEMA_VERSION = 1
 RankState = Literal["joining", "training", "paused", "suspect", "hung", "failed", "exited"]
 RunState = Literal["running", "paused", "stopped"]
 ControlOp = Literal[
-    "join", "set", "pause", "resume", "stop", "drain", "status", "knobs", "policies", "policy"
+    "join",
+    "set",
+    "pause",
+    "resume",
+    "stop",
+    "drain",
+    "replan",
+    "status",
+    "knobs",
+    "policies",
+    "policy",
 ]
 CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
@@ -93,6 +103,8 @@ class RankEvent(msgspec.Struct, kw_only=True):
     ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``), or a
     fault-tolerance fact reported by an integration (``quorum_changed``,
     ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
+    ``host`` and ``pid`` name the process that sent it (a second process with the same
+    identity is told apart by them; 0 / empty: not said).
     """
 
     v: int = SCHEMA_VERSION
@@ -105,6 +117,8 @@ class RankEvent(msgspec.Struct, kw_only=True):
     version: int = 0
     reason: str = ""
     data: dict[str, Any] = {}
+    host: str = ""
+    pid: int = 0
 
 
 class JoinInfo(msgspec.Struct, kw_only=True):
@@ -128,6 +142,7 @@ class ControlRequest(msgspec.Struct, kw_only=True):
 
     Attributes:
         op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs``, ``join``,
+            ``replan`` (the Weaver's own: a new version in place of pending ones out of reach),
             ``policies`` (list the Weaver's policies) or ``policy`` (change one: ``values``
             holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);

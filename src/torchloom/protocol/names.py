@@ -85,6 +85,8 @@ ALL_TELEMETRY = f"{PREFIX}.*.telemetry.*.*"
 ALL_EVENTS = f"{PREFIX}.*.events.*.*"
 ALL_CONTROL = f"{PREFIX}.*.control"
 ALL_JOIN = f"{PREFIX}.*.join"
+ALL_CONFIG_WATCH = f"$KV.{CONFIG_BUCKET}.*"
+"""Every job's config key (the policy settings' key has a dot, so it is not one of them)."""
 
 
 def config_key(job_id: str) -> str:

@@ -98,6 +98,8 @@ class Agent:
         self.nats_url: str | None = None
         self._creds: Credentials | None = None
         self.flush_errors = 0
+        self._refused = ""
+        """The Weaver's reason for refusing the last join (empty: not refused)."""
 
     def start(self) -> None:
         self._thread.start()
@@ -240,9 +242,14 @@ class Agent:
             reply = decode(raw, ControlReply, kind="join reply")
             if not reply.ok:
                 msg = reply.error.message if reply.error else "refused"
-                log.error("torchloom: the Weaver refused this rank's join: %s", msg)
+                if msg != self._refused:  # one line per reason, not one per retry
+                    log.error("torchloom: the Weaver refused this rank's join: %s", msg)
+                    self._refused = msg
                 raise NotReachableError(msg)
             run._offer(from_builtins(reply.data, DesiredConfig), time.time())
+            if self._refused:
+                log.warning("torchloom: joined as rank %s/%d", ident.replica_id, ident.rank)
+                self._refused = ""
             self._need_sync = False
             self._sync_backoff_s = 0.25
             self.joined.set()
@@ -312,6 +319,8 @@ class Agent:
                     version=ev.version,
                     reason=ev.reason,
                     data=ev.data,
+                    host=ident.host,
+                    pid=ident.pid,
                 )
                 await conn.publish(
                     names.events_subject(ident.job_id, ident.replica_id, ident.rank), encode(ev_msg)

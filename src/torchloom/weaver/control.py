@@ -15,6 +15,8 @@ from typing import Any
 import msgspec
 
 from torchloom.errors import (
+    DecodeError,
+    DuplicateRankError,
     InvalidKnobError,
     InvalidRequestError,
     TorchloomError,
@@ -30,6 +32,7 @@ from torchloom.protocol import (
     ErrorInfo,
     HistoryEvent,
     coerce_all,
+    decode,
     select_snapshot,
     to_builtins,
 )
@@ -38,7 +41,15 @@ from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import JOURNAL_LENGTH
 from torchloom.protocol.names import ALL_JOBS, check_id
 from torchloom.weaver import views
-from torchloom.weaver.state import ApplyTracking, Job, WeaverState, plan_effective_step, upsert_rank
+from torchloom.weaver.planning import (
+    Position,
+    Reach,
+    flag_outliers,
+    floor_step,
+    plan_effective_step,
+    position,
+)
+from torchloom.weaver.state import ApplyTracking, Job, RankKey, WeaverState, holds, upsert_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,12 +61,18 @@ class ControlSettings:
             on top of the slowest config delivery the ranks reported.
         min_lead_steps: the effective step is at least this many steps ahead.
         max_pending_versions: versions kept in the KV document at once.
+        reach: how far ahead of the job a rank is an outlier and a pending version is out
+            of reach (:mod:`~torchloom.weaver.planning`).
     """
 
     lead_time_s: float = 0.5
     min_lead_steps: int = 2
     max_pending_versions: int = 64
+    reach: Reach = field(default_factory=Reach)
 
+
+MAX_VERSION = 2**53
+"""Config versions stay below this (exact in every JSON reader, the dashboard's included)."""
 
 JOURNAL_KINDS = frozenset({"config_set", "job_started"})
 """History entries made by a new config version (kept in the config's journal)."""
@@ -68,6 +85,13 @@ class Outcome:
     events: list[HistoryEvent] = field(default_factory=list)
     tracking: ApplyTracking | None = None
     reset: bool = False
+    superseded: list[int] = field(default_factory=list)
+    """Pending versions the new one replaces (out of reach, or due at the same step)."""
+    position: Position | None = None
+    """The job's position the new version was planned from (its outliers get flagged)."""
+    duplicate: tuple[RankKey, str, int] | None = None
+    """A refused join of a second process with a live rank's identity: ``(key, host, pid)``
+    (see :func:`~torchloom.weaver.state.duplicate_claim`)."""
 
 
 def handle(
@@ -89,13 +113,18 @@ def handle(
         done = _already_done(job, req.request_id)
         return done if done is not None else _change(job, req, now, settings)
     except TorchloomError as exc:
+        duplicate = None
+        if isinstance(exc, DuplicateRankError) and req.join is not None:
+            key = (req.job_id, req.join.replica_id, req.join.rank)
+            duplicate = (key, req.join.host, req.join.pid)
         return Outcome(
             ControlReply(
                 ok=False,
                 error=ErrorInfo(
                     code=exc.code, message=exc.message, knob=getattr(exc, "knob", None)
                 ),
-            )
+            ),
+            duplicate=duplicate,
         )
 
 
@@ -134,7 +163,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     overrides = {k: dict(v) for k, v in latest.overrides.items()}
     run_state = latest.run_state
     drained = list(latest.drained)
-    if latest.run_state == "stopped":
+    if latest.run_state == "stopped" and req.op != "replan":
         raise InvalidRequestError(
             f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change"
         )
@@ -176,18 +205,29 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         what = f"drain replica group(s) {', '.join(sorted(targets))}" + (
             " with replacement" if req.replace else ""
         )
+    elif req.op == "replan":
+        what = f"v{latest.version} re-planned"
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
+    pos = position(job, reach=settings.reach)
+    floor = floor_step(job.config.snapshots, pos)
+    if req.op == "replan" and floor >= latest.effective_step:
+        raise InvalidRequestError(f"every pending version of job {job.job_id!r} is in reach")
     consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
-    if req.op == "resume":
-        eff = latest.effective_step  # ranks wait at the pause step; go on from there
+    if req.op == "resume" and floor == latest.effective_step:
+        eff = floor  # ranks wait at the pause step; go on from there
     elif not consistent:
         # only knobs that need no common step: each rank takes it at its next step boundary
-        live_steps = [r.entry.last_step for r in job.live_ranks()]
-        eff = max(latest.effective_step, min(live_steps) + 1 if live_steps else 0)
+        live_steps = [r.entry.last_step for r in (pos.members if pos else job.live_ranks())]
+        eff = max(floor, min(live_steps) + 1 if live_steps else 0)
     else:
         eff = plan_effective_step(
-            job, now, lead_time_s=settings.lead_time_s, min_lead_steps=settings.min_lead_steps
+            job,
+            now,
+            lead_time_s=settings.lead_time_s,
+            min_lead_steps=settings.min_lead_steps,
+            reach=settings.reach,
+            pos=pos,
         )
     version = latest.version + 1
     snap = ConfigSnapshot(
@@ -200,6 +240,10 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         issued_ts=now,
         reason=req.reason or what,
     )
+    # versions planned beyond this one are out of reach (else they would be the floor)
+    superseded = [s.version for s in job.config.snapshots if s.effective_step > eff]
+    if superseded:
+        what += f" (supersedes v{', v'.join(map(str, superseded))}: out of reach)"
     snapshots = _prune([*job.config.snapshots, snap], job, settings.max_pending_versions)
     new = msgspec.structs.replace(job.config, snapshots=snapshots)
     expected = {r.key for r in job.live_ranks()}
@@ -224,6 +268,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
                 if req.op == "drain"
                 else {}
             ),
+            **({"superseded": superseded} if superseded else {}),
         },
     )
     return Outcome(
@@ -233,6 +278,25 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         tracking=ApplyTracking(
             version=version, effective_step=eff, issued_ts=now, expected=expected, strict=consistent
         ),
+        superseded=superseded,
+        position=pos,
+    )
+
+
+def replan_request(job: Job, pos: Position | None) -> ControlRequest | None:
+    """The Weaver's own request to re-plan ``job``'s newest version when no live rank that
+    counts (``pos``, from :func:`~torchloom.weaver.planning.review`) can reach its effective
+    step — say it was planned while a rank reported a bogus step, and that rank has since
+    failed — else None."""
+    latest = job.config.latest() if job.config is not None else None
+    if latest is None or pos is None or pos.reachable(latest.effective_step):
+        return None
+    return ControlRequest(
+        op="replan",
+        job_id=job.job_id,
+        requested_by="weaver",
+        reason=f"v{latest.version}'s effective step {latest.effective_step} is out of reach: "
+        f"the job is at step {pos.top_step}",
     )
 
 
@@ -318,6 +382,21 @@ def _join(state: WeaverState, req: ControlRequest, now: float) -> Outcome:
     if req.job_id == ALL_JOBS:
         raise InvalidRequestError(f"job id {ALL_JOBS!r} is reserved")
     job = state.jobs.get(req.job_id)
+    holder = job.ranks.get((req.job_id, info.replica_id, info.rank)) if job else None
+    if holder is not None and not holds(
+        holder,
+        host=info.host,
+        pid=info.pid,
+        now=now,
+        failure_timeout_s=state.liveness.failure_timeout_s,
+    ):
+        raise DuplicateRankError(
+            req.job_id,
+            info.replica_id,
+            info.rank,
+            holder_host=holder.entry.host,
+            holder_pid=holder.entry.pid,
+        )
     knobs = dict(BUILTIN_KNOBS)
     for spec in info.custom_knobs:
         knobs[spec.name] = check_spec(spec)
@@ -358,8 +437,18 @@ def commit(
     state: WeaverState, req: ControlRequest, outcome: Outcome, now: float
 ) -> list[HistoryEvent]:
     """Make an accepted outcome part of the state (after its KV write succeeded)."""
+    events = commit_config(state, req.job_id, outcome, now)
+    if req.op == "join" and req.join is not None:
+        events += _commit_join(state, req, outcome, now)
+    return events
+
+
+def commit_config(
+    state: WeaverState, job_id: str, outcome: Outcome, now: float
+) -> list[HistoryEvent]:
+    """The config part of :func:`commit`: the new document, its apply tracking, outliers."""
     events = list(outcome.events)
-    job = state.job(req.job_id)
+    job = state.job(job_id)
     if outcome.reset:  # the previous epoch's ranks leave the DR map; live ones are about to join
         for key, old in list(job.ranks.items()):
             if not old.live:
@@ -370,28 +459,121 @@ def commit(
         job.config = outcome.new_config
     if outcome.tracking is not None:
         job.applies[outcome.tracking.version] = outcome.tracking
-    if req.op == "join" and req.join is not None:
-        j = req.join
-        # a new process may take the place of a drained one
-        job.departed.pop((req.job_id, j.replica_id, j.rank), None)
-        rank, joined = upsert_rank(
-            state,
-            job_id=req.job_id,
-            replica_id=j.replica_id,
-            rank_no=j.rank,
-            now=now,
-            group_world_size=j.group_world_size,
-            host=j.host,
-            pid=j.pid,
-            device=j.device,
+    for version in outcome.superseded:  # replaced before anyone could apply them
+        job.applies.pop(version, None)
+    if outcome.position is not None:
+        events += flag_outliers(job, outcome.position, now)
+    return events
+
+
+def _commit_join(
+    state: WeaverState, req: ControlRequest, outcome: Outcome, now: float
+) -> list[HistoryEvent]:
+    assert req.join is not None
+    j = req.join
+    job = state.job(req.job_id)
+    # a new process may take the place of a drained one
+    job.departed.pop((req.job_id, j.replica_id, j.rank), None)
+    rank, events = upsert_rank(
+        state,
+        job_id=req.job_id,
+        replica_id=j.replica_id,
+        rank_no=j.rank,
+        now=now,
+        group_world_size=j.group_world_size,
+        host=j.host,
+        pid=j.pid,
+        device=j.device,
+    )
+    if rank is None:  # another process took this identity while the join was written
+        holder = job.ranks[(req.job_id, j.replica_id, j.rank)].entry
+        exc = DuplicateRankError(
+            req.job_id, j.replica_id, j.rank, holder_host=holder.host, holder_pid=holder.pid
         )
-        events += joined
-        if job.config is not None and rank.entry.epoch != job.config.epoch:
-            rank.entry.epoch = job.config.epoch
-            state.dirty.add(rank.key)
-    if outcome.reply.ok and job.config is not None and req.op == "join":
+        outcome.reply = ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
+        return events
+    if job.config is not None and rank.entry.epoch != job.config.epoch:
+        rank.entry.epoch = job.config.epoch
+        state.dirty.add(rank.key)
+    if outcome.reply.ok and job.config is not None:
         outcome.reply.data = to_builtins(job.config)
     return events
+
+
+def restore(job: Job, foreign: bytes | None, now: float, settings: ControlSettings) -> Outcome:
+    """What to write over ``job``'s config document after something other than this Weaver
+    wrote it (``foreign``: what it wrote; None: it deleted the key).
+
+    The Weaver's own document goes back. When the foreign document is one the ranks may have
+    taken (it decodes, names this job, and announces a version at or above the Weaver's), the
+    Weaver's newest values come back as a new version above it, at a planned effective step,
+    so those ranks return to them at one step; otherwise the ranks ignored it and the same
+    document is written again. Either way a ``config_restored`` event says what was found.
+    """
+    assert job.config is not None
+    latest = job.config.latest()
+    assert latest is not None
+    seen = 0
+    if foreign is None:
+        found = "deleted it"
+    else:
+        try:
+            doc = decode(foreign, DesiredConfig, kind="desired config")
+            top = doc.latest()
+            seen = top.version if top is not None and doc.job_id == job.job_id else 0
+            found = f"wrote a config document at v{seen}"
+        except DecodeError as exc:
+            found = f"wrote {len(foreign)} bytes that are not a config document ({exc.reason[:80]})"
+    events = [
+        HistoryEvent(
+            job_id=job.job_id,
+            kind="config_restored",
+            ts=now,
+            version=latest.version,
+            message=f"something other than this Weaver {found} in job {job.job_id}'s config "
+            f"key; restored v{latest.version} from the Weaver's state",
+            data={"found_version": seen or None, "restored_version": latest.version},
+        )
+    ]
+    if seen < latest.version or seen + 1 > MAX_VERSION:
+        return Outcome(ControlReply(ok=True), new_config=job.config, events=events)
+    version = seen + 1
+    eff = plan_effective_step(
+        job,
+        now,
+        lead_time_s=settings.lead_time_s,
+        min_lead_steps=settings.min_lead_steps,
+        reach=settings.reach,
+    )
+    snap = msgspec.structs.replace(
+        latest,
+        version=version,
+        effective_step=eff,
+        issued_ts=now,
+        reason=f"v{latest.version} restored over a foreign v{seen}",
+    )
+    snapshots = _prune([*job.config.snapshots, snap], job, settings.max_pending_versions)
+    events.append(
+        HistoryEvent(
+            job_id=job.job_id,
+            kind="config_set",
+            ts=now,
+            step=eff,
+            version=version,
+            message=f"v{version}: the values of v{latest.version} again, above the foreign "
+            f"v{seen}, effective at step {eff}",
+            data={"op": "restore", "values": {}, "requested_by": "weaver", "request_id": ""},
+        )
+    )
+    expected = {r.key for r in job.live_ranks()}
+    return Outcome(
+        ControlReply(ok=True, version=version, effective_step=eff),
+        new_config=msgspec.structs.replace(job.config, snapshots=snapshots),
+        events=events,
+        tracking=ApplyTracking(
+            version=version, effective_step=eff, issued_ts=now, expected=expected
+        ),
+    )
 
 
 def _fmt_values(values: dict[str, Any]) -> str:

@@ -173,6 +173,19 @@ class Lease:
             "lease had expired (NATS away for over %.1f s); taken again", self.settings.ttl_s
         )
 
+    async def still_held(self) -> bool:
+        """Whether this Weaver still holds the lease, as the bucket says now.
+
+        Raises:
+            NotReachableError: NATS did not answer.
+        """
+        raw, _ = await self.kv.get_entry(names.LEADER_KEY)
+        try:
+            current = msgspec.json.decode(raw, type=Holder) if raw else None
+        except msgspec.DecodeError:
+            return False
+        return current is not None and current.instance == self.me.instance
+
     async def hold(self) -> None:
         """Renew every ``renew_every_s`` until cancelled.
 

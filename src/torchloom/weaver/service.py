@@ -58,9 +58,11 @@ from torchloom.transport import (
     ensure_lease_bucket,
 )
 from torchloom.weaver import control
+from torchloom.weaver.configstore import ConfigStore
 from torchloom.weaver.control import JOURNAL_KINDS, ControlSettings
 from torchloom.weaver.ingest import IngestStats
 from torchloom.weaver.lease import LeadershipLostError, Lease, LeaseSettings
+from torchloom.weaver.planning import review
 from torchloom.weaver.policies import Decision, PolicyEngine
 from torchloom.weaver.ratelimit import RateLimiter
 from torchloom.weaver.state import (
@@ -69,6 +71,7 @@ from torchloom.weaver.state import (
     Rank,
     WeaverState,
     check_liveness,
+    duplicate_claim,
     grant_grace,
     on_rank_event,
     on_telemetry,
@@ -153,8 +156,6 @@ class Weaver:
         self._crash_at = os.environ.get(ENV_CRASH_AT, "")
         self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
         """Changes per requester at the control entry point (20/s sustained, 50 at once)."""
-        self._config_rev: dict[str, int] = {}
-        """Revision of each job's config key as this Weaver last read or wrote it."""
         self.state = WeaverState(liveness=liveness or LivenessConfig())
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
@@ -162,6 +163,7 @@ class Weaver:
         self._listeners: list[EventSink] = [on_event] if on_event is not None else []
         self._conn: Connection | None = None
         self._config_kv: KeyValue | None = None
+        self._configs: ConfigStore | None = None
         self._registry_kv: KeyValue | None = None
         self._history: History | None = None
         self._outbox: collections.deque[tuple[str, HistoryEvent]] = collections.deque(
@@ -185,6 +187,7 @@ class Weaver:
         self.policy_round_s = 0.0
         """How long the last policy round took to decide, in seconds."""
         self._deciding: asyncio.Future[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None
         self.ready = asyncio.Event()
         self.ingest = {"telemetry": IngestStats(), "rank_event": IngestStats()}
         """Intake counters and lag per message kind (see :mod:`~torchloom.weaver.ingest`)."""
@@ -217,6 +220,7 @@ class Weaver:
                 holder.add_done_callback(self._on_lease_done)
             self.role = "leader"
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
+            self._configs = ConfigStore(self._config_kv)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
             self._history = History(self._conn)
             await self._load()
@@ -226,6 +230,7 @@ class Weaver:
                 names.ALL_CONTROL, self._on_control, queue="torchloom-weaver"
             )
             await self._conn.subscribe(names.ALL_JOIN, self._on_control, queue="torchloom-weaver")
+            await self._conn.subscribe(names.ALL_CONFIG_WATCH, self._on_config_write)
             await self._conn.flush()
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
@@ -277,7 +282,8 @@ class Weaver:
                 log.warning("ignoring stored config %s: %s", key, exc)
                 continue
             self.state.job(doc.job_id).config = doc
-            self._config_rev[doc.job_id] = revision
+            assert self._configs is not None
+            self._configs.loaded(doc.job_id, raw, revision)
             await self._replay_journal(doc)
         for key, raw in (await self._registry_kv.items()).items():
             try:
@@ -357,9 +363,20 @@ class Weaver:
         self._deciding = asyncio.ensure_future(self._decide())
 
     async def _decide(self) -> None:
-        """One round of the policies; each decision goes through :meth:`submit` like a person's."""
+        """One round of the policies; each decision goes through :meth:`submit` like a person's.
+
+        Before them, each job's position is reviewed (:func:`~torchloom.weaver.planning.review`):
+        outliers are flagged, and a newest version out of every member's reach is re-planned."""
         now = self.clock()
         t0 = time.monotonic()
+        for job in list(self.state.jobs.values()):
+            events, pos = review(job, now, reach=self.settings.reach)
+            self._record(events)
+            replan = control.replan_request(job, pos)
+            if replan is not None:
+                replanned = await self.submit(replan)
+                if not replanned.ok and replanned.error is not None:
+                    log.warning("re-planning job %s: %s", job.job_id, replanned.error.message)
         scores = self.policies.scores(now, self.state)
         for job in self.state.jobs.values():
             for key, rank in job.ranks.items():
@@ -534,13 +551,17 @@ class Weaver:
         await self._reply(msg, reply)
 
     async def submit(self, req: ControlRequest) -> ControlReply:
-        """The control entry point: validate, persist the new desired config, record, answer."""
+        """The control entry point: validate, persist the new desired config, record, answer.
+
+        The reply goes out once the config's KV write is acknowledged; its history entries
+        are in that same document's journal, so they are appended right after, off the
+        reply's path, without being lost if this Weaver dies first.
+        """
         async with self._control_lock:
             if self._lost is not None:
                 return ControlReply(
                     ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
                 )
-            now = self.clock()
             if req.op in CHANGE_OPS and not self.rate_limiter.allow(
                 req.requested_by or "?", time.monotonic()
             ):
@@ -549,7 +570,18 @@ class Weaver:
                     f"{self.rate_limiter.rate_per_s:g} changes/s; slow down"
                 )
                 return ControlReply(ok=False, error=ErrorInfo(code=err.code, message=err.message))
+            reply = await self._submit_locked(req)
+        self._flush_soon()
+        return reply
+
+    async def _submit_locked(self, req: ControlRequest) -> ControlReply:
+        for attempt in range(2):  # a second time after a foreign write was undone
+            now = self.clock()
             outcome = control.handle(self.state, req, now, self.settings)
+            if outcome.duplicate is not None:
+                key, host, pid = outcome.duplicate
+                rank = self.state.jobs[key[0]].ranks[key]
+                self._record(duplicate_claim(self.state, rank, host=host, pid=pid, now=now))
             if not outcome.reply.ok:
                 if req.op != "join":
                     log.info(
@@ -560,36 +592,98 @@ class Weaver:
                     )
                 return outcome.reply
             if outcome.new_config is not None:
-                assert self._config_kv is not None
                 outcome.new_config = control.journaled(outcome.new_config, outcome.events)
                 self._maybe_crash("before_config_write", req.op)
-                try:
-                    # compare-and-set: a config written by another Weaver is never overwritten
-                    self._config_rev[req.job_id] = await self._config_kv.update(
-                        names.config_key(req.job_id),
-                        encode(outcome.new_config),
-                        revision=self._config_rev.get(req.job_id, 0),
-                    )
-                except ConflictError as exc:
-                    self._lost = LeadershipLostError(
-                        f"another weaver wrote job {req.job_id}'s config ({exc.message})"
-                    )
-                    return ControlReply(
-                        ok=False,
-                        error=ErrorInfo(
-                            code=exc.code,
-                            message=f"not applied: {exc.message}; this weaver steps down",
-                        ),
-                    )
-                except NotReachableError as exc:
-                    return ControlReply(
-                        ok=False,
-                        error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}"),
-                    )
+                failed = await self._write_config(outcome.new_config)
+                if failed is _RETRY and attempt == 0:
+                    continue
+                if failed is not None:
+                    return failed if failed is not _RETRY else _conflict_reply(req.job_id)
                 self._maybe_crash("after_config_write", req.op)
             self._record(control.commit(self.state, req, outcome, now))
-        await self._flush_all()
-        return outcome.reply
+            return outcome.reply
+        raise AssertionError("unreachable")
+
+    def _flush_soon(self) -> None:
+        """Append the history and the registry now, without waiting for it."""
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.ensure_future(self._flush_all())
+
+    async def _write_config(self, doc: DesiredConfig) -> ControlReply | None:
+        """Write ``doc`` (compare-and-set); None when done, ``_RETRY`` when someone else had
+        written the job's config and this Weaver, still the leader, undid it
+        (:meth:`_restore_config`), else the error reply (NATS away; the lease lost: this
+        Weaver steps down)."""
+        assert self._configs is not None
+        try:
+            await self._configs.write(doc)
+            return None
+        except NotReachableError as exc:
+            return ControlReply(
+                ok=False, error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}")
+            )
+        except ConflictError as exc:
+            if await self._restore_config(doc.job_id):
+                return _RETRY
+            return ControlReply(
+                ok=False,
+                error=ErrorInfo(
+                    code=exc.code, message=f"not applied: {exc.message}; this weaver steps down"
+                ),
+            )
+
+    async def _on_config_write(self, msg: Message) -> None:
+        """A write on a job's config key: if it is not this Weaver's own, look closer."""
+        job_id = msg.subject.rsplit(".", 1)[-1]
+        job = self.state.jobs.get(job_id)
+        if job is None or job.config is None or self._configs is None:
+            return
+        if self._configs.is_own(job_id, msg.data):
+            return
+        async with self._control_lock:
+            try:
+                raw, revision = await self._configs.current(job_id)
+            except NotReachableError:
+                return
+            if self._configs.foreign(revision, job_id):
+                await self._restore_config(job_id, found=(raw, revision))
+
+    async def _restore_config(
+        self, job_id: str, *, found: tuple[bytes | None, int] | None = None
+    ) -> bool:
+        """Undo a write of ``job_id``'s config by someone else; called under the control lock.
+
+        If this Weaver no longer holds the leader lease it steps down (returns False).
+        Otherwise the document goes back from its state (:func:`control.restore`: one job
+        only, every other job untouched) with a ``config_restored`` event; True.
+        """
+        assert self._configs is not None
+        try:
+            if self.lease is not None and not await self.lease.still_held():
+                self._lost = LeadershipLostError(
+                    f"another weaver holds the lease and wrote job {job_id}'s config"
+                )
+                return False
+            raw, revision = found if found is not None else await self._configs.current(job_id)
+            for _ in range(3):
+                now = self.clock()
+                job = self.state.jobs[job_id]
+                outcome = control.restore(job, raw, now, self.settings)
+                assert outcome.new_config is not None
+                doc = control.journaled(outcome.new_config, outcome.events)
+                try:
+                    await self._configs.write(doc, revision=revision)
+                except ConflictError:  # written again meanwhile: look once more
+                    raw, revision = await self._configs.current(job_id)
+                    continue
+                outcome.new_config = doc
+                self._record(control.commit_config(self.state, job_id, outcome, now))
+                log.warning("%s", outcome.events[0].message)
+                return True
+            log.error("job %s: its config key keeps being written by someone else", job_id)
+        except NotReachableError as exc:
+            log.warning("job %s: could not restore its config: %s", job_id, exc.message)
+        return True
 
     def _maybe_crash(self, point: str, op: str) -> None:
         if self._crash_at == f"{point}:{op}":
@@ -689,6 +783,21 @@ async def _freeze_long_lived(*, every_s: float = 10.0, thaw_every_s: float = 600
             thawed = time.monotonic()
         else:
             gc.freeze()
+
+
+_RETRY = ControlReply(ok=False)
+"""What :meth:`Weaver._write_config` returns when the change is to be made again."""
+
+
+def _conflict_reply(job_id: str) -> ControlReply:
+    return ControlReply(
+        ok=False,
+        error=ErrorInfo(
+            code=ConflictError.code,
+            message=f"not applied: job {job_id}'s config keeps being written by someone "
+            "else; send the change again",
+        ),
+    )
 
 
 def _decision_event(

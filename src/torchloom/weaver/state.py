@@ -192,6 +192,11 @@ class Job:
     applies: dict[int, ApplyTracking] = field(default_factory=dict)
     departed: dict[RankKey, int] = field(default_factory=dict)
     """Drained ranks (key → pid): their late messages must not put them back in the DR map."""
+    claimants: dict[tuple[RankKey, str, int], float] = field(default_factory=dict)
+    """Second processes that claimed a live rank's identity, ``(key, host, pid)`` → last seen."""
+    outliers: set[RankKey] = field(default_factory=set)
+    """Live ranks flagged as far ahead of the job's position (:mod:`~torchloom.weaver.planning`):
+    left out of effective-step planning until they are back in range."""
 
     def live_ranks(self) -> list[Rank]:
         return [r for r in self.ranks.values() if r.live]
@@ -281,6 +286,53 @@ def set_rank_state(
     return events
 
 
+MAX_CLAIMANTS = 64
+"""Duplicate claimants remembered per job (each reported once); beyond it the oldest go."""
+
+
+def holds(rank: Rank, *, host: str, pid: int, now: float, failure_timeout_s: float) -> bool:
+    """Whether the process ``(host, pid)`` may speak as ``rank``: it is the process the DR map
+    knows, or that process is gone (failed, exited, or silent for ``failure_timeout_s``).
+
+    The rule that fences a second process with a live identity (a stale worker that
+    torchrun left behind, a copy started twice): **the first live claimant keeps it**. A
+    process is ``(host, pid)``; a message without a pid (an old Threadlet) is not judged.
+    """
+    e = rank.entry
+    if not pid or not e.pid or (pid == e.pid and (host or e.host) == e.host):
+        return True
+    return not (rank.live and now - e.last_seen_ts < failure_timeout_s)
+
+
+def duplicate_claim(
+    state: WeaverState, rank: Rank, *, host: str, pid: int, now: float
+) -> list[HistoryEvent]:
+    """A second process claimed ``rank`` while its holder is live: a ``duplicate_rank``
+    event the first time this claimant is seen, and a count of its dropped messages."""
+    state.count_dropped("duplicate_rank")
+    job = state.jobs[rank.entry.job_id]
+    claim = (rank.key, host, pid)
+    seen = claim in job.claimants
+    job.claimants[claim] = now
+    if seen:
+        return []
+    if len(job.claimants) > MAX_CLAIMANTS:
+        del job.claimants[min(job.claimants, key=job.claimants.__getitem__)]
+    e = rank.entry
+    return [
+        _event(
+            "duplicate_rank",
+            rank,
+            now,
+            f"rank {e.replica_id}/{e.rank} claimed by a second process (pid {pid} on "
+            f"{host or '?'}) while pid {e.pid} on {e.host or '?'} holds it: refused; the first "
+            "keeps the identity, the second trains without control until the first is gone",
+            holder={"host": e.host, "pid": e.pid},
+            claimant={"host": host, "pid": pid},
+        )
+    ]
+
+
 def upsert_rank(
     state: WeaverState,
     *,
@@ -292,12 +344,21 @@ def upsert_rank(
     host: str = "",
     pid: int = 0,
     device: str = "",
-) -> tuple[Rank, list[HistoryEvent]]:
-    """Find the rank or add it to the DR map (state ``joining``); refresh its identity."""
+) -> tuple[Rank | None, list[HistoryEvent]]:
+    """Find the rank or add it to the DR map (state ``joining``); refresh its identity.
+
+    A new process (another ``(host, pid)``) takes the rank's place only when the old one is
+    gone (:func:`holds`); while it is live the newcomer is a duplicate: ``(None, events)``
+    with a ``duplicate_rank`` event the first time, and its message is to be dropped.
+    """
     job = state.job(job_id)
     key = (job_id, replica_id, rank_no)
     rank = job.ranks.get(key)
     events: list[HistoryEvent] = []
+    if rank is not None and not holds(
+        rank, host=host, pid=pid, now=now, failure_timeout_s=state.liveness.failure_timeout_s
+    ):
+        return None, duplicate_claim(state, rank, host=host, pid=pid, now=now)
     if rank is None or (pid and rank.entry.pid and pid != rank.entry.pid):
         restarted = rank is not None
         rank = Rank(
@@ -312,6 +373,7 @@ def upsert_rank(
             step_changed_ts=now,
         )
         job.ranks[key] = rank
+        job.outliers.discard(key)
         state.removed.discard(key)
         events.append(
             _event(
@@ -354,6 +416,8 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
         pid=msg.pid,
         device=msg.device,
     )
+    if rank is None:
+        return events  # from a second process with this identity: not taken
     e = rank.entry
     if msg.seq <= rank.last_seq and msg.seq != 0:
         return events  # a duplicate or reordered flush
@@ -405,8 +469,16 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
     if job is not None and key in job.departed and key not in job.ranks:
         return []  # from a drained rank that has left the DR map
     rank, events = upsert_rank(
-        state, job_id=msg.job_id, replica_id=msg.replica_id, rank_no=msg.rank, now=now
+        state,
+        job_id=msg.job_id,
+        replica_id=msg.replica_id,
+        rank_no=msg.rank,
+        now=now,
+        host=msg.host,
+        pid=msg.pid,
     )
+    if rank is None:
+        return events  # from a second process with this identity: not taken
     rank.entry.last_seen_ts = max(rank.entry.last_seen_ts, now)
     if msg.kind == "exited":
         rank.entry.last_step = max(rank.entry.last_step, msg.step)
@@ -609,40 +681,3 @@ def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
                     f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s",
                 )
     return events
-
-
-def estimate_step(rank: Rank, at: float) -> float:
-    """Where ``rank`` will be at time ``at`` (s), from its last report and step rate."""
-    if rank.state == "paused":
-        return float(rank.entry.last_step)
-    return rank.entry.last_step + rank.steps_per_s * max(0.0, at - rank.entry.last_seen_ts)
-
-
-def plan_effective_step(job: Job, now: float, *, lead_time_s: float, min_lead_steps: int) -> int:
-    """Pick the step at which a new config version takes effect on every rank.
-
-    The step is ahead of where the fastest live rank will be once
-    ``lead_time_s`` (plus the slowest config delivery lately observed) has
-    passed, by at least ``min_lead_steps``, and never before the previous
-    version's effective step. When the job is paused and every live rank is
-    waiting at the pause step, that step is used: every rank applies the new
-    version before it runs again.
-
-    Returns:
-        The effective step (0 for a job with no live rank).
-    """
-    latest = job.config.latest() if job.config else None
-    floor = latest.effective_step if latest else 0
-    live = job.live_ranks()
-    if not live:
-        return floor
-    if (
-        latest is not None
-        and latest.run_state == "paused"
-        and all(r.state == "paused" and r.entry.last_step == latest.effective_step for r in live)
-    ):
-        return floor
-    lag_s = max((r.config_lag_s for r in live), default=0.0)
-    horizon = now + lead_time_s + min(2 * lag_s, 5.0)
-    ahead = max(estimate_step(r, horizon) for r in live)
-    return max(floor, math.ceil(ahead - 1e-9) + min_lead_steps)
