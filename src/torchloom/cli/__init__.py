@@ -639,16 +639,16 @@ def set_(
 def _wait_applied(client: WeaverClient, job_id: str, version: int, *, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        jobs = client.status(job_id).get("jobs", [])
-        ranks = [
-            r for r in (jobs[0]["ranks"] if jobs else []) if r["state"] not in ("exited", "failed")
-        ]
-        if ranks and all(r["applied_version"] >= version for r in ranks):
-            steps = {f"{r['replica_id']}/{r['rank']}": r.get("applied_at_step") for r in ranks}
-            out.print(
-                f"v{version} applied by {len(ranks)} rank(s): "
-                + ", ".join(f"{k} at step {s}" for k, s in steps.items())
-            )
+        jobs = client.status(job_id, states=["live"], limit=20, sort="rank").get("jobs", [])
+        applied = jobs[0]["summary"]["applied_versions"] if jobs else {}
+        if applied and all(int(v) >= version for v in applied):
+            n = sum(applied.values())
+            steps = [
+                f"{r['replica_id']}/{r['rank']} at step {r.get('applied_at_step')}"
+                for r in jobs[0]["ranks"]
+            ]
+            more = f" … and {n - len(steps)} more" if n > len(steps) else ""
+            out.print(f"v{version} applied by {n} rank(s): " + ", ".join(steps) + more)
             return
         time.sleep(0.2)
     raise NotReachableError(
@@ -726,6 +726,39 @@ def drain(
 
 
 @app.command()
+def forget(
+    replica: Annotated[
+        str | None, typer.Option("--replica", "-r", help="only this replica group")
+    ] = None,
+    rank: Annotated[
+        int | None, typer.Option("--rank", help="only this rank (with --replica)")
+    ] = None,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Take gone ranks (failed, exited) out of the DR map: all of the job's, of one replica
+    group, or one rank. Live ranks are never forgotten. (The Weaver forgets gone ranks by
+    itself after an hour, and keeps at most 1,000 per job.)"""
+    client = _client(nats_url, state_dir, timeout_s)
+    job_id = _pick_job(client, job)
+    reply = client.request(
+        ControlRequest(
+            op="forget",
+            job_id=job_id,
+            replica_id=replica,
+            values={"rank": rank} if rank is not None else {},
+            requested_by=who(),
+        )
+    )
+    data = reply.data or {}
+    ids = data.get("ranks", [])
+    shown = ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "")
+    out.print(f"forgot {data.get('forgotten', 0)} gone rank(s) of job {job_id}: {shown or '—'}")
+
+
+@app.command()
 def chaos(
     kill_every: Annotated[
         str, typer.Option("--kill-every", help="time between kills, e.g. 30s, 500ms, 2m")
@@ -759,7 +792,7 @@ def chaos(
     try:
         while until is None or time.monotonic() + every_s <= until:
             time.sleep(every_s)
-            jobs = client.status(job_id).get("jobs", [])
+            jobs = client.status(job_id, states=["live"], limit=1000).get("jobs", [])
             victim = choose_victim(
                 jobs[0]["ranks"] if jobs else [], target=target, host=host, rng=rng
             )
@@ -787,17 +820,36 @@ def chaos(
 @app.command()
 def status(
     job: JobOpt = None,
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state",
+            "-s",
+            help="only ranks in this state (repeatable): training, failed, …, or live / dead",
+        ),
+    ] = None,
+    replica: Annotated[
+        str | None, typer.Option("--replica", "-r", help="only this replica group")
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="ranks shown (0: summary only)")] = 50,
+    offset: Annotated[int, typer.Option("--offset", help="ranks skipped first")] = 0,
+    sort: Annotated[
+        str, typer.Option("--sort", help="attention (failed first), rank, slowest, step")
+    ] = "attention",
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status as JSON")] = False,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
     timeout_s: TimeoutOpt = 5.0,
 ) -> None:
-    """The DR map and, per rank: state, step, loss, samples/s, applied config version."""
-    data = _client(nats_url, state_dir, timeout_s).status(job)
+    """A summary of the job (ranks per state, replica groups, applied versions, the slowest
+    ranks) and a page of its DR map: per rank state, step, loss, samples/s, config version."""
+    data = _client(nats_url, state_dir, timeout_s).status(
+        job, states=state, replica_id=replica, limit=limit, offset=offset, sort=sort
+    )
     if as_json:
         out.print_json(json.dumps(data))
     else:
-        out.print(render.status_view(data))
+        out.print(render.status_view(data, width=out.width))
 
 
 @app.command()

@@ -140,9 +140,30 @@ class WeaverClient:
             await conn.close()
         return decode(raw, ControlReply, kind="control reply")
 
-    def status(self, job_id: str | None = None) -> dict[str, Any]:
+    def status(
+        self,
+        job_id: str | None = None,
+        *,
+        states: list[str] | None = None,
+        replica_id: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+        sort: str = "attention",
+    ) -> dict[str, Any]:
+        """A summary of the job (every job when None) and a page of its ranks, filtered by
+        state (``live``/``dead`` stand for those groups) and replica group; see
+        :class:`torchloom.weaver.views.StatusQuery`."""
+        values: dict[str, Any] = {"limit": limit, "offset": offset, "sort": sort}
+        if states:
+            values["state"] = list(states)
         data = self.request(
-            ControlRequest(op="status", job_id=job_id or ALL_JOBS, requested_by=who())
+            ControlRequest(
+                op="status",
+                job_id=job_id or ALL_JOBS,
+                replica_id=replica_id,
+                values=values,
+                requested_by=who(),
+            )
         ).data
         return data if isinstance(data, dict) else {}
 

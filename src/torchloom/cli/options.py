@@ -51,10 +51,8 @@ def weaver_client(
 def pick_job(client: WeaverClient, job: str | None) -> str:
     if job:
         return job
-    jobs = client.status().get("jobs", [])
-    live = [
-        j["job_id"] for j in jobs if any(r["state"] not in ("exited", "failed") for r in j["ranks"])
-    ]
+    jobs = client.status(limit=0).get("jobs", [])
+    live = [j["job_id"] for j in jobs if set(j["summary"]["states"]) - {"exited", "failed"}]
     candidates = live or [j["job_id"] for j in jobs]
     if len(candidates) == 1:
         return str(candidates[0])

@@ -40,7 +40,86 @@ def _num(x: Any, fmt: str = "{:.4g}") -> str:
     return "—" if x is None else fmt.format(x)
 
 
-def job_table(job: dict[str, Any]) -> Table:
+COLUMNS = (
+    "replica/rank",
+    "state",
+    "step",
+    "loss",
+    "test_acc",
+    "samples/s",
+    "step ms",
+    "config",
+    "quorum",
+    "heartbeat",
+    "device",
+    "host:pid",
+)
+"""The replicas table's columns, in display order."""
+PRIORITY = (
+    "replica/rank",
+    "state",
+    "step",
+    "config",
+    "loss",
+    "step ms",
+    "heartbeat",
+    "samples/s",
+    "quorum",
+    "test_acc",
+    "host:pid",
+    "device",
+)
+"""Which columns stay when the terminal is narrow: the first ones that fit."""
+_LEFT = {"replica/rank", "state", "device", "host:pid"}
+
+
+def _cells(r: dict[str, Any]) -> dict[str, Any]:
+    m = r.get("metrics", {})
+    applied, wanted = r.get("applied_version"), r.get("desired_version")
+    cfg = f"v{applied}" + (
+        f" @ {r['applied_at_step']}" if r.get("applied_at_step") is not None else ""
+    )
+    if wanted is not None and applied != wanted and r["state"] not in ("exited", "failed"):
+        cfg = f"[red]{cfg} (want v{wanted})[/]"
+    step_ms = r.get("step_time_s")
+    state = r["state"] + (" (outlier)" if r.get("outlier") else "")
+    return {
+        "replica/rank": f"{r['replica_id']}/{r['rank']}",
+        "state": Text(state, style=STATE_STYLE.get(r["state"], "")),
+        "step": str(r["step"]),
+        "loss": _num(m.get("loss")),
+        "test_acc": _num(m.get("test_acc"), "{:.4f}"),
+        "samples/s": _num(r.get("samples_per_s"), "{:.0f}"),
+        "step ms": _num(step_ms * 1000 if step_ms else None, "{:.1f}"),
+        "config": cfg,
+        "quorum": _quorum(r.get("quorum")),
+        "heartbeat": f"{r['heartbeat_age_s']:.1f} s",
+        "device": r.get("device", ""),
+        "host:pid": f"{r.get('host', '')}:{r.get('pid', '')}",
+    }
+
+
+def _width(value: Any) -> int:
+    return Text.from_markup(value).cell_len if isinstance(value, str) else len(str(value))
+
+
+def pick_columns(rows: list[dict[str, Any]], *, width: int, with_quorum: bool) -> list[str]:
+    """The columns that fit ``width`` terminal cells, most useful first (:data:`PRIORITY`),
+    shown in :data:`COLUMNS` order."""
+    chosen: set[str] = set()
+    used = 1  # the table's left border
+    for col in PRIORITY:
+        if col == "quorum" and not with_quorum:
+            continue
+        need = max([len(col), *(_width(row[col]) for row in rows)]) + 3  # padding + border
+        if used + need > width:
+            continue
+        chosen.add(col)
+        used += need
+    return [c for c in COLUMNS if c in chosen]
+
+
+def job_table(job: dict[str, Any], *, width: int = 200) -> Table:
     desired = job.get("desired") or {}
     values = desired.get("values", {})
     title = (
@@ -48,41 +127,64 @@ def job_table(job: dict[str, Any]) -> Table:
         f"from step {desired.get('effective_step', '—')} · {desired.get('run_state', '—')} · "
         + ", ".join(f"{k}={'off' if v is None else v}" for k, v in sorted(values.items()))
     )
-    t = Table(title=title, title_justify="left", expand=False)
+    rows = [_cells(r) for r in job["ranks"]]
     ft = any(r.get("quorum") for r in job["ranks"])
-    cols = ["replica/rank", "state", "step", "loss", "test_acc", "samples/s", "step ms", "config"]
-    cols += ["quorum"] if ft else []
-    for col in [*cols, "heartbeat", "device", "host:pid"]:
-        t.add_column(
-            col,
-            justify="right"
-            if col not in ("state", "device", "host:pid", "replica/rank")
-            else "left",
-        )
-    for r in job["ranks"]:
-        m = r.get("metrics", {})
-        applied, wanted = r.get("applied_version"), r.get("desired_version")
-        cfg = f"v{applied}" + (
-            f" @ {r['applied_at_step']}" if r.get("applied_at_step") is not None else ""
-        )
-        if wanted is not None and applied != wanted and r["state"] not in ("exited", "failed"):
-            cfg = f"[red]{cfg} (want v{wanted})[/]"
-        step_ms = r.get("step_time_s")
-        t.add_row(
-            f"{r['replica_id']}/{r['rank']}",
-            Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
-            str(r["step"]),
-            _num(m.get("loss")),
-            _num(m.get("test_acc"), "{:.4f}"),
-            _num(r.get("samples_per_s"), "{:.0f}"),
-            _num(step_ms * 1000 if step_ms else None, "{:.1f}"),
-            cfg,
-            *([_quorum(r.get("quorum"))] if ft else []),
-            f"{r['heartbeat_age_s']:.1f} s",
-            r.get("device", ""),
-            f"{r.get('host', '')}:{r.get('pid', '')}",
-        )
+    cols = pick_columns(rows, width=width, with_quorum=ft)
+    t = Table(title=title, title_justify="left", expand=False)
+    for col in cols:
+        t.add_column(col, justify="left" if col in _LEFT else "right", no_wrap=True)
+    for row in rows:
+        t.add_row(*(row[c] for c in cols))
     return t
+
+
+def summary_line(job: dict[str, Any]) -> Text:
+    """``3000 ranks: 2990 training · 10 failed | 2/3 replica groups live | applied v5 ×2990 |
+    slowest 0/1 66.9 ms`` (a job of any size in one line)."""
+    s = job.get("summary") or {}
+    text = Text(f"{s.get('ranks', 0)} rank(s): ")
+    for i, (state, n) in enumerate((s.get("states") or {}).items()):
+        text.append(" · " if i else "")
+        text.append(f"{n} {state}", style=STATE_STYLE.get(state, ""))
+    text.append(
+        f" | {s.get('replica_groups_live', 0)}/{s.get('replica_groups', 0)} replica groups live"
+    )
+    versions = s.get("applied_versions") or {}
+    if versions:
+        text.append(
+            " | applied "
+            + ", ".join(
+                f"v{v} ×{n}" for v, n in sorted(versions.items(), key=lambda kv: -int(kv[0]))
+            )
+        )
+    slowest = [x for x in s.get("slowest") or [] if x.get("step_time_s")]
+    if len(s.get("states") or {}) and len(slowest) > 1:
+        text.append(
+            " | slowest "
+            + ", ".join(f"{x['id']} {x['step_time_s'] * 1000:.1f} ms" for x in slowest[:3])
+        )
+    if s.get("outliers"):
+        text.append(f" | step outliers {', '.join(s['outliers'])}", style="red")
+    return text
+
+
+def page_line(job: dict[str, Any]) -> Text | None:
+    """Which ranks the table shows, when it is not all of them."""
+    page = job.get("page") or {}
+    total = (job.get("summary") or {}).get("ranks", 0)
+    matched, shown, offset = (
+        page.get("matched", 0),
+        len(job.get("ranks", [])),
+        page.get("offset", 0),
+    )
+    if shown == total and offset == 0:
+        return None
+    first = offset + 1 if shown else offset
+    return Text(
+        f"  showing {first}–{offset + shown} of {matched} matching rank(s) ({page.get('sort')} "
+        f"order); --offset {offset + shown} for more, --state / --replica to filter, --limit N",
+        style="dim",
+    )
 
 
 def _quorum(q: dict[str, Any] | None) -> Text:
@@ -99,20 +201,31 @@ def _quorum(q: dict[str, Any] | None) -> Text:
     return text
 
 
-def status_view(status: dict[str, Any]) -> Group:
+def status_view(status: dict[str, Any], *, width: int = 200) -> Group:
+    """Per job: the summary line, the page of ranks (columns that fit ``width``), pending
+    applies and apply problems."""
     parts: list[Any] = []
     for job in status.get("jobs", []):
-        parts.append(job_table(job))
+        parts.append(job_table(job, width=width))
+        parts.append(summary_line(job))
+        more = page_line(job)
+        if more is not None:
+            parts.append(more)
         for p in job.get("pending_applies", []):
+            waiting = ", ".join(p["waiting_for"]) or "nobody"
+            if p.get("waiting_count", 0) > len(p["waiting_for"]):
+                waiting += f" … ({p['waiting_count']} in all)"
             parts.append(
                 Text(
-                    f"  pending v{p['version']} at step {p['effective_step']}: waiting for "
-                    f"{', '.join(p['waiting_for']) or 'nobody'}",
+                    f"  pending v{p['version']} at step {p['effective_step']}: waiting for {waiting}",
                     style="yellow",
                 )
             )
         for prob in job.get("apply_problems", []):
             parts.append(Text(f"  apply problem: {prob}", style="red"))
+        hidden = job.get("apply_problems_total", 0) - len(job.get("apply_problems", []))
+        if hidden > 0:
+            parts.append(Text(f"  … and {hidden} more apply problems", style="red"))
     if not parts:
         parts.append(
             Text("no jobs yet: start a training script that calls torchloom.init()", style="dim")

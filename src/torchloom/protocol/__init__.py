@@ -5,6 +5,7 @@ from torchloom.protocol.config import resolve_values, select_snapshot
 from torchloom.protocol.knobs import BUILTIN_KNOBS, KnobSpec, coerce, coerce_all
 from torchloom.protocol.messages import (
     CHANGE_OPS,
+    LIMITED_OPS,
     SCHEMA_VERSION,
     ConfigSnapshot,
     ControlReply,
@@ -22,6 +23,7 @@ from torchloom.protocol.messages import (
 __all__ = [
     "BUILTIN_KNOBS",
     "CHANGE_OPS",
+    "LIMITED_OPS",
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
     "ConfigSnapshot",

@@ -25,6 +25,7 @@ ControlOp = Literal[
     "stop",
     "drain",
     "replan",
+    "forget",
     "status",
     "knobs",
     "policies",
@@ -32,6 +33,8 @@ ControlOp = Literal[
 ]
 CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
+LIMITED_OPS = CHANGE_OPS | {"forget"}
+"""Ops rate-limited per requester at the control entry point."""
 
 
 class MetricPoint(msgspec.Struct, array_like=True):
@@ -143,6 +146,7 @@ class ControlRequest(msgspec.Struct, kw_only=True):
     Attributes:
         op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs``, ``join``,
             ``replan`` (the Weaver's own: a new version in place of pending ones out of reach),
+            ``forget`` (take gone ranks out of the DR map: ``replica_id``, ``values["rank"]``),
             ``policies`` (list the Weaver's policies) or ``policy`` (change one: ``values``
             holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);

@@ -25,9 +25,17 @@ from torchloom.transport import Connection, Message, connect, credentials_from_e
 
 
 async def _join(conn: Connection, job: SimJob, rid: str, *, resuming: bool) -> None:
+    """Join each rank of group ``rid``; joins held back by the Weaver's per-connection limit
+    (many simulated ranks share one connection) are sent again after a pause."""
     for req in job.join_requests(rid, resuming=resuming):
-        raw = await conn.request(names.join_subject(job.spec.job_id), encode(req), timeout_s=5.0)
-        reply = decode(raw, ControlReply, kind="join reply")
+        for _ in range(100):
+            raw = await conn.request(
+                names.join_subject(job.spec.job_id), encode(req), timeout_s=5.0
+            )
+            reply = decode(raw, ControlReply, kind="join reply")
+            if reply.ok or reply.error is None or reply.error.code != "rate_limited":
+                break
+            await asyncio.sleep(0.1)
         if not reply.ok:
             raise NotReachableError(reply.error.message if reply.error else "join refused")
         job.apply(from_builtins(reply.data, DesiredConfig))

@@ -9,6 +9,7 @@ calls :func:`commit`, so a rejected request or a failed write changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from torchloom.protocol import (
     HistoryEvent,
     coerce_all,
     decode,
+    encode,
     select_snapshot,
     to_builtins,
 )
@@ -49,7 +51,15 @@ from torchloom.weaver.planning import (
     plan_effective_step,
     position,
 )
-from torchloom.weaver.state import ApplyTracking, Job, RankKey, WeaverState, holds, upsert_rank
+from torchloom.weaver.state import (
+    ApplyTracking,
+    Job,
+    RankKey,
+    WeaverState,
+    forget_ranks,
+    holds,
+    upsert_rank,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,8 @@ class Outcome:
     """Pending versions the new one replaces (out of reach, or due at the same step)."""
     position: Position | None = None
     """The job's position the new version was planned from (its outliers get flagged)."""
+    forget: list[RankKey] = field(default_factory=list)
+    """Gone ranks an operator asked to take out of the DR map."""
     duplicate: tuple[RankKey, str, int] | None = None
     """A refused join of a second process with a live rank's identity: ``(key, host, pid)``
     (see :func:`~torchloom.weaver.state.duplicate_claim`)."""
@@ -103,8 +115,9 @@ def handle(
         if req.op == "join":
             return _join(state, req, now)
         if req.op == "status":
-            job_id = None if req.job_id == ALL_JOBS else req.job_id
-            return Outcome(ControlReply(ok=True, data=views.status(state, job_id, now)))
+            return Outcome(ControlReply(ok=True, data=_status(state, req, now)))
+        if req.op == "forget":
+            return _forget(state, req)
         job = _existing_job(state, req.job_id)
         if req.op == "knobs":
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
@@ -126,6 +139,67 @@ def handle(
             ),
             duplicate=duplicate,
         )
+
+
+STATUS_BUDGET_BYTES = 192 * 1024
+"""A status reply stays under this many bytes (the codec takes 256 KiB): its page shrinks."""
+
+
+def _status(state: WeaverState, req: ControlRequest, now: float) -> dict[str, Any]:
+    """The status view the request asks for (:class:`~torchloom.weaver.views.StatusQuery` in
+    its ``values``), its page halved until the reply fits :data:`STATUS_BUDGET_BYTES`.
+
+    Raises:
+        InvalidRequestError: a bad query, or a reply too large even without ranks (too many
+            jobs at once: ask for one with its job id).
+    """
+    job_id = None if req.job_id == ALL_JOBS else req.job_id
+    query = views.StatusQuery.from_values(dict(req.values), req.replica_id)
+    while True:
+        data = views.status(state, job_id, now, query)
+        if len(encode(data)) <= STATUS_BUDGET_BYTES:
+            return data
+        if query.limit == 0:
+            raise InvalidRequestError("the status of every job is too large: ask for one job")
+        query = dataclasses.replace(query, limit=query.limit // 2)
+
+
+def _forget(state: WeaverState, req: ControlRequest) -> Outcome:
+    """Which gone ranks (``failed``, ``exited``) an operator's ``forget`` takes out of the DR
+    map: all of the job's, or of one replica group (``replica_id``), or one rank (``values``
+    ``{"rank": k}`` with it).
+
+    Raises:
+        UnknownJobError: no such job.
+        InvalidRequestError: the rank named is live (only gone ranks are forgotten).
+    """
+    job = state.jobs.get(req.job_id)
+    if job is None:
+        raise UnknownJobError(req.job_id)
+    try:
+        raw = req.values.get("rank")
+        rank_no = None if raw is None else int(raw)
+    except (TypeError, ValueError):
+        raise InvalidRequestError(f"rank must be an integer, not {raw!r}") from None
+    if rank_no is not None and req.replica_id is None:
+        raise InvalidRequestError("forget of one rank needs its replica group")
+    keys = [
+        r.key
+        for r in job.ranks.values()
+        if (req.replica_id is None or r.entry.replica_id == req.replica_id)
+        and (rank_no is None or r.entry.rank == rank_no)
+    ]
+    live = [k for k in keys if job.ranks[k].live]
+    if live and rank_no is not None:
+        st = job.ranks[live[0]].state
+        raise InvalidRequestError(
+            f"rank {req.replica_id}/{rank_no} is live ({st}); only failed or exited ranks are forgotten"
+        )
+    gone = sorted(k for k in keys if k not in live)
+    ids = [views.rank_id(k) for k in gone]
+    return Outcome(
+        ControlReply(ok=True, data={"forgotten": len(gone), "ranks": ids[:100]}), forget=gone
+    )
 
 
 def _existing_job(state: WeaverState, job_id: str) -> Job:
@@ -440,6 +514,9 @@ def commit(
     events = commit_config(state, req.job_id, outcome, now)
     if req.op == "join" and req.join is not None:
         events += _commit_join(state, req, outcome, now)
+    if outcome.forget:
+        who = f"torchloom forget by {req.requested_by or '?'}"
+        events += forget_ranks(state, state.job(req.job_id), outcome.forget, now, why=who)
     return events
 
 

@@ -33,7 +33,7 @@ from torchloom.errors import (
     RateLimitedError,
 )
 from torchloom.protocol import (
-    CHANGE_OPS,
+    LIMITED_OPS,
     ControlReply,
     ControlRequest,
     DesiredConfig,
@@ -72,6 +72,7 @@ from torchloom.weaver.state import (
     WeaverState,
     check_liveness,
     duplicate_claim,
+    expire_dead,
     grant_grace,
     on_rank_event,
     on_telemetry,
@@ -87,6 +88,8 @@ _POLICY_SHARE_INV = 10
 """A policy round that took t seconds is followed by at least 10·t seconds without one, so
 policies never take more than a tenth of the Weaver's loop (at 10,000 ranks a round takes
 ~50 ms: rounds every 0.5 s still; beyond, they space out instead of starving the intake)."""
+_EXPIRY_EVERY_S = 5.0
+"""How often gone ranks past their retention are forgotten (an O(ranks) pass)."""
 _KV_BATCH = 256
 """Registry writes sent before waiting for their acknowledgements."""
 
@@ -156,6 +159,9 @@ class Weaver:
         self._crash_at = os.environ.get(ENV_CRASH_AT, "")
         self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
         """Changes per requester at the control entry point (20/s sustained, 50 at once)."""
+        self.join_limiter = RateLimiter(rate_per_s=50.0, burst=256)
+        """Joins per NATS connection (keyed by its reply inbox, which a request body cannot
+        fake): a Threadlet joins once per (re)connect; a simulator many ranks at once."""
         self.state = WeaverState(liveness=liveness or LivenessConfig())
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
@@ -174,6 +180,7 @@ class Weaver:
         self._control_lock = asyncio.Lock()
         self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
+        self._next_expiry_mono = 0.0
         self._tick_late_s = 0.0
         self._listening = True
         self._closing = False
@@ -347,6 +354,9 @@ class Weaver:
             grant_grace(self.state, self.clock())
             return
         self._record(check_liveness(self.state, self.clock()))
+        if mono >= self._next_expiry_mono:
+            self._next_expiry_mono = mono + _EXPIRY_EVERY_S
+            self._record(expire_dead(self.state, self.clock()))
 
     # ---- policies --------------------------------------------------------------------
 
@@ -545,6 +555,16 @@ class Weaver:
                 msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
             )
             return
+        if req.op == "join" and not self.join_limiter.allow(
+            _connection_of(msg.reply), time.monotonic()
+        ):
+            err = RateLimitedError(
+                f"over {self.join_limiter.burst} joins at once from one connection; slow down"
+            )
+            await self._reply(
+                msg, ControlReply(ok=False, error=ErrorInfo(code=err.code, message=err.message))
+            )
+            return
         reply = await (
             self._policy_op(req) if req.op in ("policies", "policy") else self.submit(req)
         )
@@ -562,7 +582,7 @@ class Weaver:
                 return ControlReply(
                     ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
                 )
-            if req.op in CHANGE_OPS and not self.rate_limiter.allow(
+            if req.op in LIMITED_OPS and not self.rate_limiter.allow(
                 req.requested_by or "?", time.monotonic()
             ):
                 err = RateLimitedError(
@@ -841,6 +861,13 @@ def _decision_event(
 
 def _fmt_changes(values: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "policy") or "no change"
+
+
+def _connection_of(reply: str) -> str:
+    """Who sent a request, as NATS knows it: its reply inbox without the last token (nats-py
+    and the other current clients share one inbox prefix per connection; a client that makes
+    a new inbox for every request is not held back by a limit keyed on this)."""
+    return reply.rsplit(".", 1)[0] if reply else "?"
 
 
 def _check_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:

@@ -37,6 +37,19 @@ LIVE_STATES: frozenset[str] = frozenset({"joining", "training", "paused", "suspe
 
 
 @dataclass(frozen=True, slots=True)
+class Retention:
+    """How long the DR map keeps ranks that are gone (``failed``, ``exited``).
+
+    Attributes:
+        dead_ttl_s: a gone rank is forgotten this long after it went, in seconds.
+        max_dead_per_job: at most this many gone ranks per job (the longest gone go first).
+    """
+
+    dead_ttl_s: float = 3600.0
+    max_dead_per_job: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
 class LivenessConfig:
     """Thresholds of failure detection, in seconds.
 
@@ -220,6 +233,7 @@ class Job:
 @dataclass(slots=True)
 class WeaverState:
     liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    retention: Retention = field(default_factory=Retention)
     jobs: dict[str, Job] = field(default_factory=dict)
     dropped_messages: dict[str, int] = field(default_factory=dict)
     dirty: set[RankKey] = field(default_factory=set)
@@ -299,7 +313,8 @@ def holds(rank: Rank, *, host: str, pid: int, now: float, failure_timeout_s: flo
     process is ``(host, pid)``; a message without a pid (an old Threadlet) is not judged.
     """
     e = rank.entry
-    if not pid or not e.pid or (pid == e.pid and (host or e.host) == e.host):
+    same_host = not host or not e.host or host == e.host  # a side that does not say: pid only
+    if not pid or not e.pid or (pid == e.pid and same_host):
         return True
     return not (rank.live and now - e.last_seen_ts < failure_timeout_s)
 
@@ -680,4 +695,50 @@ def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
                     now,
                     f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s",
                 )
+    return events
+
+
+def forget_ranks(
+    state: WeaverState, job: Job, keys: list[RankKey], now: float, *, why: str
+) -> list[HistoryEvent]:
+    """Take ranks out of the DR map (and the KV registry): one ``ranks_forgotten`` event."""
+    if not keys:
+        return []
+    for key in keys:
+        job.ranks.pop(key, None)
+        job.outliers.discard(key)
+        state.dirty.discard(key)
+        state.removed.add(key)
+    ids = sorted(f"{k[1]}/{k[2]}" for k in keys)
+    shown = ", ".join(ids[:10]) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+    return [
+        HistoryEvent(
+            job_id=job.job_id,
+            kind="ranks_forgotten",
+            ts=now,
+            message=f"forgot {len(keys)} gone rank(s) of the DR map ({why}): {shown}",
+            data={"count": len(keys), "ranks": ids[:100], "why": why},
+        )
+    ]
+
+
+def expire_dead(state: WeaverState, now: float) -> list[HistoryEvent]:
+    """Forget gone ranks (``failed``, ``exited``) past :class:`Retention`: gone longer than
+    ``dead_ttl_s``, or beyond ``max_dead_per_job`` (the longest gone first)."""
+    keep = state.retention
+    events: list[HistoryEvent] = []
+    for job in state.jobs.values():
+        dead = [r for r in job.ranks.values() if not r.live]
+        if not dead:
+            continue
+        old = [r.key for r in dead if now - r.entry.state_since_ts >= keep.dead_ttl_s]
+        excess = len(dead) - len(old) - keep.max_dead_per_job
+        if excess > 0:
+            young = sorted(
+                (r for r in dead if now - r.entry.state_since_ts < keep.dead_ttl_s),
+                key=lambda r: r.entry.state_since_ts,
+            )
+            old += [r.key for r in young[:excess]]
+        why = f"gone over {keep.dead_ttl_s:g} s, or beyond {keep.max_dead_per_job} kept per job"
+        events += forget_ranks(state, job, old, now, why=why)
     return events

@@ -19,7 +19,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from torchloom.errors import InvalidRequestError
 from torchloom.protocol import ControlReply, ControlRequest
+from torchloom.weaver import views
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
@@ -33,6 +35,7 @@ from torchloom.weaver.web.schema import (
     Health,
     RankDetail,
     SeriesView,
+    Summary,
 )
 
 STATIC = importlib.resources.files("torchloom.weaver.web") / "static"
@@ -252,14 +255,44 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         response_model=list[RankDetail],
         responses=NOT_FOUND,
     )
-    async def ranks(job_id: str) -> list[RankDetail] | JSONResponse:
-        """The DR map: every rank with host, device, state, step, figures, config versions."""
+    async def ranks(
+        job_id: str,
+        response: Response,
+        state: list[str] | None = Query(
+            None, description="only ranks in these states (training, failed, …; live, dead)"
+        ),
+        replica_id: str | None = Query(None, description="only this replica group"),
+        limit: int = Query(1000, ge=0, le=views.MAX_PAGE, description="ranks per page"),
+        offset: int = Query(0, ge=0, description="ranks skipped first"),
+        sort: Literal["rank", "attention", "slowest", "step"] = Query("rank"),
+    ) -> list[RankDetail] | JSONResponse:
+        """The DR map, a page at a time: each rank with host, device, state, step, figures and
+        config versions. ``X-Total-Count`` says how many ranks matched the filters."""
         j = find_job(job_id)
         if j is None:
             return not_found(job_id)
+        try:
+            query = views.StatusQuery.from_values(
+                {"state": state, "limit": limit, "offset": offset, "sort": sort}, replica_id
+            )
+        except InvalidRequestError as exc:
+            return JSONResponse(
+                {"ok": False, "error": {"code": exc.code, "message": exc.message}},
+                status_code=400,
+            )
+        page, matched = views.select(j, query)
+        response.headers["X-Total-Count"] = str(matched)
         now = feed.clock()
-        ranks = sorted(j.ranks.values(), key=lambda r: r.key)
-        return [frames.rank_detail(r, j, now) for r in ranks]
+        return [frames.rank_detail(r, j, now) for r in page]
+
+    @app.get(
+        "/api/jobs/{job_id}/summary", tags=["read"], response_model=Summary, responses=NOT_FOUND
+    )
+    async def summary(job_id: str) -> Summary | JSONResponse:
+        """A job of any size in a few numbers: ranks per state, replica groups, applied config
+        versions, the slowest ranks, step outliers."""
+        j = find_job(job_id)
+        return views.summary(j) if j else not_found(job_id)  # type: ignore[return-value]
 
     @app.get(
         "/api/jobs/{job_id}/config", tags=["read"], response_model=ConfigView, responses=NOT_FOUND

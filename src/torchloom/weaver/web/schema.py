@@ -86,6 +86,26 @@ class RankDetail(RankRow):
     config: dict[str, Any]
 
 
+class SlowRank(TypedDict):
+    """A live rank among the slowest: its id, mean step time (s) and step."""
+
+    id: str
+    step_time_s: float | None
+    step: int
+
+
+class Summary(TypedDict):
+    """A job of any size in a few numbers (``torchloom status``'s summary line)."""
+
+    ranks: int
+    states: dict[str, int]
+    replica_groups: int
+    replica_groups_live: int
+    applied_versions: dict[str, int]
+    slowest: list[SlowRank]
+    outliers: list[str]
+
+
 class KnobInfo(TypedDict):
     """A knob of the registry with its desired value (see ``torchloom.protocol.KnobSpec``)."""
 
