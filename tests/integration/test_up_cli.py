@@ -50,9 +50,12 @@ def test_kill_9_of_up_takes_its_nats_server_along(tmp_path):
 def test_up_with_an_external_nats_starts_none(tmp_path, nats):
     import psutil
 
-    up = Up(tmp_path / "state", nats_url=nats.url)
+    up = Up(tmp_path / "state", "--lighthouse", "none", nats_url=nats.url)
     try:
         assert up.url == nats.url
+        # issue 16.9: it said "(torchft not installed)" with torchft installed
+        banner = wait_for(lambda: up.log_path.read_text(), timeout_s=10, what="the banner")
+        assert "none (--lighthouse none)" in banner and "not installed" not in banner
         assert not [p for p in psutil.Process(up.proc.pid).children() if "nats-server" in p.name()]
         r = cli("status", "--json", url=up.url)
         assert r.returncode == 0 and json.loads(r.stdout)["jobs"] == []

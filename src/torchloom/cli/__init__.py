@@ -234,6 +234,14 @@ def _secure_lines(stack: Stack) -> list[Text]:
     ]
 
 
+def _lighthouse_line(stack: Stack) -> str:
+    if stack.lighthouse_url:
+        return f"{stack.lighthouse_url} (torchft)"
+    if stack.lighthouse_arg is None:
+        return "none (--lighthouse none)"
+    return "none (torchft is not installed: pip install 'torchloom[torchft]')"
+
+
 def _dashboard_line(stack: Stack) -> str:
     if stack.dashboard is None:
         return "none (--no-ui)"
@@ -309,12 +317,7 @@ def up(
                         else " · STANDBY: another Weaver leads; this one takes over when it stops"
                     ),
                 ),
-                Text.assemble(
-                    ("lighthouse", "bold"),
-                    f" {stack.lighthouse_url} (torchft)"
-                    if stack.lighthouse_url
-                    else " none (torchft not installed)",
-                ),
+                Text.assemble(("lighthouse", "bold"), " " + _lighthouse_line(stack)),
                 Text.assemble(("dashboard ", "bold"), _dashboard_line(stack)),
                 *_secure_lines(stack),
                 Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
