@@ -24,6 +24,8 @@ def test_demo_trains_mnist_to_98_percent_and_cleans_up(tmp_path):
     assert m, r.stdout[-2000:]
     assert int(m.group(1)) == 799 and float(m.group(2)) >= 0.98
     assert "v1" in r.stdout and "rank_exited" in r.stdout
+    # issue 16.5: a healthy run is left alone (no drain, no lr cut)
+    assert "policy decisions: none" in r.stdout, r.stdout[-2000:]
     leftovers = [
         p
         for p in psutil.process_iter(["cmdline"])

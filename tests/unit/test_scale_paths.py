@@ -203,7 +203,7 @@ def test_failure_judges_only_new_samples_and_spreads_baseline_refreshes(monkeypa
 
     n = 200
     state = make_state(n)
-    policy = FailurePolicy(FailureParams())
+    policy = FailurePolicy(FailureParams(warmup_s=0.0))  # baselines from the first minute on
     refreshed = []
     real = failure.signal_baselines
     monkeypatch.setattr(failure, "signal_baselines", lambda h, p: refreshed.append(1) or real(h, p))

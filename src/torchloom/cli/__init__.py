@@ -477,8 +477,21 @@ def demo(
     tail = log_path.read_text(errors="replace").strip().splitlines()
     final = [line for line in tail if line.startswith("done at step")]
     out.print(final[-1] if final else "\n".join(tail[-5:]))
+    out.print(_policy_summary(events))
     if rc not in (0, None):
         raise TorchloomError(f"the training job exited with code {rc}; see {log_path}")
+
+
+def _policy_summary(events: list[HistoryEvent]) -> str:
+    """``policy decisions: none`` or how many of which policy (a healthy demo should take none)."""
+    counts: dict[str, int] = {}
+    for ev in events:
+        if ev.kind.startswith("policy_") and ev.kind != "policy_settings":
+            counts[ev.kind] = counts.get(ev.kind, 0) + 1
+    if not counts:
+        return "policy decisions: none"
+    what = ", ".join(f"{k.removeprefix('policy_')} ×{n}" for k, n in sorted(counts.items()))
+    return f"policy decisions: {what} (torchloom events -k {min(counts)})"
 
 
 def _demo_view(

@@ -2,20 +2,26 @@
 
 Each rank's Threadlet samples its device's health (NVML on a GPU, psutil on a
 CPU host; :mod:`torchloom.threadlet.device`). A risk score in [0, 1] per device
-is the larger of:
+combines independent findings as a noisy-OR, ``1 − Π(1 − rᵢ)``:
 
-* **rules** (documented thresholds, :data:`RULES`): uncorrectable ECC errors, pages
+* **rules** (absolute thresholds, :data:`RULES`): uncorrectable ECC errors, pages
   pending retirement and critical XID errors (1.0 / 0.9), temperature at or above
   ``temp_crit_c`` (0.9) or ``temp_warn_c`` (0.5), hardware/thermal throttling (0.5),
   corrected ECC errors growing faster than ``ecc_per_min`` (0.7), host memory nearly
   full (0.8);
 * an **online anomaly model**: the robust z-score (median/MAD) of each signal's
-  newest value against the device's own recent samples; a z beyond ``z_warn``
-  adds risk up to 0.8 at ``z_crit``.
+  newest value against the device's own recent samples. It counts only once the rank
+  has run ``warmup_s`` (memory, power and temperature ramp when training starts), only
+  for a move of at least :data:`ANOMALY_MIN_DELTA` in the signal's own unit (a flat
+  signal's tiny MAD makes any wiggle a huge z), and it adds at most
+  ``anomaly_max_risk`` — below ``drain_risk``: an anomaly alone is shown, never acted on;
+  with a rule's finding it can tip the device over.
 
 When a device's risk stays at ``drain_risk`` or more for ``sustain_samples``
 samples in a row, the replica group on it is drained with a replacement
-(``torchloom run`` starts a fresh group) before the device fails.
+(``torchloom run`` starts a fresh group) before the device fails. A healthy run drains
+nothing: ``tests/unit/test_failure_healthy.py`` replays the device samples of a real
+2-minute MNIST run on this project's CPU machines.
 Validated on synthetic degradation traces only (``TORCHLOOM_DEVICE_TRACE``, the
 simulator); the NVML read path has not met a failing GPU.
 """
@@ -23,6 +29,7 @@ simulator); the NVML read path has not met a failing GPU.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +53,16 @@ RULES = {
 """The documented rules of the risk score (signal → rule)."""
 
 ANOMALY_SIGNALS = ("temp_c", "power_w", "ecc_corrected", "mem_used_frac", "swap_used_frac")
+ANOMALY_MIN_DELTA = {
+    "temp_c": 8.0,
+    "power_w": 50.0,
+    "ecc_corrected": 1.0,
+    "mem_used_frac": 0.10,
+    "swap_used_frac": 0.10,
+}
+"""The least rise above its recent median that the anomaly model counts, per signal (°C, W,
+errors, fractions): a step in host memory from 6.6 % to 7.7 % used is 13 robust σ of a flat
+signal, and no failure sign."""
 
 
 class FailureParams(msgspec.Struct, kw_only=True):
@@ -57,7 +74,9 @@ class FailureParams(msgspec.Struct, kw_only=True):
         temp_warn_c, temp_crit_c: temperature thresholds, °C.
         ecc_per_min: corrected ECC errors per minute that count as a failing memory.
         z_warn, z_crit: robust z-scores where the anomaly model starts to add risk and
-            where it reaches 0.8.
+            where it reaches ``anomaly_max_risk``.
+        anomaly_max_risk: the most risk the anomaly model adds, in [0, 1).
+        warmup_s: seconds after a rank joins before the anomaly model judges its device.
         min_baseline: samples of a signal needed before the anomaly model judges it.
         replace: ask for a replacement replica group when draining.
         cooldown_s: no second drain of the same replica group within this time (seconds).
@@ -70,6 +89,8 @@ class FailureParams(msgspec.Struct, kw_only=True):
     ecc_per_min: float = 100.0
     z_warn: float = 6.0
     z_crit: float = 12.0
+    anomaly_max_risk: float = 0.6
+    warmup_s: float = 60.0
     min_baseline: int = 10
     replace: bool = True
     cooldown_s: float = 60.0
@@ -80,6 +101,8 @@ def check(p: FailureParams) -> None:
         raise ValueError("drain_risk must be in (0, 1] and sustain_samples >= 1")
     if p.temp_warn_c >= p.temp_crit_c or p.z_warn >= p.z_crit:
         raise ValueError("temp_warn_c < temp_crit_c and z_warn < z_crit are needed")
+    if not 0.0 <= p.anomaly_max_risk < 1.0 or p.warmup_s < 0:
+        raise ValueError("anomaly_max_risk must be in [0, 1) and warmup_s >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +143,15 @@ def rule_risk(
         parts.append((0.8, f"host memory {sample['mem_used_frac']:.0%} used"))
     if not parts:
         return Risk(0.0, ())
-    return Risk(max(s for s, _ in parts), tuple(r for _, r in parts))
+    return Risk(noisy_or(s for s, _ in parts), tuple(r for _, r in parts))
+
+
+def noisy_or(scores: Iterable[float]) -> float:
+    """``1 − Π(1 − sᵢ)``: independent findings, each a probability of failing, combined."""
+    keep = 1.0
+    for score in scores:
+        keep *= 1.0 - score
+    return 1.0 - keep
 
 
 def signal_baselines(
@@ -150,14 +181,15 @@ def anomaly_risk(
     best, why = 0.0, ""
     base = signal_baselines(history, p) if baselines is None else baselines
     for name, (c, sigma) in base.items():
-        if name not in sample:
+        if name not in sample or sample[name] - c < ANOMALY_MIN_DELTA.get(name, 0.0):
             continue
         z = (sample[name] - c) / sigma
         if z > best:
             best, why = z, f"{name} {sample[name]:.4g} is {z:.1f} robust σ above its recent median"
     if best <= p.z_warn:
         return Risk(0.0, ())
-    return Risk(min(0.8, 0.8 * (best - p.z_warn) / (p.z_crit - p.z_warn)), (why,))
+    top = p.anomaly_max_risk
+    return Risk(min(top, top * (best - p.z_warn) / (p.z_crit - p.z_warn)), (why,))
 
 
 REFRESH_SAMPLES = 10
@@ -193,10 +225,12 @@ def device_risks(
     *,
     last: int,
     memo: DeviceMemo | None = None,
+    started_ts: float = 0.0,
 ) -> list[Risk]:
     """The risk of each of the ``last`` newest samples of one device's window (oldest first),
-    each judged by the rules and against the samples before it (``memo``: reuse and keep
-    what earlier rounds worked out)."""
+    each judged by the rules and, from ``started_ts + warmup_s`` on (``started_ts``: when the
+    rank joined, s), against the samples before it (``memo``: reuse and keep what earlier
+    rounds worked out)."""
     out = []
     for i in range(max(0, len(samples) - last), len(samples)):
         ts, sample = samples[i]
@@ -204,14 +238,16 @@ def device_risks(
             out.append(memo.risks[ts])
             continue
         rules = rule_risk(sample, samples[i - 1] if i else None, ts, p)
-        if memo is None:
+        if ts < started_ts + p.warmup_s:
+            anomaly = Risk(0.0, ())
+        elif memo is None:
             anomaly = anomaly_risk(_past(samples, i), sample, p)
         else:
             if memo.baseline_age >= REFRESH_SAMPLES:
                 memo.baselines, memo.baseline_age = signal_baselines(_past(samples, i), p), 0
             memo.baseline_age += 1
             anomaly = anomaly_risk([], sample, p, baselines=memo.baselines)
-        risk = Risk(max(rules.score, anomaly.score), rules.reasons + anomaly.reasons)
+        risk = Risk(noisy_or((rules.score, anomaly.score)), rules.reasons + anomaly.reasons)
         if memo is not None:
             memo.risks[ts] = risk
         out.append(risk)
@@ -242,7 +278,13 @@ def assess(
                 elif memo.newest is not None and memo.newest[0] == window[-1][0]:
                     out[rank.key] = memo.newest[1:]
                     continue
-            risks = device_risks(list(window), p, last=p.sustain_samples, memo=memo)
+            risks = device_risks(
+                list(window),
+                p,
+                last=p.sustain_samples,
+                memo=memo,
+                started_ts=rank.entry.joined_ts,
+            )
             streak = 0
             for r in reversed(risks):
                 if r.score < p.drain_risk:
