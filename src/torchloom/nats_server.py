@@ -38,6 +38,8 @@ class NatsServer:
         log_file: where the server's own log goes (default ``store_dir/nats-server.log``).
         config_file: a nats-server config (TLS, users and permissions of ``--secure``);
             the command line's address, port and JetStream settings come on top of it.
+        nice: the server's nice value, where permitted (:func:`torchloom._proc.set_nice`);
+            None: this process's.
     """
 
     def __init__(
@@ -48,7 +50,9 @@ class NatsServer:
         host: str = "127.0.0.1",
         log_file: Path | None = None,
         config_file: Path | None = None,
+        nice: int | None = None,
     ) -> None:
+        self.nice = nice
         self.config_file = config_file
         self.store_dir = Path(store_dir)
         self.port = port
@@ -89,7 +93,7 @@ class NatsServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_proc.preexec(),
+                preexec_fn=_proc.preexec(nice=self.nice),
             )
         deadline = time.monotonic() + timeout_s
         ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"

@@ -79,8 +79,10 @@ def _stack(
     ui: dict[str, Any] | None = None,
     policy_file: Path | None = None,
     security: dict[str, Any] | None = None,
+    nice: int | None = None,
 ) -> Stack:
     return Stack(
+        nice=nice,
         **(ui or {}),
         **(security or {}),
         policy_file=policy_file,
@@ -188,6 +190,14 @@ HangOpt = Annotated[
 LeadOpt = Annotated[
     float, typer.Option("--lead-time-s", help="time budget for a change to reach every rank")
 ]
+NiceOpt = Annotated[
+    int,
+    typer.Option(
+        "--nice",
+        help="nice value of NATS and the Weaver where permitted (root or CAP_SYS_NICE): "
+        "answers within milliseconds while training keeps every core busy; 0 leaves it",
+    ),
+]
 PortOpt = Annotated[
     int | None, typer.Option("--nats-port", help="port of the embedded NATS [default: a free one]")
 ]
@@ -234,6 +244,14 @@ def _secure_lines(stack: Stack) -> list[Text]:
     ]
 
 
+def _priority_line(stack: Stack) -> str:
+    if stack.nice is None:
+        return "as started (--nice 0)"
+    if stack.nice_applied:
+        return f"nice {stack.nice} for NATS and the Weaver: they answer first on busy cores"
+    return f"unchanged: nice {stack.nice} needs root or CAP_SYS_NICE (--nice 0 says so quietly)"
+
+
 def _lighthouse_line(stack: Stack) -> str:
     if stack.lighthouse_url:
         return f"{stack.lighthouse_url} (torchft)"
@@ -269,6 +287,7 @@ def up(
     tls_cert: TlsOpt = None,
     tls_key: TlsOpt = None,
     tls_ca: TlsOpt = None,
+    nice: NiceOpt = -5,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
@@ -297,6 +316,7 @@ def up(
             "tls_key": tls_key,
             "tls_ca": tls_ca,
         },
+        nice=nice or None,
     )
     stack.start()
     nats_where = (
@@ -319,6 +339,7 @@ def up(
                 ),
                 Text.assemble(("lighthouse", "bold"), " " + _lighthouse_line(stack)),
                 Text.assemble(("dashboard ", "bold"), _dashboard_line(stack)),
+                Text.assemble(("priority  ", "bold"), _priority_line(stack)),
                 *_secure_lines(stack),
                 Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
                 Text.assemble(
@@ -402,6 +423,7 @@ def demo(
     ui_token: UiTokenOpt = None,
     no_ui: NoUiOpt = False,
     policies: PoliciesOpt = None,
+    nice: NiceOpt = -5,
     extra: Annotated[
         list[str] | None, typer.Argument(help="extra arguments for the training script")
     ] = None,
@@ -424,6 +446,7 @@ def demo(
         on_event=events.append,
         ui=_ui(ui_host, ui_port, ui_token, no_ui),
         policy_file=policies,
+        nice=nice or None,
     )
     stack.start()
     env = {

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from torchloom._proc import set_nice
 from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomError
 from torchloom.lighthouse import Lighthouse
 from torchloom.lighthouse import available as lighthouse_available
@@ -54,6 +55,10 @@ class Stack:
             in with ``$TORCHLOOM_CREDS``.
         tls_cert, tls_key, tls_ca: the user's certificate, key and CA for NATS and the
             dashboard; None: made for this state dir.
+        nice: the nice value of the control plane — the Weaver's thread and the embedded
+            NATS — where permitted (:func:`torchloom._proc.set_nice`); None: unchanged. A
+            negative one makes the scheduler wake them before CPU-bound training processes on
+            the same cores (they use little CPU: it costs training nothing).
     """
 
     def __init__(
@@ -77,7 +82,11 @@ class Stack:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tls_ca: Path | None = None,
+        nice: int | None = None,
     ) -> None:
+        self.nice = nice
+        self.nice_applied: bool | None = None
+        """Whether ``nice`` took effect on the Weaver's thread (None: not asked, or not yet)."""
         if secure is None:
             secure = not (is_loopback(nats_host) and (ui_port is None or is_loopback(ui_host)))
         self.nats_host = nats_host
@@ -152,6 +161,7 @@ class Stack:
                     port=self.nats_port,
                     host=self.nats_host,
                     config_file=conf,
+                    nice=self.nice,
                 )
                 self.nats_url = self.nats.start()
             if self.lighthouse_arg == "auto":
@@ -227,6 +237,8 @@ class Stack:
             raise
 
     def _serve(self) -> None:
+        if self.nice is not None:
+            self.nice_applied = set_nice(self.nice)
         loop = asyncio.new_event_loop()
         self._loop = loop
         assert self.weaver is not None

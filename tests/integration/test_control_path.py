@@ -1,0 +1,103 @@
+"""The control path's latency contract (issue 16.8), checked as behaviour, not time: a change
+is answered once its config is on disk, without waiting for its history entry (which the
+config's journal keeps safe meanwhile); the control plane runs at a raised priority where
+it may. Real nats-server; the Weaver in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Up, wait_for
+from torchloom.protocol import ControlRequest, HistoryEvent, JoinInfo, decode, names
+from torchloom.transport import History, connect
+from torchloom.weaver import Weaver
+
+pytestmark = pytest.mark.integration
+
+
+async def _last(url: str, job: str, kind: str) -> HistoryEvent | None:
+    conn = await connect(url, name="reader")
+    try:
+        raw = await History(conn).last(names.history_subject(job, kind))
+        return decode(raw, HistoryEvent) if raw else None
+    finally:
+        await conn.close()
+
+
+async def _until(pred, *, timeout_s: float = 30.0) -> None:
+    async def poll() -> None:
+        while not await pred():
+            await asyncio.sleep(0.05)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def test_a_change_is_answered_before_its_history_entry_is_appended(nats):
+    weaver = Weaver(nats_url=nats.url, lease=None)
+    serving = asyncio.create_task(weaver.run())
+    gate, entered = asyncio.Event(), asyncio.Event()
+    try:
+        await asyncio.wait_for(weaver.ready.wait(), 30)
+        join = ControlRequest(
+            op="join", job_id="fast", join=JoinInfo(replica_id="0", rank=0, pid=os.getpid())
+        )
+        assert (await weaver.submit(join)).ok
+        await _until(lambda: _last(nats.url, "fast", "job_started"))
+        # the history takes nothing until the test says so
+        history = weaver._history
+        real = history.append_many
+
+        async def held(items):
+            entered.set()
+            await gate.wait()
+            return await real(items)
+
+        history.append_many = held
+        reply = await asyncio.wait_for(
+            weaver.submit(ControlRequest(op="set", job_id="fast", values={"lr": 0.5})), 30
+        )
+        assert reply.ok and reply.version == 2  # answered while the history append waits
+        assert await _last(nats.url, "fast", "config_set") is None
+        await asyncio.wait_for(entered.wait(), 30)
+        gate.set()
+        await _until(lambda: _last(nats.url, "fast", "config_set"))
+        assert (await _last(nats.url, "fast", "config_set")).version == 2
+    finally:
+        gate.set()  # the Weaver flushes its history as it stops
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+def _nice(pid: int, tid: int | None = None) -> int:
+    stat = Path(f"/proc/{pid}" + (f"/task/{tid}" if tid else "") + "/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+def test_the_control_plane_runs_at_a_raised_priority_where_permitted(tmp_path):
+    import psutil
+
+    up = Up(tmp_path / "state")
+    try:
+        banner = wait_for(
+            lambda: "priority" in up.log_path.read_text() and up.log_path.read_text(), timeout_s=10
+        )
+        (nats_proc,) = [
+            p for p in psutil.Process(up.proc.pid).children() if "nats-server" in p.name()
+        ]
+        threads = {
+            int(t.name): _nice(up.proc.pid, int(t.name))
+            for t in Path(f"/proc/{up.proc.pid}/task").iterdir()
+        }
+        if os.geteuid() == 0:  # permitted: NATS and the Weaver's thread at -5, the rest as started
+            assert _nice(nats_proc.pid) == -5
+            assert -5 in threads.values() and threads[up.proc.pid] == 0
+            assert "nice -5 for NATS and the Weaver" in banner
+        else:
+            assert _nice(nats_proc.pid) == 0 and set(threads.values()) == {0}
+            assert "needs root or CAP_SYS_NICE" in banner
+    finally:
+        up.stop()
