@@ -37,6 +37,7 @@ from torchloom.chaos import choose_victim
 from torchloom.cli.client import WeaverClient
 from torchloom.cli.launcher import RestartPolicy, Supervisor
 from torchloom.cli.up import Stack
+from torchloom.errors import NotReachableError
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "mnist" / "train.py"
@@ -52,7 +53,10 @@ def chaos_until(
     step_times: list[float] = []
     next_kill = every_s
     while (elapsed := time.monotonic() - t0) < wall_s:
-        jobs = client.status(job).get("jobs", [])
+        try:
+            jobs = client.status(job, states=["live"], limit=1000).get("jobs", [])
+        except NotReachableError:  # the Weaver is busy or (re)starting: look again
+            jobs = []
         ranks = jobs[0]["ranks"] if jobs else []
         step_times += [
             r["step_time_s"] for r in ranks if r["state"] == "training" and r.get("step_time_s")

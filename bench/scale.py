@@ -47,6 +47,7 @@ import time
 import urllib.request
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -103,9 +104,11 @@ def _telemetry(job: str, i: int, seq: int, now: float, t0: float, last_step: int
 
 async def _publish(
     nats_url: str, job: str, ranks: list[int], total: int, hz: float, start_at: float,
-    duration_s: float, per_conn: int,
+    stop: Any, per_conn: int,
 ) -> dict[str, float]:  # fmt: skip
-    """Publish telemetry of ``ranks`` (of ``total``) at ``hz`` each, evenly spread."""
+    """Publish telemetry of ``ranks`` (of ``total``) at ``hz`` each, evenly spread, from
+    ``start_at`` until ``stop`` (a multiprocessing Event) is set: the publishers run as long
+    as the measurement needs them, however long the warm-up took."""
     conns = [
         await connect(nats_url, name=f"scale-sim-{k}")
         for k in range(max(1, math.ceil(len(ranks) / per_conn)))
@@ -118,7 +121,8 @@ async def _publish(
     t0 = time.time()
     sent, worst_behind = 0, 0.0
     subjects = [names.telemetry_subject(job, str(i // GROUP_SIZE), i % GROUP_SIZE) for i in ranks]
-    while (elapsed := time.time() - t0) < duration_s:
+    while not stop.is_set():
+        elapsed = time.time() - t0
         due = int(elapsed * hz * n) + 1
         if due - sent > n:  # more than a whole period behind
             worst_behind = max(worst_behind, (due - sent) / (hz * n))
@@ -212,33 +216,24 @@ def measure_ingest(
             rss0 = weaver.memory_info().rss
             ctx = mp.get_context("spawn")
             out = ctx.Queue()
+            stop = ctx.Event()
             warm_s = 5.0 + ranks / 2000
             start_at = time.time() + 3.0
             split = [list(range(k, ranks, clients)) for k in range(clients)]
             procs = [
                 ctx.Process(
                     target=_client,
-                    args=(
-                        (
-                            up.nats_url,
-                            job,
-                            part,
-                            ranks,
-                            hz,
-                            start_at,
-                            warm_s + measure_s + 2,
-                            per_conn,
-                        ),
-                        out,
-                    ),
+                    args=((up.nats_url, job, part, ranks, hz, start_at, stop, per_conn), out),
                 )
                 for part in split
             ]
             for p in procs:
                 p.start()
             time.sleep(max(0.0, start_at - time.time()) + warm_s)
-            wait_until = time.time() + 60
-            while health(up.ui_url)["unsaved_events"] and time.time() < wait_until:
+            waited = time.time()
+            while health(up.ui_url)["unsaved_events"]:
+                if time.time() - waited > 600:
+                    raise SystemExit("the join storm's history was not written within 10 min")
                 time.sleep(0.5)  # the join storm's history is written
             before = intake(scrape(up.ui_url, "torchloom_weaver_messages",
                                    "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
@@ -248,6 +243,7 @@ def measure_ingest(
                                   "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
             c1, n1, t1 = cpu_s(weaver), sum(cpu_s(p) for p in nats), time.time()
             rss = weaver.memory_info().rss
+            stop.set()  # the publishers ran through the whole window
             results = [out.get(timeout=120) for _ in procs]
             for p in procs:
                 p.join(30)
@@ -257,6 +253,12 @@ def measure_ingest(
     msgs = after[0] - before[0]
     lags = lags_between(before[1], after[1])
     wall = t1 - t0
+    if msgs < 0.5 * ranks * hz * wall:
+        raise SystemExit(
+            f"ingest measured {msgs} messages in {wall:.1f} s, under half of the "
+            f"{ranks * hz * wall:.0f} offered: the publishers and the window did not overlap, "
+            "or the Weaver fell far behind — no figure printed"
+        )
     return {
         "ranks": ranks,
         "hz": hz,
@@ -294,11 +296,11 @@ def ingest_row(r: dict) -> str:
 
 
 async def _follow(
-    nats_url: str, job: str, ranks: list[int], per_conn: int, ready: mp.Event, duration_s: float,
+    nats_url: str, job: str, ranks: list[int], per_conn: int, ready: Any, stop: Any,
 ) -> list[tuple[int, float]]:  # fmt: skip
     """Ranks ``ranks`` as a Threadlet follows its job: each announces itself with one
     telemetry message, holds its own subscription on the job's desired config, decodes each
-    copy it gets, and reports ``config_applied`` at the effective step.
+    copy it gets, and reports ``config_applied`` at the effective step, until ``stop`` is set.
     Returns ``[(version, seconds from issued to held)]``, one per rank and version."""
     conns = [
         await connect(nats_url, name=f"scale-follow-{k}")
@@ -325,7 +327,8 @@ async def _follow(
     for c in conns:
         await c.flush(timeout_s=30)
     ready.set()
-    await asyncio.sleep(duration_s)
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
     for c in conns:
         await c.close()
     return held
@@ -376,10 +379,10 @@ def measure_fanout(*, ranks: int, sets: int, clients: int, per_conn: int) -> dic
             out = ctx.Queue()
             split = [list(range(k, ranks, clients)) for k in range(clients)]
             readies = [ctx.Event() for _ in split]
-            duration_s = 10.0 + ranks / 1000 + sets * gap_s
+            stop = ctx.Event()
             procs = [
                 ctx.Process(target=_follower,
-                            args=((up.nats_url, job, part, per_conn, ev, duration_s), out))
+                            args=((up.nats_url, job, part, per_conn, ev, stop), out))
                 for part, ev in zip(split, readies, strict=True)
             ]  # fmt: skip
             for p in procs:
@@ -397,8 +400,10 @@ def measure_fanout(*, ranks: int, sets: int, clients: int, per_conn: int) -> dic
             c0, t0 = cpu_s(weaver), time.time()
             asyncio.run(_set(up.nats_url, job, sets, gap_s))
             cpu = (cpu_s(weaver) - c0) / (time.time() - t0) * 100
+            time.sleep(gap_s)  # the last change reaches every rank
+            stop.set()
             history = asyncio.run(_history(up.nats_url, job))
-            held = [x for _ in procs for x in out.get(timeout=duration_s + 120)]
+            held = [x for _ in procs for x in out.get(timeout=300)]
             for p in procs:
                 p.join(30)
         finally:
@@ -412,6 +417,11 @@ def measure_fanout(*, ranks: int, sets: int, clients: int, per_conn: int) -> dic
         e.data["latency_s"] for e in history if e.kind == "config_applied" and e.version > 1
     ]  # v1 is the job's initial config
     lags = [lag for v in by_version.values() for lag in v]
+    if len(complete) < sets:
+        raise SystemExit(
+            f"fan-out: only {len(complete)} of {sets} changes reached all {ranks} ranks — "
+            "no figure printed"
+        )
     return {
         "ranks": ranks,
         "sets": len(by_version),

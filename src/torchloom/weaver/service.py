@@ -153,8 +153,7 @@ class Weaver:
         self.creds = creds
         self.lease_settings = lease
         self.lease: Lease | None = None
-        self.role = "starting"
-        """``starting``, ``standby`` (waiting for the lease) or ``leader``."""
+        self._leading = False
         self._lost: LeadershipLostError | None = None
         self._crash_at = os.environ.get(ENV_CRASH_AT, "")
         self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
@@ -221,11 +220,10 @@ class Weaver:
                     instance=self._instance,
                     settings=self.lease_settings,
                 )
-                self.role = "standby"
                 await self.lease.acquire()
                 holder = asyncio.ensure_future(self.lease.hold())
                 holder.add_done_callback(self._on_lease_done)
-            self.role = "leader"
+            self._leading = True
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
             self._configs = ConfigStore(self._config_kv)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
@@ -264,6 +262,17 @@ class Weaver:
                         await asyncio.shield(self.lease.release())
             self._closing = True
             await self._conn.close()
+
+    @property
+    def role(self) -> str:
+        """``starting``, ``standby`` (another Weaver holds the lease: this one waits for it)
+        or ``leader``."""
+        if self._leading:
+            return "leader"
+        holder = self.lease.holder if self.lease is not None else None
+        if holder is not None and holder.instance != self.lease.me.instance:  # type: ignore[union-attr]
+            return "standby"
+        return "starting"
 
     def _on_lease_done(self, fut: asyncio.Future[None]) -> None:
         if not fut.cancelled() and isinstance(fut.exception(), LeadershipLostError):
