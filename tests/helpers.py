@@ -257,6 +257,18 @@ class TelemetryTap:
         self._thread.start()
         self._ready.wait(10)
 
+    def wait_final_flush(self, *ranks: tuple[str, int], timeout_s: float = 60.0) -> None:
+        """Wait until each ``(replica_id, rank)`` sent its last flush (state ``exited``: the
+        Threadlet's goodbye carries every point still buffered)."""
+        want = set(ranks)
+        wait_for(
+            lambda: (
+                want <= {(m.replica_id, m.rank) for m in list(self.messages) if m.state == "exited"}
+            ),
+            timeout_s=timeout_s,
+            what=f"the last telemetry flush of {sorted(want)}",
+        )
+
     def points(self) -> list[tuple[str, int, dict[str, Any]]]:
         """``(replica_id, step, values)`` of every logged metric point seen so far."""
         return [(m.replica_id, p.step, p.values) for m in list(self.messages) for p in m.points]

@@ -1,7 +1,6 @@
 """The reference MNIST job (2 DDP ranks under torchrun) steered through the CLI while it trains."""
 
 import json
-import time
 
 import pytest
 
@@ -121,7 +120,7 @@ def test_batch_size_and_transforms_change_exactly_at_the_effective_step_with_loa
         assert r.returncode == 0, r.stderr
         eff2 = int(r.stdout.split("effective at step ")[1].split()[0])
         assert proc.wait(120) == 0
-        time.sleep(0.5)  # the last telemetry flush
+        tap.wait_final_flush(("0", 0), ("0", 1))
     finally:
         kill_tree(proc)
 

@@ -4,7 +4,6 @@ import itertools
 import os
 import re
 import signal
-import time
 
 import pytest
 
@@ -142,7 +141,7 @@ def test_global_batch_stays_constant_through_2_1_2_replica_groups(tmp_path, up):
     sup, log = start_two_groups(up, tmp_path, 300, "--global-batch-size", "128", env=crash.env())
     try:
         assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]
-        time.sleep(0.5)  # the last telemetry flush
+        tap.wait_final_flush(("0", 0), ("1", 0))
     finally:
         kill_tree(sup)
         log.close()
@@ -273,7 +272,7 @@ def test_sync_every_changes_at_the_same_outer_step_on_every_group(tmp_path, up, 
         assert r.returncode == 0, r.stderr
         eff = int(r.stdout.split("effective at step ")[1].split()[0])
         assert sup.wait(240) == 0, (tmp_path / "run.log").read_text()[-3000:]  # no hang
-        time.sleep(0.5)  # the last telemetry flush
+        tap.wait_final_flush(("0", 0), ("1", 0))
     finally:
         kill_tree(sup)
         log.close()

@@ -253,7 +253,10 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         "/api/jobs/{job_id}/ranks",
         tags=["read"],
         response_model=list[RankDetail],
-        responses=NOT_FOUND,
+        responses={
+            **NOT_FOUND,
+            400: {"model": ErrorReply, "description": "an unknown state in the filter"},
+        },
     )
     async def ranks(
         job_id: str,
