@@ -145,8 +145,8 @@ def test_training_job_runs_under_its_own_credentials(secure_up, tmp_path):
 
     os.environ["TORCHLOOM_CREDS"] = path
     try:
-        proc = launch_mnist(
-            secure_up.url, tmp_path, "--max-steps", "300", "--eval-every", "0",
+        proc = launch_mnist(  # runs until stopped: a short job could end before the change
+            secure_up.url, tmp_path, "--max-steps", "1000000", "--eval-every", "0",
             "--step-delay-ms", "10", nproc=1, torchrun=False,
         )  # fmt: skip
     finally:
@@ -162,6 +162,8 @@ def test_training_job_runs_under_its_own_credentials(secure_up, tmp_path):
             "set", "lr=0.02", "--wait", "--job", "mnist", "--state-dir", str(secure_up.state_dir)
         )
         assert r.returncode == 0 and "applied by 1 rank" in r.stdout, r.stdout + r.stderr
+        r = cli("stop", "--job", "mnist", "--state-dir", str(secure_up.state_dir))
+        assert r.returncode == 0, r.stdout + r.stderr
         assert proc.wait(120) == 0
     finally:
         kill_tree(proc)
