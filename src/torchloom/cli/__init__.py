@@ -782,15 +782,8 @@ def forget(
     itself after an hour, and keeps at most 1,000 per job.)"""
     client = _client(nats_url, state_dir, timeout_s)
     job_id = _pick_job(client, job)
-    reply = client.request(
-        ControlRequest(
-            op="forget",
-            job_id=job_id,
-            replica_id=replica,
-            values={"rank": rank} if rank is not None else {},
-            requested_by=who(),
-        )
-    )
+    values = {"rank": rank} if rank is not None else {}
+    reply = client.control("forget", job_id, values=values, replica_id=replica)
     data = reply.data or {}
     ids = data.get("ranks", [])
     shown = ", ".join(ids[:10]) + (" …" if len(ids) > 10 else "")

@@ -295,14 +295,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         live_steps = [r.entry.last_step for r in (pos.members if pos else job.live_ranks())]
         eff = max(floor, min(live_steps) + 1 if live_steps else 0)
     else:
-        eff = plan_effective_step(
-            job,
-            now,
-            lead_time_s=settings.lead_time_s,
-            min_lead_steps=settings.min_lead_steps,
-            reach=settings.reach,
-            pos=pos,
-        )
+        eff = _plan(job, now, settings, pos=pos)
     version = latest.version + 1
     snap = ConfigSnapshot(
         version=version,
@@ -354,6 +347,17 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         ),
         superseded=superseded,
         position=pos,
+    )
+
+
+def _plan(job: Job, now: float, settings: ControlSettings, *, pos: Position | None = None) -> int:
+    return plan_effective_step(
+        job,
+        now,
+        lead_time_s=settings.lead_time_s,
+        min_lead_steps=settings.min_lead_steps,
+        reach=settings.reach,
+        pos=pos,
     )
 
 
@@ -615,13 +619,7 @@ def restore(job: Job, foreign: bytes | None, now: float, settings: ControlSettin
     if seen < latest.version or seen + 1 > MAX_VERSION:
         return Outcome(ControlReply(ok=True), new_config=job.config, events=events)
     version = seen + 1
-    eff = plan_effective_step(
-        job,
-        now,
-        lead_time_s=settings.lead_time_s,
-        min_lead_steps=settings.min_lead_steps,
-        reach=settings.reach,
-    )
+    eff = _plan(job, now, settings)
     snap = msgspec.structs.replace(
         latest,
         version=version,
