@@ -115,19 +115,21 @@ def test_api_reads_steers_and_guards_a_live_job(tmp_path):
         assert {"config_set", "config_applied"} <= {e["kind"] for e in events}
         assert any("by web:127.0.0.1" in e["message"] for e in events)
 
-        # the live feed: a snapshot first, then updates that carry the job's progress
+        # the live feed: a snapshot first, then updates that carry the job's progress (read
+        # until the step moves: an evaluation every 50 steps holds the job for a few seconds)
         with c.stream("GET", "/api/stream", params={"job": "mnist"}) as resp:
             assert resp.headers["content-type"].startswith("text/event-stream")
             frames = []
             for line in resp.iter_lines():
                 if line.startswith("data: "):
                     frames.append(json.loads(line[6:]))
-                if len(frames) == 3:
+                moved = [f for f in frames[1:] if "header" in f]
+                if moved and moved[-1]["header"]["step"] > frames[0]["header"]["step"]:
                     break
+                assert len(frames) < 120, "the step did not move in 60 s of frames"
         assert frames[0]["type"] == "snapshot" and len(frames[0]["ranks"]) == 2
         assert frames[0]["config"]["version"] == v
-        assert [f["type"] for f in frames[1:]] == ["update", "update"]
-        assert frames[2]["header"]["step"] > frames[0]["header"]["step"]
+        assert len(frames) >= 2 and {f["type"] for f in frames[1:]} == {"update"}
 
         # Prometheus
         text = c.get("/metrics").text

@@ -116,11 +116,15 @@ def test_crash_around_the_config_write_loses_and_doubles_nothing(tmp_path, nats,
         assert doc.snapshots[-1].values["lr"] == 0.02
         wait_for(
             lambda: config_events(client, "j") == [("job_started", 1), ("config_set", 2)],
-            timeout_s=5,
+            timeout_s=30,
             what="exactly one history entry per version",
         )
         assert client.control("set", "j", values={"lr": 0.03}).version == 3
-        assert config_events(client, "j")[-1] == ("config_set", 3)
+        wait_for(  # the history is appended right after the reply, not before it
+            lambda: config_events(client, "j")[-1] == ("config_set", 3),
+            timeout_s=30,
+            what="v3's history entry",
+        )
     finally:
         crashing.stop()
         standby.stop()
@@ -135,7 +139,11 @@ def test_same_request_id_is_answered_once(tmp_path, nats):
         req = ControlRequest(op="set", job_id="j", values={"lr": 0.5}, request_id="r-1")
         first, again = client.request(req), client.request(req)
         assert first.version == again.version == 2
-        assert config_events(client, "j") == [("job_started", 1), ("config_set", 2)]
+        wait_for(  # appended right after the reply; once, never twice
+            lambda: config_events(client, "j") == [("job_started", 1), ("config_set", 2)],
+            timeout_s=30,
+            what="one history entry per version",
+        )
     finally:
         up.stop()
 

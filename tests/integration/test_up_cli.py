@@ -31,7 +31,7 @@ def test_second_up_on_the_same_state_dir_says_so_and_sigterm_leaves_no_orphan(tm
     )
     assert "Traceback" not in second.stderr + second.stdout
     assert first.stop(signal.SIGTERM) == 0
-    wait_for(lambda: not pid_alive(nats_pid), timeout_s=5, what="nats-server to exit")
+    wait_for(lambda: not pid_alive(nats_pid), timeout_s=30, what="nats-server to exit")
     assert read_endpoint(tmp_path / "state") is None
 
 
@@ -40,7 +40,7 @@ def test_kill_9_of_up_takes_its_nats_server_along(tmp_path):
     nats_pid = nats_child_pid(up)
     up.stop(signal.SIGKILL)
     wait_for(
-        lambda: not pid_alive(nats_pid), timeout_s=5, what="nats-server to die with its parent"
+        lambda: not pid_alive(nats_pid), timeout_s=30, what="nats-server to die with its parent"
     )
     again = Up(tmp_path / "state")  # the lock died with the process; the state dir is usable
     again.stop()
