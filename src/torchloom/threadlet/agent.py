@@ -14,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
+import selectors
 import threading
 import time
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from torchloom.errors import DecodeError, NotReachableError, TorchloomError
 from torchloom.paths import resolve_nats_url
@@ -48,6 +51,58 @@ if TYPE_CHECKING:
     from torchloom.threadlet.run import Run
 
 log = logging.getLogger("torchloom.threadlet")
+
+
+class _GuardedSelector(selectors.DefaultSelector):  # type: ignore[valid-type,misc]
+    """The I/O thread's selector: it holds ``busy`` except while it waits in ``select``.
+
+    A fork made while this thread is inside OpenSSL (a TLS handshake's one-time library
+    initialisation, in secure mode) leaves the child with a lock nobody will release: the
+    child's next hash or TLS call hangs for good — seen as a DataLoader worker that never
+    delivered its first batch (its fd-passing thread stuck in ``hmac.new``), one process in
+    six. :func:`_before_fork` takes every live ``busy`` lock, so a fork happens only while
+    each I/O thread waits in ``select`` (no OpenSSL call in progress).
+    """
+
+    def __init__(self, busy: threading.Lock) -> None:
+        super().__init__()
+        self._busy = busy
+
+    def select(self, timeout: float | None = None) -> Any:
+        self._busy.release()
+        try:
+            return super().select(timeout)
+        finally:
+            self._busy.acquire()
+
+
+_GUARDS: weakref.WeakSet[Any] = weakref.WeakSet()
+_HELD = threading.local()
+FORK_WAIT_S = 1.0
+"""How long a fork waits for the I/O threads to be idle before it goes ahead anyway."""
+
+
+class _Guard:
+    """A lock in a weak set (plain locks cannot be weakly referenced)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+def _before_fork() -> None:
+    _HELD.guards = [g for g in list(_GUARDS) if g.lock.acquire(timeout=FORK_WAIT_S)]
+
+
+def _after_fork() -> None:
+    for g in getattr(_HELD, "guards", ()):
+        g.lock.release()
+    _HELD.guards = []
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork, after_in_child=_after_fork
+    )
 
 
 class Agent:
@@ -118,7 +173,10 @@ class Agent:
     # ---- thread ------------------------------------------------------------------
 
     def _thread_main(self) -> None:
-        loop = asyncio.new_event_loop()
+        guard = _Guard()
+        guard.lock.acquire()  # held while this thread works; free while it waits for I/O
+        _GUARDS.add(guard)
+        loop = asyncio.SelectorEventLoop(_GuardedSelector(guard.lock))
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
@@ -126,6 +184,8 @@ class Agent:
             log.exception("torchloom threadlet stopped; training goes on without control")
         finally:
             loop.close()
+            _GUARDS.discard(guard)
+            guard.lock.release()
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
