@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/browser.sh
 . .venv/bin/activate
-echo "== ruff";          ruff check src tests examples bench && ruff format --check src tests examples bench
+# one command per line: under `set -e` a failing command stops the script (the left side
+# of `a && b` would not)
+echo "== ruff check";    ruff check src tests examples bench
+echo "== ruff format";   ruff format --check src tests examples bench
 echo "== mypy";          mypy
 echo "== import-linter"; lint-imports
 echo "== pytest";        python -m pytest tests "$@"
