@@ -38,8 +38,8 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from torchloom.cli.client import RemoteError, WeaverClient
-from torchloom.errors import NotReachableError
+from torchloom.cli.client import WeaverClient
+from torchloom.errors import TorchloomError
 from torchloom.nats_server import NatsServer
 from torchloom.protocol import ControlRequest, DesiredConfig, HistoryEvent, decode, names
 from torchloom.transport import History, KeyValue, connect
@@ -114,7 +114,7 @@ def main() -> None:
         try:
             if client.status("soak").get("jobs"):
                 break
-        except (NotReachableError, RemoteError):
+        except TorchloomError:  # not up yet, or not the leader yet
             pass
         time.sleep(0.5)
 
@@ -133,10 +133,8 @@ def main() -> None:
             try:
                 reply = client.request(req)
                 accepted[req.request_id] = reply.version or 0
-            except RemoteError as exc:
-                refused[exc.code] += 1
-            except NotReachableError:
-                refused["no_reply"] += 1
+            except TorchloomError as exc:
+                refused[exc.code if exc.remote else "no_reply"] += 1
             time.sleep(1.0 / args.changes_per_s)
 
     rss: dict[int, list[float]] = collections.defaultdict(list)

@@ -16,6 +16,10 @@ class TorchloomError(Exception):
     """
 
     code = "error"
+    remote = False
+    """True for an error the Weaver answered with (raised by a client from its reply)."""
+    knob: str | None = None
+    """The knob a refusal is about, where there is one."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -119,6 +123,18 @@ class RateLimitedError(TorchloomError):
     code = "rate_limited"
 
 
+class LeadershipLostError(TorchloomError):
+    """Another Weaver holds the leader lease now; this one must stop serving."""
+
+    code = "leadership_lost"
+
+
+class PortInUseError(TorchloomError):
+    """The dashboard's address is taken by another process."""
+
+    code = "port_in_use"
+
+
 class AlreadyRunningError(TorchloomError):
     """A ``torchloom up`` already holds this state directory."""
 
@@ -145,6 +161,21 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         ConflictError,
         DuplicateRankError,
         RateLimitedError,
+        LeadershipLostError,
+        PortInUseError,
         AlreadyRunningError,
     )
 }
+
+
+def from_wire(code: str, message: str, *, knob: str | None = None) -> TorchloomError:
+    """The error a Weaver's refusal stands for: an instance of the class whose ``code`` it
+    carries (:data:`ERRORS_BY_CODE`; an unknown code is a plain :class:`TorchloomError`),
+    with ``remote`` set and the reply's message and knob. Its structured fields other than
+    ``knob`` are not on the wire, so they are not set."""
+    cls = ERRORS_BY_CODE.get(code, TorchloomError)
+    exc = cls.__new__(cls)
+    TorchloomError.__init__(exc, message)
+    exc.remote = True
+    exc.knob = knob
+    return exc

@@ -11,6 +11,7 @@ import pytest
 
 from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, summaries, wait_for
 from torchloom.cli.client import WeaverClient
+from torchloom.errors import LeadershipLostError
 from torchloom.protocol import (
     ControlRequest,
     DesiredConfig,
@@ -19,7 +20,7 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.transport import KeyValue, connect, ensure_jetstream, ensure_lease_bucket
-from torchloom.weaver.lease import Holder, LeadershipLostError, Lease, LeaseSettings
+from torchloom.weaver.lease import Holder, Lease, LeaseSettings
 from torchloom.weaver.service import ENV_CRASH_AT
 
 pytestmark = pytest.mark.integration

@@ -87,6 +87,24 @@ def test_user_mistakes_get_one_line_and_a_nonzero_exit(tmp_path, up):
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_the_client_raises_the_weavers_error_class(up):
+    import torchloom
+    from torchloom.errors import InvalidKnobError, UnknownJobError
+
+    client = up.client()
+    with pytest.raises(UnknownJobError) as unknown:
+        client.control("set", "nobody", values={"lr": 0.1})
+    assert unknown.value.remote
+    run = torchloom.init(job_id="typed", knobs={"lr": 0.1}, nats_url=up.url)
+    try:
+        wait_for(lambda: run.agent.joined.is_set(), timeout_s=30, what="the join")
+        with pytest.raises(InvalidKnobError) as bad:
+            client.control("set", "typed", values={"lr": -1})
+        assert bad.value.knob == "lr" and "must be > 0" in bad.value.message
+    finally:
+        run.close()
+
+
 def test_events_follow_streams_new_history_as_json(up):
     import subprocess
     import threading

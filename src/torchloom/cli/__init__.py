@@ -26,7 +26,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from torchloom.cli import render
-from torchloom.cli.client import RemoteError, WeaverClient, who
+from torchloom.cli.client import WeaverClient, who
 from torchloom.cli.launcher import RestartPolicy, Supervisor, kill_tree, script_argv
 from torchloom.cli.options import (
     JobOpt,
@@ -43,7 +43,12 @@ from torchloom.cli.policy import app as policy_app
 from torchloom.cli.printer import EventPrinter
 from torchloom.cli.sim import sim as sim_command
 from torchloom.cli.up import Stack
-from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
+from torchloom.errors import (
+    InvalidRequestError,
+    LeadershipLostError,
+    NotReachableError,
+    TorchloomError,
+)
 from torchloom.paths import (
     DEFAULT_UI_PORT,
     ENV_NATS_URL,
@@ -54,7 +59,6 @@ from torchloom.paths import (
 from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
 from torchloom.secure import job_env
 from torchloom.weaver import ControlSettings, LivenessConfig
-from torchloom.weaver.lease import LeadershipLostError
 
 app = typer.Typer(
     name="torchloom",
@@ -980,12 +984,14 @@ def main() -> None:
     """Entry point of the ``torchloom`` command: one clear line for every torchloom error."""
     try:
         app()
-    except RemoteError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        sys.exit(2)
-    except NotReachableError as exc:
-        err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        sys.exit(3)
     except TorchloomError as exc:
         err.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-        sys.exit(2 if isinstance(exc, InvalidRequestError) else 1)
+        sys.exit(_exit_code(exc))
+
+
+def _exit_code(exc: TorchloomError) -> int:
+    """2: refused (by the Weaver, or a mistake on the command line); 3: nothing answered; 1:
+    anything else."""
+    if exc.remote or isinstance(exc, InvalidRequestError):
+        return 2
+    return 3 if isinstance(exc, NotReachableError) else 1

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torchloom.errors import ERRORS_BY_CODE, NotReachableError, TorchloomError
+from torchloom.errors import NotReachableError, TorchloomError, from_wire
 from torchloom.paths import read_endpoint, resolve_nats_url
 from torchloom.protocol import (
     CHANGE_OPS,
@@ -30,16 +30,6 @@ from torchloom.transport import (
     credentials_from_env,
     load_credentials,
 )
-
-
-class RemoteError(TorchloomError):
-    """An error the Weaver answered with; ``code`` and ``knob`` come from the reply."""
-
-    def __init__(self, code: str, message: str, knob: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.knob = knob
-        self.kind = ERRORS_BY_CODE.get(code, TorchloomError)
 
 
 def resolve_creds(state_dir: Path | None = None) -> Credentials | None:
@@ -97,7 +87,9 @@ class WeaverClient:
         self.timeout_s = timeout_s
 
     def request(self, req: ControlRequest) -> ControlReply:
-        """Send one control request; raise :class:`RemoteError` on an error reply.
+        """Send one control request; an error reply raises the :class:`TorchloomError` subclass
+        its code names (``InvalidKnobError``, ``UnknownJobError``, …, with ``remote`` set:
+        :func:`torchloom.errors.from_wire`).
 
         A request with a ``request_id`` (every change :meth:`control` sends) is sent again
         while no reply comes, until ``timeout_s`` has passed: across a Weaver's failover the
@@ -115,11 +107,9 @@ class WeaverClient:
                 time.sleep(0.25)
         if not reply.ok:
             err = reply.error
-            raise RemoteError(
-                err.code if err else "error",
-                err.message if err else "refused",
-                err.knob if err else None,
-            )
+            if err is None:
+                raise from_wire("error", "refused")
+            raise from_wire(err.code, err.message, knob=err.knob)
         return reply
 
     async def _request(self, req: ControlRequest, *, timeout_s: float) -> ControlReply:

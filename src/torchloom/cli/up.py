@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from torchloom._proc import set_nice
-from torchloom.errors import AlreadyRunningError, NotReachableError, TorchloomError
+from torchloom.errors import (
+    AlreadyRunningError,
+    NotReachableError,
+    PortInUseError,
+    TorchloomError,
+)
 from torchloom.lighthouse import Lighthouse
 from torchloom.lighthouse import available as lighthouse_available
 from torchloom.nats_server import NatsServer
@@ -184,7 +189,7 @@ class Stack:
             )
             if self.ui_port is not None:
                 # FastAPI is imported only where the dashboard is served
-                from torchloom.weaver.web import Dashboard, PortInUseError
+                from torchloom.weaver.web import Dashboard
 
                 sd = self.secure_dir
                 tls = {"tls_cert": sd.cert_file, "tls_key": sd.key_file} if sd else {}

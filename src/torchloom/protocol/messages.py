@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from torchloom.errors import TorchloomError
 from torchloom.protocol.knobs import KnobSpec
 
 SCHEMA_VERSION = 1
@@ -192,6 +193,14 @@ class ControlReply(msgspec.Struct, kw_only=True):
     effective_step: int | None = None
     error: ErrorInfo | None = None
     data: Any = None
+
+    @classmethod
+    def refusal(cls, exc: TorchloomError, *, prefix: str = "", suffix: str = "") -> ControlReply:
+        """The error reply for ``exc``: its ``code``, message (between ``prefix`` and
+        ``suffix``) and knob — what :func:`torchloom.errors.from_wire` turns back into the same
+        error class."""
+        error = ErrorInfo(code=exc.code, message=prefix + exc.message + suffix, knob=exc.knob)
+        return cls(ok=False, error=error)
 
 
 JOURNAL_LENGTH = 8

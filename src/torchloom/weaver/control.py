@@ -30,7 +30,6 @@ from torchloom.protocol import (
     ControlReply,
     ControlRequest,
     DesiredConfig,
-    ErrorInfo,
     HistoryEvent,
     coerce_all,
     decode,
@@ -130,15 +129,7 @@ def handle(
         if isinstance(exc, DuplicateRankError) and req.join is not None:
             key = (req.job_id, req.join.replica_id, req.join.rank)
             duplicate = (key, req.join.host, req.join.pid)
-        return Outcome(
-            ControlReply(
-                ok=False,
-                error=ErrorInfo(
-                    code=exc.code, message=exc.message, knob=getattr(exc, "knob", None)
-                ),
-            ),
-            duplicate=duplicate,
-        )
+        return Outcome(ControlReply.refusal(exc), duplicate=duplicate)
 
 
 STATUS_BUDGET_BYTES = 192 * 1024
@@ -571,7 +562,7 @@ def _commit_join(
         exc = DuplicateRankError(
             req.job_id, j.replica_id, j.rank, holder_host=holder.host, holder_pid=holder.pid
         )
-        outcome.reply = ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
+        outcome.reply = ControlReply.refusal(exc)
         return events
     if job.config is not None and rank.entry.epoch != job.config.epoch:
         rank.entry.epoch = job.config.epoch

@@ -28,17 +28,11 @@ from dataclasses import dataclass
 
 import msgspec
 
-from torchloom.errors import ConflictError, NotReachableError, TorchloomError
+from torchloom.errors import ConflictError, LeadershipLostError, NotReachableError
 from torchloom.protocol import names
 from torchloom.transport import KeyValue
 
 log = logging.getLogger("torchloom.weaver.lease")
-
-
-class LeadershipLostError(TorchloomError):
-    """Another Weaver holds the leader lease now; this one must stop serving."""
-
-    code = "leadership_lost"
 
 
 class Holder(msgspec.Struct, kw_only=True):

@@ -29,6 +29,7 @@ from torchloom.errors import (
     ConflictError,
     DecodeError,
     InvalidRequestError,
+    LeadershipLostError,
     NotReachableError,
     RateLimitedError,
 )
@@ -37,7 +38,6 @@ from torchloom.protocol import (
     ControlReply,
     ControlRequest,
     DesiredConfig,
-    ErrorInfo,
     HistoryEvent,
     RankEvent,
     RegistryEntry,
@@ -61,7 +61,7 @@ from torchloom.weaver import control
 from torchloom.weaver.configstore import ConfigStore
 from torchloom.weaver.control import JOURNAL_KINDS, ControlSettings
 from torchloom.weaver.ingest import IngestStats
-from torchloom.weaver.lease import LeadershipLostError, Lease, LeaseSettings
+from torchloom.weaver.lease import Lease, LeaseSettings
 from torchloom.weaver.planning import review
 from torchloom.weaver.policies import Decision, PolicyEngine
 from torchloom.weaver.ratelimit import RateLimiter
@@ -129,7 +129,7 @@ class Weaver:
         creds: the ``weaver`` role's credentials on a secure NATS (``torchloom up --secure``);
             None: anonymous.
 
-    :meth:`run` raises :class:`~torchloom.weaver.lease.LeadershipLostError` when another
+    :meth:`run` raises :class:`~torchloom.errors.LeadershipLostError` when another
     Weaver took the lease or wrote a job's config over this one's.
     """
 
@@ -432,9 +432,10 @@ class Weaver:
         try:
             changes = dict(values.pop("params", None) or {})
             described = self.policies.update(name, {**values, **changes})
-        except (InvalidRequestError, TypeError, ValueError) as exc:
-            code = getattr(exc, "code", "invalid_request")
-            return ControlReply(ok=False, error=ErrorInfo(code=code, message=str(exc)))
+        except InvalidRequestError as exc:
+            return ControlReply.refusal(exc)
+        except (TypeError, ValueError) as exc:
+            return ControlReply.refusal(InvalidRequestError(str(exc)))
         assert self._config_kv is not None
         try:
             await self._config_kv.put(
@@ -443,9 +444,7 @@ class Weaver:
         except NotReachableError as exc:
             for n, table in before.items():
                 self.policies.update(n, table)
-            return ControlReply(
-                ok=False, error=ErrorInfo(code=exc.code, message=f"not changed: {exc.message}")
-            )
+            return ControlReply.refusal(exc, prefix="not changed: ")
         who = f" by {req.requested_by}" if req.requested_by else ""
         self._record(
             [
@@ -560,9 +559,7 @@ class Weaver:
                 raise DecodeError("control request", f"only a join is taken on {msg.subject}")
         except DecodeError as exc:
             self._drop("control", exc)
-            await self._reply(
-                msg, ControlReply(ok=False, error=ErrorInfo(code=exc.code, message=exc.message))
-            )
+            await self._reply(msg, ControlReply.refusal(exc))
             return
         if req.op == "join" and not self.join_limiter.allow(
             _connection_of(msg.reply), time.monotonic()
@@ -570,9 +567,7 @@ class Weaver:
             err = RateLimitedError(
                 f"over {self.join_limiter.burst} joins at once from one connection; slow down"
             )
-            await self._reply(
-                msg, ControlReply(ok=False, error=ErrorInfo(code=err.code, message=err.message))
-            )
+            await self._reply(msg, ControlReply.refusal(err))
             return
         reply = await (
             self._policy_op(req) if req.op in ("policies", "policy") else self.submit(req)
@@ -588,9 +583,7 @@ class Weaver:
         """
         async with self._control_lock:
             if self._lost is not None:
-                return ControlReply(
-                    ok=False, error=ErrorInfo(code=self._lost.code, message=self._lost.message)
-                )
+                return ControlReply.refusal(self._lost)
             if req.op in LIMITED_OPS and not self.rate_limiter.allow(
                 req.requested_by or "?", time.monotonic()
             ):
@@ -598,7 +591,7 @@ class Weaver:
                     f"{req.requested_by or 'this requester'} sent over "
                     f"{self.rate_limiter.rate_per_s:g} changes/s; slow down"
                 )
-                return ControlReply(ok=False, error=ErrorInfo(code=err.code, message=err.message))
+                return ControlReply.refusal(err)
             reply = await self._submit_locked(req)
         self._flush_soon()
         return reply
@@ -648,17 +641,12 @@ class Weaver:
             await self._configs.write(doc)
             return None
         except NotReachableError as exc:
-            return ControlReply(
-                ok=False, error=ErrorInfo(code=exc.code, message=f"not applied: {exc.message}")
-            )
+            return ControlReply.refusal(exc, prefix="not applied: ")
         except ConflictError as exc:
             if await self._restore_config(doc.job_id):
                 return _RETRY
-            return ControlReply(
-                ok=False,
-                error=ErrorInfo(
-                    code=exc.code, message=f"not applied: {exc.message}; this weaver steps down"
-                ),
+            return ControlReply.refusal(
+                exc, prefix="not applied: ", suffix="; this weaver steps down"
             )
 
     async def _on_config_write(self, msg: Message) -> None:
@@ -819,14 +807,9 @@ _RETRY = ControlReply(ok=False)
 
 
 def _conflict_reply(job_id: str) -> ControlReply:
-    return ControlReply(
-        ok=False,
-        error=ErrorInfo(
-            code=ConflictError.code,
-            message=f"not applied: job {job_id}'s config keeps being written by someone "
-            "else; send the change again",
-        ),
-    )
+    conflict = ConflictError(names.CONFIG_BUCKET, names.config_key(job_id), 0)
+    conflict.message = f"job {job_id}'s config keeps being written by someone else"
+    return ControlReply.refusal(conflict, prefix="not applied: ", suffix="; send it again")
 
 
 def _decision_event(

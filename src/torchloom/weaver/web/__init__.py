@@ -4,6 +4,6 @@ Reads the Weaver's state on its own loop and sends actions through its one
 control entry point (:meth:`~torchloom.weaver.service.Weaver.submit`).
 """
 
-from torchloom.weaver.web.server import Dashboard, PortInUseError
+from torchloom.weaver.web.server import Dashboard
 
-__all__ = ["Dashboard", "PortInUseError"]
+__all__ = ["Dashboard"]

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvicorn
 
-from torchloom.errors import TorchloomError
+from torchloom.errors import PortInUseError, TorchloomError
 from torchloom.paths import DEFAULT_UI_PORT, is_loopback
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.web.app import create_app
@@ -20,12 +20,6 @@ from torchloom.weaver.web.auth import Access
 from torchloom.weaver.web.feed import Feed
 
 log = logging.getLogger("torchloom.web")
-
-
-class PortInUseError(TorchloomError):
-    """The dashboard's address is taken by another process."""
-
-    code = "port_in_use"
 
 
 class Dashboard:
