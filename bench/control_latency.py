@@ -9,7 +9,7 @@ holds one NATS connection and sends ``set`` requests one at a time, 20 per secon
 
 * **reply**: the client's request → its reply (the version is on disk in the KV bucket);
 * **end to end**: the client's request → the last rank's Threadlet holds the new version
-  (a hook on the rank's ``Run._offer`` notes the time; all processes share this host's clock);
+  (a hook on the rank's ``run.shared.offer`` notes the time; all processes share this host's clock);
 * **accepted → held**: the Weaver accepting it (the snapshot's ``issued_ts``) → the same.
 
 ``status`` requests are timed the same way as replies. p50 / p99 / max over the sets.
@@ -45,7 +45,7 @@ def rank_main(url: str, job: str, rank: int, step_ms: float, out: str) -> None:
         job_id=job, replica_id="0", rank=rank, knobs={"lr": 0.1}, nats_url=url, interval_ms=200
     )
     seen = open(out, "w", buffering=1)  # noqa: SIM115 - for the process's life
-    offer = run._offer
+    offer = run.shared.offer
 
     def hook(doc, ts):  # on the Threadlet's thread, as the doc arrives
         latest = doc.latest()
@@ -53,7 +53,7 @@ def rank_main(url: str, job: str, rank: int, step_ms: float, out: str) -> None:
             seen.write(json.dumps([latest.version, time.time(), latest.issued_ts]) + "\n")
         offer(doc, ts)
 
-    run._offer = hook  # type: ignore[method-assign]
+    run.shared.offer = hook  # type: ignore[method-assign]
     a = torch.randn(256, 256)
     for _ in run.steps():
         t0 = time.perf_counter()

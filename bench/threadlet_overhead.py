@@ -124,7 +124,7 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
         run = torchloom.init(
             job_id=job, knobs={"lr": 0.1}, max_steps=10**9, nats_url=url, rank=i, replica_id="0"
         )
-        offer = run._offer
+        offer = run.shared.offer
 
         def hook(doc, ts, _offer=offer):
             latest = doc.latest()
@@ -132,7 +132,7 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
                 received.setdefault(latest.version, []).append(time.time())
             _offer(doc, ts)
 
-        run._offer = hook
+        run.shared.offer = hook
         runs.append(run)
 
     def loop(run):
@@ -161,7 +161,7 @@ async def _set_latencies(url, *, n_ranks, n_sets, job):
         while len(received.get(reply.version, [])) < n_ranks and time.time() < deadline:
             await asyncio.sleep(0.0005)
         got = received.get(reply.version, [])
-        issued = runs[0]._doc.latest().issued_ts if runs[0]._doc else None
+        issued = runs[0].shared.doc.latest().issued_ts if runs[0].shared.doc else None
         if len(got) == n_ranks and issued is not None:
             lat.append(max(got) - issued)
         await asyncio.sleep(0.05)  # 20 changes/s: a busy policy loop, not a flood

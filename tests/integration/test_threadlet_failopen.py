@@ -46,7 +46,7 @@ def test_training_runs_without_nats_and_joins_when_it_comes_up(tmp_path):
         wait_for(lambda: len(steps) > 300, timeout_s=20, what="steps with no NATS at all")
         assert run["lr"] == 0.1 and not run.agent.joined.is_set()
         assert (
-            run._points.dropped > 0
+            run.shared.points.dropped > 0
         )  # the bounded buffer dropped the oldest points, and counted them
         up = Up(tmp_path / "state", "--nats-port", str(port))
         try:

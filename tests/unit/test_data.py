@@ -48,7 +48,7 @@ def offline_run(t=None, **knobs):
 
 
 def offer(run, version, effective_step, **values):
-    run._offer(
+    run.shared.offer(
         DesiredConfig(
             job_id="j",
             snapshots=[

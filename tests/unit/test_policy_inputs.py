@@ -66,7 +66,7 @@ def test_guard_gradients_clips_and_its_norm_rides_on_the_next_log():
     total = torch.cat([p.grad.flatten() for p in m.parameters()]).norm()
     assert float(total) == pytest.approx(1.0, rel=1e-4)
     run.log(loss=0.5)
-    (_, _, values), *_ = run._points.drain(10)
+    (_, _, values), *_ = run.shared.points.drain(10)
     assert set(values) == {"loss", "grad_norm"}
 
 

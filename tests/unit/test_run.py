@@ -48,7 +48,7 @@ def test_config_applies_exactly_at_the_effective_step():
     seen = {}
     for step in run.steps():
         if step == 5:
-            run._offer(
+            run.shared.offer(
                 doc(
                     dict(version=1, effective_step=0, values={"lr": 0.1, "batch_size": 8}),
                     dict(version=2, effective_step=20, values={"lr": 0.01, "batch_size": 16}),
@@ -59,7 +59,7 @@ def test_config_applies_exactly_at_the_effective_step():
     assert seen[19] == (0.1, 8, 1)
     assert seen[20] == (0.01, 16, 2)
     assert run.step == 39 and run.stop_reason == "finished"
-    events = run._events.drain()
+    events = run.shared.events.drain()
     applied = [e for e in events if e.kind == "config_applied"]
     assert [(e.step, e.version) for e in applied] == [(6, 1), (20, 2)]
     assert events[-1].kind == "exited" and events[-1].reason == "finished"
@@ -74,30 +74,34 @@ def test_versions_heard_late_are_still_applied_in_order():
     lrs = {}
     for step in run.steps():
         if step == 3:  # only the newest document arrives; it still carries v2
-            run._offer(doc(*snaps), time.time())
+            run.shared.offer(doc(*snaps), time.time())
         lrs[step] = run["lr"]
     assert lrs[9] == 0.1 and lrs[10] == 0.2 and lrs[11] == 0.2 and lrs[12] == 0.3
 
 
 def test_older_documents_are_ignored():
     run = offline()
-    run._offer(doc(dict(version=5, effective_step=0, values={"lr": 0.5})), time.time())
-    run._offer(doc(dict(version=4, effective_step=0, values={"lr": 0.4})), time.time())
-    assert run._doc.latest().version == 5
+    run.shared.offer(doc(dict(version=5, effective_step=0, values={"lr": 0.5})), time.time())
+    run.shared.offer(doc(dict(version=4, effective_step=0, values={"lr": 0.4})), time.time())
+    assert run.shared.doc.latest().version == 5
 
 
 def test_max_steps_and_stop_follow_the_config():
     run = offline(max_steps=1000)
-    run._offer(doc(dict(version=1, effective_step=0, values={"max_steps": 15})), time.time())
+    run.shared.offer(doc(dict(version=1, effective_step=0, values={"max_steps": 15})), time.time())
     assert list(run.steps())[-1] == 14
     run2 = offline(max_steps=1000)
-    run2._offer(doc(dict(version=1, effective_step=7, values={}, run_state="stopped")), time.time())
+    run2.shared.offer(
+        doc(dict(version=1, effective_step=7, values={}, run_state="stopped")), time.time()
+    )
     assert list(run2.steps()) == list(range(7)) and run2.stop_reason == "stopped"
 
 
 def test_pause_blocks_at_the_boundary_until_resume():
     run = offline(max_steps=50)
-    run._offer(doc(dict(version=1, effective_step=10, values={}, run_state="paused")), time.time())
+    run.shared.offer(
+        doc(dict(version=1, effective_step=10, values={}, run_state="paused")), time.time()
+    )
     steps = []
     t = threading.Thread(target=lambda: steps.extend(run.steps()))
     t.start()
@@ -105,7 +109,7 @@ def test_pause_blocks_at_the_boundary_until_resume():
     while run.state != "paused" and time.time() < deadline:
         time.sleep(0.01)
     assert run.state == "paused" and run.step == 10 and steps == list(range(10))
-    run._offer(
+    run.shared.offer(
         doc(
             dict(version=1, effective_step=10, values={}, run_state="paused"),
             dict(version=2, effective_step=10, values={"lr": 0.7}, run_state="running"),
@@ -125,7 +129,7 @@ def test_bind_optimizer_follows_lr_momentum_and_weight_decay():
     run.bind_optimizer(adam)
     assert sgd.param_groups[0]["lr"] == 0.1 and sgd.param_groups[0]["momentum"] == 0.9
     assert adam.param_groups[0]["betas"][0] == 0.9
-    run._offer(
+    run.shared.offer(
         doc(
             dict(
                 version=1,
@@ -145,8 +149,8 @@ def test_log_keeps_tensors_detached_and_counts_drops():
     x = torch.ones(2, requires_grad=True)
     for _ in range(6):
         run.log(loss=(x * 2).sum())
-    items = run._points.drain()
-    assert len(items) == 4 and run._points.dropped == 2
+    items = run.shared.points.drain()
+    assert len(items) == 4 and run.shared.points.dropped == 2
     assert not items[0][2]["loss"].requires_grad
 
 
@@ -155,7 +159,7 @@ def test_clip_grad_norm_follows_grad_clip():
     p.grad = torch.full((4,), 10.0)
     run = offline(knobs={"grad_clip": "off"})
     assert run.clip_grad_norm_([p]) is None and p.grad[0] == 10.0
-    run._offer(doc(dict(version=1, effective_step=0, values={"grad_clip": 1.0})), time.time())
+    run.shared.offer(doc(dict(version=1, effective_step=0, values={"grad_clip": 1.0})), time.time())
     next(iter(run.steps()))
     run.clip_grad_norm_([p])
     assert torch.linalg.vector_norm(p.grad).item() == pytest.approx(1.0, rel=1e-4)
@@ -163,7 +167,7 @@ def test_clip_grad_norm_follows_grad_clip():
 
 def test_a_drained_replica_group_leaves_at_the_effective_step():
     run = offline(max_steps=100)
-    run._offer(
+    run.shared.offer(
         doc(
             dict(version=1, effective_step=0, values={}),
             dict(version=2, effective_step=12, values={}, drained=["0"]),
@@ -172,7 +176,9 @@ def test_a_drained_replica_group_leaves_at_the_effective_step():
     )
     assert list(run.steps()) == list(range(12)) and run.stop_reason == "drained"
     other = torchloom.init(job_id="j", connect=False, rank=0, replica_id="1", max_steps=20)
-    other._offer(doc(dict(version=2, effective_step=12, values={}, drained=["0"])), time.time())
+    other.shared.offer(
+        doc(dict(version=2, effective_step=12, values={}, drained=["0"])), time.time()
+    )
     assert list(other.steps())[-1] == 19 and other.stop_reason == "finished"
 
 

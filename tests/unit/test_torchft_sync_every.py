@@ -1,5 +1,6 @@
 """sync_every on torchft's own LocalSGD and (Streaming) DiLoCo objects; the Manager is a stand-in."""
 
+import time
 from unittest.mock import MagicMock
 
 import pytest
@@ -55,13 +56,29 @@ def test_change_is_refused_in_the_middle_of_an_outer_step():
     algo = local_sgd.LocalSGD(manager(), model, opt, sync_every=4)
     run = torchloom.init(job_id="j", connect=False, rank=0, replica_id="0", knobs={"sync_every": 4})
     follow_sync_every(run, algo)
-    run._apply(2, {"sync_every": 6}, 10)
-    assert algo._sync_every == 6
+    at = [10]
+    steps = run.steps(current_step=lambda: at[0])
+    run.shared.offer(config(version=2, effective_step=10, sync_every=6), time.time())
+    assert next(steps) == 10 and algo._sync_every == 6  # applied at the step boundary
     with algo:
         model(torch.ones(1, 3)).sum().backward()
         opt.step()  # one inner step in
+    run.shared.offer(config(version=3, effective_step=11, sync_every=2), time.time())
+    at[0] = 11
     with pytest.raises(RuntimeError, match="once per outer step"):
-        run._apply(3, {"sync_every": 2}, 11)
+        next(steps)
+
+
+def config(*, version, effective_step, sync_every):
+    from torchloom.protocol import ConfigSnapshot, DesiredConfig
+
+    snaps = [
+        ConfigSnapshot(version=1, effective_step=0, values={"sync_every": 4}),
+        ConfigSnapshot(
+            version=version, effective_step=effective_step, values={"sync_every": sync_every}
+        ),
+    ]
+    return DesiredConfig(job_id="j", snapshots=snaps)
 
 
 def test_heal_source_names_the_peer_in_torchloom_terms():

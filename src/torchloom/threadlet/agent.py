@@ -3,8 +3,8 @@
 It finds the NATS server, joins the Weaver, follows the job's desired config
 (a core-NATS subscription on the KV subject plus a direct get on every
 (re)connect), and flushes telemetry every ``interval_ms``. The training thread
-never waits on it: they share only a few attributes of :class:`~torchloom.threadlet.run.Run`
-and two bounded buffers. Every failure here is logged and retried; none reaches
+never waits on it: they share one :class:`~torchloom.threadlet.shared.Shared` (a few
+single-writer attributes and two bounded buffers), and this thread touches nothing else. Every failure here is logged and retried; none reaches
 the training loop. As a daemon thread it dies with the training process, so a
 ``kill -9`` stops the heartbeat at once.
 """
@@ -20,7 +20,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torchloom.errors import DecodeError, NotReachableError, TorchloomError
 from torchloom.paths import resolve_nats_url
@@ -38,6 +38,7 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.threadlet.device import DeviceSampler, trace_from_env
+from torchloom.threadlet.shared import Shared
 from torchloom.transport import (
     Connection,
     Credentials,
@@ -47,13 +48,10 @@ from torchloom.transport import (
     credentials_from_env,
 )
 
-if TYPE_CHECKING:
-    from torchloom.threadlet.run import Run
-
 log = logging.getLogger("torchloom.threadlet")
 
 
-class _GuardedSelector(selectors.DefaultSelector):  # type: ignore[valid-type,misc]
+class _GuardedSelector(selectors.DefaultSelector):
     """The I/O thread's selector: it holds ``busy`` except while it waits in ``select``.
 
     A fork made while this thread is inside OpenSSL (a TLS handshake's one-time library
@@ -106,10 +104,11 @@ if hasattr(os, "register_at_fork"):
 
 
 class Agent:
-    """Background NATS session of one :class:`Run`.
+    """Background NATS session of one rank.
 
     Args:
-        run: the run whose state it reports and whose config it feeds.
+        shared: what it shares with the training thread: it reports its figures and feeds
+            it the desired config (:class:`~torchloom.threadlet.shared.Shared`).
         nats_url: explicit URL; else ``$TORCHLOOM_NATS_URL`` or the state dir's endpoint,
             looked up again every ``retry_s`` until one is found.
         interval_s: telemetry flush period (the heartbeat), in seconds.
@@ -119,7 +118,7 @@ class Agent:
 
     def __init__(
         self,
-        run: Run,
+        shared: Shared,
         *,
         nats_url: str | None,
         state_dir: Path | None,
@@ -128,7 +127,7 @@ class Agent:
         retry_s: float = 1.0,
         device_interval_s: float = 1.0,
     ) -> None:
-        self._run = run
+        self._shared = shared
         self._explicit_url = nats_url
         self._state_dir = state_dir
         self.interval_s = interval_s
@@ -197,11 +196,11 @@ class Agent:
             self._creds = credentials_from_env()
         except TorchloomError as exc:
             log.error("torchloom: %s; connecting without credentials", exc)
-        run = self._run
+        shared = self._shared
         connecting = asyncio.ensure_future(
             connect(
                 url,
-                name=f"threadlet-{run.identity.job_id}-{run.identity.replica_id}-{run.identity.rank}",
+                name=f"threadlet-{shared.identity.job_id}-{shared.identity.replica_id}-{shared.identity.rank}",
                 retry_forever=True,
                 on_reconnect=self._on_reconnect,
                 creds=self._creds,
@@ -215,7 +214,9 @@ class Agent:
         stop_wait.cancel()
         self._conn = conn = connecting.result()
         try:
-            await conn.subscribe(names.config_watch_subject(run.identity.job_id), self._on_config)
+            await conn.subscribe(
+                names.config_watch_subject(shared.identity.job_id), self._on_config
+            )
             sync_task: asyncio.Task[None] | None = None
             while not self._stop.is_set():
                 # joining waits for the Weaver; it must never hold up the heartbeat
@@ -272,13 +273,13 @@ class Agent:
         except DecodeError as exc:
             log.warning("ignoring a desired config: %s", exc)
             return
-        self._run._offer(doc, time.time())
+        self._shared.offer(doc, time.time())
 
     async def _sync(self) -> None:
         """Join the Weaver and read the latest desired config; back off on failure."""
         assert self._conn is not None
-        run = self._run
-        ident = run.identity
+        shared = self._shared
+        ident = shared.identity
         req = ControlRequest(
             op="join",
             job_id=ident.job_id,
@@ -290,9 +291,9 @@ class Agent:
                 host=ident.host,
                 pid=ident.pid,
                 device=ident.device,
-                initial_values=run._initial_values,
+                initial_values=shared.initial_values,
                 resuming=ident.resuming,
-                custom_knobs=list(run._custom_knobs),
+                custom_knobs=list(shared.custom_knobs),
             ),
         )
         try:
@@ -306,7 +307,7 @@ class Agent:
                     log.error("torchloom: the Weaver refused this rank's join: %s", msg)
                     self._refused = msg
                 raise NotReachableError(msg)
-            run._offer(from_builtins(reply.data, DesiredConfig), time.time())
+            shared.offer(from_builtins(reply.data, DesiredConfig), time.time())
             if self._refused:
                 log.warning("torchloom: joined as rank %s/%d", ident.replica_id, ident.rank)
                 self._refused = ""
@@ -322,12 +323,12 @@ class Agent:
         assert self._conn is not None
         try:
             kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET, timeout_s=1.0)
-            raw = await kv.get(names.config_key(self._run.identity.job_id))
+            raw = await kv.get(names.config_key(self._shared.identity.job_id))
         except NotReachableError:
             return
         if raw:
             try:
-                self._run._offer(decode(raw, DesiredConfig, kind="desired config"), time.time())
+                self._shared.offer(decode(raw, DesiredConfig, kind="desired config"), time.time())
             except DecodeError as exc:
                 log.warning("ignoring the stored desired config: %s", exc)
 
@@ -339,7 +340,7 @@ class Agent:
         if self.device_interval_s <= 0 or mono < self._next_sample:
             return None
         self._next_sample = mono + self.device_interval_s
-        ident = self._run.identity
+        ident = self._shared.identity
         try:
             if self._sampler is None:
                 overlay = trace_from_env(ident.replica_id)
@@ -365,8 +366,9 @@ class Agent:
         conn = self._conn
         if conn is None or not conn.is_connected:
             return  # points stay in the bounded buffer (oldest dropped, counted)
-        run, ident = self._run, self._run.identity
-        events = run._events.drain()
+        shared = self._shared
+        ident = shared.identity
+        events = shared.events.drain()
         try:
             for ev in events:
                 ev_msg = RankEvent(
@@ -387,13 +389,13 @@ class Agent:
                 )
                 events = events[1:]
         except NotReachableError:
-            run._events.push_front(events)
+            shared.events.push_front(events)
             return
         # read step before applied_version: the hot path writes them in the other order
-        step = run.step
-        applied = run.applied_version
-        samples = run._samples
-        phases = dict(run.phase_totals)  # one C-level copy under the GIL
+        step = shared.step
+        applied = shared.applied_version
+        samples = shared.samples
+        phases = dict(shared.phase_totals)  # one C-level copy under the GIL
         now_mono = time.monotonic()
         step_time = samples_per_s = phases_s = None
         if self._last_flush is not None:
@@ -406,7 +408,7 @@ class Agent:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, step, samples)
         self._last_phases = phases
-        raw_points = run._points.drain(512)
+        raw_points = shared.points.drain(512)
         points = [
             MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in raw_points
         ]
@@ -419,14 +421,14 @@ class Agent:
             seq=self._seq,
             ts=time.time(),
             step=step,
-            state=run.state,
+            state=shared.state,
             applied_version=applied,
             step_time_s=step_time,
             samples_per_s=samples_per_s,
             points=points,
-            dropped_points=run._points.dropped,
-            config_lag_s=run._config_lag_s,
-            quorum=run.quorum,
+            dropped_points=shared.points.dropped,
+            config_lag_s=shared.config_lag_s,
+            quorum=shared.quorum,
             phases_s=phases_s,
             device_stats=self._device_sample(),
             host=ident.host,
@@ -438,7 +440,7 @@ class Agent:
                 names.telemetry_subject(ident.job_id, ident.replica_id, ident.rank), encode(tel)
             )
         except NotReachableError:
-            run._points.push_front(raw_points)  # sent with the next flush, not lost
+            shared.points.push_front(raw_points)  # sent with the next flush, not lost
 
 
 def _per_step(now: dict[str, float], before: dict[str, float], steps: int) -> dict[str, float]:

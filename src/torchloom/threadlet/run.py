@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from torchloom.protocol import (
     BUILTIN_KNOBS,
@@ -37,8 +36,8 @@ from torchloom.protocol.batching import BatchPlan, plan_step
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import RankState
 from torchloom.threadlet.agent import Agent
-from torchloom.threadlet.buffer import DropOldestBuffer
 from torchloom.threadlet.identity import Identity, resolve_identity
+from torchloom.threadlet.shared import PendingEvent, Shared
 
 log = logging.getLogger("torchloom.threadlet")
 
@@ -48,17 +47,6 @@ ConfigCallback = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
 _NEVER = 1 << 62
 
 
-class PendingEvent(NamedTuple):
-    """A lifecycle event waiting for the Threadlet's next flush (becomes a RankEvent)."""
-
-    kind: str
-    ts: float
-    step: int
-    version: int
-    reason: str = ""
-    data: dict[str, Any] = {}  # noqa: RUF012 - never mutated
-
-
 class Run:
     """One rank's handle on its job. Create it with :func:`torchloom.init`.
 
@@ -66,9 +54,9 @@ class Run:
         identity: job, replica group, rank, host, pid and device of this process.
         config: the knob values in force now (a new dict object at every change;
             read it at will, do not mutate it).
-        applied_version: the desired-config version in force (0: the initial knobs).
-        step: the step running now (-1 before the first).
-        state: ``joining``, ``training``, ``paused`` or ``exited``.
+        shared: what this training thread shares with the Threadlet's I/O thread
+            (:class:`~torchloom.threadlet.shared.Shared`; its ``step``, ``applied_version``,
+            ``state`` and ``quorum`` are also this object's).
     """
 
     def __init__(
@@ -85,52 +73,56 @@ class Run:
         connect: bool,
     ) -> None:
         self.identity = identity
-        self._initial_values = initial
-        self._custom_knobs = custom_knobs
+        self.shared = Shared(
+            identity, initial_values=initial, custom_knobs=custom_knobs, buffer_points=buffer_points
+        )
         self.config: dict[str, Any] = dict(initial)
-        self.applied_version = 0
-        self.step = -1
-        self.state: RankState = "joining"
         self.start_step = start_step
         self.stop_reason: str | None = None
-        self._samples = 0
         self._phase_t = 0.0  # perf_counter of the last mark or step boundary
         self._grad_norm: Any = None
-        self.phase_totals: dict[str, float] = {}
-        """Seconds spent in each marked phase since the start (written by the training thread only)."""
-        self._points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(
-            buffer_points
-        )
-        self._events: DropOldestBuffer[PendingEvent] = DropOldestBuffer(4096)
         self._step_hooks: list[Callable[[], None]] = []
-        self.quorum: dict[str, Any] | None = None  # set by a fault-tolerance integration
         self._callbacks: list[ConfigCallback] = []
-        self._doc: DesiredConfig | None = None  # replaced by the agent thread
         self._doc_used: DesiredConfig | None = None
         self._next_check = 0  # the next step at which a known snapshot takes effect
-        self._config_lag_s = 0.0
-        self._wake = threading.Event()
         self._closed = False
         self.agent = Agent(
-            self, nats_url=nats_url, state_dir=state_dir, interval_s=interval_ms / 1000.0
+            self.shared, nats_url=nats_url, state_dir=state_dir, interval_s=interval_ms / 1000.0
         )
         if connect:
             self.agent.start()
             atexit.register(self.close, reason="exited without finishing steps()")
 
-    # ---- config from the agent thread --------------------------------------------
+    # ---- what the training thread shares with the I/O thread ----------------------
 
-    def _offer(self, doc: DesiredConfig, received_ts: float) -> None:
-        """Called on the agent thread with a desired config; keeps it if it is newer."""
-        latest = doc.latest()
-        if latest is None or doc.job_id != self.identity.job_id:
-            return
-        current = self._doc.latest() if self._doc is not None else None
-        if current is not None and latest.version <= current.version:
-            return
-        self._config_lag_s = max(0.0, received_ts - latest.issued_ts)
-        self._doc = doc  # one reference assignment: atomic for the training thread
-        self._wake.set()
+    @property
+    def step(self) -> int:
+        """The step running now (-1 before the first)."""
+        return self.shared.step
+
+    @property
+    def applied_version(self) -> int:
+        """The desired-config version in force (0: the initial knobs)."""
+        return self.shared.applied_version
+
+    @property
+    def state(self) -> RankState:
+        """``joining``, ``training``, ``paused`` or ``exited``."""
+        return self.shared.state
+
+    @property
+    def quorum(self) -> dict[str, Any] | None:
+        """Fault-tolerance facts an integration reports (torchft's quorum), or None."""
+        return self.shared.quorum
+
+    @quorum.setter
+    def quorum(self, value: dict[str, Any] | None) -> None:
+        self.shared.quorum = value
+
+    @property
+    def phase_totals(self) -> dict[str, float]:
+        """Seconds spent in each marked phase since the start."""
+        return self.shared.phase_totals
 
     # ---- hot path ------------------------------------------------------------------
 
@@ -148,19 +140,20 @@ class Run:
                 config at the same committed step). Default: ``start_step``, +1 per step.
         """
         step = self.start_step if current_step is None else current_step()
-        self.state = "training"
+        shared = self.shared
+        shared.state = "training"
         hooks = self._step_hooks
         try:
             while True:
                 for hook in hooks:
                     hook()
-                if self._doc is not self._doc_used or step >= self._next_check:
+                if shared.doc is not self._doc_used or step >= self._next_check:
                     self._boundary(step)
                 if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
                     break
-                self.step = step
-                self._samples += self.config.get("batch_size", 0) or 0
-                if self.phase_totals:  # the loop marks its phases: the rest is "other"
+                shared.step = step
+                shared.samples += self.config.get("batch_size", 0) or 0
+                if shared.phase_totals:  # the loop marks its phases: the rest is "other"
                     self.mark("other")
                 else:
                     self._phase_t = time.perf_counter()
@@ -188,30 +181,32 @@ class Run:
         anyway (the allreduce's wait, ``.item()``), or the device time lands in a later phase.
         """
         t = time.perf_counter()
-        totals = self.phase_totals
+        totals = self.shared.phase_totals
         totals[phase] = totals.get(phase, 0.0) + (t - self._phase_t)
         self._phase_t = t
 
     def emit(self, kind: str, *, step: int | None = None, **data: Any) -> None:
         """Queue a lifecycle event for the Weaver's history (no I/O here; sent by the Threadlet)."""
         reason = str(data.pop("reason", ""))
-        self._events.append(
+        shared = self.shared
+        shared.events.append(
             PendingEvent(
                 kind,
                 time.time(),
-                self.step if step is None else step,
-                self.applied_version,
+                shared.step if step is None else step,
+                shared.applied_version,
                 reason,
                 data,
             )
         )
 
     def _boundary(self, step: int) -> None:
+        shared = self.shared
         while True:
-            doc = self._doc
+            doc = shared.doc
             self._doc_used = doc
             snap = select_snapshot(doc.snapshots, step) if doc is not None else None
-            if snap is not None and snap.version > self.applied_version:
+            if snap is not None and snap.version > shared.applied_version:
                 self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
             later = (
                 [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
@@ -225,23 +220,23 @@ class Run:
                 self.stop_reason = "stopped"
                 return
             if run_state != "paused":
-                if self.state == "paused":
+                if shared.state == "paused":
                     log.info("torchloom: resumed at step %d", step)
-                self.state = "training"
+                shared.state = "training"
                 return
-            if self.state != "paused":
+            if shared.state != "paused":
                 log.info("torchloom: paused at step %d", step)
-                self.step = step
-                self.state = "paused"
-            self._wake.wait(0.5)
-            self._wake.clear()
+                shared.step = step
+                shared.state = "paused"
+            shared.wake.wait(0.5)
+            shared.wake.clear()
 
     def _apply(self, version: int, values: dict[str, Any], step: int) -> None:
         new = {**self.config, **values}
         changed = {k: v for k, v in new.items() if self.config.get(k, _MISSING) != v}
         self.config = new
-        self.applied_version = version
-        self._events.append(PendingEvent("config_applied", time.time(), step, version))
+        self.shared.applied_version = version
+        self.shared.events.append(PendingEvent("config_applied", time.time(), step, version))
         if changed:
             for cb in self._callbacks:
                 cb(new, changed)
@@ -259,8 +254,9 @@ class Run:
         thread, so this never forces a device sync. ``samples`` overrides the
         sample count of this step (default: the ``batch_size`` knob).
         """
+        shared = self.shared
         if samples is not None:
-            self._samples += samples - (self.config.get("batch_size", 0) or 0)
+            shared.samples += samples - (self.config.get("batch_size", 0) or 0)
         if self._grad_norm is not None:
             metrics.setdefault("grad_norm", self._grad_norm)
             self._grad_norm = None
@@ -268,7 +264,7 @@ class Run:
             detach = getattr(value, "detach", None)
             if detach is not None:
                 metrics[name] = detach()
-        self._points.append((self.step, time.time(), metrics))
+        shared.points.append((shared.step, time.time(), metrics))
 
     # ---- helpers bound to the config -----------------------------------------------
 
@@ -387,9 +383,9 @@ class Run:
         :mod:`torchloom.data`): a version issued later may still change it. For a
         step already reached it is :attr:`config`. Pure read; no I/O.
         """
-        doc = self._doc
+        doc = self.shared.doc
         snap = select_snapshot(doc.snapshots, step) if doc is not None else None
-        if snap is None or snap.version <= self.applied_version:
+        if snap is None or snap.version <= self.shared.applied_version:
             return self.config
         return {**self.config, **resolve_values(snap, self.identity.replica_id)}
 
@@ -406,9 +402,10 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        self.state = "exited"
-        self._events.append(
-            PendingEvent("exited", time.time(), max(self.step, 0), self.applied_version, reason)
+        shared = self.shared
+        shared.state = "exited"
+        shared.events.append(
+            PendingEvent("exited", time.time(), max(shared.step, 0), shared.applied_version, reason)
         )
         self.agent.stop(timeout_s=timeout_s)
 
