@@ -49,7 +49,7 @@ async def test_a_change_is_answered_before_its_history_entry_is_appended(nats):
         assert (await weaver.submit(join)).ok
         await _until(lambda: _last(nats.url, "fast", "job_started"))
         # the history takes nothing until the test says so
-        history = weaver._history
+        history = weaver.recorder.history
         real = history.append_many
 
         async def held(items):
@@ -124,3 +124,42 @@ def test_a_stack_is_serving_when_start_returns(tmp_path, monkeypatch):
         assert WeaverClient(nats_url=stack.nats_url).status()["jobs"] == []
     finally:
         stack.stop()
+
+
+async def test_reads_are_answered_while_a_change_waits_for_its_write(nats):
+    """status and knobs do not take the write path: a change stuck in its KV write (NATS slow
+    to acknowledge) does not hold them up."""
+    weaver = Weaver(nats_url=nats.url, lease=None)
+    serving = asyncio.create_task(weaver.run())
+    gate = asyncio.Event()
+    try:
+        await asyncio.wait_for(weaver.ready.wait(), 30)
+        join = ControlRequest(
+            op="join", job_id="reads", join=JoinInfo(replica_id="0", rank=0, pid=os.getpid())
+        )
+        assert (await weaver.submit(join)).ok
+        store = weaver._configs
+        real = store.write
+
+        async def slow(doc, **kw):
+            await gate.wait()
+            return await real(doc, **kw)
+
+        store.write = slow
+        change = asyncio.create_task(
+            weaver.submit(ControlRequest(op="set", job_id="reads", values={"lr": 0.5}))
+        )
+        await asyncio.sleep(0)  # the change holds the control lock now
+        status = await asyncio.wait_for(
+            weaver.submit(ControlRequest(op="status", job_id="reads")), 30
+        )
+        knobs = await asyncio.wait_for(
+            weaver.submit(ControlRequest(op="knobs", job_id="reads")), 30
+        )
+        assert status.ok and knobs.ok and not change.done()
+        gate.set()
+        assert (await asyncio.wait_for(change, 30)).version == 2
+    finally:
+        gate.set()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)

@@ -20,8 +20,8 @@ from torchloom.protocol import (
     names,
 )
 from torchloom.transport import KeyValue, connect, ensure_jetstream, ensure_lease_bucket
+from torchloom.weaver.faults import ENV_CRASH_AT
 from torchloom.weaver.lease import Holder, Lease, LeaseSettings
-from torchloom.weaver.service import ENV_CRASH_AT
 
 pytestmark = pytest.mark.integration
 

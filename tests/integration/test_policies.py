@@ -68,8 +68,16 @@ def test_a_slowed_replica_group_is_flagged_and_rebalanced(tmp_path, up):
     weights = parse_weights(first.data["values"]["batch_weights"])
     assert weights["1"] < weights["0"]  # the slow group gets the smaller share
     eff = first.data["outcome"]["effective_step"]
-    applied = [e for e in events if e.kind == "config_applied" and e.version == first.version]
-    assert applied and applied[0].data["consistent"], [e.message for e in events]
+    applied = wait_for(  # recorded from the last telemetry: may land after the run ends
+        lambda: [
+            e
+            for e in history(client, "ft")
+            if e.kind == "config_applied" and e.version == first.version
+        ],
+        timeout_s=30,
+        what=f"config_applied for v{first.version}",
+    )
+    assert applied[0].data["consistent"], applied[0].message
 
     t_slow = ts_at_step(tap, "0", slow_from)
     assert eff > slow_from  # a reaction to the slowdown, not to noise before it

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import Up, cli, history
+from tests.helpers import Up, cli, history, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,14 @@ def test_simulated_ranks_are_rebalanced_by_the_real_weaver_and_decisions_export(
     d = next(e for e in events if e.kind == "policy_straggler")
     assert d.data["action"] == "set" and d.data["outcome"]["done"]
     assert "2/0" in d.data["features"]["flagged"] and "2/1" in d.data["features"]["flagged"]
-    assert any(e.kind == "config_applied" and e.version == d.version for e in events)
+    wait_for(  # recorded from the last telemetry: may land after the run ends
+        lambda: any(
+            e.kind == "config_applied" and e.version == d.version
+            for e in history(up.client(), "simjob")
+        ),
+        timeout_s=30,
+        what=f"config_applied for v{d.version}",
+    )
 
     out = tmp_path / "decisions.jsonl"
     r = cli("policy", "export", "--out", str(out), "--job", "simjob", url=up.url)

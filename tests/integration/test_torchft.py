@@ -291,8 +291,12 @@ def test_sync_every_changes_at_the_same_outer_step_on_every_group(tmp_path, up, 
     for s, by in both.items():
         # every committed outer step: the same number of inner steps on both groups
         assert by == {"0": 4.0 if s < eff else 8.0, "1": 4.0 if s < eff else 8.0}, (s, by)
-    applied = [e for e in history(client, "ft") if e.kind == "config_applied" and e.step == eff]
-    assert applied and applied[-1].data["ranks"] == {"0/0": eff, "1/0": eff}
+    applied = wait_for(  # recorded from the last telemetry: may land after the run ends
+        lambda: [e for e in history(client, "ft") if e.kind == "config_applied" and e.step == eff],
+        timeout_s=30,
+        what=f"config_applied at step {eff}",
+    )
+    assert applied[-1].data["ranks"] == {"0/0": eff, "1/0": eff}
     s = summaries(tmp_path)
     assert [x["stop_reason"] for x in s] == ["finished", "finished"]
     assert [x["sync_every"] for x in s] == [8, 8]

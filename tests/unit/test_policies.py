@@ -445,16 +445,16 @@ def test_a_broken_plugin_is_left_out(tmp_path, monkeypatch):
 def test_decision_events_are_json_safe_rows():
     from torchloom.cli.policy import trajectory_row
     from torchloom.protocol import ControlReply
-    from torchloom.weaver.service import _decision_event
+    from torchloom.weaver.deciding import decision_event
 
     (d, _), *_ = PolicyEngine().decide(4.0, slow_state())
-    ev = _decision_event(
+    ev = decision_event(
         d, 4.0, dry_run=False, reply=ControlReply(ok=True, version=3, effective_step=9)
     )
     row = trajectory_row(ev)
     assert row["policy"] == "straggler" and row["features"]["rank"] == "1/0"
     assert msgspec.json.decode(msgspec.json.encode(row)) == row
-    dry = _decision_event(d, 4.0, dry_run=True, reply=None)
+    dry = decision_event(d, 4.0, dry_run=True, reply=None)
     assert dry.message.startswith("[dry run]") and dry.data["outcome"]["done"] is False
 
 

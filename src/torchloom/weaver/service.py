@@ -1,34 +1,27 @@
-"""The Weaver service: NATS subscriptions → state → control → KV, stream and replies.
+"""The Weaver service: NATS subscriptions → state → control → KV and replies.
 
-All decisions live in :mod:`~torchloom.weaver.state` and
-:mod:`~torchloom.weaver.control`; this module only does the I/O, on one asyncio
-loop. A message that does not decode is counted, logged once per kind and
-dropped; no handler error takes the service down. History events and DR-map
-writes that fail while NATS is away are kept (bounded) and retried, so an
-outage loses none of them.
+All decisions live in :mod:`~torchloom.weaver.state`, :mod:`~torchloom.weaver.control` and
+:mod:`~torchloom.weaver.planning`; what is kept is :mod:`~torchloom.weaver.recorder`'s job,
+the policy rounds :mod:`~torchloom.weaver.deciding`'s. This module connects, subscribes, and
+takes messages and requests in on one asyncio loop: changes go through one entry point
+(:meth:`Weaver.submit`) under a lock, reads (``status``, ``knobs``) are answered without it.
+A message that does not decode is counted, logged once per kind and dropped; no handler
+error takes the service down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import gc
-import itertools
 import logging
-import os
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from torchloom.errors import (
     ConflictError,
     DecodeError,
-    InvalidRequestError,
     LeadershipLostError,
     NotReachableError,
     RateLimitedError,
@@ -45,7 +38,6 @@ from torchloom.protocol import (
     decode,
     encode,
     names,
-    to_builtins,
 )
 from torchloom.transport import (
     Connection,
@@ -59,12 +51,15 @@ from torchloom.transport import (
 )
 from torchloom.weaver import control
 from torchloom.weaver.configstore import ConfigStore
-from torchloom.weaver.control import JOURNAL_KINDS, ControlSettings
+from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.deciding import PolicyLoop
+from torchloom.weaver.faults import CrashPoints
+from torchloom.weaver.gc_tuning import freeze_long_lived
 from torchloom.weaver.ingest import IngestStats
 from torchloom.weaver.lease import Lease, LeaseSettings
-from torchloom.weaver.planning import review
-from torchloom.weaver.policies import Decision, PolicyEngine
+from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.ratelimit import RateLimiter
+from torchloom.weaver.recorder import EventSink, Recorder
 from torchloom.weaver.state import (
     LIVE_STATES,
     LivenessConfig,
@@ -80,29 +75,11 @@ from torchloom.weaver.state import (
 
 log = logging.getLogger("torchloom.weaver")
 
-EventSink = Callable[[HistoryEvent], None]
-
-_HISTORY_BATCH = 256
-"""History events sent to the stream before waiting for their acknowledgements."""
-_POLICY_SHARE_INV = 10
-"""A policy round that took t seconds is followed by at least 10·t seconds without one, so
-policies never take more than a tenth of the Weaver's loop (at 10,000 ranks a round takes
-~50 ms: rounds every 0.5 s still; beyond, they space out instead of starving the intake)."""
 _EXPIRY_EVERY_S = 5.0
 """How often gone ranks past their retention are forgotten (an O(ranks) pass)."""
-_KV_BATCH = 256
-"""Registry writes sent before waiting for their acknowledgements."""
 
-ENV_CRASH_AT = "TORCHLOOM_WEAVER_CRASH_AT"
-"""Fault injection for crash tests: ``before_config_write:<op>`` or
-``after_config_write:<op>`` makes the Weaver ``SIGKILL`` its own process at that point of
-the first ``<op>`` request (``set``, ``drain``, …): before its KV write, or after the write
-was acknowledged but before its history entry and the reply."""
-
-_DECIDE_NOW = frozenset(
-    {"rank_failed", "rank_hung", "rank_exited", "replica_drained", "rank_joined"}
-)
-"""History events after which the policies decide at the next tick, not at their interval."""
+READ_OPS = frozenset({"status", "knobs"})
+"""Requests that only read the state: answered at once, without the control lock."""
 
 
 class Weaver:
@@ -155,7 +132,7 @@ class Weaver:
         self.lease: Lease | None = None
         self._leading = False
         self._lost: LeadershipLostError | None = None
-        self._crash_at = os.environ.get(ENV_CRASH_AT, "")
+        self._crash = CrashPoints()
         self.rate_limiter = RateLimiter(rate_per_s=20.0, burst=50)
         """Changes per requester at the control entry point (20/s sustained, 50 at once)."""
         self.join_limiter = RateLimiter(rate_per_s=50.0, burst=256)
@@ -165,19 +142,16 @@ class Weaver:
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
         self.clock = clock
-        self._listeners: list[EventSink] = [on_event] if on_event is not None else []
         self._conn: Connection | None = None
         self._config_kv: KeyValue | None = None
         self._configs: ConfigStore | None = None
         self._registry_kv: KeyValue | None = None
-        self._history: History | None = None
-        self._outbox: collections.deque[tuple[str, HistoryEvent]] = collections.deque(
-            maxlen=max_outbox
-        )
         self._instance = secrets.token_hex(6)
-        self._recorded = 0
+        self.recorder = Recorder(self.state, instance=self._instance, max_outbox=max_outbox)
+        """The history and the DR map as written to JetStream."""
+        if on_event is not None:
+            self.recorder.listeners.append(on_event)
         self._control_lock = asyncio.Lock()
-        self._io_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
         self._next_expiry_mono = 0.0
         self._tick_late_s = 0.0
@@ -186,14 +160,16 @@ class Weaver:
         self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
         self.policies = policies if policies is not None else PolicyEngine()
-        self.policy_interval_s = policy_interval_s
         self.restore_policies = restore_policies
-        self._next_policy_mono = 0.0
-        self._policy_rest_until = 0.0
-        self.policy_round_s = 0.0
-        """How long the last policy round took to decide, in seconds."""
-        self._deciding: asyncio.Future[None] | None = None
-        self._flushing: asyncio.Future[None] | None = None
+        self.policy_loop = PolicyLoop(
+            self.state,
+            self.policies,
+            settings=self.settings,
+            submit=self.submit,
+            record=self._record,
+            clock=clock,
+            interval_s=policy_interval_s,
+        )
         self.ready = asyncio.Event()
         self.ingest = {"telemetry": IngestStats(), "rank_event": IngestStats()}
         """Intake counters and lag per message kind (see :mod:`~torchloom.weaver.ingest`)."""
@@ -227,7 +203,9 @@ class Weaver:
             self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
             self._configs = ConfigStore(self._config_kv)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
-            self._history = History(self._conn)
+            self.recorder.registry = self._registry_kv
+            self.recorder.history = History(self._conn)
+            self.policy_loop.config_kv = self._config_kv
             await self._load()
             await self._conn.subscribe_inline(names.ALL_TELEMETRY, self._on_telemetry)
             await self._conn.subscribe_inline(names.ALL_EVENTS, self._on_rank_event)
@@ -239,13 +217,16 @@ class Weaver:
             await self._conn.flush()
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
-            persister = asyncio.ensure_future(self._persist_forever())
-            collector = asyncio.ensure_future(_freeze_long_lived())
+            persister = asyncio.ensure_future(
+                self.recorder.flush_forever(every_s=self.tick_interval_s)
+            )
+            collector = asyncio.ensure_future(freeze_long_lived())
             try:
                 while self._lost is None:
                     await asyncio.sleep(self.tick_interval_s)
                     self.tick()
-                    self._maybe_decide()
+                    if self._listening:
+                        self.policy_loop.maybe_decide()
                 log.error("weaver %s stops serving: %s", self._instance, self._lost)
                 raise self._lost
             finally:
@@ -256,7 +237,7 @@ class Weaver:
                 holder.cancel()
             if self._lost is None:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._flush_all())
+                    await asyncio.shield(self.recorder.flush())
                 if self.lease is not None and self.role == "leader":
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.lease.release())
@@ -278,11 +259,6 @@ class Weaver:
         if not fut.cancelled() and isinstance(fut.exception(), LeadershipLostError):
             self._lost = fut.exception()  # type: ignore[assignment]
 
-    async def _flush_all(self) -> None:
-        async with self._io_lock:  # one writer at a time keeps the history in order, once each
-            await self._drain_outbox()
-            await self._persist_registry()
-
     async def _load(self) -> None:
         """Rebuild jobs, desired configs and the DR map from the KV buckets."""
         assert self._config_kv is not None and self._registry_kv is not None
@@ -290,7 +266,7 @@ class Weaver:
         for key, (raw, revision) in (await self._config_kv.entries()).items():
             if key == names.POLICIES_KEY:
                 if self.restore_policies:
-                    self._restore_policies(raw)
+                    self.policy_loop.restore(raw)
                 continue
             try:
                 doc = decode(raw, DesiredConfig, kind="stored config")
@@ -328,10 +304,11 @@ class Weaver:
     async def _replay_journal(self, doc: DesiredConfig) -> None:
         """Append the journal's entries the history lacks: those of versions written to the
         KV by a Weaver that died before it appended them (see :class:`DesiredConfig`)."""
-        assert self._history is not None
+        history = self.recorder.history
+        assert history is not None
         stored = 0
         for kind in {ev.kind for ev in doc.journal}:
-            raw = await self._history.last(names.history_subject(doc.job_id, kind))
+            raw = await history.last(names.history_subject(doc.job_id, kind))
             if raw:
                 with contextlib.suppress(DecodeError):
                     stored = max(stored, decode(raw, HistoryEvent).version or 0)
@@ -367,103 +344,6 @@ class Weaver:
             self._next_expiry_mono = mono + _EXPIRY_EVERY_S
             self._record(expire_dead(self.state, self.clock()))
 
-    # ---- policies --------------------------------------------------------------------
-
-    def _maybe_decide(self) -> None:
-        mono = time.monotonic()
-        busy = self._deciding is not None and not self._deciding.done()
-        if (
-            busy
-            or mono < max(self._next_policy_mono, self._policy_rest_until)
-            or not self._listening
-        ):
-            return
-        self._next_policy_mono = mono + self.policy_interval_s
-        self._deciding = asyncio.ensure_future(self._decide())
-
-    async def _decide(self) -> None:
-        """One round of the policies; each decision goes through :meth:`submit` like a person's.
-
-        Before them, each job's position is reviewed (:func:`~torchloom.weaver.planning.review`):
-        outliers are flagged, and a newest version out of every member's reach is re-planned."""
-        now = self.clock()
-        t0 = time.monotonic()
-        for job in list(self.state.jobs.values()):
-            events, pos = review(job, now, reach=self.settings.reach)
-            self._record(events)
-            replan = control.replan_request(job, pos)
-            if replan is not None:
-                replanned = await self.submit(replan)
-                if not replanned.ok and replanned.error is not None:
-                    log.warning("re-planning job %s: %s", job.job_id, replanned.error.message)
-        scores = self.policies.scores(now, self.state)
-        for job in self.state.jobs.values():
-            for key, rank in job.ranks.items():
-                rank.straggler, rank.risk = scores.get(key, (None, None))
-        decisions = self.policies.decide(now, self.state)
-        spent_s = time.monotonic() - t0
-        self.policy_round_s = spent_s
-        # policies take at most 1/_POLICY_SHARE_INV of the loop, however many ranks
-        self._policy_rest_until = t0 + spent_s * _POLICY_SHARE_INV
-        for decision, dry_run in decisions:
-            self.state.note_acted(decision.key, now)
-            req = decision.request()
-            reply = None
-            if req is not None and not dry_run:
-                reply = await self.submit(req)
-            self._record([_decision_event(decision, now, dry_run=dry_run, reply=reply)])
-
-    def _restore_policies(self, raw: bytes) -> None:
-        try:
-            settings = msgspec.json.decode(raw)
-            for name, table in settings.items():
-                if name in self.policies.slots:
-                    self.policies.update(name, dict(table))
-        except (msgspec.DecodeError, InvalidRequestError, AttributeError) as exc:
-            log.warning("ignoring the stored policy settings: %s", exc)
-
-    async def _policy_op(self, req: ControlRequest) -> ControlReply:
-        """``policies`` (list) and ``policy`` (change one; persisted before the reply)."""
-        if req.op == "policies":
-            return ControlReply(ok=True, data=self.policies.describe_all())
-        values = dict(req.values)
-        name = str(values.pop("policy", ""))
-        before = self.policies.settings()
-        try:
-            changes = dict(values.pop("params", None) or {})
-            described = self.policies.update(name, {**values, **changes})
-        except InvalidRequestError as exc:
-            return ControlReply.refusal(exc)
-        except (TypeError, ValueError) as exc:
-            return ControlReply.refusal(InvalidRequestError(str(exc)))
-        assert self._config_kv is not None
-        try:
-            await self._config_kv.put(
-                names.POLICIES_KEY, msgspec.json.encode(self.policies.settings())
-            )
-        except NotReachableError as exc:
-            for n, table in before.items():
-                self.policies.update(n, table)
-            return ControlReply.refusal(exc, prefix="not changed: ")
-        who = f" by {req.requested_by}" if req.requested_by else ""
-        self._record(
-            [
-                HistoryEvent(
-                    job_id=req.job_id,
-                    kind="policy_settings",
-                    ts=self.clock(),
-                    message=f"policy {name}: {_fmt_changes(req.values)}{who}",
-                    data={"policy": name, "changes": to_builtins(req.values), "now": described},
-                )
-            ]
-        )
-        return ControlReply(ok=True, data=described)
-
-    async def _persist_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick_interval_s)
-            await self._flush_all()
-
     async def _on_disconnect(self) -> None:
         self._listening = False
         if not self._closing:
@@ -476,7 +356,12 @@ class Weaver:
 
     def add_listener(self, listener: EventSink) -> None:
         """Call ``listener`` with every history event as it is recorded (on the Weaver's loop)."""
-        self._listeners.append(listener)
+        self.recorder.listeners.append(listener)
+
+    @property
+    def policy_round_s(self) -> float:
+        """How long the last policy round took to decide, in seconds."""
+        return self.policy_loop.round_s
 
     def health(self) -> dict[str, Any]:
         """The Weaver's own health: NATS link, loop lateness (ms), unsaved history, drops."""
@@ -488,7 +373,7 @@ class Weaver:
             "nats_url": conn.connected_url if conn is not None else None,
             "loop_late_ms": round(self._tick_late_s * 1000.0, 1),
             "policy_round_ms": round(self.policy_round_s * 1000.0, 1),
-            "unsaved_events": len(self._outbox),
+            "unsaved_events": self.recorder.unsaved,
             "dropped_messages": dict(self.state.dropped_messages),
         }
 
@@ -510,15 +395,7 @@ class Weaver:
         Raises:
             NotReachableError: NATS or the stream did not answer.
         """
-        if self._history is None:
-            return []
-        out = []
-        async for raw in self._history.read(names.history_filter(job_id)):
-            try:
-                out.append(decode(raw, HistoryEvent, kind="history event"))
-            except DecodeError:
-                continue
-        return out
+        return await self.recorder.stored(job_id)
 
     # ---- handlers --------------------------------------------------------------------
 
@@ -570,7 +447,7 @@ class Weaver:
             await self._reply(msg, ControlReply.refusal(err))
             return
         reply = await (
-            self._policy_op(req) if req.op in ("policies", "policy") else self.submit(req)
+            self.policy_loop.handle(req) if req.op in ("policies", "policy") else self.submit(req)
         )
         await self._reply(msg, reply)
 
@@ -579,8 +456,11 @@ class Weaver:
 
         The reply goes out once the config's KV write is acknowledged; its history entries
         are in that same document's journal, so they are appended right after, off the
-        reply's path, without being lost if this Weaver dies first.
+        reply's path, without being lost if this Weaver dies first. Reads (``status``,
+        ``knobs``) are answered at once, without the control lock.
         """
+        if req.op in READ_OPS:
+            return control.handle(self.state, req, self.clock(), self.settings).reply
         async with self._control_lock:
             if self._lost is not None:
                 return ControlReply.refusal(self._lost)
@@ -593,7 +473,7 @@ class Weaver:
                 )
                 return ControlReply.refusal(err)
             reply = await self._submit_locked(req)
-        self._flush_soon()
+        self.recorder.flush_soon()
         return reply
 
     async def _submit_locked(self, req: ControlRequest) -> ControlReply:
@@ -615,21 +495,16 @@ class Weaver:
                 return outcome.reply
             if outcome.new_config is not None:
                 outcome.new_config = control.journaled(outcome.new_config, outcome.events)
-                self._maybe_crash("before_config_write", req.op)
+                self._crash.maybe_crash("before_config_write", req.op)
                 failed = await self._write_config(outcome.new_config)
                 if failed is _RETRY and attempt == 0:
                     continue
                 if failed is not None:
                     return failed if failed is not _RETRY else _conflict_reply(req.job_id)
-                self._maybe_crash("after_config_write", req.op)
+                self._crash.maybe_crash("after_config_write", req.op)
             self._record(control.commit(self.state, req, outcome, now))
             return outcome.reply
         raise AssertionError("unreachable")
-
-    def _flush_soon(self) -> None:
-        """Append the history and the registry now, without waiting for it."""
-        if self._flushing is None or self._flushing.done():
-            self._flushing = asyncio.ensure_future(self._flush_all())
 
     async def _write_config(self, doc: DesiredConfig) -> ControlReply | None:
         """Write ``doc`` (compare-and-set); None when done, ``_RETRY`` when someone else had
@@ -702,104 +577,14 @@ class Weaver:
             log.warning("job %s: could not restore its config: %s", job_id, exc.message)
         return True
 
-    def _maybe_crash(self, point: str, op: str) -> None:
-        if self._crash_at == f"{point}:{op}":
-            log.error("fault injection (%s): killing this weaver at %s", ENV_CRASH_AT, point)
-            os.kill(os.getpid(), signal.SIGKILL)
-
     async def _reply(self, msg: Message, reply: ControlReply) -> None:
         if msg.reply and self._conn is not None:
             with contextlib.suppress(NotReachableError):
                 await self._conn.publish(msg.reply, encode(reply))
 
-    # ---- persistence -----------------------------------------------------------------
-
     def _record(self, events: list[HistoryEvent]) -> None:
-        for ev in events:
-            if ev.kind in _DECIDE_NOW:
-                self._next_policy_mono = 0.0  # the policies look at it on the next tick
-            if len(self._outbox) == self._outbox.maxlen:
-                self.state.count_dropped("history_outbox_full")
-            self._recorded += 1
-            # a config version's entries have one id whoever appends them (a Weaver that
-            # replays its journal after a takeover): the stream stores them once
-            mid = (
-                f"{ev.job_id}.v{ev.version}.{ev.kind}"
-                if ev.kind in JOURNAL_KINDS
-                else f"{self._instance}-{self._recorded}"
-            )
-            self._outbox.append((mid, ev))
-            log.info("[%s] %s", ev.job_id, ev.message)
-            for listener in self._listeners:
-                try:
-                    listener(ev)
-                except Exception:  # a listener's bug must not stop the Weaver
-                    log.exception("history listener failed on %s", ev.kind)
-
-    async def _drain_outbox(self) -> None:
-        if self._history is None:
-            return
-        while self._outbox:
-            batch = list(itertools.islice(self._outbox, _HISTORY_BATCH))
-            done = await self._history.append_many(
-                [(names.history_subject(ev.job_id, ev.kind), encode(ev), mid) for mid, ev in batch]
-            )
-            for _ in range(done):
-                self._outbox.popleft()
-            if done < len(batch):
-                return  # kept; retried on the next tick
-
-    async def _persist_registry(self) -> None:
-        """Write the DR map's changed and removed ranks to the registry bucket, in batches.
-
-        A rank is taken out of ``dirty``/``removed`` before its write and put back if the
-        write fails, so a change made while a write is in flight is written next time."""
-        kv = self._registry_kv
-        if kv is None:
-            return
-        state = self.state
-        while state.removed or state.dirty:
-            removed = list(itertools.islice(state.removed, _KV_BATCH))
-            dirty = list(itertools.islice(state.dirty, _KV_BATCH - len(removed)))
-            state.removed.difference_update(removed)
-            state.dirty.difference_update(dirty)
-            changes: dict[str, bytes | None] = {names.registry_key(*k): None for k in removed}
-            for key in dirty:
-                rank = state.jobs[key[0]].ranks.get(key)
-                if rank is not None:
-                    changes[names.registry_key(*key)] = encode(rank.entry)
-            written = await kv.write_many(changes)
-            if len(written) < len(changes):
-                for key in removed:
-                    if (
-                        names.registry_key(*key) not in written
-                        and key not in state.jobs[key[0]].ranks
-                    ):
-                        state.removed.add(key)
-                for key in dirty:
-                    if names.registry_key(*key) not in written and key in state.jobs[key[0]].ranks:
-                        state.dirty.add(key)
-                return  # the rest is tried again on the next tick
-
-
-async def _freeze_long_lived(*, every_s: float = 10.0, thaw_every_s: float = 600.0) -> None:
-    """Keep Python's full garbage collections short while the Weaver holds many ranks.
-
-    A full collection visits every item of every container: with 10,000 ranks' windows that
-    is millions of items and a ~200 ms pause of the loop, several times a minute under
-    10,000 messages/s. Every ``every_s`` seconds what has lived that long is frozen
-    (``gc.freeze``: the collector skips it; reference counting still frees it); every
-    ``thaw_every_s`` seconds it is unfrozen once, so that reference cycles among old objects
-    are still found — one full pause per ``thaw_every_s``.
-    """
-    thawed = time.monotonic()
-    while True:
-        await asyncio.sleep(every_s)
-        if time.monotonic() - thawed >= thaw_every_s:
-            gc.unfreeze()
-            thawed = time.monotonic()
-        else:
-            gc.freeze()
+        self.recorder.record(events)
+        self.policy_loop.soon(events)
 
 
 _RETRY = ControlReply(ok=False)
@@ -810,49 +595,6 @@ def _conflict_reply(job_id: str) -> ControlReply:
     conflict = ConflictError(names.CONFIG_BUCKET, names.config_key(job_id), 0)
     conflict.message = f"job {job_id}'s config keeps being written by someone else"
     return ControlReply.refusal(conflict, prefix="not applied: ", suffix="; send it again")
-
-
-def _decision_event(
-    d: Decision, now: float, *, dry_run: bool, reply: ControlReply | None
-) -> HistoryEvent:
-    """The history entry of a policy decision: its reason, the features it saw, what came of it.
-
-    These entries are the trajectory dataset (``torchloom policy export``)."""
-    if dry_run:
-        outcome: dict[str, Any] = {"done": False, "why": "dry run"}
-        prefix = "[dry run] "
-    elif reply is None:
-        outcome, prefix = {"done": True}, ""
-    elif reply.ok:
-        outcome = {"done": True, "version": reply.version, "effective_step": reply.effective_step}
-        prefix = ""
-    else:
-        err = reply.error
-        outcome = {"done": False, "error": err.message if err else "refused"}
-        prefix = "[refused] "
-    return HistoryEvent(
-        job_id=d.job_id,
-        kind=f"policy_{d.policy}",
-        ts=now,
-        message=f"{prefix}policy {d.policy}: {d.reason}",
-        replica_id=d.replica_id,
-        version=reply.version if reply is not None and reply.ok else None,
-        data={
-            "policy": d.policy,
-            "action": d.action,
-            "dry_run": dry_run,
-            "values": to_builtins(d.values),
-            "replica_id": d.replica_id,
-            "device": d.device,
-            "replace": d.replace,
-            "features": to_builtins(d.features),
-            "outcome": outcome,
-        },
-    )
-
-
-def _fmt_changes(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(values.items()) if k != "policy") or "no change"
 
 
 def _connection_of(reply: str) -> str:
