@@ -34,10 +34,10 @@ from datetime import date
 from pathlib import Path
 
 from torchloom.chaos import choose_victim
-from torchloom.cli.client import WeaverClient
-from torchloom.cli.launcher import RestartPolicy, Supervisor
-from torchloom.cli.up import Stack
+from torchloom.client import WeaverClient
 from torchloom.errors import NotReachableError
+from torchloom.stack import LighthouseConfig, Stack, StackConfig
+from torchloom.supervisor import RestartPolicy, Supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "mnist" / "train.py"
@@ -115,7 +115,7 @@ def supervise_under_chaos(
 
 
 def run_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
-    stack = Stack(state_dir=tmp / "state-ft")
+    stack = StackConfig(state_dir=tmp / "state-ft").build()
     stack.start()
     out = tmp / "out-ft"
     sup = Supervisor(
@@ -148,7 +148,7 @@ def run_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
 
 
 def run_checkpoint_restart(tmp: Path, args: argparse.Namespace) -> dict:
-    stack = Stack(state_dir=tmp / "state-ckpt", lighthouse=None)
+    stack = StackConfig(state_dir=tmp / "state-ckpt", lighthouse=LighthouseConfig(url=None)).build()
     stack.start()
     out = tmp / "out-ckpt"
     # one group of 2 DDP ranks; any failure stops every rank and a fresh torchrun resumes from the checkpoint

@@ -38,7 +38,7 @@ from pathlib import Path
 import msgspec
 import psutil
 
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 from torchloom.errors import TorchloomError
 from torchloom.nats_server import NatsServer
 from torchloom.protocol import ControlRequest, DesiredConfig, HistoryEvent, decode, names

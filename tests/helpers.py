@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from torchloom.cli.client import WeaverClient
-from torchloom.cli.launcher import kill_tree  # noqa: F401 - the tests' way to end a launcher tree
+from torchloom.client import WeaverClient
 from torchloom.paths import read_endpoint
 from torchloom.protocol import HistoryEvent
+from torchloom.supervisor import kill_tree  # noqa: F401 - the tests' way to end a launcher tree
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "examples" / "mnist" / "train.py"

@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.integration.test_failover import join
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import Up, wait_for
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 from torchloom.protocol import ControlRequest, HistoryEvent, JoinInfo, decode, names
 from torchloom.transport import History, connect
 from torchloom.weaver import Weaver
@@ -107,7 +107,7 @@ def test_the_control_plane_runs_at_a_raised_priority_where_permitted(tmp_path):
 def test_a_stack_is_serving_when_start_returns(tmp_path, monkeypatch):
     """Issue 16.7 (goodput bench: "no Weaver is listening on loom.goodput-ckpt.control"): start()
     returned while the only Weaver was still taking its lease and loading its state."""
-    from torchloom.cli.up import Stack
+    from torchloom.stack import LighthouseConfig, StackConfig
     from torchloom.weaver.lease import Lease
 
     real = Lease.try_acquire
@@ -117,7 +117,7 @@ def test_a_stack_is_serving_when_start_returns(tmp_path, monkeypatch):
         return await real(self)
 
     monkeypatch.setattr(Lease, "try_acquire", slow_try)
-    stack = Stack(state_dir=tmp_path / "state", lighthouse=None)
+    stack = StackConfig(state_dir=tmp_path / "state", lighthouse=LighthouseConfig(url=None)).build()
     stack.start()
     try:
         assert stack.weaver.ready.is_set() and stack.weaver.role == "leader"

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, summaries, wait_for
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 from torchloom.errors import LeadershipLostError
 from torchloom.protocol import (
     ControlRequest,

@@ -71,7 +71,7 @@ def test_weaver_killed_and_restarted_mid_run(tmp_path, nats):
 
 
 def history_of(url):
-    from torchloom.cli.client import WeaverClient
+    from torchloom.client import WeaverClient
 
     return history(WeaverClient(nats_url=url), "mnist")
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from tests.helpers import Up, cli, kill_tree, launch_mnist, summaries, wait_for
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 from torchloom.errors import TorchloomError
 from torchloom.protocol import ControlReply, ControlRequest, JoinInfo, decode, encode, names
 from torchloom.transport import KeyValue, connect, load_credentials

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from torchloom.cli.client import WeaverClient
+from torchloom.client import WeaverClient
 from torchloom.errors import InvalidRequestError
 from torchloom.paths import ENV_NATS_URL, ENV_STATE_DIR
 
@@ -40,6 +41,14 @@ JobOpt = Annotated[
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
 ]
+
+
+def setup_logging(verbose: bool) -> None:
+    """Log torchloom's INFO lines with ``--verbose``, else warnings only, to stderr."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 def weaver_client(

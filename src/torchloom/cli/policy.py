@@ -8,7 +8,6 @@ from typing import Annotated, Any
 
 import typer
 
-from torchloom.cli.client import who
 from torchloom.cli.options import (
     NatsUrl,
     StateDir,
@@ -17,6 +16,7 @@ from torchloom.cli.options import (
     parse_assignments,
     weaver_client,
 )
+from torchloom.client import who
 from torchloom.protocol import ControlRequest, HistoryEvent, to_builtins
 from torchloom.protocol.names import ALL_JOBS
 

@@ -1,8 +1,12 @@
-"""``torchloom up``: the embedded NATS server plus the Weaver, held under a state-dir lock.
+"""The control plane on this machine: the embedded NATS server, the torchft lighthouse, the
+Weaver and the dashboard, held under a state-dir lock.
 
-:class:`Stack` is used by ``up`` (in the foreground) and ``demo`` (beside the
-training job). Only one stack may hold a state dir: a second one gets
-:class:`~torchloom.errors.AlreadyRunningError` naming the first.
+:class:`StackConfig` says what to run (nested parts: :class:`NatsConfig`,
+:class:`LighthouseConfig`, :class:`DashboardConfig`, :class:`SecurityConfig`) and
+:meth:`StackConfig.build` makes the :class:`Stack` that runs it — ``torchloom up`` in the
+foreground, ``torchloom demo`` beside the training job, benches and tests. Only one stack may
+hold a state dir: a second one gets :class:`~torchloom.errors.AlreadyRunningError` naming the
+first.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import fcntl
 import os
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -26,7 +31,14 @@ from torchloom.errors import (
 from torchloom.lighthouse import Lighthouse
 from torchloom.lighthouse import available as lighthouse_available
 from torchloom.nats_server import NatsServer
-from torchloom.paths import ENDPOINT_FILE, LOCK_FILE, is_loopback, read_endpoint, write_endpoint
+from torchloom.paths import (
+    DEFAULT_UI_PORT,
+    ENDPOINT_FILE,
+    LOCK_FILE,
+    is_loopback,
+    read_endpoint,
+    write_endpoint,
+)
 from torchloom.secure import SecureDir
 from torchloom.transport import credentials_from_env
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
@@ -37,90 +49,148 @@ if TYPE_CHECKING:
     from torchloom.weaver.web import Dashboard
 
 
-class Stack:
-    """NATS (embedded unless ``nats_url`` is given) and a Weaver, on a background thread.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NatsConfig:
+    """Where the control plane's NATS is.
 
-    Args:
-        state_dir: holds the lock, ``endpoint.json`` and the JetStream storage.
-        nats_url: an existing NATS server/cluster; None starts the embedded one.
-        nats_port: port of the embedded server; None picks a free one.
-        lighthouse: ``"auto"`` starts the embedded torchft lighthouse when torchft is
-            installed; a URL uses an existing one; None starts none.
-        lighthouse_heartbeat_timeout_ms: the embedded lighthouse's heartbeat timeout, in ms.
-        ui_port: port of the dashboard and HTTP API (0 picks a free one); None serves none.
-        ui_port_fallback: when ``ui_port`` is taken, serve on a free port instead of failing.
-        ui_host: interface the dashboard binds (loopback by default).
-        ui_token: bearer token for the dashboard and API; required off loopback.
+    Attributes:
+        url: an existing NATS server/cluster; None starts the embedded one.
+        port: port of the embedded server; None picks a free one.
+        host: interface the embedded server binds (loopback by default).
+    """
+
+    url: str | None = None
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LighthouseConfig:
+    """The torchft lighthouse replica groups form their quorum with.
+
+    Attributes:
+        url: ``"auto"`` starts the embedded lighthouse when torchft is installed; a URL uses
+            an existing one; None starts none.
+        heartbeat_timeout_ms: the embedded lighthouse's heartbeat timeout, in ms.
+    """
+
+    url: str | None = "auto"
+    heartbeat_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DashboardConfig:
+    """The dashboard, HTTP API and ``/metrics`` (:mod:`torchloom.weaver.web`).
+
+    Attributes:
+        port: TCP port (0 picks a free one).
+        port_fallback: when ``port`` is taken, serve on a free port instead of failing.
+        host: interface it binds (loopback by default).
+        token: bearer token for the page and API; required off loopback (made for the state
+            dir when the stack is secure).
+    """
+
+    port: int = DEFAULT_UI_PORT
+    port_fallback: bool = False
+    host: str = "127.0.0.1"
+    token: str | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecurityConfig:
+    """Credentials per role, TLS and permissions (:mod:`torchloom.secure`) on the embedded NATS,
+    and HTTPS with a token on the dashboard.
+
+    Attributes:
+        secure: on or off; None: on exactly when NATS or the dashboard binds beyond loopback.
+            With an external NATS (``NatsConfig.url``) the Weaver signs in with
+            ``$TORCHLOOM_CREDS`` instead.
+        tls_cert, tls_key, tls_ca: the user's certificate, key and CA (PEM files) for NATS and
+            the dashboard; None: made for the state dir.
+    """
+
+    secure: bool | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StackConfig:
+    """Everything a :class:`Stack` runs, in nested parts; :meth:`build` makes the stack.
+
+    Attributes:
+        state_dir: holds the lock, ``endpoint.json``, the JetStream storage and credentials.
+        nats, lighthouse, security: see their classes.
+        dashboard: None serves no dashboard.
+        liveness: failure, suspect and hang timeouts of the Weaver (None: its defaults).
+        control: the Weaver's control settings (lead time, …; None: its defaults).
         policy_file: TOML settings of the policies (they win over settings stored by an
             earlier run); None: the stored settings, else the defaults.
-        nats_host: interface the embedded NATS binds (loopback by default).
-        secure: credentials per role, TLS and permissions (:mod:`torchloom.secure`) on the
-            embedded NATS, and HTTPS with a token on the dashboard. None: secure exactly when
-            NATS or the dashboard binds beyond loopback. With ``nats_url`` the Weaver signs
-            in with ``$TORCHLOOM_CREDS``.
-        tls_cert, tls_key, tls_ca: the user's certificate, key and CA for NATS and the
-            dashboard; None: made for this state dir.
         nice: the nice value of the control plane — the Weaver's thread and the embedded
             NATS — where permitted (:func:`torchloom._proc.set_nice`); None: unchanged. A
             negative one makes the scheduler wake them before CPU-bound training processes on
             the same cores (they use little CPU: it costs training nothing).
     """
 
-    def __init__(
-        self,
-        *,
-        state_dir: Path,
-        nats_url: str | None = None,
-        nats_port: int | None = None,
-        liveness: LivenessConfig | None = None,
-        control_settings: ControlSettings | None = None,
-        on_event: EventSink | None = None,
-        lighthouse: str | None = "auto",
-        lighthouse_heartbeat_timeout_ms: int = 1000,
-        ui_port: int | None = None,
-        ui_host: str = "127.0.0.1",
-        ui_token: str | None = None,
-        ui_port_fallback: bool = False,
-        policy_file: Path | None = None,
-        nats_host: str = "127.0.0.1",
-        secure: bool | None = None,
-        tls_cert: Path | None = None,
-        tls_key: Path | None = None,
-        tls_ca: Path | None = None,
-        nice: int | None = None,
-    ) -> None:
-        self.nice = nice
+    state_dir: Path
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    lighthouse: LighthouseConfig = field(default_factory=LighthouseConfig)
+    dashboard: DashboardConfig | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    liveness: LivenessConfig | None = None
+    control: ControlSettings | None = None
+    policy_file: Path | None = None
+    nice: int | None = None
+
+    def build(self, *, on_event: EventSink | None = None) -> Stack:
+        """The stack this config describes, not started (:meth:`Stack.start`).
+
+        Raises:
+            PolicyError: ``policy_file`` is not valid (before anything starts).
+        """
+        return Stack(self, on_event=on_event)
+
+
+class Stack:
+    """NATS (embedded unless ``config.nats.url`` is given), the lighthouse, the Weaver and the
+    dashboard, the Weaver and dashboard on a background thread.
+
+    Args:
+        config: what to run.
+        on_event: called with each history event the Weaver records (on the Weaver's loop:
+            it must not block).
+    """
+
+    def __init__(self, config: StackConfig, *, on_event: EventSink | None = None) -> None:
+        self.config = config
+        self.nice = config.nice
         self.nice_applied: bool | None = None
         """Whether ``nice`` took effect on the Weaver's thread (None: not asked, or not yet)."""
+        ui = config.dashboard
+        secure = config.security.secure
         if secure is None:
-            secure = not (is_loopback(nats_host) and (ui_port is None or is_loopback(ui_host)))
-        self.nats_host = nats_host
+            secure = not (is_loopback(config.nats.host) and (ui is None or is_loopback(ui.host)))
+        self.state_dir = Path(config.state_dir).expanduser()
         self.secure_dir = (
             SecureDir(
-                Path(state_dir).expanduser(), tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca
+                self.state_dir,
+                tls_cert=config.security.tls_cert,
+                tls_key=config.security.tls_key,
+                tls_ca=config.security.tls_ca,
             )
-            if secure and nats_url is None
+            if secure and config.nats.url is None
             else None
         )
         # a bad policy file is an error before anything starts
-        self.policies = PolicyEngine.from_file(policy_file) if policy_file else None
-        self.state_dir = Path(state_dir).expanduser()
-        self.lighthouse_arg = lighthouse
-        self.lighthouse_heartbeat_timeout_ms = lighthouse_heartbeat_timeout_ms
+        self.policies = PolicyEngine.from_file(config.policy_file) if config.policy_file else None
+        self.on_event = on_event
         self.lighthouse: Lighthouse | None = None
         self.lighthouse_url = ""
-        self.external_url = nats_url
-        self.nats_port = nats_port
-        self.liveness = liveness
-        self.control_settings = control_settings
-        self.on_event = on_event
         self.nats: NatsServer | None = None
         self.nats_url = ""
         self.weaver: Weaver | None = None
-        self.ui_port = ui_port
-        self.ui_host = ui_host
-        self.ui_token = ui_token
-        self.ui_port_fallback = ui_port_fallback
+        self.ui_token = ui.token if ui else None
         self.dashboard: Dashboard | None = None
         self._lock: IO[str] | None = None
         self._thread: threading.Thread | None = None
@@ -149,45 +219,46 @@ class Stack:
             TorchloomError: NATS or the Weaver did not come up within ``timeout_s``.
         """
         self._acquire()
+        cfg, ui = self.config, self.config.dashboard
         try:
             creds = None
-            if self.external_url:
-                self.nats_url = self.external_url
+            if cfg.nats.url:
+                self.nats_url = cfg.nats.url
                 creds = credentials_from_env()
             else:
                 conf = None
                 if self.secure_dir is not None:
-                    self.secure_dir.ensure(extra_hosts=(self.nats_host, self.ui_host))
+                    self.secure_dir.ensure(extra_hosts=(cfg.nats.host, *([ui.host] if ui else [])))
                     conf = self.secure_dir.conf_file
                     creds = self.secure_dir.credentials("weaver")
                     self.ui_token = self.ui_token or self.secure_dir.dashboard_token()
                 self.nats = NatsServer(
                     store_dir=self.state_dir / "nats",
-                    port=self.nats_port,
-                    host=self.nats_host,
+                    port=cfg.nats.port,
+                    host=cfg.nats.host,
                     config_file=conf,
                     nice=self.nice,
                 )
                 self.nats_url = self.nats.start()
-            if self.lighthouse_arg == "auto":
+            if cfg.lighthouse.url == "auto":
                 if lighthouse_available():
                     self.lighthouse = Lighthouse(
                         log_file=self.state_dir / "lighthouse.log",
-                        heartbeat_timeout_ms=self.lighthouse_heartbeat_timeout_ms,
+                        heartbeat_timeout_ms=cfg.lighthouse.heartbeat_timeout_ms,
                     )
                     self.lighthouse_url = self.lighthouse.start()
-            elif self.lighthouse_arg:
-                self.lighthouse_url = self.lighthouse_arg
+            elif cfg.lighthouse.url:
+                self.lighthouse_url = cfg.lighthouse.url
             self.weaver = Weaver(
                 nats_url=self.nats_url,
-                liveness=self.liveness,
-                control_settings=self.control_settings,
+                liveness=cfg.liveness,
+                control_settings=cfg.control,
                 on_event=self.on_event,
                 policies=self.policies,
                 restore_policies=self.policies is None,
                 creds=creds,
             )
-            if self.ui_port is not None:
+            if ui is not None:
                 # FastAPI is imported only where the dashboard is served
                 from torchloom.weaver.web import Dashboard
 
@@ -196,16 +267,16 @@ class Stack:
                 try:
                     self.dashboard = Dashboard(
                         self.weaver,
-                        host=self.ui_host,
-                        port=self.ui_port,
+                        host=ui.host,
+                        port=ui.port,
                         token=self.ui_token,
                         **tls,
                     )
                 except PortInUseError:
-                    if not self.ui_port_fallback:
+                    if not ui.port_fallback:
                         raise
                     self.dashboard = Dashboard(
-                        self.weaver, host=self.ui_host, port=0, token=self.ui_token, **tls
+                        self.weaver, host=ui.host, port=0, token=self.ui_token, **tls
                     )
             self._thread = threading.Thread(
                 target=self._serve, name="torchloom-weaver", daemon=True

@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from torchloom.cli.launcher import RestartPolicy, script_argv
+from torchloom.supervisor import RestartPolicy, script_argv
 
 
 def test_restart_policy_backs_off_and_gives_up():

@@ -1,0 +1,127 @@
+"""``torchloom run``: a job as N replica groups, restarted when one fails
+(:class:`torchloom.supervisor.Supervisor` does the work)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Annotated, Any
+
+import typer
+
+from torchloom.cli.options import JobOpt, NatsUrl, StateDir, out
+from torchloom.client import WeaverClient
+from torchloom.errors import InvalidRequestError
+from torchloom.paths import ENV_NATS_URL, default_state_dir, read_endpoint, resolve_nats_url
+from torchloom.protocol import HistoryEvent
+from torchloom.secure import job_env
+from torchloom.supervisor import RestartPolicy, Supervisor, script_argv
+
+
+def run(
+    command: Annotated[list[str], typer.Argument(help="the training command, after --")],
+    replicas: Annotated[
+        int, typer.Option("--replicas", "-n", help="replica groups (one torchrun each)")
+    ] = 2,
+    nproc_per_group: Annotated[
+        int, typer.Option("--nproc-per-group", help="ranks per replica group")
+    ] = 1,
+    max_restarts: Annotated[
+        int, typer.Option("--max-restarts", help="restarts per replica group")
+    ] = 3,
+    backoff_s: Annotated[
+        float, typer.Option("--backoff-s", help="wait before the first restart; doubles")
+    ] = 1.0,
+    job: JobOpt = None,
+    lighthouse: Annotated[
+        str | None,
+        typer.Option(
+            "--lighthouse",
+            envvar="TORCHFT_LIGHTHOUSE",
+            help="torchft lighthouse; default: the one `torchloom up` started",
+        ),
+    ] = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+) -> None:
+    """Launch a job as N replica groups (torchrun each) and restart a group that fails.
+
+    Example: torchloom run --replicas 2 -- python examples/mnist/train.py --ft
+    """
+    if replicas < 1 or nproc_per_group < 1:
+        raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")
+    try:
+        script = script_argv(list(command))
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    sdir = state_dir or default_state_dir()
+    url = resolve_nats_url(nats_url, sdir)
+    lighthouse = lighthouse or (read_endpoint(sdir) or {}).get("lighthouse_url")
+    env = {
+        k: v
+        for k, v in (
+            (ENV_NATS_URL, url),
+            ("TORCHFT_LIGHTHOUSE", lighthouse),
+            ("TORCHLOOM_JOB", job),
+        )
+        if v
+    }
+    env.update(job_env(sdir, job) if url else {})
+    if not url:
+        out.print("[yellow]no torchloom found (torchloom up): the groups train without control[/]")
+    if not lighthouse:
+        out.print("[yellow]no torchft lighthouse known: a --ft job cannot form a quorum[/]")
+    log_dir = sdir / "run" / (job or "job")
+    sup = Supervisor(
+        script=script,
+        replicas=replicas,
+        nproc_per_group=nproc_per_group,
+        env=env,
+        log_dir=log_dir,
+        policy=RestartPolicy(max_restarts=max_restarts, backoff_s=backoff_s),
+        say=lambda line: out.print(
+            f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False
+        ),
+    )
+
+    if url and job:
+        _follow_replacements(
+            WeaverClient(nats_url=url, state_dir=sdir), job, sup, since_ts=time.time()
+        )
+
+    def _term(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        rc = sup.run()
+    except KeyboardInterrupt:
+        out.print("stopping every replica group…")
+        sup.stop()
+        rc = 130
+    raise typer.Exit(rc)
+
+
+def _follow_replacements(
+    client: WeaverClient, job: str, sup: Supervisor, *, since_ts: float
+) -> None:
+    """Watch the job's history for drains that asked for a replacement (a daemon thread)."""
+
+    def on_event(ev: HistoryEvent) -> None:
+        if (
+            ev.ts >= since_ts
+            and ev.kind == "config_set"
+            and ev.data.get("op") == "drain"
+            and ev.data.get("replace")
+        ):
+            for rid in ev.data.get("drain", []):
+                if str(rid).isdigit():
+                    sup.request_replacement(int(rid))
+
+    def follow() -> None:
+        with contextlib.suppress(Exception):
+            client.history(job, follow=True, on_event=on_event)
+
+    threading.Thread(target=follow, name="torchloom-run-history", daemon=True).start()

@@ -1,0 +1,324 @@
+"""``torchloom up``: the control plane in the foreground, and the options and builder of the
+stack that ``up`` and ``demo`` share."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.panel import Panel
+from rich.text import Text
+
+from torchloom.cli.options import NatsUrl, StateDir, out, setup_logging
+from torchloom.cli.printer import EventPrinter
+from torchloom.errors import LeadershipLostError, TorchloomError
+from torchloom.paths import DEFAULT_UI_PORT, ENV_NATS_URL, default_state_dir
+from torchloom.stack import (
+    DashboardConfig,
+    LighthouseConfig,
+    NatsConfig,
+    SecurityConfig,
+    Stack,
+    StackConfig,
+)
+from torchloom.weaver import ControlSettings, LivenessConfig
+
+UiPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--ui-port",
+        help=f"port of the dashboard, HTTP API and /metrics (0 picks a free one) "
+        f"[default: {DEFAULT_UI_PORT}, or a free one when it is taken]",
+        show_default=False,
+    ),
+]
+UiHostOpt = Annotated[
+    str,
+    typer.Option("--ui-host", help="interface the dashboard binds; beyond loopback needs a token"),
+]
+SecureOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--secure/--no-secure",
+        help="nkey credentials per role, TLS and per-job permissions on NATS, HTTPS and a "
+        "token on the dashboard [default: on when NATS or the dashboard binds beyond loopback]",
+        show_default=False,
+    ),
+]
+NatsHostOpt = Annotated[
+    str,
+    typer.Option("--nats-host", help="interface the embedded NATS binds (beyond loopback: secure)"),
+]
+TlsOpt = Annotated[Path | None, typer.Option(help="PEM file (default: made for this state dir)")]
+UiTokenOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ui-token",
+        envvar="TORCHLOOM_UI_TOKEN",
+        help="bearer token for the dashboard and API (turns authentication on)",
+        show_default=False,
+    ),
+]
+NoUiOpt = Annotated[bool, typer.Option("--no-ui", help="serve no dashboard")]
+PoliciesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--policies",
+        help="TOML settings of the policies (enabled, dry_run, parameters) [default: the stored "
+        "settings, else straggler, divergence and failure on]",
+        show_default=False,
+    ),
+]
+
+
+LighthouseOpt = Annotated[
+    str,
+    typer.Option(
+        "--lighthouse",
+        help="torchft lighthouse URL; 'auto' starts one if torchft is installed; 'none' starts none",
+    ),
+]
+LighthouseHbOpt = Annotated[
+    int,
+    typer.Option(
+        "--lighthouse-heartbeat-timeout-ms", help="heartbeat timeout of the embedded lighthouse"
+    ),
+]
+
+
+FailOpt = Annotated[
+    float,
+    typer.Option(
+        "--failure-timeout-s",
+        help="no heartbeat for this long → failed (60 % of it late → suspect)",
+    ),
+]
+HangOpt = Annotated[
+    float, typer.Option("--hang-timeout-s", help="step not moving for this long → hung")
+]
+LeadOpt = Annotated[
+    float, typer.Option("--lead-time-s", help="time budget for a change to reach every rank")
+]
+NiceOpt = Annotated[
+    int,
+    typer.Option(
+        "--nice",
+        help="nice value of NATS and the Weaver where permitted (root or CAP_SYS_NICE): "
+        "answers within milliseconds while training keeps every core busy; 0 leaves it",
+    ),
+]
+PortOpt = Annotated[
+    int | None, typer.Option("--nats-port", help="port of the embedded NATS [default: a free one]")
+]
+
+
+def stack_config(
+    *,
+    state_dir: Path | None,
+    nats_url: str | None,
+    nats_port: int | None,
+    failure_timeout_s: float,
+    hang_timeout_s: float,
+    lead_time_s: float,
+    ui_host: str,
+    ui_port: int | None,
+    ui_token: str | None,
+    no_ui: bool,
+    policies: Path | None,
+    nice: int,
+    nats_host: str = "127.0.0.1",
+    lighthouse: str = "auto",
+    lighthouse_heartbeat_timeout_ms: int = 1000,
+    security: SecurityConfig | None = None,
+) -> StackConfig:
+    """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
+    return StackConfig(
+        state_dir=state_dir or default_state_dir(),
+        nats=NatsConfig(url=nats_url, port=nats_port, host=nats_host),
+        lighthouse=LighthouseConfig(
+            url=None if lighthouse.lower() in ("none", "off", "") else lighthouse,
+            heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
+        ),
+        dashboard=None
+        if no_ui
+        else DashboardConfig(
+            host=ui_host,
+            port=DEFAULT_UI_PORT if ui_port is None else ui_port,
+            port_fallback=ui_port is None,
+            token=ui_token,
+        ),
+        security=security or SecurityConfig(),
+        liveness=LivenessConfig(
+            failure_timeout_s=failure_timeout_s,
+            suspect_after_s=failure_timeout_s * 0.6,  # a late heartbeat, not a missed one
+            hang_timeout_s=hang_timeout_s,
+        ),
+        control=ControlSettings(lead_time_s=lead_time_s),
+        policy_file=policies,
+        nice=nice or None,
+    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def wait_for_signal(stack: Stack, *, poll_s: float = 0.2) -> str:
+    stopping = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    while not stopping.wait(poll_s):
+        if not stack.alive():
+            error = stack.error
+            if isinstance(error, LeadershipLostError):
+                return f"this Weaver stepped down: {error.message}"
+            if isinstance(error, TorchloomError):
+                return error.message
+            if error is not None:  # a bug: say what it was, in one line
+                return f"{type(error).__name__}: {error}"
+            return "a component stopped unexpectedly"
+    return "signal"
+
+
+def _secure_lines(stack: Stack) -> list[Text]:
+    sd = stack.secure_dir
+    if sd is None:
+        return [Text.assemble(("security  ", "bold"), "off (loopback only; --secure turns it on)")]
+    return [
+        Text.assemble(
+            ("security  ", "bold"),
+            f"TLS + nkeys per role ({sd.dir}); the dashboard token is in {sd.dir / 'dashboard.token'}",
+        ),
+        Text.assemble(
+            ("jobs      ", "bold"),
+            "export TORCHLOOM_CREDS=$(torchloom creds job JOB)  (torchloom run/demo do it for you)",
+        ),
+    ]
+
+
+def _priority_line(stack: Stack) -> str:
+    if stack.nice is None:
+        return "as started (--nice 0)"
+    if stack.nice_applied:
+        return f"nice {stack.nice} for NATS and the Weaver: they answer first on busy cores"
+    return f"unchanged: nice {stack.nice} needs root or CAP_SYS_NICE (--nice 0 says so quietly)"
+
+
+def _lighthouse_line(stack: Stack) -> str:
+    if stack.lighthouse_url:
+        return f"{stack.lighthouse_url} (torchft)"
+    if stack.config.lighthouse.url is None:
+        return "none (--lighthouse none)"
+    return "none (torchft is not installed: pip install 'torchloom[torchft]')"
+
+
+def dashboard_line(stack: Stack) -> str:
+    if stack.dashboard is None:
+        return "none (--no-ui)"
+    auth = "  (token required)" if stack.dashboard.access.required else ""
+    return f"{stack.dashboard.url}  · API {stack.dashboard.url}api/openapi.json{auth}"
+
+
+def up(
+    state_dir: StateDir = None,
+    nats_url: NatsUrl = None,
+    nats_port: PortOpt = None,
+    failure_timeout_s: FailOpt = 0.8,
+    hang_timeout_s: HangOpt = 30.0,
+    lead_time_s: LeadOpt = 0.5,
+    lighthouse: LighthouseOpt = "auto",
+    lighthouse_heartbeat_timeout_ms: LighthouseHbOpt = 1000,
+    ui_port: UiPortOpt = None,
+    ui_host: UiHostOpt = "127.0.0.1",
+    ui_token: UiTokenOpt = None,
+    no_ui: NoUiOpt = False,
+    policies: PoliciesOpt = None,
+    nats_host: NatsHostOpt = "127.0.0.1",
+    secure: SecureOpt = None,
+    tls_cert: TlsOpt = None,
+    tls_key: TlsOpt = None,
+    tls_ca: TlsOpt = None,
+    nice: NiceOpt = -5,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
+    and the Weaver, and serve until Ctrl-C / SIGTERM.
+
+    A second `up` on another state dir with --nats-url of the first's NATS is a standby
+    Weaver: it takes over within seconds when the leader dies."""
+    setup_logging(verbose)
+    printer = EventPrinter(out)
+    stack = stack_config(
+        state_dir=state_dir,
+        nats_url=nats_url,
+        nats_port=nats_port,
+        nats_host=nats_host,
+        failure_timeout_s=failure_timeout_s,
+        hang_timeout_s=hang_timeout_s,
+        lead_time_s=lead_time_s,
+        lighthouse=lighthouse,
+        lighthouse_heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
+        ui_host=ui_host,
+        ui_port=ui_port,
+        ui_token=ui_token,
+        no_ui=no_ui,
+        policies=policies,
+        nice=nice,
+        security=SecurityConfig(secure=secure, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca),
+    ).build(on_event=printer.add)
+    stack.start()
+    nats_where = (
+        f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})"
+        if stack.nats and stack.nats.proc
+        else f"{stack.nats_url} (external)"
+    )
+    out.print(
+        Panel.fit(
+            Group(
+                Text.assemble(("NATS      ", "bold"), nats_where),
+                Text.assemble(
+                    ("Weaver    ", "bold"),
+                    f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s"
+                    + (
+                        ""
+                        if stack.weaver is None or stack.weaver.role == "leader"
+                        else " · STANDBY: another Weaver leads; this one takes over when it stops"
+                    ),
+                ),
+                Text.assemble(("lighthouse", "bold"), " " + _lighthouse_line(stack)),
+                Text.assemble(("dashboard ", "bold"), dashboard_line(stack)),
+                Text.assemble(("priority  ", "bold"), _priority_line(stack)),
+                *_secure_lines(stack),
+                Text.assemble(("state dir ", "bold"), str(stack.state_dir)),
+                Text.assemble(
+                    ("training  ", "bold"),
+                    f"export {ENV_NATS_URL}={stack.nats_url}  (or same user/state dir: found automatically)",
+                ),
+                Text.assemble(
+                    ("steer     ", "bold"),
+                    "torchloom status · torchloom set lr=0.01 · torchloom events --follow · "
+                    "torchloom policy list",
+                ),
+            ),
+            title="torchloom up",
+            border_style="green",
+        )
+    )
+    printer.start()
+    try:
+        why = wait_for_signal(stack)
+    finally:
+        out.print("[dim]shutting down…[/]")
+        stack.stop()
+        printer.stop()
+    if why != "signal":
+        raise TorchloomError(f"torchloom up stopped: {why}")
