@@ -22,6 +22,7 @@ from torchloom.protocol import (
     encode,
     names,
 )
+from torchloom.protocol.messages import ControlOp
 from torchloom.protocol.names import ALL_JOBS
 from torchloom.transport import (
     Credentials,
@@ -159,7 +160,7 @@ class WeaverClient:
 
     def control(
         self,
-        op: str,
+        op: ControlOp,
         job_id: str,
         *,
         values: dict[str, Any] | None = None,
@@ -170,7 +171,7 @@ class WeaverClient:
             ControlRequest(
                 op=op,
                 job_id=job_id,
-                values=values or {},  # type: ignore[arg-type]
+                values=values or {},
                 replica_id=replica_id,
                 reason=reason,
                 requested_by=who(),

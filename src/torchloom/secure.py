@@ -55,12 +55,14 @@ def _write_secret(path: Path, data: bytes) -> None:
 
 def new_nkey_seed() -> str:
     """A fresh user nkey seed (``SU…``), from 32 random bytes (ed25519)."""
-    return nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+    seed: bytes = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    return seed.decode()
 
 
 def public_key(seed: str) -> str:
     """The public key (``U…``) of an nkey seed."""
-    return nkeys.from_seed(seed.encode()).public_key.decode()
+    key: bytes = nkeys.from_seed(seed.encode()).public_key
+    return key.decode()
 
 
 def job_inbox(job_id: str) -> str:
@@ -179,7 +181,7 @@ class SecureDir:
                 if path is None or not path.is_file():
                     raise TorchloomError(f"TLS file {path} does not exist")
         for role in ("weaver", "operator"):
-            self._ensure_creds(role)  # type: ignore[arg-type]
+            self._ensure_creds(role)
         self.write_conf()
 
     def _ensure_creds(self, role: Role, job_id: str | None = None) -> Credentials:
@@ -339,7 +341,7 @@ def _host_names(
     ]
     candidates = list(extra)
     try:
-        candidates += [info[4][0] for info in socket.getaddrinfo(host, None)]
+        candidates += [str(info[4][0]) for info in socket.getaddrinfo(host, None)]
     except OSError:
         pass
     for item in candidates:

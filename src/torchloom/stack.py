@@ -43,7 +43,7 @@ from torchloom.secure import SecureDir
 from torchloom.transport import credentials_from_env
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
 from torchloom.weaver.policies import PolicyEngine
-from torchloom.weaver.service import EventSink
+from torchloom.weaver.recorder import EventSink
 
 if TYPE_CHECKING:
     from torchloom.weaver.web import Dashboard
@@ -263,21 +263,21 @@ class Stack:
                 from torchloom.weaver.web import Dashboard
 
                 sd = self.secure_dir
-                tls = {"tls_cert": sd.cert_file, "tls_key": sd.key_file} if sd else {}
-                try:
-                    self.dashboard = Dashboard(
-                        self.weaver,
-                        host=ui.host,
-                        port=ui.port,
-                        token=self.ui_token,
-                        **tls,
-                    )
-                except PortInUseError:
-                    if not ui.port_fallback:
-                        raise
-                    self.dashboard = Dashboard(
-                        self.weaver, host=ui.host, port=0, token=self.ui_token, **tls
-                    )
+                cert, key = (sd.cert_file, sd.key_file) if sd else (None, None)
+                for port in (ui.port, 0) if ui.port_fallback else (ui.port,):
+                    try:
+                        self.dashboard = Dashboard(
+                            self.weaver,
+                            host=ui.host,
+                            port=port,
+                            token=self.ui_token,
+                            tls_cert=cert,
+                            tls_key=key,
+                        )
+                        break
+                    except PortInUseError:
+                        if port == 0 or not ui.port_fallback:
+                            raise
             self._thread = threading.Thread(
                 target=self._serve, name="torchloom-weaver", daemon=True
             )

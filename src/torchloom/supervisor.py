@@ -42,7 +42,7 @@ class RestartPolicy:
         None when it must not be restarted (it finished, or it used up its restarts)."""
         if returncode == 0 or restarts >= self.max_restarts:
             return None
-        return min(self.backoff_s * 2**restarts, self.max_backoff_s)
+        return float(min(self.backoff_s * 2.0**restarts, self.max_backoff_s))
 
 
 @dataclass(slots=True)

@@ -22,6 +22,7 @@ from torchloom.cli.options import (
 from torchloom.client import WeaverClient, who
 from torchloom.errors import NotReachableError
 from torchloom.protocol import ControlRequest
+from torchloom.protocol.messages import ControlOp
 
 
 def set_(
@@ -76,7 +77,7 @@ def _wait_applied(client: WeaverClient, job_id: str, version: int, *, timeout_s:
 ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
 
 
-def state_command(op: str, doc: str) -> Callable[..., None]:
+def state_command(op: ControlOp, doc: str) -> Callable[..., None]:
     """The command ``torchloom pause|resume|stop``: one request each, the same options."""
 
     def command(
