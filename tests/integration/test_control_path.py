@@ -163,3 +163,38 @@ async def test_reads_are_answered_while_a_change_waits_for_its_write(nats):
         gate.set()
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+def test_a_taken_dashboard_port_is_an_error_or_a_free_one(tmp_path):
+    """DashboardConfig.port_fallback: without it a taken port fails the start with
+    PortInUseError (and nothing is left running); with it the dashboard serves elsewhere."""
+    import socket
+
+    from torchloom.errors import PortInUseError
+    from torchloom.stack import DashboardConfig, LighthouseConfig, StackConfig
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        for fallback in (False, True):
+            config = StackConfig(
+                state_dir=tmp_path / f"state-{fallback}",
+                lighthouse=LighthouseConfig(url=None),
+                dashboard=DashboardConfig(port=port, port_fallback=fallback),
+            )
+            stack = config.build()
+            if not fallback:
+                with pytest.raises(PortInUseError):
+                    stack.start()
+                assert stack.nats is None or stack.nats.proc.poll() is not None
+                continue
+            stack.start()
+            try:
+                assert stack.dashboard is not None
+                assert f":{port}/" not in stack.dashboard.url
+            finally:
+                stack.stop()
+    finally:
+        taken.close()
