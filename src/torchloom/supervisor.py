@@ -63,12 +63,13 @@ class Group:
 
 
 def script_argv(cmd: list[str]) -> list[str]:
-    """``python train.py …`` or ``train.py …`` → the script and its arguments, for torchrun."""
+    """``python train.py …``, ``train.py …`` or ``python -m pkg.mod …`` → what torchrun runs:
+    the script (or ``-m`` and the module) and its arguments."""
     if cmd and (Path(cmd[0]).name.startswith("python") or cmd[0] == sys.executable):
         cmd = cmd[1:]
     if not cmd:
         raise ValueError(
-            "give the training command after --, e.g. -- python examples/mnist/train.py --ft"
+            "give the training command after --, e.g. -- python -m torchloom.examples.mnist.train --ft"
         )
     return cmd
 

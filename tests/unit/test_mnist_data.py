@@ -1,14 +1,13 @@
 import gzip
+import hashlib
+import multiprocessing
 import struct
-import sys
 
 import numpy as np
 import pytest
 
 from tests.helpers import REPO, mnist_dir
-
-sys.path.insert(0, str(REPO / "examples" / "mnist"))
-import mnist_data
+from torchloom.examples.mnist import mnist_data
 
 
 def write_idx(path, arr):
@@ -63,3 +62,40 @@ def test_wrong_shapes_are_refused(tmp_path):
     )
     with pytest.raises(mnist_data.DataError, match="unexpected MNIST shapes"):
         mnist_data.load(tmp_path)
+
+
+def _load_from(data_dir, mirrors, files):
+    mnist_data.MIRRORS, mnist_data.FILES = mirrors, files
+    return [a.shape for a in mnist_data.load(data_dir)]
+
+
+def test_ranks_download_once_into_a_shared_dir_and_load_it(tmp_path):
+    """Four processes (the ranks of a job) load from an empty data dir at once: the files are
+    downloaded from the mirror, checked against their SHA-256 and read by every one."""
+    x_tr, y_tr, x_te, y_te = mnist_data.load(mnist_dir(), download_missing=False)
+    served = tmp_path / "served"
+    served.mkdir()
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    stems += ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    files = {}
+    for stem, arr in zip(stems, (x_tr, y_tr, x_te, y_te), strict=True):
+        write_idx(served / f"{stem}.gz", arr)
+        files[f"{stem}.gz"] = hashlib.sha256((served / f"{stem}.gz").read_bytes()).hexdigest()
+    target = tmp_path / "cache"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        shapes = pool.starmap(_load_from, [(target, (served.as_uri() + "/",), files)] * 4)
+    assert shapes == [[(60000, 28, 28), (60000,), (10000, 28, 28), (10000,)]] * 4
+    assert sorted(p.name for p in target.glob("*.gz")) == sorted(files)
+    assert not list(target.glob("*.part"))
+
+
+def test_default_data_dir(tmp_path, monkeypatch):
+    """$TORCHLOOM_MNIST_DIR first; from a checkout its examples/mnist/data; else the cache."""
+    monkeypatch.setenv(mnist_data.ENV_DATA_DIR, str(tmp_path / "mine"))
+    assert mnist_data.default_data_dir() == tmp_path / "mine"
+    monkeypatch.delenv(mnist_data.ENV_DATA_DIR)
+    assert mnist_data.default_data_dir() == REPO / "examples" / "mnist" / "data"
+    monkeypatch.setattr(mnist_data, "CHECKOUT_DATA", tmp_path / "no-checkout")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert mnist_data.default_data_dir() == tmp_path / "xdg" / "torchloom" / "mnist"

@@ -16,5 +16,6 @@ def test_script_argv_strips_the_interpreter():
     assert script_argv(["python", "train.py", "--ft"]) == ["train.py", "--ft"]
     assert script_argv([sys.executable, "train.py"]) == ["train.py"]
     assert script_argv(["train.py"]) == ["train.py"]
+    assert script_argv(["python", "-m", "pkg.train", "--ft"]) == ["-m", "pkg.train", "--ft"]
     with pytest.raises(ValueError):
         script_argv(["python3"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,20 +32,38 @@ from torchloom.cli.serve import (
     stack_config,
 )
 from torchloom.client import WeaverClient
-from torchloom.errors import TorchloomError
+from torchloom.errors import InvalidRequestError, TorchloomError
 from torchloom.paths import ENV_NATS_URL
 from torchloom.protocol import HistoryEvent
 from torchloom.secure import job_env
 from torchloom.supervisor import kill_tree
 
+REFERENCE_JOB = "torchloom.examples.mnist.train"
 
-def _find_example() -> Path | None:
-    here = Path(__file__).resolve()
-    for base in (Path.cwd(), *here.parents):
-        candidate = base / "examples" / "mnist" / "train.py"
-        if candidate.exists():
-            return candidate
-    return None
+
+def _reference_job_ready(extra: list[str]) -> None:
+    """Check that the shipped MNIST job can run here, and fetch MNIST once if needed.
+
+    Raises:
+        TorchloomError: torch is not installed, or MNIST could not be downloaded.
+    """
+    if importlib.util.find_spec("torch") is None:
+        raise TorchloomError("the demo trains with torch: pip install 'torchloom[torch]'")
+    if any(a == "--data-dir" or a.startswith("--data-dir=") for a in extra):
+        return
+    from torchloom.examples.mnist import mnist_data
+
+    data_dir = mnist_data.default_data_dir()
+    if mnist_data.present(data_dir):
+        return
+    out.print(f"downloading MNIST into {data_dir} (once; SHA-256 checked)…")
+    try:
+        mnist_data.download(data_dir)
+    except mnist_data.DataError as exc:
+        raise TorchloomError(
+            f"{exc} — put mnist.npz or the IDX files in a directory and pass it as "
+            f"${mnist_data.ENV_DATA_DIR} or `torchloom demo -- --data-dir DIR`"
+        ) from None
 
 
 def demo(
@@ -56,7 +75,9 @@ def demo(
     nats_port: PortOpt = None,
     script: Annotated[
         Path | None,
-        typer.Option("--script", help="training script [default: examples/mnist/train.py]"),
+        typer.Option(
+            "--script", help=f"training script [default: the shipped MNIST job, {REFERENCE_JOB}]"
+        ),
     ] = None,
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
@@ -71,13 +92,18 @@ def demo(
         list[str] | None, typer.Argument(help="extra arguments for the training script")
     ] = None,
 ) -> None:
-    """Start torchloom and the MNIST job (torchrun, 2 ranks) with a live progress view."""
+    """Start torchloom and the MNIST job (torchrun, 2 ranks) with a live progress view.
+
+    The MNIST job ships in the package; MNIST itself is read from a checkout's
+    examples/mnist/data, or downloaded once into ~/.cache/torchloom/mnist."""
     setup_logging(False)
-    script = script or _find_example()
-    if script is None or not script.exists():
-        raise TorchloomError(
-            "examples/mnist/train.py not found: run from a torchloom checkout or pass --script"
-        )
+    if script is None:
+        _reference_job_ready(extra or [])
+        target = ["-m", REFERENCE_JOB]
+    elif script.is_file():
+        target = [str(script)]
+    else:
+        raise InvalidRequestError(f"--script {script}: no such file")
     events: list[HistoryEvent] = []
     stack = stack_config(
         state_dir=state_dir,
@@ -106,7 +132,7 @@ def demo(
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={nproc}",
-        str(script),
+        *target,
         "--job-id",
         job,
         "--max-steps",

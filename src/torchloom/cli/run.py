@@ -48,7 +48,7 @@ def run(
 ) -> None:
     """Launch a job as N replica groups (torchrun each) and restart a group that fails.
 
-    Example: torchloom run --replicas 2 -- python examples/mnist/train.py --ft
+    Example: torchloom run --replicas 2 -- python -m torchloom.examples.mnist.train --ft
     """
     if replicas < 1 or nproc_per_group < 1:
         raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")

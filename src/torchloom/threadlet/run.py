@@ -1,6 +1,6 @@
 """The training-side API: a :class:`Run` follows the job's desired config at step boundaries.
 
-Typical use (see ``examples/mnist/train.py``)::
+Typical use (see :mod:`torchloom.examples.mnist.train`)::
 
     run = torchloom.init(job_id="mnist", knobs={"lr": 0.05, "batch_size": 64}, max_steps=2000)
     run.bind_optimizer(optimizer)
