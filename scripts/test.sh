@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command: set up .venv, then lint, type-check, check import contracts, and run every test
+# One command: set up .venv, then lint, type-check, check import contracts, build the docs
+# (warnings are errors), and run every test
 # (unit tests, and integration tests against a real nats-server, real torch/torchrun processes and,
 # for the dashboard, Debian's Chromium driven by Playwright).
 # Extra arguments go to pytest.
@@ -14,4 +15,5 @@ echo "== ruff check";    ruff check src tests examples bench
 echo "== ruff format";   ruff format --check src tests examples bench
 echo "== mypy";          mypy
 echo "== import-linter"; lint-imports
+echo "== docs";          sphinx-build -W --keep-going -q -b html docs "$(mktemp -d)"
 echo "== pytest";        python -m pytest tests "$@"

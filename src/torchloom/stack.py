@@ -105,8 +105,10 @@ class SecurityConfig:
         secure: on or off; None: on exactly when NATS or the dashboard binds beyond loopback.
             With an external NATS (``NatsConfig.url``) the Weaver signs in with
             ``$TORCHLOOM_CREDS`` instead.
-        tls_cert, tls_key, tls_ca: the user's certificate, key and CA (PEM files) for NATS and
-            the dashboard; None: made for the state dir.
+        tls_cert: the user's certificate (PEM) for NATS and the dashboard; None: made for the
+            state dir.
+        tls_key: its private key (PEM); None: made for the state dir.
+        tls_ca: the CA (PEM) that signed it; None: made for the state dir.
     """
 
     secure: bool | None = None
@@ -121,7 +123,9 @@ class StackConfig:
 
     Attributes:
         state_dir: holds the lock, ``endpoint.json``, the JetStream storage and credentials.
-        nats, lighthouse, security: see their classes.
+        nats: where NATS is (:class:`NatsConfig`).
+        lighthouse: the torchft lighthouse (:class:`LighthouseConfig`).
+        security: TLS, credentials and permissions (:class:`SecurityConfig`).
         dashboard: None serves no dashboard.
         liveness: failure, suspect and hang timeouts of the Weaver (None: its defaults).
         control: the Weaver's control settings (lead time, …; None: its defaults).

@@ -437,7 +437,10 @@ def init(
         knobs: initial values of knobs (built-in or from ``custom_knobs``), validated now.
         max_steps: the ``max_steps`` knob: :meth:`Run.steps` ends there.
         custom_knobs: the script's own knobs with types and bounds.
-        replica_id, rank, group_world_size: identity; default from torchrun/torchft env vars.
+        replica_id: this process's replica group; default ``$TORCHLOOM_REPLICA_ID``, else
+            ``$REPLICA_GROUP_ID`` (torchft), else ``"0"``.
+        rank: rank within the replica group; default ``$RANK`` (torchrun), else 0.
+        group_world_size: ranks in the replica group; default ``$WORLD_SIZE``, else 1.
         device: device id; default the NVML UUID of this rank's GPU, else ``cpu:<host>``.
         nats_url: NATS server; default ``$TORCHLOOM_NATS_URL``, then ``torchloom up``'s endpoint.
         state_dir: where ``torchloom up`` wrote its endpoint (default ``$TORCHLOOM_STATE_DIR``).

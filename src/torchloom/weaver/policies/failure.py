@@ -71,10 +71,11 @@ class FailureParams(msgspec.Struct, kw_only=True):
     Attributes:
         drain_risk: risk at or above which a device counts as failing, in [0, 1].
         sustain_samples: consecutive samples at that risk before draining.
-        temp_warn_c, temp_crit_c: temperature thresholds, °C.
+        temp_warn_c: temperature from which a device's risk is at least 0.5, °C.
+        temp_crit_c: temperature from which it is at least 0.9, °C.
         ecc_per_min: corrected ECC errors per minute that count as a failing memory.
-        z_warn, z_crit: robust z-scores where the anomaly model starts to add risk and
-            where it reaches ``anomaly_max_risk``.
+        z_warn: robust z-score where the anomaly model starts to add risk.
+        z_crit: robust z-score where its risk reaches ``anomaly_max_risk``.
         anomaly_max_risk: the most risk the anomaly model adds, in [0, 1).
         warmup_s: seconds after a rank joins before the anomaly model judges its device.
         min_baseline: samples of a signal needed before the anomaly model judges it.
