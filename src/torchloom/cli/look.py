@@ -12,6 +12,7 @@ from torchloom.cli import render
 from torchloom.cli.options import (
     JobOpt,
     NatsUrl,
+    ReplicaOpt,
     StateDir,
     TimeoutOpt,
     out,
@@ -31,9 +32,7 @@ def status(
             help="only ranks in this state (repeatable): training, failed, …, or live / dead",
         ),
     ] = None,
-    replica: Annotated[
-        str | None, typer.Option("--replica", "-r", help="only this replica group")
-    ] = None,
+    replica: ReplicaOpt = None,
     limit: Annotated[int, typer.Option("--limit", "-n", help="ranks shown (0: summary only)")] = 50,
     offset: Annotated[int, typer.Option("--offset", help="ranks skipped first")] = 0,
     sort: Annotated[

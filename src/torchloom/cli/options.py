@@ -38,6 +38,8 @@ JobOpt = Annotated[
         "--job", "-j", envvar="TORCHLOOM_JOB", help="job id; default: the only job with live ranks"
     ),
 ]
+ReplicaOpt = Annotated[str | None, typer.Option("--replica", "-r", help="only this replica group")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
 ]

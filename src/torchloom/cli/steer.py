@@ -12,6 +12,8 @@ import typer
 from torchloom.cli.options import (
     JobOpt,
     NatsUrl,
+    ReasonOpt,
+    ReplicaOpt,
     StateDir,
     TimeoutOpt,
     out,
@@ -29,10 +31,8 @@ def set_(
     assignments: Annotated[
         list[str], typer.Argument(help="KNOB=VALUE … (e.g. lr=0.01 batch_size=128 grad_clip=off)")
     ],
-    replica: Annotated[
-        str | None, typer.Option("--replica", "-r", help="only this replica group")
-    ] = None,
-    reason: Annotated[str, typer.Option("--reason", help="recorded in the history")] = "",
+    replica: ReplicaOpt = None,
+    reason: ReasonOpt = "",
     wait: Annotated[
         bool, typer.Option("--wait", help="wait until every rank has applied it")
     ] = False,
@@ -72,9 +72,6 @@ def _wait_applied(client: WeaverClient, job_id: str, version: int, *, timeout_s:
     raise NotReachableError(
         f"v{version} was not applied by every rank within {timeout_s:g} s (see `torchloom status`)"
     )
-
-
-ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
 
 
 def state_command(op: ControlOp, doc: str) -> Callable[..., None]:
@@ -138,9 +135,7 @@ def drain(
 
 
 def forget(
-    replica: Annotated[
-        str | None, typer.Option("--replica", "-r", help="only this replica group")
-    ] = None,
+    replica: ReplicaOpt = None,
     rank: Annotated[
         int | None, typer.Option("--rank", help="only this rank (with --replica)")
     ] = None,
