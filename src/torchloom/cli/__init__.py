@@ -14,6 +14,7 @@ module             commands
 ``chaos``          ``chaos``
 ``creds``          ``creds``
 ``policy``         ``policy list|enable|disable|set|export``
+``checkpoint``     ``checkpoint save|list``
 ``sim``            ``sim``
 =================  ===========================================================
 """
@@ -24,7 +25,7 @@ import sys
 
 import typer
 
-from torchloom.cli import chaos, creds, demo, look, policy, run, serve, sim, steer
+from torchloom.cli import chaos, checkpoint, creds, demo, look, policy, run, serve, sim, steer
 from torchloom.cli.options import err
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 
@@ -58,6 +59,7 @@ app.command()(look.status)
 app.command()(look.knobs)
 app.command()(look.events)
 app.add_typer(policy.app, name="policy")
+app.add_typer(checkpoint.app, name="checkpoint")
 app.command("sim")(sim.sim)
 
 

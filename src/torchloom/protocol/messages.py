@@ -31,8 +31,10 @@ ControlOp = Literal[
     "knobs",
     "policies",
     "policy",
+    "checkpoint",
+    "checkpoints",
 ]
-CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain"})
+CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain", "checkpoint"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
 LIMITED_OPS = CHANGE_OPS | {"forget"}
 """Ops rate-limited per requester at the control entry point."""
@@ -96,7 +98,14 @@ class Telemetry(msgspec.Struct, kw_only=True):
 
 
 RankEventKind = Literal[
-    "config_applied", "exited", "quorum_changed", "heal_started", "healed", "commit_failed"
+    "config_applied",
+    "exited",
+    "quorum_changed",
+    "heal_started",
+    "healed",
+    "commit_failed",
+    "checkpoint_saved",
+    "checkpoint_failed",
 ]
 
 
@@ -104,7 +113,10 @@ class RankEvent(msgspec.Struct, kw_only=True):
     """A lifecycle fact from a rank, on ``loom.<job>.events.<replica>.<rank>``.
 
     ``kind`` is ``config_applied`` (``version`` applied before ``step``),
-    ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``), or a
+    ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``),
+    ``checkpoint_saved`` / ``checkpoint_failed`` (this rank's part of checkpoint
+    ``data["id"]`` is durable, with ``bytes``, ``stall_s``, ``write_s`` and, from the writing
+    group's rank 0, ``metadata_sha256``; or it could not be written: ``reason``), or a
     fault-tolerance fact reported by an integration (``quorum_changed``,
     ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
     ``host`` and ``pid`` name the process that sent it (a second process with the same
@@ -148,8 +160,10 @@ class ControlRequest(msgspec.Struct, kw_only=True):
         op: ``set``, ``pause``, ``resume``, ``stop``, ``drain``, ``status``, ``knobs``, ``join``,
             ``replan`` (the Weaver's own: a new version in place of pending ones out of reach),
             ``forget`` (take gone ranks out of the DR map: ``replica_id``, ``values["rank"]``),
-            ``policies`` (list the Weaver's policies) or ``policy`` (change one: ``values``
-            holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``).
+            ``policies`` (list the Weaver's policies), ``policy`` (change one: ``values``
+            holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``),
+            ``checkpoint`` (every writing rank saves at one effective step) or
+            ``checkpoints`` (the job's checkpoint registry).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);
             for ``drain``: the replica group to take out of the run.
         device: for ``drain``: take out every replica group with a rank on this device
@@ -203,6 +217,68 @@ class ControlReply(msgspec.Struct, kw_only=True):
         return cls(ok=False, error=error)
 
 
+class CheckpointOrder(msgspec.Struct, kw_only=True):
+    """A config version's order to save a checkpoint at its effective step.
+
+    Attributes:
+        id: the checkpoint's id within the job (``ckpt-v<version>``).
+        writers: the replica groups that write it (every rank of each); the others train on.
+    """
+
+    id: str
+    writers: list[str] = []
+
+
+CheckpointState = Literal["pending", "complete", "failed"]
+
+
+class CheckpointRecord(msgspec.Struct, kw_only=True):
+    """A checkpoint in the registry, the KV document ``loom_checkpoints/<job>.<id>``.
+
+    It is ``complete`` only when every writing rank reported its part durable (and the
+    writing group's rank 0 the checksum of DCP's metadata); ``failed`` when one could not
+    write it, left, or failed first. Only a complete checkpoint is ever offered for loading.
+
+    Attributes:
+        id: ``ckpt-v<version>``, unique in the job.
+        job_id: the job.
+        step: the step a run resumes at from it (the state before that step ran).
+        version: the config version that ordered it.
+        values: the job-wide knob values in force at ``step``.
+        state: ``pending``, ``complete`` or ``failed``.
+        writers: the ranks that write it (``replica/rank``).
+        saved: the ranks whose part is durable, with the bytes each wrote.
+        storage: where the ranks wrote it (a directory or URL, as the first writer said).
+        metadata_sha256: SHA-256 of DCP's ``.metadata`` file (from the writing group's rank 0).
+        bytes: bytes written by every writer together.
+        requested_by: who asked (``cli:user@host``, ``policy:name``).
+        requested_ts: when the Weaver ordered it (wall-clock s).
+        ended_ts: when it became complete or failed (0: pending).
+        reason: why it failed, or the request's reason.
+        loss: the newest ``loss`` the writing ranks logged at or before ``step`` (mean), if any.
+        stall_s: the longest time a writer's training thread spent on it, in seconds.
+    """
+
+    v: int = SCHEMA_VERSION
+    id: str
+    job_id: str
+    step: int
+    version: int
+    values: dict[str, Any] = {}
+    state: CheckpointState = "pending"
+    writers: list[str] = []
+    saved: dict[str, int] = {}
+    storage: str = ""
+    metadata_sha256: str = ""
+    bytes: int = 0
+    requested_by: str = ""
+    requested_ts: float = 0.0
+    ended_ts: float = 0.0
+    reason: str = ""
+    loss: float | None = None
+    stall_s: float = 0.0
+
+
 JOURNAL_LENGTH = 8
 """History entries of the newest config versions kept in the config document."""
 
@@ -217,6 +293,8 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
         overrides: ``{replica_id: {knob: value}}`` set for one replica group.
         run_state: ``running``, ``paused`` or ``stopped`` from ``effective_step`` on.
         drained: replica groups whose ranks leave the run at ``effective_step`` (exit 0).
+        checkpoint: an order to save a checkpoint at ``effective_step`` (this version only:
+            the next one does not repeat it).
         issued_ts: when the Weaver accepted it (wall-clock s).
         reason: why (the request's reason, or the policy's).
     """
@@ -227,6 +305,7 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
     overrides: dict[str, dict[str, Any]] = {}
     run_state: RunState = "running"
     drained: list[str] = []
+    checkpoint: CheckpointOrder | None = None
     issued_ts: float = 0.0
     reason: str = ""
 

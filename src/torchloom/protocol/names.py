@@ -26,6 +26,7 @@ from torchloom.errors import InvalidRequestError
 PREFIX = "loom"
 CONFIG_BUCKET = "loom_config"
 REGISTRY_BUCKET = "loom_registry"
+CHECKPOINTS_BUCKET = "loom_checkpoints"
 LEADER_BUCKET = "loom_leader"
 """KV bucket of the Weaver's leader lease (entries expire after the lease's TTL)."""
 LEADER_KEY = "weaver"
@@ -104,6 +105,10 @@ def config_watch_subject(job_id: str) -> str:
 
 def registry_key(job_id: str, replica_id: str, rank: int) -> str:
     return f"{job_id}.{replica_id}.{rank}"
+
+
+def checkpoint_key(job_id: str, checkpoint_id: str) -> str:
+    return f"{job_id}.{checkpoint_id}"
 
 
 def job_of_subject(subject: str) -> str | None:

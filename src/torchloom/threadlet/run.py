@@ -34,7 +34,7 @@ from torchloom.protocol import (
 )
 from torchloom.protocol.batching import BatchPlan, plan_step
 from torchloom.protocol.knobs import check_spec
-from torchloom.protocol.messages import RankState
+from torchloom.protocol.messages import CheckpointOrder, RankState
 from torchloom.threadlet.agent import Agent
 from torchloom.threadlet.identity import Identity, resolve_identity
 from torchloom.threadlet.shared import PendingEvent, Shared
@@ -42,6 +42,8 @@ from torchloom.threadlet.shared import PendingEvent, Shared
 log = logging.getLogger("torchloom.threadlet")
 
 ConfigCallback = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
+CheckpointHandler = Callable[[CheckpointOrder, int], None]
+"""``handler(order, step)``: save checkpoint ``order.id`` as the state before ``step``."""
 """``callback(config, changed)``: the full config now in force, and the knobs that changed."""
 
 _NEVER = 1 << 62
@@ -83,6 +85,7 @@ class Run:
         self._grad_norm: Any = None
         self._step_hooks: list[Callable[[], None]] = []
         self._callbacks: list[ConfigCallback] = []
+        self._checkpoint_handler: CheckpointHandler | None = None
         self._doc_used: DesiredConfig | None = None
         self._next_check = 0  # the next step at which a known snapshot takes effect
         self._closed = False
@@ -208,6 +211,8 @@ class Run:
             snap = select_snapshot(doc.snapshots, step) if doc is not None else None
             if snap is not None and snap.version > shared.applied_version:
                 self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
+                if snap.checkpoint is not None:
+                    self._order_checkpoint(snap.checkpoint, snap.effective_step, step)
             later = (
                 [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
             )
@@ -246,6 +251,33 @@ class Run:
                 step,
                 ", ".join(f"{k}={v}" for k, v in changed.items()),
             )
+
+    def on_checkpoint(self, handler: CheckpointHandler) -> None:
+        """Have ``handler(order, step)`` save a checkpoint the Weaver ordered (the
+        :class:`~torchloom.checkpoint.Checkpointer` registers itself). It runs on the training
+        thread at the step boundary, before step ``step``; it reports ``checkpoint_saved`` or
+        ``checkpoint_failed`` itself (:meth:`emit`)."""
+        self._checkpoint_handler = handler
+
+    def _order_checkpoint(self, order: CheckpointOrder, effective_step: int, step: int) -> None:
+        if order.writers and self.identity.replica_id not in order.writers:
+            return  # another replica group writes it
+        if step != effective_step:  # heard late: this rank's state is not that step's
+            self.emit(
+                "checkpoint_failed",
+                step=step,
+                id=order.id,
+                reason=f"the order reached this rank at step {step}, after step {effective_step}",
+            )
+        elif self._checkpoint_handler is None:
+            self.emit(
+                "checkpoint_failed",
+                step=step,
+                id=order.id,
+                reason="no Checkpointer in this process",
+            )
+        else:
+            self._checkpoint_handler(order, step)
 
     def log(self, *, samples: int | None = None, **metrics: Any) -> None:
         """Record numbers for this step (loss, accuracy, …): floats, ints or 0-d tensors.

@@ -60,6 +60,7 @@ async def ensure_jetstream(
     try:
         await _ensure_bucket(js, names.CONFIG_BUCKET, history=8)
         await _ensure_bucket(js, names.REGISTRY_BUCKET, history=1)
+        await _ensure_bucket(js, names.CHECKPOINTS_BUCKET, history=4)
         try:
             await js.stream_info(names.EVENTS_STREAM)
         except nats.js.errors.NotFoundError:

@@ -26,6 +26,8 @@ from torchloom.errors import (
 )
 from torchloom.protocol import (
     BUILTIN_KNOBS,
+    CheckpointOrder,
+    CheckpointRecord,
     ConfigSnapshot,
     ControlReply,
     ControlRequest,
@@ -41,7 +43,7 @@ from torchloom.protocol.batching import scale_lr
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import JOURNAL_LENGTH
 from torchloom.protocol.names import ALL_JOBS, check_id
-from torchloom.weaver import views
+from torchloom.weaver import checkpoints, views
 from torchloom.weaver.planning import (
     Position,
     Reach,
@@ -100,6 +102,8 @@ class Outcome:
     """The job's position the new version was planned from (its outliers get flagged)."""
     forget: list[RankKey] = field(default_factory=list)
     """Gone ranks an operator asked to take out of the DR map."""
+    checkpoint: CheckpointRecord | None = None
+    """The pending record of the checkpoint a ``checkpoint`` version orders."""
     duplicate: tuple[RankKey, str, int] | None = None
     """A refused join of a second process with a live rank's identity: ``(key, host, pid)``
     (see :func:`~torchloom.weaver.state.duplicate_claim`)."""
@@ -120,6 +124,8 @@ def handle(
         job = _existing_job(state, req.job_id)
         if req.op == "knobs":
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
+        if req.op == "checkpoints":
+            return Outcome(ControlReply(ok=True, data=checkpoints.listing(job)))
         if len(req.request_id) > 64:
             raise InvalidRequestError("request_id is longer than 64 characters")
         done = _already_done(job, req.request_id)
@@ -270,6 +276,21 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         what = f"drain replica group(s) {', '.join(sorted(targets))}" + (
             " with replacement" if req.replace else ""
         )
+    elif req.op == "checkpoint":
+        if run_state == "paused":
+            raise InvalidRequestError(
+                f"job {job.job_id!r} is paused: a checkpoint is taken at a step the ranks reach"
+            )
+        pending = [c.id for c in job.checkpoints.values() if c.state == "pending"]
+        if pending:
+            raise InvalidRequestError(
+                f"checkpoint {pending[0]} of job {job.job_id!r} is still being written; "
+                "ask again when it is complete or failed"
+            )
+        writers, why = checkpoints.choose_writers(job)
+        if not writers:
+            raise InvalidRequestError(f"job {job.job_id!r} has no live rank to write a checkpoint")
+        what = f"checkpoint ({why})"
     elif req.op == "replan":
         what = f"v{latest.version} re-planned"
     else:
@@ -295,6 +316,11 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         overrides=overrides,
         run_state=run_state,
         drained=drained,
+        checkpoint=(
+            CheckpointOrder(id=checkpoints.checkpoint_id(version), writers=writers)
+            if req.op == "checkpoint"
+            else None
+        ),
         issued_ts=now,
         reason=req.reason or what,
     )
@@ -329,10 +355,40 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             **({"superseded": superseded} if superseded else {}),
         },
     )
+    record = None
+    events = [event]
+    if req.op == "checkpoint":
+        record = checkpoints.new_record(
+            job,
+            version=version,
+            step=eff,
+            values=values,
+            writers=writers,
+            requested_by=req.requested_by,
+            reason=req.reason,
+            now=now,
+        )
+        events.append(
+            HistoryEvent(
+                job_id=job.job_id,
+                kind="checkpoint_requested",
+                ts=now,
+                step=eff,
+                version=version,
+                message=f"checkpoint {record.id} ordered at step {eff}: {why}{who}",
+                data={"id": record.id, "writers": record.writers, "groups": writers},
+            )
+        )
     return Outcome(
-        ControlReply(ok=True, version=version, effective_step=eff),
+        ControlReply(
+            ok=True,
+            version=version,
+            effective_step=eff,
+            data={"checkpoint": record.id} if record else None,
+        ),
         new_config=new,
-        events=[event],
+        checkpoint=record,
+        events=events,
         tracking=ApplyTracking(
             version=version, effective_step=eff, issued_ts=now, expected=expected, strict=consistent
         ),
@@ -529,6 +585,9 @@ def commit_config(
         job.applies.clear()
     if outcome.new_config is not None:
         job.config = outcome.new_config
+    if outcome.checkpoint is not None:
+        job.checkpoints[outcome.checkpoint.id] = outcome.checkpoint
+        job.dirty_checkpoints.add(outcome.checkpoint.id)
     if outcome.tracking is not None:
         job.applies[outcome.tracking.version] = outcome.tracking
     for version in outcome.superseded:  # replaced before anyone could apply them

@@ -49,6 +49,8 @@ class Recorder:
         """The events stream, once connected."""
         self.registry: KeyValue | None = None
         """The registry bucket, once connected."""
+        self.checkpoints: KeyValue | None = None
+        """The checkpoint registry bucket, once connected."""
         self._outbox: collections.deque[tuple[str, HistoryEvent]] = collections.deque(
             maxlen=max_outbox
         )
@@ -89,6 +91,7 @@ class Recorder:
         async with self._io_lock:
             await self._drain_outbox()
             await self._persist_registry()
+            await self._persist_checkpoints()
 
     def flush_soon(self) -> None:
         """:meth:`flush` now, without waiting for it."""
@@ -129,6 +132,26 @@ class Recorder:
                 self._outbox.popleft()
             if done < len(batch):
                 return  # kept; retried on the next flush
+
+    async def _persist_checkpoints(self) -> None:
+        """Write the changed checkpoint records; a failed write is tried on the next flush."""
+        kv = self.checkpoints
+        if kv is None:
+            return
+        for job in self.state.jobs.values():
+            if not job.dirty_checkpoints:
+                continue
+            ids = list(job.dirty_checkpoints)
+            job.dirty_checkpoints.difference_update(ids)
+            changes: dict[str, bytes | None] = {
+                names.checkpoint_key(job.job_id, i): encode(job.checkpoints[i])
+                for i in ids
+                if i in job.checkpoints
+            }
+            written = await kv.write_many(changes)
+            job.dirty_checkpoints.update(
+                i for i in ids if names.checkpoint_key(job.job_id, i) not in written
+            )
 
     async def _persist_registry(self) -> None:
         """Write the DR map's changed and removed ranks to the registry bucket, in batches.

@@ -28,6 +28,7 @@ from torchloom.errors import (
 )
 from torchloom.protocol import (
     LIMITED_OPS,
+    CheckpointRecord,
     ControlReply,
     ControlRequest,
     DesiredConfig,
@@ -49,7 +50,7 @@ from torchloom.transport import (
     ensure_jetstream,
     ensure_lease_bucket,
 )
-from torchloom.weaver import control
+from torchloom.weaver import checkpoints, control
 from torchloom.weaver.configstore import ConfigStore
 from torchloom.weaver.control import ControlSettings
 from torchloom.weaver.deciding import PolicyLoop
@@ -78,7 +79,7 @@ log = logging.getLogger("torchloom.weaver")
 _EXPIRY_EVERY_S = 5.0
 """How often gone ranks past their retention are forgotten (an O(ranks) pass)."""
 
-READ_OPS = frozenset({"status", "knobs"})
+READ_OPS = frozenset({"status", "knobs", "checkpoints"})
 """Requests that only read the state: answered at once, without the control lock."""
 
 
@@ -146,6 +147,7 @@ class Weaver:
         self._config_kv: KeyValue | None = None
         self._configs: ConfigStore | None = None
         self._registry_kv: KeyValue | None = None
+        self._checkpoints_kv: KeyValue | None = None
         self._instance = secrets.token_hex(6)
         self.recorder = Recorder(self.state, instance=self._instance, max_outbox=max_outbox)
         """The history and the DR map as written to JetStream."""
@@ -204,6 +206,8 @@ class Weaver:
             self._configs = ConfigStore(self._config_kv)
             self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
             self.recorder.registry = self._registry_kv
+            self._checkpoints_kv = await KeyValue.open(self._conn, names.CHECKPOINTS_BUCKET)
+            self.recorder.checkpoints = self._checkpoints_kv
             self.recorder.history = History(self._conn)
             self.policy_loop.config_kv = self._config_kv
             await self._load()
@@ -287,6 +291,14 @@ class Weaver:
                 entry.last_seen_ts = now  # a grace period: live ranks heartbeat again within it
             rank = Rank(entry, step_changed_ts=now)
             self.state.job(entry.job_id).ranks[rank.key] = rank
+        assert self._checkpoints_kv is not None
+        for key, raw in (await self._checkpoints_kv.items()).items():
+            try:
+                rec = decode(raw, CheckpointRecord, kind="stored checkpoint")
+            except DecodeError as exc:
+                log.warning("ignoring checkpoint entry %s: %s", key, exc)
+                continue
+            self.state.job(rec.job_id).checkpoints[rec.id] = rec
         n_ranks = sum(len(j.ranks) for j in self.state.jobs.values())
         self._record(
             [
@@ -340,6 +352,9 @@ class Weaver:
             grant_grace(self.state, self.clock())
             return
         self._record(check_liveness(self.state, self.clock()))
+        for job in self.state.jobs.values():
+            if job.checkpoints:
+                self._record(checkpoints.check_writers(job, self.clock()))
         if mono >= self._next_expiry_mono:
             self._next_expiry_mono = mono + _EXPIRY_EVERY_S
             self._record(expire_dead(self.state, self.clock()))
@@ -424,7 +439,10 @@ class Weaver:
         except DecodeError as exc:
             self._drop("rank_event", exc)
             return
-        self._record(on_rank_event(self.state, ev, self.clock()))
+        now = self.clock()
+        self._record(on_rank_event(self.state, ev, now))
+        if ev.kind in ("checkpoint_saved", "checkpoint_failed"):
+            self._record(checkpoints.on_report(self.state.job(ev.job_id), ev, now))
         self.ingest["rank_event"].observe(nbytes=len(msg.data), lag_s=self.clock() - ev.ts)
 
     async def _on_control(self, msg: Message) -> None:

@@ -21,7 +21,14 @@ from typing import Any
 
 import msgspec
 
-from torchloom.protocol import DesiredConfig, HistoryEvent, RankEvent, RegistryEntry, Telemetry
+from torchloom.protocol import (
+    CheckpointRecord,
+    DesiredConfig,
+    HistoryEvent,
+    RankEvent,
+    RegistryEntry,
+    Telemetry,
+)
 from torchloom.protocol.messages import RankState
 
 RankKey = tuple[str, str, int]
@@ -210,6 +217,10 @@ class Job:
     outliers: set[RankKey] = field(default_factory=set)
     """Live ranks flagged as far ahead of the job's position (:mod:`~torchloom.weaver.planning`):
     left out of effective-step planning until they are back in range."""
+    checkpoints: dict[str, CheckpointRecord] = field(default_factory=dict)
+    """The job's checkpoint registry by id (:mod:`~torchloom.weaver.checkpoints`)."""
+    dirty_checkpoints: set[str] = field(default_factory=set)
+    """Checkpoint ids changed since the registry bucket was last written."""
 
     def live_ranks(self) -> list[Rank]:
         return [r for r in self.ranks.values() if r.live]
@@ -500,6 +511,8 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
         if msg.reason == "drained":
             return events + remove_drained(state, rank, now)
         return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
+    if msg.kind in ("checkpoint_saved", "checkpoint_failed"):
+        return events  # folded by weaver.checkpoints.on_report
     if msg.kind != "config_applied":  # a fault-tolerance fact: history only
         return [*events, _ft_event(rank, msg, now)]
     job = state.jobs[msg.job_id]

@@ -1,0 +1,259 @@
+"""Checkpoints the Weaver orders: every writing rank saves the same step, asynchronously.
+
+``torchloom checkpoint save`` (or a policy) becomes a config version whose snapshot carries a
+:class:`~torchloom.protocol.CheckpointOrder`; at that version's effective step the
+:class:`Checkpointer` of every writing rank snapshots its state with
+``torch.distributed.checkpoint.async_save`` (PyTorch DCP): the training thread pays only the
+copy to CPU memory, a background thread writes the files, and the rank reports its part
+durable (``checkpoint_saved``, with bytes and times) or not (``checkpoint_failed``). The
+Weaver records the checkpoint *complete* once every writer reported it and DCP's metadata is
+written (:mod:`torchloom.weaver.checkpoints`).
+
+Typical use (the MNIST reference job does this)::
+
+    run = torchloom.init(job_id="mnist", ...)
+    ckpt = torchloom.checkpoint.Checkpointer(
+        run, state={"model": ddp_model, "optim": optimizer, "data": loader}, storage="ckpts"
+    )
+    start = ckpt.resume() or 0      # the newest complete checkpoint the Weaver knows, if any
+
+Layout: ``<storage>/<job>/<checkpoint id>/`` holds DCP's files (``.metadata`` and one
+``__<rank>_*.distcp`` per rank).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from torchloom.protocol import CheckpointOrder
+from torchloom.threadlet.run import Run
+
+log = logging.getLogger("torchloom.checkpoint")
+
+
+class Checkpointer:
+    """Saves this rank's state when the Weaver orders a checkpoint, and loads one.
+
+    Args:
+        run: this process's :class:`~torchloom.threadlet.run.Run`.
+        state: what a rank needs to continue, as DCP takes it: objects with
+            ``state_dict()``/``load_state_dict()`` (module — DDP-wrapped or not —, optimizer,
+            LR scheduler, :class:`~torchloom.data.ElasticLoader`) or tensors. The step, the
+            config version in force and this rank's python/numpy/torch (and CUDA) RNG states
+            are added under ``"torchloom"``.
+        storage: a local directory (or a path every writing rank shares).
+        blocking: save with ``dcp.save`` on the training thread instead of ``async_save`` (a
+            baseline for ``bench/checkpoint.py``).
+
+    At most one save is in flight: an order that comes while the previous one is still
+    writing waits for it on the training thread (the Weaver refuses a new checkpoint while one
+    is pending, so this only happens when an order follows a save within a few steps).
+    """
+
+    def __init__(
+        self,
+        run: Run,
+        *,
+        state: Mapping[str, Any],
+        storage: str | os.PathLike[str],
+        blocking: bool = False,
+    ) -> None:
+        self.run = run
+        self.state = _adapted(state)
+        self.storage = Path(storage)
+        self.blocking = blocking
+        self._pending: Future[Any] | None = None
+        self._distributed = dist.is_available() and dist.is_initialized()
+        self._rank = dist.get_rank() if self._distributed else 0
+        # DCP's collectives run on the writer thread: they get their own group, never the
+        # one the training step's collectives use
+        self._pg = dist.new_group(backend="gloo") if self._distributed else None
+        run.on_checkpoint(self._on_order)
+
+    def path(self, checkpoint_id: str) -> Path:
+        """Where checkpoint ``checkpoint_id`` of this job is written."""
+        return self.storage / self.run.identity.job_id / checkpoint_id
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) has ended."""
+        if self._pending is not None:
+            try:
+                self._pending.result()
+            except Exception:  # reported by its callback
+                pass
+            self._pending = None
+
+    def _state_dict(self, step: int) -> dict[str, Any]:
+        rng: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        meta = {"step": step, "version": self.run.applied_version, f"rng_{self._rank}": rng}
+        return {**self.state, "torchloom": meta}
+
+    def _on_order(self, order: CheckpointOrder, step: int) -> None:
+        self.wait()
+        target = self.path(order.id)
+        t0 = time.perf_counter()
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            sd = self._state_dict(step)
+            if self.blocking:
+                dcp_save(
+                    sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
+                )
+                stall = time.perf_counter() - t0
+                self._report(order.id, target, step, stall, stall, None)
+                return
+            fut = dcp_async_save(
+                sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
+            )
+        except Exception as exc:  # full, read-only, unreachable: reported, training goes on
+            log.warning("torchloom: checkpoint %s not saved: %s", order.id, exc)
+            self.run.emit("checkpoint_failed", step=step, id=order.id, reason=_why(exc))
+            return
+        stall = time.perf_counter() - t0
+        assert isinstance(fut, Future)
+        self._pending = fut
+        fut.add_done_callback(
+            lambda f: self._report(
+                order.id, target, step, stall, time.perf_counter() - t0, f.exception()
+            )
+        )
+
+    def _report(
+        self,
+        checkpoint_id: str,
+        target: Path,
+        step: int,
+        stall_s: float,
+        total_s: float,
+        error: BaseException | None,
+    ) -> None:
+        """Tell the Weaver this rank's part is durable, or why not (any thread)."""
+        if error is not None:
+            self.run.emit("checkpoint_failed", step=step, id=checkpoint_id, reason=_why(error))
+            return
+        written = sum(p.stat().st_size for p in target.glob(f"__{self._rank}_*.distcp"))
+        digest = ""
+        meta = target / ".metadata"
+        if self._rank == 0 and meta.exists():
+            digest = hashlib.sha256(meta.read_bytes()).hexdigest()
+            written += meta.stat().st_size
+        self.run.emit(
+            "checkpoint_saved",
+            step=step,
+            id=checkpoint_id,
+            bytes=written,
+            stall_s=round(stall_s, 6),
+            write_s=round(total_s, 6),
+            storage=str(target),
+            metadata_sha256=digest,
+        )
+
+    def load(self, checkpoint_id: str) -> int:
+        """Load checkpoint ``checkpoint_id`` into ``state`` in place, and this rank's RNG
+        states; return the step to go on at.
+
+        Raises:
+            FileNotFoundError: no such checkpoint in ``storage``.
+        """
+        target = self.path(checkpoint_id)
+        if not (target / ".metadata").exists():
+            raise FileNotFoundError(f"no checkpoint {checkpoint_id} in {target.parent}")
+        sd = self._state_dict(0)
+        dcp_load(sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed)
+        meta = sd["torchloom"]
+        rng = meta.get(f"rng_{self._rank}")
+        if rng is not None:
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return int(meta["step"])
+
+    def close(self) -> None:
+        """Wait for the save in flight (call before the process exits)."""
+        self.wait()
+
+
+class _ModuleState:
+    """A module's weights by their names without DDP's ``module.`` prefix (DCP's
+    ``get_model_state_dict``), so a checkpoint loads with or without the wrapper."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.module)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_model_state_dict(self.module, sd)
+
+
+class _OptimizerState:
+    """An optimizer's state keyed by parameter names (DCP's ``get_optimizer_state_dict``):
+    its lazily made buffers (momentum, Adam's moments) exist before a load, so a fresh
+    optimizer takes them — a plain ``optimizer.state_dict()`` is empty before the first step
+    and DCP would load nothing into it."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.module, self.optimizer)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.module, self.optimizer, optim_state_dict=sd)
+
+
+def _adapted(state: Mapping[str, Any]) -> dict[str, Any]:
+    """``state`` with modules and optimizers wrapped for DCP (see the two classes above).
+
+    Raises:
+        ValueError: optimizers without exactly one module to name their parameters.
+    """
+    modules = [v for v in state.values() if isinstance(v, torch.nn.Module)]
+    out: dict[str, Any] = {}
+    for name, value in state.items():
+        if isinstance(value, torch.nn.Module):
+            out[name] = _ModuleState(value)
+        elif isinstance(value, torch.optim.Optimizer):
+            if len(modules) != 1:
+                raise ValueError(
+                    f"state[{name!r}] is an optimizer: give exactly one module with it "
+                    f"({len(modules)} given) so its parameters are saved by name"
+                )
+            out[name] = _OptimizerState(modules[0], value)
+        else:
+            out[name] = value
+    return out
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]

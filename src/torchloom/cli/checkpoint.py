@@ -1,0 +1,109 @@
+"""``torchloom checkpoint save|list``: checkpoints the Weaver orders and keeps."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from torchloom.cli.options import (
+    JobOpt,
+    NatsUrl,
+    ReasonOpt,
+    StateDir,
+    TimeoutOpt,
+    out,
+    pick_job,
+    weaver_client,
+)
+from torchloom.client import WeaverClient
+from torchloom.errors import NotReachableError, TorchloomError
+
+app = typer.Typer(help="Checkpoints: save one at a step every rank agrees on; list them.")
+
+
+def _records(client: WeaverClient, job_id: str) -> dict[str, Any]:
+    data = client.control("checkpoints", job_id).data
+    return data if isinstance(data, dict) else {}
+
+
+@app.command()
+def save(
+    wait: Annotated[
+        bool, typer.Option("--wait", help="return when it is complete or failed")
+    ] = False,
+    wait_timeout_s: Annotated[
+        float, typer.Option("--wait-timeout-s", help="how long --wait waits, in seconds")
+    ] = 300.0,
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Every writing rank saves its state at one step (under torchft: one replica group)."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    reply = client.control("checkpoint", job_id, reason=reason)
+    ckpt_id = (reply.data or {}).get("checkpoint", "?")
+    out.print(
+        f"v{reply.version}: checkpoint {ckpt_id} ordered → saved at step {reply.effective_step} "
+        f"(job {job_id})"
+    )
+    if not wait:
+        return
+    deadline = time.monotonic() + wait_timeout_s
+    while time.monotonic() < deadline:
+        rec = next(
+            (c for c in _records(client, job_id).get("checkpoints", []) if c["id"] == ckpt_id),
+            None,
+        )
+        if rec is not None and rec["state"] == "complete":
+            out.print(f"checkpoint {ckpt_id} complete: {_size(rec['bytes'])} in {rec['storage']}")
+            return
+        if rec is not None and rec["state"] == "failed":
+            raise TorchloomError(f"checkpoint {ckpt_id} failed: {rec['reason']}")
+        time.sleep(0.2)
+    raise NotReachableError(f"checkpoint {ckpt_id} did not end within {wait_timeout_s:g} s")
+
+
+@app.command("list")
+def list_(
+    as_json: Annotated[bool, typer.Option("--json", help="print the registry as JSON")] = False,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """The job's checkpoints, newest first: state, step, config version, loss, size, where."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    data = _records(client, job_id)
+    if as_json:
+        out.print_json(json.dumps(data))
+        return
+    t = Table(
+        title=f"checkpoints of {job_id} (a resume loads {data.get('resume_from') or 'none'})",
+        title_justify="left",
+    )
+    for col in ("id", "state", "step", "version", "loss", "size", "stall ms", "where / why"):
+        t.add_column(col)
+    for c in data.get("checkpoints", []):
+        t.add_row(
+            c["id"],
+            c["state"],
+            str(c["step"]),
+            f"v{c['version']}",
+            "" if c.get("loss") is None else f"{c['loss']:.4g}",
+            _size(c["bytes"]) if c["bytes"] else "",
+            f"{c['stall_s'] * 1e3:.0f}" if c["stall_s"] else "",
+            c["reason"] if c["state"] == "failed" else c["storage"],
+        )
+    out.print(t)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"

@@ -1,0 +1,200 @@
+"""Checkpoints the Weaver orders and keeps: who writes one, and when it is complete or failed.
+
+Pure: the control entry point (:mod:`~torchloom.weaver.control`) turns ``checkpoint`` into a
+config version whose snapshot carries a :class:`~torchloom.protocol.CheckpointOrder`; every
+writing rank saves at that version's effective step and reports ``checkpoint_saved`` or
+``checkpoint_failed``; this module folds those reports (and writers that fail or leave) into
+the job's registry of :class:`~torchloom.protocol.CheckpointRecord` and says what to record.
+
+Under torchft the replica groups hold identical state, so one group writes — the healthiest:
+no straggler flag, the lowest device risk, every rank training, then the lowest id — and the
+others train on (the idea of torchft's and Gemini's per-group checkpoints). Without torchft
+every rank writes its part.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from torchloom.protocol import CheckpointRecord, HistoryEvent, RankEvent
+from torchloom.weaver.state import Job, Rank
+
+STATES_TRAINING = ("training", "joining")
+
+
+def checkpoint_id(version: int) -> str:
+    """The id of the checkpoint config version ``version`` orders."""
+    return f"ckpt-v{version}"
+
+
+def choose_writers(job: Job) -> tuple[list[str], str]:
+    """The replica groups that write the next checkpoint, and why (for the history).
+
+    One group under torchft (its ranks report a quorum): replica groups hold the same state;
+    every group otherwise.
+    """
+    groups: dict[str, list[Rank]] = {}
+    for rank in job.live_ranks():
+        groups.setdefault(rank.key[1], []).append(rank)
+    if not groups:
+        return [], "no live rank"
+    if len(groups) == 1 or not any(r.quorum for ranks in groups.values() for r in ranks):
+        return sorted(groups), "every replica group writes its part"
+
+    def health(gid: str) -> tuple[bool, float, int, str]:
+        ranks = groups[gid]
+        return (
+            any(bool(r.straggler) for r in ranks),
+            max((r.risk or 0.0) for r in ranks),
+            sum(r.state not in STATES_TRAINING for r in ranks),
+            gid,
+        )
+
+    best = min(groups, key=health)
+    others = sorted(set(groups) - {best})
+    return [best], (
+        f"replica group {best} writes (the healthiest of {len(groups)}; "
+        f"{', '.join(others)} train on)"
+    )
+
+
+def new_record(
+    job: Job,
+    *,
+    version: int,
+    step: int,
+    values: dict[str, Any],
+    writers: list[str],
+    requested_by: str,
+    reason: str,
+    now: float,
+) -> CheckpointRecord:
+    """The pending record of the checkpoint version ``version`` orders at ``step``."""
+    ranks = sorted(f"{r.key[1]}/{r.key[2]}" for r in job.live_ranks() if r.key[1] in set(writers))
+    return CheckpointRecord(
+        id=checkpoint_id(version),
+        job_id=job.job_id,
+        step=step,
+        version=version,
+        values=values,
+        writers=ranks,
+        requested_by=requested_by,
+        requested_ts=now,
+        reason=reason,
+    )
+
+
+def on_report(job: Job, msg: RankEvent, now: float) -> list[HistoryEvent]:
+    """Fold a writer's ``checkpoint_saved`` / ``checkpoint_failed`` in; the events to record
+    when that completes or fails the checkpoint. Reports on an ended checkpoint, or from a
+    rank that is not one of its writers, change nothing."""
+    rec = job.checkpoints.get(str(msg.data.get("id", "")))
+    who = f"{msg.replica_id}/{msg.rank}"
+    if rec is None or rec.state != "pending" or who not in rec.writers:
+        return []
+    if msg.kind == "checkpoint_failed":
+        return _end(job, rec, "failed", now, f"rank {who}: {msg.reason or 'failed'}")
+    saved = {**rec.saved, who: int(msg.data.get("bytes", 0) or 0)}
+    rec = msgspec.structs.replace(
+        rec,
+        saved=saved,
+        storage=rec.storage or str(msg.data.get("storage", "")),
+        metadata_sha256=rec.metadata_sha256 or str(msg.data.get("metadata_sha256", "")),
+        stall_s=max(rec.stall_s, float(msg.data.get("stall_s", 0.0) or 0.0)),
+    )
+    job.checkpoints[rec.id] = rec
+    job.dirty_checkpoints.add(rec.id)
+    if set(saved) >= set(rec.writers):
+        if not rec.metadata_sha256:
+            return _end(job, rec, "failed", now, "no rank reported DCP's metadata written")
+        return _end(job, rec, "complete", now, "")
+    return []
+
+
+def check_writers(job: Job, now: float) -> list[HistoryEvent]:
+    """Fail every pending checkpoint one of whose writers failed or left before its part was
+    durable (its files are incomplete: it is never offered for loading)."""
+    events: list[HistoryEvent] = []
+    for rec in list(job.checkpoints.values()):
+        if rec.state != "pending":
+            continue
+        for who in rec.writers:
+            if who in rec.saved:
+                continue
+            replica, _, rank = who.partition("/")
+            r = job.ranks.get((job.job_id, replica, int(rank)))
+            if r is None or not r.live:
+                state = r.state if r is not None else "gone"
+                events += _end(job, rec, "failed", now, f"rank {who} is {state} before saving")
+                break
+    return events
+
+
+def _end(
+    job: Job, rec: CheckpointRecord, state: str, now: float, reason: str
+) -> list[HistoryEvent]:
+    loss = _loss_near(job, rec)
+    done = msgspec.structs.replace(
+        rec,
+        state=state,
+        ended_ts=now,
+        reason=reason or rec.reason,
+        bytes=sum(rec.saved.values()),
+        loss=loss,
+    )
+    job.checkpoints[rec.id] = done
+    job.dirty_checkpoints.add(rec.id)
+    if state == "complete":
+        size = f"{done.bytes / 1e6:.2f} MB" if done.bytes else "size unknown"
+        message = (
+            f"checkpoint {rec.id} complete: step {rec.step}, {len(rec.writers)} writer(s), "
+            f"{size}, stall ≤ {done.stall_s * 1e3:.0f} ms"
+        )
+    else:
+        message = f"checkpoint {rec.id} at step {rec.step} failed: {reason}"
+    return [
+        HistoryEvent(
+            job_id=job.job_id,
+            kind="checkpoint_completed" if state == "complete" else "checkpoint_failed",
+            ts=now,
+            step=rec.step,
+            version=rec.version,
+            message=message,
+            data={"id": rec.id, "bytes": done.bytes, "storage": done.storage, "reason": reason},
+        )
+    ]
+
+
+def _loss_near(job: Job, rec: CheckpointRecord) -> float | None:
+    """Mean over the writers of the newest finite loss each logged at or before the step."""
+    found = []
+    for who in rec.writers:
+        replica, _, rank = who.partition("/")
+        r = job.ranks.get((job.job_id, replica, int(rank)))
+        if r is None:
+            continue
+        near = [v for s, v in r.window.losses if s <= rec.step and math.isfinite(v)]
+        if near:
+            found.append(near[-1])
+    return sum(found) / len(found) if found else None
+
+
+def newest_complete(job: Job) -> CheckpointRecord | None:
+    """The complete checkpoint with the highest step (then version), or None."""
+    done = [c for c in job.checkpoints.values() if c.state == "complete"]
+    return max(done, key=lambda c: (c.step, c.version), default=None)
+
+
+def listing(job: Job) -> dict[str, Any]:
+    """The ``checkpoints`` read op's answer: every record, newest first, and the one a
+    resume would load."""
+    records = sorted(job.checkpoints.values(), key=lambda c: (c.version, c.step), reverse=True)
+    newest = newest_complete(job)
+    return {
+        "job_id": job.job_id,
+        "checkpoints": [msgspec.to_builtins(c) for c in records],
+        "resume_from": newest.id if newest else None,
+    }

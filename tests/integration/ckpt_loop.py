@@ -1,0 +1,56 @@
+"""A small DDP job with a Checkpointer, for the checkpoint tests (run under torchrun).
+
+python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID]
+
+A linear model on a fixed random stream (each step's batch is seeded by the step), ~20 ms a
+step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
+weights and the losses it saw per step.
+"""
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import torchloom
+from torchloom.checkpoint import Checkpointer
+
+url, job, storage, out_dir, max_steps = sys.argv[1:6]
+load = sys.argv[sys.argv.index("--load") + 1] if "--load" in sys.argv else None
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = torch.nn.Linear(32, 1)
+ddp = DDP(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+run = torchloom.init(
+    job_id=job, knobs={"lr": 0.05}, max_steps=int(max_steps), nats_url=url, interval_ms=100
+)
+run.bind_optimizer(opt)
+ckpt = Checkpointer(run, state={"model": ddp, "optim": opt}, storage=storage)
+start = ckpt.load(load) if load else 0
+run.start_step = start
+losses = {}
+for step in run.steps():
+    g = torch.Generator().manual_seed(step * 2 + rank)
+    x = torch.randn(16, 32, generator=g)
+    y = x.sum(dim=1, keepdim=True)
+    loss = torch.nn.functional.mse_loss(ddp(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    losses[step] = loss.item()
+    run.log(loss=loss)
+    time.sleep(0.02)
+ckpt.close()
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+Path(out_dir).mkdir(parents=True, exist_ok=True)
+Path(out_dir, f"rank{rank}.json").write_text(
+    json.dumps({"start": start, "step": run.step, "weights": digest.hexdigest(), "losses": losses})
+)
+dist.destroy_process_group()

@@ -1,0 +1,103 @@
+"""Checkpoints ordered by the Weaver (issue 18, first part): every rank saves the same step with
+DCP's async_save, the Weaver records it complete, and a job started from it ends with the same
+weights as the uninterrupted run. Real nats-server, `torchloom up`, torchrun, gloo DDP, DCP."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, cli, history, kill_tree, ranks, wait_for
+
+pytestmark = pytest.mark.integration
+
+LOOP = REPO / "tests" / "integration" / "ckpt_loop.py"
+
+
+def launch(up, job, storage, out, steps, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(LOOP), up.url, job, str(storage), str(out), str(steps), *extra]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def outputs(out):
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_a_checkpoint_saved_at_one_step_restarts_a_job_to_the_same_weights(up, tmp_path):
+    storage = tmp_path / "ckpt"
+    client = up.client()
+    proc = launch(up, "cj", storage, tmp_path / "a", 600)
+    try:
+        wait_for(
+            lambda: (
+                len(ranks(client, "cj")) == 2 and min(r["step"] for r in ranks(client, "cj")) > 30
+            ),
+            timeout_s=120,
+            what="both ranks training",
+        )
+        r = cli("checkpoint", "save", "--wait", "--job", "cj", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "complete" in r.stdout, r.stdout
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    listing = client.control("checkpoints", "cj").data
+    (rec,) = listing["checkpoints"]
+    assert rec["state"] == "complete" and listing["resume_from"] == rec["id"]
+    assert sorted(rec["writers"]) == ["0/0", "0/1"] and set(rec["saved"]) == {"0/0", "0/1"}
+    assert rec["metadata_sha256"] and rec["bytes"] > 0 and rec["loss"] is not None
+    files = sorted(p.name for p in (storage / "cj" / rec["id"]).iterdir())
+    assert files == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    kinds = [e.kind for e in history(client, "cj") if e.kind.startswith("checkpoint_")]
+    assert kinds == ["checkpoint_requested", "checkpoint_completed"], kinds
+
+    # a fresh job from that checkpoint: it starts at its step and ends with the same weights
+    proc = launch(up, "cj", storage, tmp_path / "b", 600, "--load", rec["id"])
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    a, b = outputs(tmp_path / "a"), outputs(tmp_path / "b")
+    assert [o["start"] for o in b] == [rec["step"], rec["step"]]
+    assert a[0]["weights"] == a[1]["weights"] == b[0]["weights"] == b[1]["weights"]
+    step = str(rec["step"])
+    assert b[0]["losses"][step] == a[0]["losses"][step]  # the same batch on the same weights
+
+
+def test_a_checkpoint_no_rank_can_write_fails_and_is_never_offered(up, tmp_path):
+    """A rank with no Checkpointer (here: a plain loop) reports it cannot write the order: the
+    checkpoint is failed, `save --wait` says why and exits non-zero, and no resume uses it."""
+    loop = REPO / "tests" / "integration" / "rank_loop.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(loop), up.url, "plain", "0", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    client = up.client()
+    try:
+        wait_for(lambda: ranks(client, "plain"), timeout_s=60, what="the rank joined")
+        r = cli("checkpoint", "save", "--wait", "--job", "plain", url=up.url, timeout_s=120)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert "no Checkpointer in this process" in r.stderr, r.stderr
+        listing = client.control("checkpoints", "plain").data
+        assert [c["state"] for c in listing["checkpoints"]] == ["failed"]
+        assert listing["resume_from"] is None
+        r = cli("checkpoint", "list", "--job", "plain", url=up.url)
+        assert r.returncode == 0 and "failed" in r.stdout, r.stdout + r.stderr
+    finally:
+        kill_tree(proc)
+
+
+def test_bad_checkpoint_requests_are_refused(up, tmp_path):
+    r = cli("checkpoint", "save", "--job", "nosuchjob", url=up.url)
+    assert r.returncode == 2 and "nosuchjob" in r.stderr, r.stdout + r.stderr
+    assert not Path(tmp_path / "ckpt").exists()

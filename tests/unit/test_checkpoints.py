@@ -1,0 +1,108 @@
+"""The Weaver's checkpoint registry (weaver/checkpoints.py, through the control entry point):
+who writes, complete only when every writer reported with DCP's metadata, failed when a writer
+fails or leaves, only complete ones offered. Pure: explicit time, no server."""
+
+from tests.unit.test_planning import SETTINGS, beat, ctl, join
+from torchloom.protocol import RankEvent
+from torchloom.weaver import checkpoints
+from torchloom.weaver.state import WeaverState, check_liveness
+
+
+def report(s, now, kind, ckpt, *, replica="0", rank=0, **data):
+    ev = RankEvent(
+        kind=kind,
+        job_id="j",
+        replica_id=replica,
+        rank=rank,
+        ts=now,
+        step=0,
+        data={"id": ckpt, **data},
+    )
+    return checkpoints.on_report(s.job("j"), ev, now)
+
+
+def job_of(groups, *, ranks=1, quorum=False, now=100.0):
+    s = WeaverState()
+    for g in groups:
+        for r in range(ranks):
+            join(s, now, replica=g, rank=r)
+            beat(s, now, replica=g, rank=r)
+            if quorum:
+                s.job("j").ranks[("j", g, r)].quorum = {"quorum_id": 1}
+    return s
+
+
+def test_without_torchft_every_rank_writes_and_the_order_rides_on_a_version():
+    s = job_of(["0"], ranks=2)
+    out, events = ctl(s, 101.0, "checkpoint")
+    assert out.reply.ok and out.reply.data == {"checkpoint": f"ckpt-v{out.reply.version}"}
+    snap = s.job("j").config.latest()
+    assert snap.checkpoint.id == out.reply.data["checkpoint"] and snap.checkpoint.writers == ["0"]
+    rec = s.job("j").checkpoints[snap.checkpoint.id]
+    assert (
+        rec.state == "pending" and rec.writers == ["0/0", "0/1"] and rec.step == snap.effective_step
+    )
+    assert [e.kind for e in events] == ["config_set", "checkpoint_requested"]
+
+
+def test_under_torchft_the_healthiest_group_writes():
+    s = job_of(["0", "1", "2"], quorum=True)
+    s.job("j").ranks[("j", "0", 0)].straggler = True
+    s.job("j").ranks[("j", "1", 0)].risk = 0.4
+    assert checkpoints.choose_writers(s.job("j"))[0] == ["2"]
+    s.job("j").ranks[("j", "2", 0)].risk = 0.7
+    assert checkpoints.choose_writers(s.job("j"))[0] == ["1"]
+
+
+def test_complete_only_when_every_writer_reported_with_the_metadata():
+    s = job_of(["0"], ranks=2)
+    out, _ = ctl(s, 101.0, "checkpoint")
+    cid = out.reply.data["checkpoint"]
+    assert report(s, 102.0, "checkpoint_saved", cid, rank=1, bytes=10) == []
+    assert checkpoints.newest_complete(s.job("j")) is None  # one writer is not enough
+    (ev,) = report(s, 102.5, "checkpoint_saved", cid, rank=0, bytes=20, metadata_sha256="ab")
+    assert ev.kind == "checkpoint_completed"
+    rec = s.job("j").checkpoints[cid]
+    assert rec.state == "complete" and rec.bytes == 30 and rec.metadata_sha256 == "ab"
+    assert checkpoints.listing(s.job("j"))["resume_from"] == cid
+    assert report(s, 103.0, "checkpoint_failed", cid, rank=0) == []  # ended: nothing changes
+
+
+def test_no_metadata_checksum_means_failed():
+    s = job_of(["0"])
+    out, _ = ctl(s, 101.0, "checkpoint")
+    (ev,) = report(s, 102.0, "checkpoint_saved", out.reply.data["checkpoint"], bytes=5)
+    assert ev.kind == "checkpoint_failed" and "metadata" in ev.message
+
+
+def test_a_writer_that_fails_before_saving_fails_it_and_it_is_never_offered():
+    s = job_of(["0"], ranks=2)
+    out, _ = ctl(s, 101.0, "checkpoint")
+    cid = out.reply.data["checkpoint"]
+    report(s, 101.5, "checkpoint_saved", cid, rank=0, bytes=1, metadata_sha256="ab")
+    beat(s, 101.6, rank=0)
+    check_liveness(s, 101.6 + SETTINGS.lead_time_s + 5.0)  # rank 0/1 went silent: failed
+    events = checkpoints.check_writers(s.job("j"), 107.0)
+    assert [e.kind for e in events] == ["checkpoint_failed"] and "0/1" in events[0].message
+    assert checkpoints.listing(s.job("j"))["resume_from"] is None
+
+
+def test_a_report_from_a_rank_that_is_not_a_writer_changes_nothing():
+    s = job_of(["0", "1"], quorum=True)
+    out, _ = ctl(s, 101.0, "checkpoint")
+    cid = out.reply.data["checkpoint"]
+    writer = s.job("j").checkpoints[cid].writers[0].split("/")[0]
+    other = "1" if writer == "0" else "0"
+    assert report(s, 102.0, "checkpoint_saved", cid, replica=other, metadata_sha256="x") == []
+    assert s.job("j").checkpoints[cid].saved == {}
+
+
+def test_one_checkpoint_at_a_time_and_none_while_paused():
+    s = job_of(["0"])
+    assert ctl(s, 101.0, "checkpoint")[0].reply.ok
+    second, _ = ctl(s, 101.1, "checkpoint")
+    assert not second.reply.ok and "still being written" in second.reply.error.message
+    s2 = job_of(["0"])
+    ctl(s2, 101.0, "pause")
+    paused, _ = ctl(s2, 101.1, "checkpoint")
+    assert not paused.reply.ok and "paused" in paused.reply.error.message
