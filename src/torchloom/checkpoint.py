@@ -15,7 +15,7 @@ Typical use (the MNIST reference job does this)::
     ckpt = torchloom.checkpoint.Checkpointer(
         run, state={"model": ddp_model, "optim": optimizer, "data": loader}, storage="ckpts"
     )
-    start = ckpt.resume() or 0      # the newest complete checkpoint the Weaver knows, if any
+    ckpt.resume()                   # the checkpoint the Weaver chooses, if any: sets run.start_step
 
 Layout: ``<storage>/<job>/<checkpoint id>/`` holds DCP's files (``.metadata`` and one
 ``__<rank>_*.distcp`` per rank).
@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchloom.protocol import CheckpointOrder
+from torchloom.protocol import CheckpointOrder, ControlRequest
 from torchloom.threadlet.run import Run
 
 log = logging.getLogger("torchloom.checkpoint")
@@ -174,6 +174,53 @@ class Checkpointer:
             storage=str(target),
             metadata_sha256=digest,
         )
+
+    def resume(self, *, from_scratch: bool = False, timeout_s: float = 10.0) -> str | None:
+        """Load the checkpoint the Weaver says this job resumes from — its newest complete
+        one — and start the run's steps at its step. Every rank of the process group loads
+        the same one (rank 0 asks, the others are told). Call it once, after
+        :func:`torchloom.init` and before ``run.steps()``.
+
+        Args:
+            from_scratch: load nothing (the job starts at ``run.start_step``).
+            timeout_s: how long to wait for the Weaver's answer, in seconds. With no answer
+                (NATS or the Weaver down) the job starts from scratch, said in a warning:
+                training goes on without the controller, as everywhere in torchloom.
+
+        Returns:
+            The id of the checkpoint loaded, or None.
+
+        Raises:
+            FileNotFoundError: the Weaver's choice is not in this ``storage``.
+        """
+        choice: str | None = None
+        why = ""
+        if not from_scratch and self._rank == 0:
+            choice, why = self._ask_weaver(timeout_s)
+        if self._distributed:
+            box: list[Any] = [choice, why]
+            dist.broadcast_object_list(box, src=0, group=self._pg)
+            choice, why = box[0], str(box[1])
+        if choice is None:
+            if why:
+                log.warning("torchloom: starting from scratch: %s", why)
+            return None
+        step = self.load(choice)
+        self.run.start_step = step
+        self.run.emit("checkpoint_loaded", step=step, id=choice, why="resume")
+        log.warning("torchloom: resumed from checkpoint %s at step %d", choice, step)
+        return choice
+
+    def _ask_weaver(self, timeout_s: float) -> tuple[str | None, str]:
+        """``(checkpoint id or None, why not)`` from the Weaver's registry."""
+        req = ControlRequest(op="checkpoints", job_id=self.run.identity.job_id)
+        try:
+            reply = self.run.shared.ask(req).result(timeout=timeout_s)
+        except Exception as exc:  # no NATS, no Weaver, no answer in time
+            return None, f"the Weaver did not say which checkpoint to resume from ({_why(exc)})"
+        if not reply.ok or not isinstance(reply.data, dict):
+            return None, f"the Weaver refused the checkpoint listing: {reply.error}"
+        return reply.data.get("resume_from"), ""
 
     def load(self, checkpoint_id: str) -> int:
         """Load checkpoint ``checkpoint_id`` into ``state`` in place, and this rank's RNG

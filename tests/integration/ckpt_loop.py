@@ -1,6 +1,6 @@
 """A small DDP job with a Checkpointer, for the checkpoint tests (run under torchrun).
 
-python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID]
+python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume]
 
 A linear model on a fixed random stream (each step's batch is seeded by the step), ~20 ms a
 step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
@@ -33,13 +33,16 @@ run = torchloom.init(
 )
 run.bind_optimizer(opt)
 ckpt = Checkpointer(run, state={"model": ddp, "optim": opt}, storage=storage)
-start = ckpt.load(load) if load else 0
-run.start_step = start
+if "--resume" in sys.argv:
+    ckpt.resume()  # the Weaver's choice: sets run.start_step
+elif load:
+    run.start_step = ckpt.load(load)
+start = run.start_step
 losses = {}
 for step in run.steps():
     g = torch.Generator().manual_seed(step * 2 + rank)
     x = torch.randn(16, 32, generator=g)
-    y = x.sum(dim=1, keepdim=True)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(16, 1, generator=g)  # loss stays ~0.01
     loss = torch.nn.functional.mse_loss(ddp(x), y)
     opt.zero_grad()
     loss.backward()

@@ -9,9 +9,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, cli, history, kill_tree, ranks, wait_for
+from tests.helpers import REPO, Up, cli, history, kill_tree, ranks, wait_for
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def up(tmp_path):
+    """`torchloom up` with every policy off: the runs compared bit for bit must see no change
+    but the checkpoints (a policy's lr cut after a restart's loss jump would change the
+    weights)."""
+    policies = tmp_path / "policies.toml"
+    policies.write_text(
+        "".join(
+            f"[{p}]\nenabled = false\n"
+            for p in ("straggler", "divergence", "failure", "sync_every")
+        )
+    )
+    proc = Up(tmp_path / "state", "--hang-timeout-s", "3", "--policies", str(policies))
+    yield proc
+    proc.stop()
+
 
 LOOP = REPO / "tests" / "integration" / "ckpt_loop.py"
 
@@ -101,3 +119,55 @@ def test_bad_checkpoint_requests_are_refused(up, tmp_path):
     r = cli("checkpoint", "save", "--job", "nosuchjob", url=up.url)
     assert r.returncode == 2 and "nosuchjob" in r.stderr, r.stdout + r.stderr
     assert not Path(tmp_path / "ckpt").exists()
+
+
+def test_a_whole_job_killed_resumes_from_the_newest_complete_checkpoint(up, tmp_path):
+    """kill -9 of every rank after a checkpoint: the relaunched job asks the Weaver, every rank
+    loads the same checkpoint, and it ends with the weights of a run that loaded it by id."""
+    storage = tmp_path / "ckpt"
+    client = up.client()
+    proc = launch(up, "rj", storage, tmp_path / "a", 100000, "--resume")
+    try:
+        wait_for(
+            lambda: (
+                len(ranks(client, "rj")) == 2 and min(r["step"] for r in ranks(client, "rj")) > 30
+            ),
+            timeout_s=120,
+            what="both ranks training",
+        )
+        r = cli("checkpoint", "save", "--wait", "--job", "rj", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rec = client.control("checkpoints", "rj").data["checkpoints"][0]
+        wait_for(
+            lambda: min(x["step"] for x in ranks(client, "rj")) > rec["step"] + 30,
+            timeout_s=120,
+            what="training past the checkpoint",
+        )
+    finally:
+        kill_tree(proc, graceful_s=0)  # SIGKILL: the whole job dies at once
+    steps = 600
+    proc = launch(up, "rj", storage, tmp_path / "b", steps, "--resume")
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    b = outputs(tmp_path / "b")
+    assert [o["start"] for o in b] == [rec["step"], rec["step"]]  # not step 0
+    loaded = wait_for(
+        lambda: [e for e in history(client, "rj") if e.kind == "checkpoint_loaded"],
+        timeout_s=30,
+        what="checkpoint_loaded in the history",
+    )
+    assert {(e.replica_id, e.rank, e.data["id"]) for e in loaded} == {
+        ("0", 0, rec["id"]),
+        ("0", 1, rec["id"]),
+    }
+    proc = launch(up, "rj", storage, tmp_path / "c", steps, "--load", rec["id"])
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    c = outputs(tmp_path / "c")
+    assert b[0]["weights"] == b[1]["weights"] == c[0]["weights"] == c[1]["weights"]

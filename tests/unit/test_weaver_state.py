@@ -238,3 +238,27 @@ def test_an_apply_storm_is_reported_once_and_marks_the_registry_at_most_every_30
     beat(s, 100.0 + PROGRESS_SAVE_S, rank=0, step=11, applied=3)
     assert s.dirty == {("j", "0", 0)}
     assert rank0(s).entry.applied_version == 3
+
+
+def test_a_rank_whose_step_goes_back_starts_its_windows_afresh():
+    """A process restarted from a checkpoint (or from scratch) reports earlier steps: its old
+    losses must not stay in the window a policy reads (a divergence guard saw the resumed run's
+    first losses as a spike against the old run's tiny ones)."""
+    from torchloom.protocol import MetricPoint
+
+    s = WeaverState()
+    for i, step in enumerate(range(100, 110)):
+        msg = Telemetry(
+            job_id="j", replica_id="0", rank=0, ts=1.0 + i, step=step, seq=i, step_time_s=0.01,
+            points=[MetricPoint(step, 1.0 + i, {"loss": 1e-9, "grad_norm": float("nan")})],
+        )  # fmt: skip
+        on_telemetry(s, msg, 1.0 + i)
+    w = rank0(s).window
+    assert len(w.losses) == 10 and w.nonfinite is not None and w.timing_step[-1] == 109
+    resumed = Telemetry(
+        job_id="j", replica_id="0", rank=0, ts=20.0, step=50, seq=100, step_time_s=0.01,
+        points=[MetricPoint(50, 20.0, {"loss": 0.5})],
+    )  # fmt: skip
+    on_telemetry(s, resumed, 20.0)
+    assert [v for _, v in w.losses] == [0.5] and w.nonfinite is None
+    assert list(w.timing_step) == [50]

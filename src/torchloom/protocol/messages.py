@@ -106,6 +106,7 @@ RankEventKind = Literal[
     "commit_failed",
     "checkpoint_saved",
     "checkpoint_failed",
+    "checkpoint_loaded",
 ]
 
 

@@ -19,6 +19,7 @@ import selectors
 import threading
 import time
 import weakref
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,7 @@ class Agent:
         self._sampler: DeviceSampler | None = None
         self._next_sample = 0.0
         self.joined = threading.Event()
+        self._asking: set[asyncio.Future[None]] = set()
         self.nats_url: str | None = None
         self._creds: Credentials | None = None
         self.flush_errors = 0
@@ -227,6 +229,7 @@ class Agent:
                 ):
                     sync_task = asyncio.ensure_future(self._sync())
                 await self._guarded_flush()
+                self._answer_asks()
                 try:
                     await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
                 except TimeoutError:
@@ -349,6 +352,26 @@ class Agent:
         except Exception as exc:  # a broken sensor must not end the heartbeat
             log.warning("torchloom: device sample failed (%s); trying again later", exc)
             return None
+
+    def _answer_asks(self) -> None:
+        """Send the questions the training side asked (:meth:`Shared.ask`), each on its own."""
+        asks = self._shared.asks
+        while asks:
+            req, fut = asks.popleft()
+            if fut.set_running_or_notify_cancel():
+                task = asyncio.ensure_future(self._ask(req, fut))
+                self._asking.add(task)  # held until done (the loop keeps weak references)
+                task.add_done_callback(self._asking.discard)
+
+    async def _ask(self, req: ControlRequest, fut: Future[ControlReply]) -> None:
+        assert self._conn is not None
+        try:
+            raw = await self._conn.request(
+                names.join_subject(req.job_id), encode(req), timeout_s=self.join_timeout_s
+            )
+            fut.set_result(decode(raw, ControlReply, kind="reply"))
+        except Exception as exc:  # no answer, or a reply that does not decode
+            fut.set_exception(exc)
 
     async def _guarded_flush(self) -> None:
         """One flush; a bug in it is logged (once) and the loop goes on: a failed flush must

@@ -9,7 +9,9 @@ field has **one writer**:
   ``phase_totals`` and ``quorum`` (plain attribute stores), and appends to ``points`` and
   ``events`` (bounded buffers that drop their oldest entry when full, and count it);
 * the I/O thread writes ``doc`` and ``config_lag_s`` through :meth:`Shared.offer` (one
-  reference assignment each) and sets ``wake``; it drains the buffers.
+  reference assignment each) and sets ``wake``; it drains the buffers;
+* a question for the Weaver (:meth:`Shared.ask`, at start-up, never in the step loop) is
+  appended by the asking thread and answered through its future by the I/O thread.
 
 No lock is taken on the training thread: each store is one attribute assignment, atomic
 under the GIL, and a reader sees either the old or the new object, never a torn one. The
@@ -19,10 +21,12 @@ in the other order (a flush never reports a version ahead of its step).
 
 from __future__ import annotations
 
+import collections
 import threading
+from concurrent.futures import Future
 from typing import Any, NamedTuple
 
-from torchloom.protocol import DesiredConfig, KnobSpec
+from torchloom.protocol import ControlReply, ControlRequest, DesiredConfig, KnobSpec
 from torchloom.protocol.messages import RankState
 from torchloom.threadlet.buffer import DropOldestBuffer
 from torchloom.threadlet.identity import Identity
@@ -87,6 +91,19 @@ class Shared:
         """How long the newest desired config took to arrive after the Weaver issued it, s."""
         self.wake = threading.Event()
         """Set when a new config arrives (wakes a paused training loop)."""
+        self.asks: collections.deque[tuple[ControlRequest, Future[ControlReply]]] = (
+            collections.deque()
+        )
+        """Questions for the Weaver the I/O thread has not sent yet (see :meth:`ask`)."""
+
+    def ask(self, req: ControlRequest) -> Future[ControlReply]:
+        """Any thread: have the I/O thread send ``req`` to the Weaver (on the job's join
+        subject, the one a job's credentials may ask on: a ``join`` or a ``checkpoints``
+        listing); the future gets the reply. Nothing answers while NATS is unreachable: wait
+        on the future with a timeout."""
+        fut: Future[ControlReply] = Future()
+        self.asks.append((req, fut))
+        return fut
 
     def offer(self, doc: DesiredConfig, received_ts: float) -> None:
         """I/O thread: keep ``doc`` if it is this job's and newer than the one held.

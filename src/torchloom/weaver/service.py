@@ -81,6 +81,8 @@ _EXPIRY_EVERY_S = 5.0
 
 READ_OPS = frozenset({"status", "knobs", "checkpoints"})
 """Requests that only read the state: answered at once, without the control lock."""
+JOIN_SUBJECT_OPS = frozenset({"join", "checkpoints"})
+"""What a training process (a job's credentials) may ask on its job's join subject."""
 
 
 class Weaver:
@@ -450,8 +452,10 @@ class Weaver:
             req = decode(msg.data, ControlRequest, kind="control request")
             if names.job_of_subject(msg.subject) != req.job_id:
                 raise DecodeError("control request", f"job {req.job_id!r} sent on {msg.subject}")
-            if msg.subject.endswith(".join") and req.op != "join":
-                raise DecodeError("control request", f"only a join is taken on {msg.subject}")
+            if msg.subject.endswith(".join") and req.op not in JOIN_SUBJECT_OPS:
+                raise DecodeError(
+                    "control request", f"only a join or a checkpoint listing on {msg.subject}"
+                )
         except DecodeError as exc:
             self._drop("control", exc)
             await self._reply(msg, ControlReply.refusal(exc))

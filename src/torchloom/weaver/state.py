@@ -121,15 +121,29 @@ class RankWindow:
     device: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: _window(64))
     nonfinite: tuple[int, str] | None = None
 
+    def restart(self) -> None:
+        """Forget the step-ordered windows (timings, losses, gradient norms, the last NaN)."""
+        for d in (self.timing, self.busy, self.timing_ts, self.timing_step):
+            d.clear()
+        self.losses.clear()
+        self.grad_norms.clear()
+        self.nonfinite = None
+        self.best_busy = math.inf
+
     def observe(self, msg: Telemetry, now: float) -> None:
-        """Fold one telemetry flush in."""
+        """Fold one telemetry flush in. A rank whose step goes back (a process restarted, from
+        scratch or from a checkpoint) starts every step-ordered window afresh: its earlier
+        losses must not read as a spike or a plateau of the new run."""
+        last_step = self.timing_step[-1] if self.timing_step else None
+        if last_step is None and self.losses:
+            last_step = self.losses[-1][0]
+        if last_step is not None and (
+            msg.step < last_step or (self.timing_ts and now < self.timing_ts[-1])
+        ):
+            self.restart()
         if msg.step_time_s:
             ph = msg.phases_s or {}
             busy = ph["data"] + ph["compute"] if "data" in ph and "compute" in ph else None
-            if self.timing_step and (msg.step < self.timing_step[-1] or now < self.timing_ts[-1]):
-                for d in (self.timing, self.busy, self.timing_ts, self.timing_step):
-                    d.clear()
-                self.best_busy = math.inf
             self.timing.append(Timing(now, msg.step, msg.step_time_s, busy, ph.get("comm")))
             b = msg.step_time_s if busy is None else busy
             self.busy.append(b)
@@ -595,6 +609,8 @@ def _ft_event(rank: Rank, msg: RankEvent, now: float) -> HistoryEvent:
         "healed": f"{who}: healed from replica group {d.get('source') or '?'} to step {msg.step}"
         f" in {d.get('heal_s', 0):.3f} s",
         "commit_failed": f"{who}: step {msg.step} not committed ({d.get('commit_failures')} in a row)",
+        "checkpoint_loaded": f"{who}: loaded checkpoint {d.get('id')} ({d.get('why', '')}); "
+        f"goes on at step {msg.step}",
     }.get(msg.kind, f"{who}: {msg.kind}")
     return HistoryEvent(
         job_id=msg.job_id,
