@@ -90,6 +90,7 @@ class Checkpointer:
         # one the training step's collectives use
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
         run.on_checkpoint(self._on_order)
+        run.emit("checkpoint_ready", storage=str(self.storage))  # the interval policy may ask
 
     def path(self, checkpoint_id: str) -> Path:
         """Where checkpoint ``checkpoint_id`` of this job is written."""
@@ -202,8 +203,10 @@ class Checkpointer:
             dist.broadcast_object_list(box, src=0, group=self._pg)
             choice, why = box[0], str(box[1])
         if choice is None:
-            if why:
-                log.warning("torchloom: starting from scratch: %s", why)
+            if why:  # a silent Weaver is worth a warning; a job with no checkpoint is not
+                (log.warning if why.startswith("the Weaver") else log.info)(
+                    "torchloom: no checkpoint loaded: %s", why
+                )
             return None
         step = self.load(choice)
         self.run.start_step = step
@@ -220,7 +223,8 @@ class Checkpointer:
             return None, f"the Weaver did not say which checkpoint to resume from ({_why(exc)})"
         if not reply.ok or not isinstance(reply.data, dict):
             return None, f"the Weaver refused the checkpoint listing: {reply.error}"
-        return reply.data.get("resume_from"), ""
+        choice = reply.data.get("resume_from")
+        return choice, "" if choice else f"{reply.data.get('resume_why', '')}"
 
     def load(self, checkpoint_id: str) -> int:
         """Load checkpoint ``checkpoint_id`` into ``state`` in place, and this rank's RNG

@@ -23,7 +23,7 @@ def up(tmp_path):
     policies.write_text(
         "".join(
             f"[{p}]\nenabled = false\n"
-            for p in ("straggler", "divergence", "failure", "sync_every")
+            for p in ("straggler", "divergence", "failure", "sync_every", "checkpoint")
         )
     )
     proc = Up(tmp_path / "state", "--hang-timeout-s", "3", "--policies", str(policies))
@@ -49,7 +49,7 @@ def outputs(out):
 def test_a_checkpoint_saved_at_one_step_restarts_a_job_to_the_same_weights(up, tmp_path):
     storage = tmp_path / "ckpt"
     client = up.client()
-    proc = launch(up, "cj", storage, tmp_path / "a", 600)
+    proc = launch(up, "cj", storage, tmp_path / "a", 100000)
     try:
         wait_for(
             lambda: (
@@ -61,13 +61,17 @@ def test_a_checkpoint_saved_at_one_step_restarts_a_job_to_the_same_weights(up, t
         r = cli("checkpoint", "save", "--wait", "--job", "cj", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "complete" in r.stdout, r.stdout
+        r = cli("stop", "--job", "cj", url=up.url)  # a while after the checkpoint, at one step
+        assert r.returncode == 0, r.stdout + r.stderr
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
     finally:
         kill_tree(proc)
     listing = client.control("checkpoints", "cj").data
     (rec,) = listing["checkpoints"]
-    assert rec["state"] == "complete" and listing["resume_from"] == rec["id"]
+    assert rec["state"] == "complete"
+    # the run was stopped: a new launch starts anew unless told which checkpoint to load
+    assert listing["resume_from"] is None and "ended cleanly" in listing["resume_why"]
     assert sorted(rec["writers"]) == ["0/0", "0/1"] and set(rec["saved"]) == {"0/0", "0/1"}
     assert rec["metadata_sha256"] and rec["bytes"] > 0 and rec["loss"] is not None
     files = sorted(p.name for p in (storage / "cj" / rec["id"]).iterdir())
@@ -75,8 +79,11 @@ def test_a_checkpoint_saved_at_one_step_restarts_a_job_to_the_same_weights(up, t
     kinds = [e.kind for e in history(client, "cj") if e.kind.startswith("checkpoint_")]
     assert kinds == ["checkpoint_requested", "checkpoint_completed"], kinds
 
-    # a fresh job from that checkpoint: it starts at its step and ends with the same weights
-    proc = launch(up, "cj", storage, tmp_path / "b", 600, "--load", rec["id"])
+    # a fresh job from that checkpoint, to the step the first one stopped at: it starts at the
+    # checkpoint's step and ends with the same weights
+    stopped_at = outputs(tmp_path / "a")[0]["step"]
+    assert stopped_at > rec["step"]
+    proc = launch(up, "cj", storage, tmp_path / "b", stopped_at + 1, "--load", rec["id"])
     try:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
@@ -145,7 +152,7 @@ def test_a_whole_job_killed_resumes_from_the_newest_complete_checkpoint(up, tmp_
         )
     finally:
         kill_tree(proc, graceful_s=0)  # SIGKILL: the whole job dies at once
-    steps = 600
+    steps = rec["step"] + 150
     proc = launch(up, "rj", storage, tmp_path / "b", steps, "--resume")
     try:
         out, _ = proc.communicate(timeout=300)
@@ -171,3 +178,41 @@ def test_a_whole_job_killed_resumes_from_the_newest_complete_checkpoint(up, tmp_
         kill_tree(proc)
     c = outputs(tmp_path / "c")
     assert b[0]["weights"] == b[1]["weights"] == c[0]["weights"] == c[1]["weights"]
+
+
+def test_the_mnist_job_resumes_from_the_checkpoint_the_weaver_ordered(up, tmp_path):
+    """The reference job with --checkpoint-dir: a checkpoint mid-run, the whole job killed,
+    relaunched with the same command: it goes on from the checkpoint's step (data cursor and
+    all), not from step 0."""
+    from tests.helpers import launch_mnist, summaries
+
+    ck = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--eval-every", "0"]
+    client = up.client()
+    proc = launch_mnist(up.url, tmp_path, "--max-steps", "100000", *ck, job="mk")
+    try:
+        wait_for(
+            lambda: (
+                len(ranks(client, "mk")) == 2 and min(r["step"] for r in ranks(client, "mk")) > 50
+            ),
+            timeout_s=180,
+            what="MNIST training",
+        )
+        r = cli("checkpoint", "save", "--wait", "--job", "mk", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+    finally:
+        kill_tree(proc, graceful_s=0)
+    rec = client.control("checkpoints", "mk").data["checkpoints"][0]
+    assert rec["state"] == "complete" and rec["step"] > 50
+    end = rec["step"] + 150
+    proc = launch_mnist(up.url, tmp_path, "--max-steps", str(end), *ck, job="mk")
+    try:
+        assert proc.wait(300) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    out = summaries(tmp_path)
+    assert [s["start_step"] for s in out] == [rec["step"]] * 2
+    assert all(s["step"] == end - 1 and s["stop_reason"] == "finished" for s in out)
+    assert out[0]["params_sha256"] == out[1]["params_sha256"]
+    # the data cursor went on from the checkpoint's (2 ranks × 64 samples a step since step 0);
+    # a loader not restored would stand 128 × the checkpoint's step short
+    assert [s["data_cursor"] for s in out] == [end * 128] * 2

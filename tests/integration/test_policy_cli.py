@@ -21,7 +21,12 @@ def test_policy_settings_change_live_survive_a_restart_and_refuse_bad_input(tmp_
     up = Up(tmp_path / "state")
     try:
         p = listed(up.url)
-        assert {n for n, x in p.items() if x["enabled"]} == {"straggler", "divergence", "failure"}
+        assert {n for n, x in p.items() if x["enabled"]} == {
+            "straggler",
+            "divergence",
+            "failure",
+            "checkpoint",
+        }
         assert not p["sync_every"]["enabled"] and p["straggler"]["params"]["slow_ratio"] == 1.2
 
         r = cli("policy", "set", "straggler", "slow_ratio=1.5", "mitigation=alert", url=up.url)

@@ -106,3 +106,83 @@ def test_one_checkpoint_at_a_time_and_none_while_paused():
     ctl(s2, 101.0, "pause")
     paused, _ = ctl(s2, 101.1, "checkpoint")
     assert not paused.reply.ok and "paused" in paused.reply.error.message
+
+
+def ready(s, *ranks_):
+    for replica, rank in ranks_:
+        s.job("j").ranks[("j", replica, rank)].checkpointing = True
+
+
+def test_interval_is_young_daly_within_bounds():
+    from torchloom.weaver.policies.checkpoint_interval import CheckpointIntervalParams, interval_s
+
+    p = CheckpointIntervalParams(min_interval_s=60, max_interval_s=3600)
+    assert interval_s(2.0, 3600.0, p) == 120.0  # √(2 · 2 s · 1 h)
+    assert interval_s(1e-3, 3600.0, p) == 60.0  # floor
+    assert interval_s(100.0, 1e6, p) == 3600.0  # ceiling
+
+
+def test_the_interval_policy_asks_only_jobs_that_checkpoint_and_only_when_due():
+    from torchloom.weaver.policies.checkpoint_interval import (
+        CheckpointIntervalParams,
+        CheckpointIntervalPolicy,
+    )
+
+    pol = CheckpointIntervalPolicy(
+        CheckpointIntervalParams(min_interval_s=60, cost_prior_s=2.0, mtbf_prior_s=3600.0)
+    )
+    s = job_of(["0"], ranks=2)  # joined at t=100
+    assert pol.decide(500.0, s) == []  # no Checkpointer in these processes
+    ready(s, ("0", 0))
+    assert pol.decide(500.0, s) == []  # one rank without
+    ready(s, ("0", 1))
+    # prior cost 2 s, MTBF 1 h + observed: interval ≈ √(2·2·(3600+t)) ≈ 120 s
+    assert pol.decide(210.0, s) == []
+    (d,) = pol.decide(230.0, s)
+    assert d.action == "checkpoint" and d.request().op == "checkpoint"
+    assert 119 < d.features["interval_s"] < 125 and d.features["failures"] == 0
+    out, _ = ctl(s, 230.0, "checkpoint")
+    assert pol.decide(400.0, s) == []  # pending
+    cid = out.reply.data["checkpoint"]
+    for rank in (0, 1):
+        report(s, 231.0, "checkpoint_saved", cid, rank=rank, stall_s=0.005, metadata_sha256="x")
+    assert pol.decide(260.0, s) == []  # measured cost 5 ms → the 60 s floor, from 230
+    assert pol.decide(291.0, s)[0].features["cost_s"] == 0.005
+
+
+def test_failures_shorten_the_interval():
+    from torchloom.weaver.policies.checkpoint_interval import (
+        CheckpointIntervalParams,
+        CheckpointIntervalPolicy,
+    )
+
+    pol = CheckpointIntervalPolicy(
+        CheckpointIntervalParams(min_interval_s=1, cost_prior_s=2.0, mtbf_prior_s=3600.0)
+    )
+    s = job_of(["0"], ranks=2)
+    ready(s, ("0", 0), ("0", 1))
+    calm = pol.decide(400.0, s)[0].features["interval_s"]
+    s.job("j").failures = 8
+    stormy = pol.decide(400.0, s)[0].features["interval_s"]
+    assert stormy < calm / 2.5  # MTBF / 9: interval / 3
+
+
+def test_a_launch_after_a_clean_end_starts_anew_after_a_failure_resumes():
+    from torchloom.weaver.state import set_rank_state
+
+    def ended(how):
+        s = job_of(["0"], ranks=2)
+        out, _ = ctl(s, 101.0, "checkpoint")
+        cid = out.reply.data["checkpoint"]
+        for rank in (0, 1):
+            report(s, 102.0, "checkpoint_saved", cid, rank=rank, metadata_sha256="x")
+        assert checkpoints.listing(s.job("j"))["resume_from"] == cid  # live: a restart resumes
+        for rank in (0, 1):
+            state = how if rank == 1 else "exited"
+            set_rank_state(s, s.job("j").ranks[("j", "0", rank)], state, 110.0, "end")
+        return checkpoints.listing(s.job("j")), cid
+
+    listing, cid = ended("failed")
+    assert listing["resume_from"] == cid
+    listing, _ = ended("exited")
+    assert listing["resume_from"] is None and "ended cleanly" in listing["resume_why"]

@@ -342,6 +342,7 @@ def test_engine_runs_enabled_policies_and_holds_back_a_key_in_its_cooldown():
         "straggler",
         "divergence",
         "failure",
+        "checkpoint",
     }
     state = slow_state()
     out = engine.decide(4.0, state)

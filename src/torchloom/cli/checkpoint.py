@@ -86,7 +86,8 @@ def list_(
         out.print_json(json.dumps(data))
         return
     t = Table(
-        title=f"checkpoints of {job_id} (a resume loads {data.get('resume_from') or 'none'})",
+        title=f"checkpoints of {job_id} · a launch now resumes from "
+        f"{data.get('resume_from') or 'none'} ({data.get('resume_why', '')})",
         title_justify="left",
     )
     for col in ("id", "state", "step", "version", "loss", "size", "stall ms", "where / why"):

@@ -120,6 +120,8 @@ def demo(
         nice=nice,
     ).build(on_event=events.append)
     stack.start()
+    if script is None:  # checkpoints the Weaver orders (`torchloom checkpoint save`, the policy)
+        target += ["--checkpoint-dir", str(stack.state_dir / "checkpoints")]
     env = {
         **os.environ,
         ENV_NATS_URL: stack.nats_url,

@@ -107,6 +107,7 @@ RankEventKind = Literal[
     "checkpoint_saved",
     "checkpoint_failed",
     "checkpoint_loaded",
+    "checkpoint_ready",
 ]
 
 

@@ -188,13 +188,25 @@ def newest_complete(job: Job) -> CheckpointRecord | None:
     return max(done, key=lambda c: (c.step, c.version), default=None)
 
 
+def resume_choice(job: Job) -> tuple[CheckpointRecord | None, str]:
+    """The checkpoint a starting job loads, and why (or why none): the newest complete one,
+    unless the job's last run ended cleanly (a new launch after a finished run starts anew)."""
+    newest = newest_complete(job)
+    if newest is None:
+        return None, "no complete checkpoint"
+    if job.ended_cleanly:
+        return None, "the job's last run ended cleanly: a new launch starts from scratch"
+    return newest, f"the newest complete checkpoint (step {newest.step})"
+
+
 def listing(job: Job) -> dict[str, Any]:
     """The ``checkpoints`` read op's answer: every record, newest first, and the one a
-    resume would load."""
+    resume would load (``resume_from``, with ``resume_why``)."""
     records = sorted(job.checkpoints.values(), key=lambda c: (c.version, c.step), reverse=True)
-    newest = newest_complete(job)
+    choice, why = resume_choice(job)
     return {
         "job_id": job.job_id,
         "checkpoints": [msgspec.to_builtins(c) for c in records],
-        "resume_from": newest.id if newest else None,
+        "resume_from": choice.id if choice else None,
+        "resume_why": why,
     }

@@ -186,6 +186,8 @@ class Rank:
     """Flagged by the straggler policy's scores at its last round (None: not judged)."""
     risk: float | None = None
     """Its device's failure risk in [0, 1] at the failure policy's last round (None: no sample)."""
+    checkpointing: bool = False
+    """Its process runs a Checkpointer (it said so with ``checkpoint_ready``)."""
 
     @property
     def key(self) -> RankKey:
@@ -235,6 +237,12 @@ class Job:
     """The job's checkpoint registry by id (:mod:`~torchloom.weaver.checkpoints`)."""
     dirty_checkpoints: set[str] = field(default_factory=set)
     """Checkpoint ids changed since the registry bucket was last written."""
+    failures: int = 0
+    """Ranks marked failed since this Weaver started (the checkpoint policy's MTBF)."""
+    ended_cleanly: bool | None = None
+    """How the job's last run ended: True when every rank exited (finished, stopped,
+    drained), False when one failed; None while this Weaver has not seen it end. A clean end
+    is not resumed from a checkpoint: the next launch is a new run."""
 
     def live_ranks(self) -> list[Rank]:
         return [r for r in self.ranks.values() if r.live]
@@ -319,6 +327,9 @@ def set_rank_state(
     events = [_event("rank_" + new, rank, now, msg, previous=old, reason=why)]
     if new in ("failed", "exited"):
         job = state.jobs[e.job_id]
+        job.failures += new == "failed"
+        if job.ended:
+            job.ended_cleanly = not any(r.state == "failed" for r in job.ranks.values())
         for tracking in job.applies.values():
             tracking.expected.discard(rank.key)
         events += check_apply_done(job, now)
@@ -527,6 +538,9 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
         return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
     if msg.kind in ("checkpoint_saved", "checkpoint_failed"):
         return events  # folded by weaver.checkpoints.on_report
+    if msg.kind == "checkpoint_ready":
+        rank.checkpointing = True
+        return events
     if msg.kind != "config_applied":  # a fault-tolerance fact: history only
         return [*events, _ft_event(rank, msg, now)]
     job = state.jobs[msg.job_id]

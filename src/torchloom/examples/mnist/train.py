@@ -256,9 +256,25 @@ def parse_args() -> argparse.Namespace:
         help="test aid: stop stepping at this step, stay alive",
     )
     ap.add_argument(
-        "--checkpoint-dir", type=Path, default=None, help="save/resume checkpoints here (rank 0)"
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="checkpoints the Weaver orders are written here (DCP, every rank) and the job "
+        "resumes from the newest complete one (not with --ft yet)",
     )
-    ap.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    ap.add_argument(
+        "--from-scratch", action="store_true", help="with --checkpoint-dir: do not resume"
+    )
+    ap.add_argument(
+        "--baseline-checkpoint-dir",
+        type=Path,
+        default=None,
+        help="bench baseline: rank 0 torch.saves here every --baseline-checkpoint-every steps "
+        "and a restart resumes from it (no Weaver involved)",
+    )
+    ap.add_argument(
+        "--baseline-checkpoint-every", type=int, default=100, help="bench baseline: steps"
+    )
     ap.add_argument(
         "--global-batch-size",
         type=int,
@@ -313,7 +329,9 @@ def main() -> None:
     base_opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     transforms = data_transforms()
     custom_knobs = transforms.knobs()
-    start_step, checkpoint = resume_checkpoint(args.checkpoint_dir)
+    if args.checkpoint_dir and args.ft:
+        raise SystemExit("--checkpoint-dir is not supported with --ft yet (torchft heals instead)")
+    start_step, checkpoint = resume_checkpoint(args.baseline_checkpoint_dir)
     manager: Any = None
     algo: Any = None
     ddp: nn.Module = DDP(model) if world > 1 else model  # averages within the replica group
@@ -384,6 +402,16 @@ def main() -> None:
     )
     if checkpoint is not None:
         load_state_dict(checkpoint)
+    ckpt = None
+    if args.checkpoint_dir:
+        from torchloom.checkpoint import Checkpointer
+
+        ckpt = Checkpointer(
+            run,
+            state={"model": model, "optim": base_opt, "data": loader},
+            storage=args.checkpoint_dir,
+        )
+        ckpt.resume(from_scratch=args.from_scratch)  # the Weaver's choice: sets run.start_step
     if manager is not None:
         from torchloom.integrations.torchft import attach, follow_sync_every, participant_ids
 
@@ -444,12 +472,12 @@ def main() -> None:
             step_times.append(now - t_step)
             longest_step_s, t_step = max(longest_step_s, now - t_step), now
             if (
-                args.checkpoint_dir
+                args.baseline_checkpoint_dir
                 and rank == 0
                 and step > run.start_step
-                and step % args.checkpoint_every == 0
+                and step % args.baseline_checkpoint_every == 0
             ):
-                save_checkpoint(args.checkpoint_dir, state_dict(), step)
+                save_checkpoint(args.baseline_checkpoint_dir, state_dict(), step)
             maybe_fail(step, crash_steps)  # test aid: torchloom.chaos.FailurePlan
             if step == args.hang_at_step:
                 print(f"[rank {rank}] hanging at step {step} (test aid)", flush=True)
@@ -546,6 +574,8 @@ def main() -> None:
                 }
             )
         )
+    if ckpt is not None:
+        ckpt.close()
     if world > 1:
         dist.destroy_process_group()
 

@@ -35,6 +35,7 @@ import msgspec
 from torchloom.errors import InvalidRequestError
 from torchloom.protocol.knobs import FALSE_WORDS, TRUE_WORDS
 from torchloom.weaver.policies.base import Decision, Policy
+from torchloom.weaver.policies.checkpoint_interval import CheckpointIntervalPolicy
 from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
 from torchloom.weaver.policies.straggler import StragglerPolicy
@@ -52,10 +53,11 @@ BUILTIN: tuple[type[Any], ...] = (
     DivergencePolicy,
     FailurePolicy,
     SyncPeriodPolicy,
+    CheckpointIntervalPolicy,
 )
 
 
-DEFAULT_ENABLED = frozenset({"straggler", "divergence", "failure"})
+DEFAULT_ENABLED = frozenset({"straggler", "divergence", "failure", "checkpoint"})
 """On unless settings say otherwise; ``sync_every`` changes the optimisation trade-off, so it
 waits to be enabled."""
 
