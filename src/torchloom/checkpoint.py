@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from torchloom.protocol import CheckpointOrder, ControlRequest
+from torchloom.protocol import CheckpointOrder, ControlRequest, RollbackOrder
 from torchloom.threadlet.run import Run
 
 log = logging.getLogger("torchloom.checkpoint")
@@ -90,6 +90,7 @@ class Checkpointer:
         # one the training step's collectives use
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
         run.on_checkpoint(self._on_order)
+        run.on_rollback(self._on_rollback)
         run.emit("checkpoint_ready", storage=str(self.storage))  # the interval policy may ask
 
     def path(self, checkpoint_id: str) -> Path:
@@ -225,6 +226,14 @@ class Checkpointer:
             return None, f"the Weaver refused the checkpoint listing: {reply.error}"
         choice = reply.data.get("resume_from")
         return choice, "" if choice else f"{reply.data.get('resume_why', '')}"
+
+    def _on_rollback(self, order: RollbackOrder) -> int:
+        """Load the rollback's checkpoint now (training thread, at the effective step)."""
+        self.wait()  # a save in flight finishes first
+        step = self.load(order.id)
+        self.run.emit("checkpoint_loaded", step=step, id=order.id, why="rollback")
+        log.warning("torchloom: rolled back to checkpoint %s: going on at step %d", order.id, step)
+        return step
 
     def load(self, checkpoint_id: str) -> int:
         """Load checkpoint ``checkpoint_id`` into ``state`` in place, and this rank's RNG

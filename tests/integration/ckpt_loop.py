@@ -4,7 +4,7 @@ python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume]
 
 A linear model on a fixed random stream (each step's batch is seeded by the step), ~6 ms a
 step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
-weights and the losses it saw per step.
+weights, the loss per step and the ``(step, loss)`` trace in the order the steps ran.
 """
 
 import hashlib
@@ -39,6 +39,7 @@ elif load:
     run.start_step = ckpt.load(load)
 start = run.start_step
 losses = {}
+trace = []  # (step, loss) in the order run: a rollback makes steps repeat
 for step in run.steps():
     g = torch.Generator().manual_seed(step * 2 + rank)
     x = torch.randn(16, 32, generator=g)
@@ -48,12 +49,21 @@ for step in run.steps():
     loss.backward()
     opt.step()
     losses[step] = loss.item()
+    trace.append((step, losses[step]))
     run.log(loss=loss)
     time.sleep(0.005)
 ckpt.close()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 Path(out_dir, f"rank{rank}.json").write_text(
-    json.dumps({"start": start, "step": run.step, "weights": digest.hexdigest(), "losses": losses})
+    json.dumps(
+        {
+            "start": start,
+            "step": run.step,
+            "weights": digest.hexdigest(),
+            "losses": losses,
+            "trace": trace,
+        }
+    )
 )
 dist.destroy_process_group()

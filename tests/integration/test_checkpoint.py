@@ -3,6 +3,7 @@ DCP's async_save, the Weaver records it complete, and a job started from it ends
 weights as the uninterrupted run. Real nats-server, `torchloom up`, torchrun, gloo DDP, DCP."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,68 @@ def test_the_mnist_job_resumes_from_the_checkpoint_the_weaver_ordered(up, tmp_pa
     # the data cursor went on from the checkpoint's (2 ranks × 64 samples a step since step 0);
     # a loader not restored would stand 128 × the checkpoint's step short
     assert [s["data_cursor"] for s in out] == [end * 128] * 2
+
+
+def test_a_live_rollback_takes_every_rank_back_to_the_checkpoint_at_one_step(up, tmp_path):
+    """`torchloom rollback`: without a restart, both DDP ranks load the checkpoint at the same
+    effective step and go on from its step; the loss there is the checkpoint's again (the same
+    batch on the same weights), and the ranks end identical."""
+    storage = tmp_path / "ckpt"
+    client = up.client()
+    proc = launch(up, "rb", storage, tmp_path / "a", 100000)
+    try:
+        wait_for(
+            lambda: (
+                len(ranks(client, "rb")) == 2 and min(r["step"] for r in ranks(client, "rb")) > 30
+            ),
+            timeout_s=120,
+            what="both ranks training",
+        )
+        r = cli("checkpoint", "save", "--wait", "--job", "rb", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rec = client.control("checkpoints", "rb").data["checkpoints"][0]
+        wait_for(
+            lambda: min(x["step"] for x in ranks(client, "rb")) > rec["step"] + 60,
+            timeout_s=120,
+            what="training past the checkpoint",
+        )
+        bad = cli("rollback", "--to", "ckpt-v999", "--job", "rb", url=up.url)
+        assert bad.returncode == 2 and "no checkpoint 'ckpt-v999'" in bad.stderr, bad.stderr
+        r = cli("rollback", "--to", rec["id"], "--job", "rb", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def rolled_back():
+            ev = [
+                e
+                for e in history(client, "rb")
+                if e.kind == "checkpoint_loaded" and e.data.get("why") == "rollback"
+            ]
+            return ev if len(ev) >= 2 else None
+
+        loaded = wait_for(rolled_back, timeout_s=60, what="both ranks rolled back")
+        assert {(e.rank, e.step) for e in loaded} == {(0, rec["step"]), (1, rec["step"])}
+        r = cli("stop", "--job", "rb", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        stop_at = int(re.search(r"effective at step (\d+)", r.stdout).group(1))
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    a = outputs(tmp_path / "a")
+    jumps = []
+    for o in a:
+        trace = o["trace"]
+        back = [i for i in range(1, len(trace)) if trace[i][0] <= trace[i - 1][0]]
+        assert len(back) == 1, back  # one rollback, and no other step went back
+        i = back[0]
+        jumps.append((trace[i - 1][0], trace[i][0]))
+        first = next(loss for s, loss in trace if s == rec["step"])
+        assert trace[i][1] == first  # the checkpoint's step again: the same loss, bit for bit
+    assert jumps[0] == jumps[1] and jumps[0][1] == rec["step"]  # every rank at the same step
+    assert a[0]["weights"] == a[1]["weights"]
+    sets = [e for e in history(client, "rb") if e.kind == "config_set" and "rollback" in e.data]
+    assert [e.data["rollback"] for e in sets] == [{"id": rec["id"], "step": rec["step"]}]
+    assert sets[0].step == jumps[0][0] + 1  # the effective step: the first one not run again
+    # a change after the rollback is planned from where the ranks are, not held back until
+    # they reach the rollback's effective step again
+    assert stop_at < sets[0].step

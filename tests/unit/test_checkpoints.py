@@ -2,6 +2,8 @@
 who writes, complete only when every writer reported with DCP's metadata, failed when a writer
 fails or leaves, only complete ones offered. Pure: explicit time, no server."""
 
+import msgspec
+
 from tests.unit.test_planning import SETTINGS, beat, ctl, join
 from torchloom.protocol import RankEvent
 from torchloom.weaver import checkpoints
@@ -186,3 +188,60 @@ def test_a_launch_after_a_clean_end_starts_anew_after_a_failure_resumes():
     assert listing["resume_from"] == cid
     listing, _ = ended("exited")
     assert listing["resume_from"] is None and "ended cleanly" in listing["resume_why"]
+
+
+def complete_checkpoint(s, now):
+    out, _ = ctl(s, now, "checkpoint")
+    cid = out.reply.data["checkpoint"]
+    for key in list(s.job("j").ranks):
+        report(s, now + 0.5, "checkpoint_saved", cid, rank=key[2], metadata_sha256="x")
+    return s.job("j").checkpoints[cid]
+
+
+def test_rollback_targets_and_refusals():
+    s = job_of(["0"], ranks=2)
+    assert "run no Checkpointer" in ctl(s, 100.5, "rollback")[0].reply.error.message
+    ready(s, ("0", 0), ("0", 1))
+    assert "no complete checkpoint" in ctl(s, 100.6, "rollback")[0].reply.error.message
+    first = complete_checkpoint(s, 101.0)
+    beat(s, 102.0, rank=0, step=300)
+    beat(s, 102.0, rank=1, step=300)
+    second = complete_checkpoint(s, 103.0)
+    job = s.job("j")
+    assert checkpoints.rollback_target(job, {}).id == second.id
+    assert checkpoints.rollback_target(job, {"step": second.step - 1}).id == first.id
+    assert checkpoints.rollback_target(job, {"to": first.id}).id == first.id
+    for values, why in (
+        ({"to": "ckpt-v99"}, "no checkpoint 'ckpt-v99'"),
+        ({"step": first.step - 1}, "no complete checkpoint"),
+        ({"step": "soon"}, "not a whole number"),
+    ):
+        out, _ = ctl(s, 104.0, "rollback", values)
+        assert not out.reply.ok and why in out.reply.error.message, out.reply.error
+    job.checkpoints[first.id] = msgspec.structs.replace(first, state="failed")
+    out, _ = ctl(s, 104.0, "rollback", {"to": first.id})
+    assert "only a complete checkpoint" in out.reply.error.message
+
+
+def test_a_rollback_orders_every_rank_back_with_the_checkpoints_knobs():
+    s = job_of(["0"], ranks=2)
+    ready(s, ("0", 0), ("0", 1))
+    rec = complete_checkpoint(s, 101.0)
+    ctl(s, 102.0, "set", {"lr": 0.01})
+    out, events = ctl(s, 103.0, "rollback", {"to": rec.id})
+    assert out.reply.ok
+    snap = s.job("j").config.latest()
+    assert snap.rollback.id == rec.id and snap.rollback.step == rec.step
+    assert snap.values["lr"] == rec.values["lr"] == 0.1  # the desired config goes back too
+    assert events[0].data["rollback"] == {"id": rec.id, "step": rec.step}
+
+
+def test_a_rollback_can_change_knobs_with_it():
+    s = job_of(["0"], ranks=1)
+    ready(s, ("0", 0))
+    rec = complete_checkpoint(s, 101.0)
+    out, events = ctl(s, 102.0, "rollback", {"to": rec.id, "lr": 0.02})
+    assert out.reply.ok and s.job("j").config.latest().values["lr"] == 0.02
+    assert "lr=0.02" in events[0].message
+    out, _ = ctl(s, 103.0, "rollback", {"to": rec.id, "lr": -1})
+    assert not out.reply.ok and out.reply.error.knob == "lr"

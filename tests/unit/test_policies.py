@@ -473,3 +473,25 @@ def test_scores_reach_the_dashboard_rows():
         rank.straggler, rank.risk = scores.get(key, (None, None))
     row = rank_row(job.ranks[(JOB, "1", 0)], job, 4.0)
     assert row["straggler"] is True and row["risk"] == 0.9
+
+
+def test_divergence_rolls_back_to_the_newest_checkpoint_before_the_spike():
+    from torchloom.protocol import CheckpointRecord
+
+    p = DivergenceParams(mitigation="rollback")
+    rng = random.Random(3)
+    state = make_state(1)
+    job = state.jobs[JOB]
+    for cid, step, st in (("ckpt-v2", 40, "complete"), ("ckpt-v3", 90, "complete"),
+                          ("ckpt-v4", 95, "failed"), ("ckpt-v5", 103, "complete")):  # fmt: skip
+        job.checkpoints[cid] = CheckpointRecord(id=cid, job_id=JOB, step=step, version=2, state=st)
+    losses(state, "0", [0.3 + 0.05 * rng.gauss(0, 1) for _ in range(100)] + [3.0] * 5)
+    (d,) = DivergencePolicy(p).decide(1.0, state)
+    assert d.action == "set" and "no rollback: not every rank runs a Checkpointer" in d.reason
+    for rank in job.ranks.values():
+        rank.checkpointing = True
+    (d,) = DivergencePolicy(p).decide(1.0, state)
+    assert d.action == "rollback" and d.values == {"to": "ckpt-v3", "lr": 0.05}
+    assert d.features["spike_step"] == 100 and d.request().op == "rollback"
+    with pytest.raises(ValueError, match="mitigation"):
+        DivergencePolicy(DivergenceParams(mitigation="pray"))

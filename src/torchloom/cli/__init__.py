@@ -14,7 +14,7 @@ module             commands
 ``chaos``          ``chaos``
 ``creds``          ``creds``
 ``policy``         ``policy list|enable|disable|set|export``
-``checkpoint``     ``checkpoint save|list``
+``checkpoint``     ``checkpoint save|list``, ``rollback``
 ``sim``            ``sim``
 =================  ===========================================================
 """
@@ -60,6 +60,7 @@ app.command()(look.knobs)
 app.command()(look.events)
 app.add_typer(policy.app, name="policy")
 app.add_typer(checkpoint.app, name="checkpoint")
+app.command()(checkpoint.rollback)
 app.command("sim")(sim.sim)
 
 

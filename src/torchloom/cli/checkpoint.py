@@ -1,4 +1,5 @@
-"""``torchloom checkpoint save|list``: checkpoints the Weaver orders and keeps."""
+"""``torchloom checkpoint save|list`` and ``torchloom rollback``: checkpoints the Weaver orders,
+keeps and loads."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torchloom.cli.options import (
     weaver_client,
 )
 from torchloom.client import WeaverClient
-from torchloom.errors import NotReachableError, TorchloomError
+from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 
 app = typer.Typer(help="Checkpoints: save one at a step every rank agrees on; list them.")
 
@@ -108,3 +109,29 @@ def list_(
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def rollback(
+    to: Annotated[str | None, typer.Option("--to", help="the checkpoint id to load")] = None,
+    step: Annotated[
+        int | None, typer.Option("--step", help="the newest complete checkpoint at or before it")
+    ] = None,
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Every rank loads a complete checkpoint at one step and goes on from its step, without
+    restarting: weights, optimizer, data cursor, RNG and the desired config go back
+    (default: the newest complete checkpoint)."""
+    if to is not None and step is not None:
+        raise InvalidRequestError("give --to or --step, not both")
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    values: dict[str, Any] = {"to": to} if to else ({"step": step} if step is not None else {})
+    reply = client.control("rollback", job_id, values=values, reason=reason)
+    out.print(
+        f"v{reply.version}: rollback accepted → every rank loads it at step "
+        f"{reply.effective_step} (job {job_id}); `torchloom events -k checkpoint_loaded`"
+    )

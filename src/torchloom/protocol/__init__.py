@@ -19,6 +19,7 @@ from torchloom.protocol.messages import (
     MetricPoint,
     RankEvent,
     RegistryEntry,
+    RollbackOrder,
     Telemetry,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "MetricPoint",
     "RankEvent",
     "RegistryEntry",
+    "RollbackOrder",
     "Telemetry",
     "coerce",
     "coerce_all",

@@ -33,8 +33,9 @@ ControlOp = Literal[
     "policy",
     "checkpoint",
     "checkpoints",
+    "rollback",
 ]
-CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain", "checkpoint"})
+CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain", "checkpoint", "rollback"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
 LIMITED_OPS = CHANGE_OPS | {"forget"}
 """Ops rate-limited per requester at the control entry point."""
@@ -108,6 +109,7 @@ RankEventKind = Literal[
     "checkpoint_failed",
     "checkpoint_loaded",
     "checkpoint_ready",
+    "rollback_failed",
 ]
 
 
@@ -164,8 +166,10 @@ class ControlRequest(msgspec.Struct, kw_only=True):
             ``forget`` (take gone ranks out of the DR map: ``replica_id``, ``values["rank"]``),
             ``policies`` (list the Weaver's policies), ``policy`` (change one: ``values``
             holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``),
-            ``checkpoint`` (every writing rank saves at one effective step) or
-            ``checkpoints`` (the job's checkpoint registry).
+            ``checkpoint`` (every writing rank saves at one effective step),
+            ``checkpoints`` (the job's checkpoint registry) or ``rollback`` (every rank loads
+            a complete checkpoint at one effective step: ``values["to"]``, an id, or
+            ``values["step"]``, the newest at or before it; neither: the newest).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);
             for ``drain``: the replica group to take out of the run.
         device: for ``drain``: take out every replica group with a rank on this device
@@ -217,6 +221,18 @@ class ControlReply(msgspec.Struct, kw_only=True):
         error class."""
         error = ErrorInfo(code=exc.code, message=prefix + exc.message + suffix, knob=exc.knob)
         return cls(ok=False, error=error)
+
+
+class RollbackOrder(msgspec.Struct, kw_only=True):
+    """A config version's order to load a checkpoint at its effective step (every rank).
+
+    Attributes:
+        id: the complete checkpoint every rank loads.
+        step: its step: the ranks go on from there (the step counter goes back).
+    """
+
+    id: str
+    step: int
 
 
 class CheckpointOrder(msgspec.Struct, kw_only=True):
@@ -297,6 +313,8 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
         drained: replica groups whose ranks leave the run at ``effective_step`` (exit 0).
         checkpoint: an order to save a checkpoint at ``effective_step`` (this version only:
             the next one does not repeat it).
+        rollback: an order to load a checkpoint at ``effective_step`` and go on from its
+            step (this version only).
         issued_ts: when the Weaver accepted it (wall-clock s).
         reason: why (the request's reason, or the policy's).
     """
@@ -308,6 +326,7 @@ class ConfigSnapshot(msgspec.Struct, kw_only=True):
     run_state: RunState = "running"
     drained: list[str] = []
     checkpoint: CheckpointOrder | None = None
+    rollback: RollbackOrder | None = None
     issued_ts: float = 0.0
     reason: str = ""
 

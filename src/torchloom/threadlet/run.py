@@ -34,7 +34,7 @@ from torchloom.protocol import (
 )
 from torchloom.protocol.batching import BatchPlan, plan_step
 from torchloom.protocol.knobs import check_spec
-from torchloom.protocol.messages import CheckpointOrder, RankState
+from torchloom.protocol.messages import CheckpointOrder, RankState, RollbackOrder
 from torchloom.threadlet.agent import Agent
 from torchloom.threadlet.identity import Identity, resolve_identity
 from torchloom.threadlet.shared import PendingEvent, Shared
@@ -44,6 +44,8 @@ log = logging.getLogger("torchloom.threadlet")
 ConfigCallback = Callable[[Mapping[str, Any], Mapping[str, Any]], None]
 CheckpointHandler = Callable[[CheckpointOrder, int], None]
 """``handler(order, step)``: save checkpoint ``order.id`` as the state before ``step``."""
+RollbackHandler = Callable[[RollbackOrder], int]
+"""``handler(order)``: load checkpoint ``order.id`` in place; return the step to go on at."""
 """``callback(config, changed)``: the full config now in force, and the knobs that changed."""
 
 _NEVER = 1 << 62
@@ -86,6 +88,8 @@ class Run:
         self._step_hooks: list[Callable[[], None]] = []
         self._callbacks: list[ConfigCallback] = []
         self._checkpoint_handler: CheckpointHandler | None = None
+        self._rollback_handler: RollbackHandler | None = None
+        self._jump_to: int | None = None
         self._doc_used: DesiredConfig | None = None
         self._next_check = 0  # the next step at which a known snapshot takes effect
         self._closed = False
@@ -152,6 +156,10 @@ class Run:
                     hook()
                 if shared.doc is not self._doc_used or step >= self._next_check:
                     self._boundary(step)
+                if self._jump_to is not None:  # rolled back: the step counter goes back too
+                    step, self._jump_to = self._jump_to, None
+                    shared.step = step
+                    self._boundary(step)
                 if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
                     break
                 shared.step = step
@@ -213,6 +221,10 @@ class Run:
                 self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
                 if snap.checkpoint is not None:
                     self._order_checkpoint(snap.checkpoint, snap.effective_step, step)
+                if snap.rollback is not None:
+                    self._order_rollback(snap.rollback, snap.effective_step, step)
+                    if self._jump_to is not None:
+                        return  # steps() goes on from the checkpoint's step
             later = (
                 [s.effective_step for s in doc.snapshots if s.effective_step > step] if doc else []
             )
@@ -258,6 +270,27 @@ class Run:
         thread at the step boundary, before step ``step``; it reports ``checkpoint_saved`` or
         ``checkpoint_failed`` itself (:meth:`emit`)."""
         self._checkpoint_handler = handler
+
+    def on_rollback(self, handler: RollbackHandler) -> None:
+        """Have ``handler(order)`` load the checkpoint a rollback names (the
+        :class:`~torchloom.checkpoint.Checkpointer` registers itself); :meth:`steps` then
+        goes on from the step it returns."""
+        self._rollback_handler = handler
+
+    def _order_rollback(self, order: RollbackOrder, effective_step: int, step: int) -> None:
+        why = ""
+        if step != effective_step:
+            why = f"the order reached this rank at step {step}, after step {effective_step}"
+        elif self._rollback_handler is None:
+            why = "no Checkpointer in this process"
+        else:
+            try:
+                self._jump_to = self._rollback_handler(order)
+            except Exception as exc:  # the training goes on where it is; said in the history
+                why = f"{type(exc).__name__}: {exc}"
+        if why:
+            log.error("torchloom: rollback to %s not done: %s", order.id, why)
+            self.emit("rollback_failed", step=step, id=order.id, reason=why)
 
     def _order_checkpoint(self, order: CheckpointOrder, effective_step: int, step: int) -> None:
         if order.writers and self.identity.replica_id not in order.writers:

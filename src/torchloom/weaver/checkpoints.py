@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from torchloom.errors import InvalidRequestError
 from torchloom.protocol import CheckpointRecord, HistoryEvent, RankEvent
 from torchloom.weaver.state import Job, Rank
 
@@ -180,6 +181,44 @@ def _loss_near(job: Job, rec: CheckpointRecord) -> float | None:
         if near:
             found.append(near[-1])
     return sum(found) / len(found) if found else None
+
+
+def rollback_target(job: Job, values: dict[str, Any]) -> CheckpointRecord:
+    """The checkpoint a ``rollback`` loads: ``values["to"]`` (an id), else the newest complete
+    one at or before ``values["step"]``, else the newest complete one.
+
+    Raises:
+        InvalidRequestError: no such checkpoint, it is not complete, a live rank cannot load
+            one (no Checkpointer), or ``step`` is not a whole number.
+    """
+    not_ready = [f"{r.key[1]}/{r.key[2]}" for r in job.live_ranks() if not r.checkpointing]
+    if not job.live_ranks() or not_ready:
+        raise InvalidRequestError(
+            f"job {job.job_id!r} cannot roll back: rank(s) {', '.join(not_ready) or 'none'} "
+            "run no Checkpointer"
+            if not_ready
+            else f"job {job.job_id!r} has no live rank to roll back"
+        )
+    if values.get("to"):
+        rec = job.checkpoints.get(str(values["to"]))
+        if rec is None:
+            raise InvalidRequestError(f"job {job.job_id!r} has no checkpoint {values['to']!r}")
+        if rec.state != "complete":
+            raise InvalidRequestError(
+                f"checkpoint {rec.id} is {rec.state}: only a complete checkpoint can be loaded"
+            )
+        return rec
+    done = [c for c in job.checkpoints.values() if c.state == "complete"]
+    if values.get("step") is not None:
+        try:
+            at = int(values["step"])
+        except (TypeError, ValueError):
+            raise InvalidRequestError(f"step {values['step']!r} is not a whole number") from None
+        done = [c for c in done if c.step <= at]
+    rec = max(done, key=lambda c: (c.step, c.version), default=None)
+    if rec is None:
+        raise InvalidRequestError(f"job {job.job_id!r} has no complete checkpoint to roll back to")
+    return rec
 
 
 def newest_complete(job: Job) -> CheckpointRecord | None:

@@ -33,6 +33,7 @@ from torchloom.protocol import (
     ControlRequest,
     DesiredConfig,
     HistoryEvent,
+    RollbackOrder,
     coerce_all,
     decode,
     encode,
@@ -48,6 +49,7 @@ from torchloom.weaver.planning import (
     Position,
     Reach,
     flag_outliers,
+    floor_snapshots,
     floor_step,
     plan_effective_step,
     position,
@@ -291,12 +293,26 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         if not writers:
             raise InvalidRequestError(f"job {job.job_id!r} has no live rank to write a checkpoint")
         what = f"checkpoint ({why})"
+    elif req.op == "rollback":
+        if run_state == "paused":
+            raise InvalidRequestError(
+                f"job {job.job_id!r} is paused: a rollback happens at a step the ranks reach"
+            )
+        target = checkpoints.rollback_target(job, req.values)
+        values = {**values, **target.values}  # the desired config goes back with it
+        changes = coerce_all(
+            job.config.knobs, {k: v for k, v in req.values.items() if k not in ("to", "step")}
+        )
+        values.update(changes)  # and knobs changed with it (the divergence guard's lr)
+        what = f"roll back to checkpoint {target.id} (step {target.step})" + "".join(
+            f", {k}={v}" for k, v in changes.items()
+        )
     elif req.op == "replan":
         what = f"v{latest.version} re-planned"
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
     pos = position(job, reach=settings.reach)
-    floor = floor_step(job.config.snapshots, pos)
+    floor = floor_step(floor_snapshots(job), pos)
     if req.op == "replan" and floor >= latest.effective_step:
         raise InvalidRequestError(f"every pending version of job {job.job_id!r} is in reach")
     consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
@@ -321,13 +337,16 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             if req.op == "checkpoint"
             else None
         ),
+        rollback=(RollbackOrder(id=target.id, step=target.step) if req.op == "rollback" else None),
         issued_ts=now,
         reason=req.reason or what,
     )
     # versions planned beyond this one are out of reach (else they would be the floor)
     superseded = [s.version for s in job.config.snapshots if s.effective_step > eff]
-    if superseded:
-        what += f" (supersedes v{', v'.join(map(str, superseded))}: out of reach)"
+    passed = {s.version for s in job.config.snapshots} - {s.version for s in floor_snapshots(job)}
+    if set(superseded) - passed:
+        out_of_reach = [v for v in superseded if v not in passed]
+        what += f" (supersedes v{', v'.join(map(str, out_of_reach))}: out of reach)"
     snapshots = _prune([*job.config.snapshots, snap], job, settings.max_pending_versions)
     new = msgspec.structs.replace(job.config, snapshots=snapshots)
     expected = {r.key for r in job.live_ranks()}
@@ -353,6 +372,9 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
                 else {}
             ),
             **({"superseded": superseded} if superseded else {}),
+            **(
+                {"rollback": {"id": target.id, "step": target.step}} if req.op == "rollback" else {}
+            ),
         },
     )
     record = None

@@ -122,6 +122,15 @@ def estimate_step(rank: Rank, at: float) -> float:
     return rank.entry.last_step + rank.steps_per_s * max(0.0, at - rank.entry.last_seen_ts)
 
 
+def floor_snapshots(job: Job) -> list[ConfigSnapshot]:
+    """The job's snapshots that can hold a new version back: all but a rollback every rank
+    has applied (it took the steps back below its effective step; a change after it would
+    otherwise wait until the ranks are there again)."""
+    snapshots = job.config.snapshots if job.config else []
+    done = {v for v, t in job.applies.items() if t.done}
+    return [s for s in snapshots if s.rollback is None or s.version not in done]
+
+
 def floor_step(snapshots: list[ConfigSnapshot], pos: Position | None) -> int:
     """The lowest effective step a new version may have: the highest effective step of a
     version still in reach (a version out of reach is superseded by the new one)."""
@@ -160,7 +169,7 @@ def plan_effective_step(
     snapshots = job.config.snapshots if job.config else []
     latest = snapshots[-1] if snapshots else None
     pos = position(job, reach=reach) if pos is None else pos
-    floor = floor_step(snapshots, pos)
+    floor = floor_step(floor_snapshots(job), pos)
     planned = pos.members if pos is not None else job.live_ranks()
     if not planned:
         return floor

@@ -625,6 +625,8 @@ def _ft_event(rank: Rank, msg: RankEvent, now: float) -> HistoryEvent:
         "commit_failed": f"{who}: step {msg.step} not committed ({d.get('commit_failures')} in a row)",
         "checkpoint_loaded": f"{who}: loaded checkpoint {d.get('id')} ({d.get('why', '')}); "
         f"goes on at step {msg.step}",
+        "rollback_failed": f"{who}: rollback to {d.get('id')} not done at step {msg.step}: "
+        f"{msg.reason}",
     }.get(msg.kind, f"{who}: {msg.kind}")
     return HistoryEvent(
         job_id=msg.job_id,

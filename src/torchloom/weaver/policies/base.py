@@ -39,7 +39,7 @@ import msgspec
 
 from torchloom.protocol import ControlRequest
 
-Action = Literal["set", "drain", "pause", "checkpoint", "alert"]
+Action = Literal["set", "drain", "pause", "checkpoint", "rollback", "alert"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +50,8 @@ class Decision:
         policy: the deciding policy's name.
         job_id: the job it acts on.
         action: ``set`` (knob ``values``, job-wide or for ``replica_id``), ``drain``
-            (``replica_id`` or ``device``, ``replace``), ``pause``, ``checkpoint``, or
-            ``alert`` (a history entry only).
+            (``replica_id`` or ``device``, ``replace``), ``pause``, ``checkpoint``,
+            ``rollback`` (``values``: ``to`` and knob changes), or ``alert`` (history only).
         reason: one human sentence with the numbers that led to it.
         key: what it acts on, e.g. ``straggler/mnist/1``: the engine holds back a
             decision whose key was acted on within the policy's ``cooldown_s``.

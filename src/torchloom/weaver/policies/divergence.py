@@ -50,6 +50,9 @@ class DivergenceParams(msgspec.Struct, kw_only=True):
         max_lowerings: actions within ``repeat_window_s`` after which the job is paused.
         repeat_window_s: see ``max_lowerings`` (seconds).
         cooldown_s: no second action within this time (seconds).
+        mitigation: ``lr`` (lower ``lr``, the default) or ``rollback``: back to the newest
+            complete checkpoint taken before the spike, with ``lr × lr_factor`` (where every
+            rank runs a Checkpointer and there is one; else the ``lr`` mitigation, said so).
     """
 
     spike_k: float = 8.0
@@ -61,11 +64,14 @@ class DivergenceParams(msgspec.Struct, kw_only=True):
     max_lowerings: int = 3
     repeat_window_s: float = 300.0
     cooldown_s: float = 3.0
+    mitigation: str = "lr"
 
 
 def check(p: DivergenceParams) -> None:
     if not 0.0 < p.lr_factor < 1.0:
         raise ValueError("lr_factor must be in (0, 1)")
+    if p.mitigation not in ("lr", "rollback"):
+        raise ValueError("mitigation must be lr or rollback")
     if (
         p.spike_k <= 0
         or p.spike_k_log <= 0
@@ -262,6 +268,24 @@ class DivergencePolicy:
                 features=features,
             )
         values: dict[str, Any] = {"lr": lr * p.lr_factor}
+        if p.mitigation == "rollback":
+            rank = job.ranks[first[0]]
+            recent_steps = [s for s, _ in rank.window.losses][-p.spike_steps :]
+            spike_step = recent_steps[0] if recent_steps else since
+            back, why_not = _rollback_point(job, spike_step)
+            features.update({"spike_step": spike_step, "rollback_to": back})
+            if back is not None:
+                return Decision(
+                    policy=self.name,
+                    job_id=job.job_id,
+                    action="rollback",
+                    values={"to": back, "lr": lr * p.lr_factor},
+                    reason=f"{what}: roll back to checkpoint {back} from before step "
+                    f"{spike_step}, lr {lr:g} → {lr * p.lr_factor:g}",
+                    key=key,
+                    features=features,
+                )
+            what += f" (no rollback: {why_not})"
         if not latest.values.get("skip_nonfinite"):
             values["skip_nonfinite"] = True
         return Decision(
@@ -274,3 +298,13 @@ class DivergencePolicy:
             key=key,
             features=features,
         )
+
+
+def _rollback_point(job: Job, spike_step: int) -> tuple[str | None, str]:
+    """The newest complete checkpoint before ``spike_step``, or None and why not."""
+    if not all(r.checkpointing for r in job.live_ranks()):
+        return None, "not every rank runs a Checkpointer"
+    before = [c for c in job.checkpoints.values() if c.state == "complete" and c.step < spike_step]
+    if not before:
+        return None, f"no complete checkpoint before step {spike_step}"
+    return max(before, key=lambda c: (c.step, c.version)).id, ""
