@@ -44,6 +44,7 @@ from torchloom.transport import credentials_from_env
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
 from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.recorder import EventSink
+from torchloom.weaver.state import Retention
 
 if TYPE_CHECKING:
     from torchloom.weaver.web import Dashboard
@@ -128,6 +129,7 @@ class StackConfig:
         security: TLS, credentials and permissions (:class:`SecurityConfig`).
         dashboard: None serves no dashboard.
         liveness: failure, suspect and hang timeouts of the Weaver (None: its defaults).
+        retention: how long and how many gone ranks the DR map keeps (None: 1 h, 1,000).
         control: the Weaver's control settings (lead time, …; None: its defaults).
         policy_file: TOML settings of the policies (they win over settings stored by an
             earlier run); None: the stored settings, else the defaults.
@@ -143,6 +145,7 @@ class StackConfig:
     dashboard: DashboardConfig | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
     liveness: LivenessConfig | None = None
+    retention: Retention | None = None
     control: ControlSettings | None = None
     policy_file: Path | None = None
     nice: int | None = None
@@ -256,6 +259,7 @@ class Stack:
             self.weaver = Weaver(
                 nats_url=self.nats_url,
                 liveness=cfg.liveness,
+                retention=cfg.retention,
                 control_settings=cfg.control,
                 on_event=self.on_event,
                 policies=self.policies,

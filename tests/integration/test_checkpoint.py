@@ -282,3 +282,31 @@ def test_a_live_rollback_takes_every_rank_back_to_the_checkpoint_at_one_step(up,
     # a change after the rollback is planned from where the ranks are, not held back until
     # they reach the rollback's effective step again
     assert stop_at < sets[0].step
+
+
+def test_storage_that_cannot_be_written_fails_the_checkpoint_and_training_goes_on(up, tmp_path):
+    """Storage that is not a directory (as full, read-only or gone would be): the save fails
+    on every rank, the checkpoint is failed with the reason, and both ranks train on."""
+    storage = tmp_path / "a-file"
+    storage.write_text("not a directory")
+    client = up.client()
+    proc = launch(up, "bad", storage, tmp_path / "a", 100000)
+    try:
+        wait_for(
+            lambda: len(ranks(client, "bad")) == 2,
+            timeout_s=120,
+            what="both ranks training",
+        )
+        r = cli("checkpoint", "save", "--wait", "--job", "bad", url=up.url, timeout_s=120)
+        assert r.returncode == 1 and "Error" in r.stderr, r.stdout + r.stderr
+        (rec,) = client.control("checkpoints", "bad").data["checkpoints"]
+        assert rec["state"] == "failed" and "a-file" in rec["reason"], rec
+        past = rec["step"] + 50
+        wait_for(
+            lambda: min(x["step"] for x in ranks(client, "bad")) > past,
+            timeout_s=60,
+            what="training going on after the failed save",
+        )
+        assert all(x["state"] == "training" for x in ranks(client, "bad"))
+    finally:
+        kill_tree(proc)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.helpers import cli, wait_for
+from tests.helpers import Up, cli, wait_for
 from torchloom.protocol import (
     ControlReply,
     ControlRequest,
@@ -61,6 +61,15 @@ def _status(url: str, *args: str) -> dict:
     r = cli("status", "--job", "big", "--json", *args, url=url)
     assert r.returncode == 0, r.stdout + r.stderr
     return json.loads(r.stdout)["jobs"][0]
+
+
+@pytest.fixture
+def up(tmp_path):
+    """`torchloom up` keeping every gone rank: the Weaver's trimming to 1,000 gone ranks a job
+    (every 5 s) must not race the counts this test reads."""
+    proc = Up(tmp_path / "state", "--hang-timeout-s", "3", "--keep-gone-ranks", "100000")
+    yield proc
+    proc.stop()
 
 
 def test_a_join_burst_is_limited_and_status_works_at_thousands_of_ranks(up):

@@ -27,6 +27,7 @@ from torchloom.stack import (
     StackConfig,
 )
 from torchloom.weaver import ControlSettings, LivenessConfig
+from torchloom.weaver.state import Retention
 
 UiPortOpt = Annotated[
     int | None,
@@ -135,6 +136,7 @@ def stack_config(
     lighthouse: str = "auto",
     lighthouse_heartbeat_timeout_ms: int = 1000,
     security: SecurityConfig | None = None,
+    retention: Retention | None = None,
 ) -> StackConfig:
     """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
     return StackConfig(
@@ -159,6 +161,7 @@ def stack_config(
             hang_timeout_s=hang_timeout_s,
         ),
         control=ControlSettings(lead_time_s=lead_time_s),
+        retention=retention,
         policy_file=policies,
         nice=nice or None,
     )
@@ -248,6 +251,16 @@ def up(
     tls_key: TlsOpt = None,
     tls_ca: TlsOpt = None,
     nice: NiceOpt = -5,
+    keep_gone_ranks: Annotated[
+        int,
+        typer.Option(
+            "--keep-gone-ranks", min=0, help="gone (failed, exited) ranks kept in a job's DR map"
+        ),
+    ] = 1000,
+    keep_gone_s: Annotated[
+        float,
+        typer.Option("--keep-gone-s", min=0.0, help="how long a gone rank stays in the DR map"),
+    ] = 3600.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
@@ -274,6 +287,7 @@ def up(
         policies=policies,
         nice=nice,
         security=SecurityConfig(secure=secure, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca),
+        retention=Retention(dead_ttl_s=keep_gone_s, max_dead_per_job=keep_gone_ranks),
     ).build(on_event=printer.add)
     stack.start()
     nats_where = (

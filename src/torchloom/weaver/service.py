@@ -65,6 +65,7 @@ from torchloom.weaver.state import (
     LIVE_STATES,
     LivenessConfig,
     Rank,
+    Retention,
     WeaverState,
     check_liveness,
     duplicate_claim,
@@ -91,6 +92,7 @@ class Weaver:
     Args:
         nats_url: the NATS server or cluster (``nats://host:port[,…]``).
         liveness: failure, suspect and hang thresholds.
+        retention: how long and how many gone ranks the DR map keeps (default 1 h, 1,000).
         control_settings: how far ahead changes are scheduled.
         tick_interval_s: period of liveness checks and retries, in seconds.
         clock: wall-clock source in seconds (``time.time``); tests may pass their own.
@@ -118,6 +120,7 @@ class Weaver:
         *,
         nats_url: str,
         liveness: LivenessConfig | None = None,
+        retention: Retention | None = None,
         control_settings: ControlSettings | None = None,
         tick_interval_s: float = 0.05,
         clock: Callable[[], float] = time.time,
@@ -141,7 +144,9 @@ class Weaver:
         self.join_limiter = RateLimiter(rate_per_s=50.0, burst=256)
         """Joins per NATS connection (keyed by its reply inbox, which a request body cannot
         fake): a Threadlet joins once per (re)connect; a simulator many ranks at once."""
-        self.state = WeaverState(liveness=liveness or LivenessConfig())
+        self.state = WeaverState(
+            liveness=liveness or LivenessConfig(), retention=retention or Retention()
+        )
         self.settings = control_settings or ControlSettings()
         self.tick_interval_s = tick_interval_s
         self.clock = clock
