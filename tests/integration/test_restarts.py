@@ -52,11 +52,18 @@ def test_weaver_killed_and_restarted_mid_run(tmp_path, nats):
         after = wait_for(lambda: both_training(client, 1), timeout_s=20, what="DR map restored")
         assert {(r["replica_id"], r["rank"]): r["pid"] for r in after} == joined
         assert all(r["applied_version"] == 2 for r in after)
-        events_after = history(client, "mnist")
+
+        def restarted_history():
+            events = history(client, "mnist")
+            return events if any(e.kind == "weaver_started" for e in events) else None
+
+        # weaver_started is appended off the start's path: read until it is there
+        events_after = wait_for(
+            restarted_history, timeout_s=30, what="weaver_started in the history"
+        )
         assert [e.kind for e in events_after[: len(events_before)]] == [
             e.kind for e in events_before
         ]
-        assert "weaver_started" in [e.kind for e in events_after]
 
         r = cli("set", "lr=0.005", "--wait", url=nats.url)
         assert r.returncode == 0 and "v3 applied by 2 rank(s)" in r.stdout, r.stdout + r.stderr
