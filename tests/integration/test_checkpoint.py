@@ -47,18 +47,22 @@ def outputs(out):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+def wait_past(client, job, step, *, timeout_s=120, what="both ranks training"):
+    """Wait until both ranks of ``job`` are in the DR map and past ``step``."""
+
+    def past():
+        rs = ranks(client, job)
+        return len(rs) == 2 and min(r["step"] for r in rs) > step
+
+    wait_for(past, timeout_s=timeout_s, what=what)
+
+
 def test_a_checkpoint_saved_at_one_step_restarts_a_job_to_the_same_weights(up, tmp_path):
     storage = tmp_path / "ckpt"
     client = up.client()
     proc = launch(up, "cj", storage, tmp_path / "a", 100000)
     try:
-        wait_for(
-            lambda: (
-                len(ranks(client, "cj")) == 2 and min(r["step"] for r in ranks(client, "cj")) > 30
-            ),
-            timeout_s=120,
-            what="both ranks training",
-        )
+        wait_past(client, "cj", 30)
         r = cli("checkpoint", "save", "--wait", "--job", "cj", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "complete" in r.stdout, r.stdout
@@ -136,21 +140,11 @@ def test_a_whole_job_killed_resumes_from_the_newest_complete_checkpoint(up, tmp_
     client = up.client()
     proc = launch(up, "rj", storage, tmp_path / "a", 100000, "--resume")
     try:
-        wait_for(
-            lambda: (
-                len(ranks(client, "rj")) == 2 and min(r["step"] for r in ranks(client, "rj")) > 30
-            ),
-            timeout_s=120,
-            what="both ranks training",
-        )
+        wait_past(client, "rj", 30)
         r = cli("checkpoint", "save", "--wait", "--job", "rj", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
         rec = client.control("checkpoints", "rj").data["checkpoints"][0]
-        wait_for(
-            lambda: min(x["step"] for x in ranks(client, "rj")) > rec["step"] + 30,
-            timeout_s=120,
-            what="training past the checkpoint",
-        )
+        wait_past(client, "rj", rec["step"] + 30, what="training past the checkpoint")
     finally:
         kill_tree(proc, graceful_s=0)  # SIGKILL: the whole job dies at once
     steps = rec["step"] + 150
@@ -191,13 +185,7 @@ def test_the_mnist_job_resumes_from_the_checkpoint_the_weaver_ordered(up, tmp_pa
     client = up.client()
     proc = launch_mnist(up.url, tmp_path, "--max-steps", "100000", *ck, job="mk")
     try:
-        wait_for(
-            lambda: (
-                len(ranks(client, "mk")) == 2 and min(r["step"] for r in ranks(client, "mk")) > 50
-            ),
-            timeout_s=180,
-            what="MNIST training",
-        )
+        wait_past(client, "mk", 50, timeout_s=180, what="MNIST training")
         r = cli("checkpoint", "save", "--wait", "--job", "mk", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
     finally:
@@ -227,21 +215,11 @@ def test_a_live_rollback_takes_every_rank_back_to_the_checkpoint_at_one_step(up,
     client = up.client()
     proc = launch(up, "rb", storage, tmp_path / "a", 100000)
     try:
-        wait_for(
-            lambda: (
-                len(ranks(client, "rb")) == 2 and min(r["step"] for r in ranks(client, "rb")) > 30
-            ),
-            timeout_s=120,
-            what="both ranks training",
-        )
+        wait_past(client, "rb", 30)
         r = cli("checkpoint", "save", "--wait", "--job", "rb", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
         rec = client.control("checkpoints", "rb").data["checkpoints"][0]
-        wait_for(
-            lambda: min(x["step"] for x in ranks(client, "rb")) > rec["step"] + 60,
-            timeout_s=120,
-            what="training past the checkpoint",
-        )
+        wait_past(client, "rb", rec["step"] + 60, what="training past the checkpoint")
         bad = cli("rollback", "--to", "ckpt-v999", "--job", "rb", url=up.url)
         assert bad.returncode == 2 and "no checkpoint 'ckpt-v999'" in bad.stderr, bad.stderr
         r = cli("rollback", "--to", rec["id"], "--job", "rb", url=up.url)
@@ -302,11 +280,7 @@ def test_storage_that_cannot_be_written_fails_the_checkpoint_and_training_goes_o
         (rec,) = client.control("checkpoints", "bad").data["checkpoints"]
         assert rec["state"] == "failed" and "a-file" in rec["reason"], rec
         past = rec["step"] + 50
-        wait_for(
-            lambda: min(x["step"] for x in ranks(client, "bad")) > past,
-            timeout_s=60,
-            what="training going on after the failed save",
-        )
+        wait_past(client, "bad", past, timeout_s=60, what="training going on after the failed save")
         assert all(x["state"] == "training" for x in ranks(client, "bad"))
     finally:
         kill_tree(proc)

@@ -277,13 +277,16 @@ class Run:
         goes on from the step it returns."""
         self._rollback_handler = handler
 
+    @staticmethod
+    def _cannot_act(handler: object, effective_step: int, step: int) -> str:
+        """Why this rank cannot carry out a checkpoint or rollback order now ("": it can)."""
+        if step != effective_step:  # heard late: this rank's state is not that step's
+            return f"the order reached this rank at step {step}, after step {effective_step}"
+        return "no Checkpointer in this process" if handler is None else ""
+
     def _order_rollback(self, order: RollbackOrder, effective_step: int, step: int) -> None:
-        why = ""
-        if step != effective_step:
-            why = f"the order reached this rank at step {step}, after step {effective_step}"
-        elif self._rollback_handler is None:
-            why = "no Checkpointer in this process"
-        else:
+        why = self._cannot_act(self._rollback_handler, effective_step, step)
+        if not why and self._rollback_handler is not None:
             try:
                 self._jump_to = self._rollback_handler(order)
             except Exception as exc:  # the training goes on where it is; said in the history
@@ -295,20 +298,9 @@ class Run:
     def _order_checkpoint(self, order: CheckpointOrder, effective_step: int, step: int) -> None:
         if order.writers and self.identity.replica_id not in order.writers:
             return  # another replica group writes it
-        if step != effective_step:  # heard late: this rank's state is not that step's
-            self.emit(
-                "checkpoint_failed",
-                step=step,
-                id=order.id,
-                reason=f"the order reached this rank at step {step}, after step {effective_step}",
-            )
-        elif self._checkpoint_handler is None:
-            self.emit(
-                "checkpoint_failed",
-                step=step,
-                id=order.id,
-                reason="no Checkpointer in this process",
-            )
+        why = self._cannot_act(self._checkpoint_handler, effective_step, step)
+        if why or self._checkpoint_handler is None:
+            self.emit("checkpoint_failed", step=step, id=order.id, reason=why)
         else:
             self._checkpoint_handler(order, step)
 

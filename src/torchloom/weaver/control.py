@@ -312,7 +312,8 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     else:
         raise InvalidRequestError(f"unknown op {req.op!r}")
     pos = position(job, reach=settings.reach)
-    floor = floor_step(floor_snapshots(job), pos)
+    holding = floor_snapshots(job)
+    floor = floor_step(holding, pos)
     if req.op == "replan" and floor >= latest.effective_step:
         raise InvalidRequestError(f"every pending version of job {job.job_id!r} is in reach")
     consistent = req.op != "set" or any(job.config.knobs[name].consistent for name in req.values)
@@ -343,7 +344,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     )
     # versions planned beyond this one are out of reach (else they would be the floor)
     superseded = [s.version for s in job.config.snapshots if s.effective_step > eff]
-    passed = {s.version for s in job.config.snapshots} - {s.version for s in floor_snapshots(job)}
+    passed = {s.version for s in job.config.snapshots} - {s.version for s in holding}
     if set(superseded) - passed:
         out_of_reach = [v for v in superseded if v not in passed]
         what += f" (supersedes v{', v'.join(map(str, out_of_reach))}: out of reach)"
