@@ -336,7 +336,11 @@ def test_groups_of_two_ranks_survive_a_rank_kill_and_end_identical(tmp_path, up)
         ("1", 1),
     ]
     assert all(x["step"] == 299 and x["stop_reason"] == "finished" for x in s)
-    assert len({x["params_sha256"] for x in s}) == 1  # all four ranks hold the same weights
+    # all four ranks hold the same weights (once, torchft's step-0 heal split a group: see
+    # init_sync in the MNIST job's ft_manager)
+    assert len({x["params_sha256"] for x in s}) == 1, [
+        (x["replica_id"], x["rank"], x["params_sha256"][:12], x["ft_step"], x["quorum"]) for x in s
+    ]
     assert len({x["data_cursor"] for x in s}) == 1
     healed = {(e.replica_id, e.rank) for e in history(client, "ft") if e.kind == "healed"}
     assert {("1", 0), ("1", 1)} <= healed  # each rank of the new group healed from its peer

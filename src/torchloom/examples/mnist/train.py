@@ -202,6 +202,11 @@ def ft_manager(
         replica_id=f"{job_id}_{os.environ.get('REPLICA_GROUP_ID', '0')}",
         timeout=timedelta(seconds=10),
         use_async_quorum=not sync_quorum,
+        # every rank starts from the same seed, so no step-0 heal: with it, torchft picks a
+        # source group per local rank, and in a group of several ranks some heal (their
+        # gradients zeroed) while the others do not: the group's ranks then step with different
+        # gradients and their weights part (seen: 1 start in ~15 with 2 groups x 2 ranks)
+        init_sync=False,
     )
 
 
@@ -571,6 +576,8 @@ def main() -> None:
                     "data_cursor": loader.stream.cursor,
                     "batches": dict(loader.stats),
                     "stop_reason": run.stop_reason,
+                    "ft_step": manager.current_step() if manager is not None else None,
+                    "quorum": run.quorum,
                 }
             )
         )
