@@ -27,6 +27,7 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -46,6 +47,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from torchloom.errors import CheckpointCorruptError
 from torchloom.protocol import CheckpointOrder, ControlRequest, RollbackOrder
 from torchloom.threadlet.run import Run
 
@@ -129,7 +131,7 @@ class Checkpointer:
                     sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
                 )
                 stall = time.perf_counter() - t0
-                self._report(order.id, target, step, stall, stall, None)
+                self._report(order, target, step, stall, stall, None)
                 return
             fut = dcp_async_save(
                 sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
@@ -143,39 +145,60 @@ class Checkpointer:
         self._pending = fut
         fut.add_done_callback(
             lambda f: self._report(
-                order.id, target, step, stall, time.perf_counter() - t0, f.exception()
+                order, target, step, stall, time.perf_counter() - t0, f.exception()
             )
         )
 
     def _report(
         self,
-        checkpoint_id: str,
+        order: CheckpointOrder,
         target: Path,
         step: int,
         stall_s: float,
         total_s: float,
         error: BaseException | None,
     ) -> None:
-        """Tell the Weaver this rank's part is durable, or why not (any thread)."""
+        """Tell the Weaver this rank's part is durable — its files' sizes and SHA-256 — or
+        why not; then remove the old checkpoints the order names (any thread: the writer's)."""
         if error is not None:
-            self.run.emit("checkpoint_failed", step=step, id=checkpoint_id, reason=_why(error))
+            self.run.emit("checkpoint_failed", step=step, id=order.id, reason=_why(error))
             return
-        written = sum(p.stat().st_size for p in target.glob(f"__{self._rank}_*.distcp"))
-        digest = ""
+        mine = sorted(target.glob(f"__{self._rank}_*.distcp"))
         meta = target / ".metadata"
         if self._rank == 0 and meta.exists():
-            digest = hashlib.sha256(meta.read_bytes()).hexdigest()
-            written += meta.stat().st_size
+            mine.append(meta)
+        files = {p.name: _sha256(p) for p in mine}
+        removed = self._remove_old(order)
         self.run.emit(
             "checkpoint_saved",
             step=step,
-            id=checkpoint_id,
-            bytes=written,
+            id=order.id,
+            bytes=sum(p.stat().st_size for p in mine),
             stall_s=round(stall_s, 6),
             write_s=round(total_s, 6),
             storage=str(target),
-            metadata_sha256=digest,
+            metadata_sha256=files.get(".metadata", ""),
+            files=files,
+            removed=removed,
         )
+
+    def _remove_old(self, order: CheckpointOrder) -> list[str]:
+        """Remove the files of the failed and deleted checkpoints ``order.remove`` names (rank
+        0 of the first writing group does it); the ids whose files are gone."""
+        first = order.writers[0] if order.writers else self.run.identity.replica_id
+        if self._rank != 0 or first != self.run.identity.replica_id:
+            return []
+        removed = []
+        for cid in order.remove:
+            try:
+                shutil.rmtree(self.path(cid))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("torchloom: could not remove checkpoint %s: %s", cid, exc)
+                continue
+            removed.append(cid)
+        return removed
 
     def resume(self, *, from_scratch: bool = False, timeout_s: float = 10.0) -> str | None:
         """Load the checkpoint the Weaver says this job resumes from — its newest complete
@@ -198,7 +221,7 @@ class Checkpointer:
         choice: str | None = None
         why = ""
         if not from_scratch and self._rank == 0:
-            choice, why = self._ask_weaver(timeout_s)
+            choice, why = self._choose(timeout_s)
         if self._distributed:
             box: list[Any] = [choice, why]
             dist.broadcast_object_list(box, src=0, group=self._pg)
@@ -215,8 +238,28 @@ class Checkpointer:
         log.warning("torchloom: resumed from checkpoint %s at step %d", choice, step)
         return choice
 
-    def _ask_weaver(self, timeout_s: float) -> tuple[str | None, str]:
-        """``(checkpoint id or None, why not)`` from the Weaver's registry."""
+    def _choose(self, timeout_s: float) -> tuple[str | None, str]:
+        """The Weaver's choice, or the next newest complete checkpoint whose files pass their
+        checksums (each one that fails is reported ``checkpoint_corrupt``); rank 0 only."""
+        listing, why = self._ask_weaver(timeout_s)
+        if listing is None:
+            return None, why
+        records = {c["id"]: c for c in listing.get("checkpoints", [])}
+        first = listing.get("resume_from")
+        if first is None:
+            return None, str(listing.get("resume_why", ""))
+        for cid in [first, *listing.get("fallbacks", [])]:
+            try:
+                self.verify(cid, records.get(cid, {}).get("files", {}))
+                return cid, ""
+            except CheckpointCorruptError as exc:
+                log.error("torchloom: checkpoint %s not loaded: %s", cid, exc)
+                self.run.emit("checkpoint_corrupt", id=cid, reason=str(exc))
+        return None, "every complete checkpoint failed its checksums"
+
+    def _ask_weaver(self, timeout_s: float) -> tuple[dict[str, Any] | None, str]:
+        """The Weaver's checkpoint listing (:func:`torchloom.weaver.checkpoints.listing`), or
+        None and why not."""
         req = ControlRequest(op="checkpoints", job_id=self.run.identity.job_id)
         try:
             reply = self.run.shared.ask(req).result(timeout=timeout_s)
@@ -224,12 +267,41 @@ class Checkpointer:
             return None, f"the Weaver did not say which checkpoint to resume from ({_why(exc)})"
         if not reply.ok or not isinstance(reply.data, dict):
             return None, f"the Weaver refused the checkpoint listing: {reply.error}"
-        choice = reply.data.get("resume_from")
-        return choice, "" if choice else f"{reply.data.get('resume_why', '')}"
+        return reply.data, ""
+
+    def verify(self, checkpoint_id: str, files: Mapping[str, str]) -> None:
+        """Check that checkpoint ``checkpoint_id``'s files have the SHA-256 its writers
+        reported (``files``: name → hex digest, from the registry). Reads every file once.
+
+        Raises:
+            CheckpointCorruptError: a file is missing, or its content changed.
+        """
+        target = self.path(checkpoint_id)
+        if not files:
+            raise CheckpointCorruptError(f"the registry holds no checksums for {checkpoint_id}")
+        for name, digest in sorted(files.items()):
+            p = target / name
+            if not p.is_file():
+                raise CheckpointCorruptError(f"{p} is missing")
+            if _sha256(p) != digest:
+                raise CheckpointCorruptError(f"{p} changed since it was written (SHA-256)")
 
     def _on_rollback(self, order: RollbackOrder) -> int:
         """Load the rollback's checkpoint now (training thread, at the effective step)."""
         self.wait()  # a save in flight finishes first
+        why = ""
+        if self._rank == 0:  # one read of the files per group; every rank hears the verdict
+            try:
+                self.verify(order.id, order.files)
+            except CheckpointCorruptError as exc:
+                why = str(exc)
+                self.run.emit("checkpoint_corrupt", id=order.id, reason=why)
+        if self._distributed:
+            box: list[Any] = [why]
+            dist.broadcast_object_list(box, src=0, group=self._pg)
+            why = str(box[0])
+        if why:
+            raise CheckpointCorruptError(why)
         step = self.load(order.id)
         self.run.emit("checkpoint_loaded", step=step, id=order.id, why="rollback")
         log.warning("torchloom: rolled back to checkpoint %s: going on at step %d", order.id, step)
@@ -315,5 +387,57 @@ def _adapted(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
+
+
+def export_safetensors(
+    directory: str | os.PathLike[str], out: str | os.PathLike[str], *, key: str = "model"
+) -> dict[str, list[int]]:
+    """Write the tensors of ``state[key]`` of a DCP checkpoint as one safetensors file (the
+    consolidated weights, for use outside training: ``safetensors.torch.load_file`` then
+    ``model.load_state_dict``). Reads the whole checkpoint into CPU memory once.
+
+    Args:
+        directory: the checkpoint's directory (DCP's ``.metadata`` and ``.distcp`` files).
+        out: the file to write.
+        key: the entry of the Checkpointer's ``state`` to export (``"model"``).
+
+    Returns:
+        The shape of every tensor written, by name.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``directory``.
+        KeyError: the checkpoint has no ``key`` entry, or no tensor under it.
+    """
+    import tempfile
+
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    src = Path(directory)
+    if not (src / ".metadata").is_file():
+        raise FileNotFoundError(f"no checkpoint in {src} (no .metadata)")
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / "whole.pt"
+        dcp_to_torch_save(src, whole)
+        sd = torch.load(whole, map_location="cpu", weights_only=False)
+    part = sd.get(key)
+    tensors = (
+        {k: v.detach().contiguous() for k, v in part.items() if isinstance(v, torch.Tensor)}
+        if isinstance(part, dict)
+        else {}
+    )
+    if not tensors:
+        raise KeyError(f"the checkpoint has no tensors under {key!r} (entries: {sorted(sd)})")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata={"source": str(src), "key": key})
+    return {k: list(v.shape) for k, v in tensors.items()}

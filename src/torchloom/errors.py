@@ -148,6 +148,13 @@ class AlreadyRunningError(TorchloomError):
         self.nats_url = nats_url
 
 
+class CheckpointCorruptError(TorchloomError):
+    """A checkpoint's files differ from what its writers reported (changed, truncated or
+    missing): it is not loaded."""
+
+    code = "checkpoint_corrupt"
+
+
 ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
     cls.code: cls
     for cls in (
@@ -164,6 +171,7 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         LeadershipLostError,
         PortInUseError,
         AlreadyRunningError,
+        CheckpointCorruptError,
     )
 }
 

@@ -4,7 +4,7 @@ python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume]
 
 A linear model on a fixed random stream (each step's batch is seeded by the step), ~6 ms a
 step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
-weights, the loss per step and the ``(step, loss)`` trace in the order the steps ran.
+weights (and of those it started with), the loss per step and the ``(step, loss)`` trace in the order the steps ran.
 """
 
 import hashlib
@@ -38,6 +38,15 @@ if "--resume" in sys.argv:
 elif load:
     run.start_step = ckpt.load(load)
 start = run.start_step
+
+
+def weights_digest():
+    return hashlib.sha256(
+        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
+
+
+start_weights = weights_digest()
 losses = {}
 trace = []  # (step, loss) in the order run: a rollback makes steps repeat
 for step in run.steps():
@@ -53,14 +62,14 @@ for step in run.steps():
     run.log(loss=loss)
     time.sleep(0.005)
 ckpt.close()
-digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
 Path(out_dir).mkdir(parents=True, exist_ok=True)
 Path(out_dir, f"rank{rank}.json").write_text(
     json.dumps(
         {
             "start": start,
             "step": run.step,
-            "weights": digest.hexdigest(),
+            "weights": weights_digest(),
+            "start_weights": start_weights,
             "losses": losses,
             "trace": trace,
         }

@@ -284,3 +284,89 @@ def test_storage_that_cannot_be_written_fails_the_checkpoint_and_training_goes_o
         assert all(x["state"] == "training" for x in ranks(client, "bad"))
     finally:
         kill_tree(proc)
+
+
+def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and_exports(
+    up, tmp_path
+):
+    """Two checkpoints, the job killed, a file of the newer one truncated: the relaunched job
+    finds it fails its checksums, says so, and loads the older one (which is then failed and
+    its files removed by the next save); export writes the older one's weights as safetensors,
+    the same the job started from; pin makes a checkpoint the resume choice and keeps it from
+    deletion; delete takes one out of the registry and off the disk."""
+    from safetensors.torch import load_file
+
+    storage = tmp_path / "ckpt"
+    client = up.client()
+
+    def save():
+        r = cli("checkpoint", "save", "--wait", "--job", "pj", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return client.control("checkpoints", "pj").data["checkpoints"][0]
+
+    proc = launch(up, "pj", storage, tmp_path / "a", 100000, "--resume")
+    try:
+        wait_past(client, "pj", 20)
+        a = save()
+        wait_past(client, "pj", a["step"] + 20, what="training past the first checkpoint")
+        b = save()
+    finally:
+        kill_tree(proc, graceful_s=0)
+    r = cli("checkpoint", "show", b["id"], "--job", "pj", url=up.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(json.loads(r.stdout)["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shard = storage / "pj" / b["id"] / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+
+    proc = launch(up, "pj", storage, tmp_path / "b", 100000, "--resume")
+    try:
+
+        def loads():
+            ev = [e for e in history(client, "pj") if e.kind == "checkpoint_loaded"]
+            return ev if len(ev) >= 2 else None
+
+        loaded = wait_for(loads, timeout_s=120, what="both relaunched ranks loaded a checkpoint")
+        assert {e.data["id"] for e in loaded} == {a["id"]}
+        recs = {c["id"]: c for c in client.control("checkpoints", "pj").data["checkpoints"]}
+        assert recs[b["id"]]["state"] == "failed" and "checksums" in recs[b["id"]]["reason"]
+        c = save()  # its writer removes the failed checkpoint's files
+        wait_for(
+            lambda: not (storage / "pj" / b["id"]).exists(),
+            timeout_s=30,
+            what="the failed checkpoint's files removed",
+        )
+        r = cli("stop", "--job", "pj", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    started = outputs(tmp_path / "b")
+    assert [o["start"] for o in started] == [a["step"]] * 2  # the older one, not step 0
+
+    target = tmp_path / "export" / "model.safetensors"
+    r = cli("checkpoint", "export", a["id"], "--out", str(target), "--job", "pj", url=up.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    weights = load_file(str(target))
+    model = __import__("torch").nn.Linear(32, 1)
+    model.load_state_dict(weights)  # strict: the names and shapes of the model
+    digest = __import__("hashlib").sha256(
+        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    )
+    assert digest.hexdigest() == started[0]["start_weights"]
+
+    r = cli("checkpoint", "pin", a["id"], "--job", "pj", url=up.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    listing = client.control("checkpoints", "pj").data
+    assert listing["resume_from"] == a["id"] and "pinned" in listing["resume_why"]
+    r = cli("checkpoint", "delete", a["id"], "--job", "pj", url=up.url)
+    assert r.returncode == 2 and "unpin it first" in r.stderr, r.stdout + r.stderr
+    assert cli("checkpoint", "unpin", a["id"], "--job", "pj", url=up.url).returncode == 0
+    r = cli("checkpoint", "delete", a["id"], "--job", "pj", url=up.url)
+    assert r.returncode == 0 and "removed" in r.stdout, r.stdout + r.stderr
+    assert not (storage / "pj" / a["id"]).exists() and (storage / "pj" / c["id"]).is_dir()
+    states = {c["id"]: c["state"] for c in client.control("checkpoints", "pj").data["checkpoints"]}
+    assert states == {a["id"]: "deleted", b["id"]: "failed", c["id"]: "complete"}
+    kinds = [e.kind for e in history(client, "pj") if e.kind.startswith("checkpoint_")]
+    for kind in ("checkpoint_pinned", "checkpoint_unpinned", "checkpoint_deleted"):
+        assert kind in kinds, kinds

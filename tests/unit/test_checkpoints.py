@@ -245,3 +245,71 @@ def test_a_rollback_can_change_knobs_with_it():
     assert "lr=0.02" in events[0].message
     out, _ = ctl(s, 103.0, "rollback", {"to": rec.id, "lr": -1})
     assert not out.reply.ok and out.reply.error.knob == "lr"
+
+
+def complete_one(s, now):
+    """A checkpoint ordered and reported complete by the job's one rank; its record."""
+    out, _ = ctl(s, now, "checkpoint")
+    cid = out.reply.data["checkpoint"]
+    files = {".metadata": "aa", "__0_0.distcp": "bb"}
+    report(s, now, "checkpoint_saved", cid, metadata_sha256="aa", files=files, bytes=10)
+    return s.job("j").checkpoints[cid]
+
+
+def test_pin_makes_the_resume_choice_and_guards_against_delete():
+    s = job_of(["0"])
+    old, new = complete_one(s, 101.0), complete_one(s, 102.0)
+    assert old.files == {".metadata": "aa", "__0_0.distcp": "bb"}
+    assert checkpoints.listing(s.job("j"))["resume_from"] == new.id
+    out, events = ctl(s, 103.0, "checkpoint_pin", {"id": old.id})
+    assert out.reply.ok and [e.kind for e in events] == ["checkpoint_pinned"]
+    listing = checkpoints.listing(s.job("j"))
+    assert listing["resume_from"] == old.id and listing["fallbacks"] == [new.id]
+    out, _ = ctl(s, 104.0, "checkpoint_delete", {"id": old.id})
+    assert not out.reply.ok and "unpin it first" in out.reply.error.message
+    assert ctl(s, 104.0, "checkpoint_pin", {"id": new.id})[0].reply.ok  # one pin at a time
+    assert not s.job("j").checkpoints[old.id].pinned and s.job("j").checkpoints[new.id].pinned
+    assert ctl(s, 105.0, "checkpoint_pin", {"id": new.id, "pinned": False})[0].reply.ok
+    out, events = ctl(s, 106.0, "checkpoint_delete", {"id": old.id})
+    assert out.reply.ok and [e.kind for e in events] == ["checkpoint_deleted"]
+    assert s.job("j").checkpoints[old.id].state == "deleted"
+    out, _ = ctl(s, 107.0, "checkpoint_delete", {"id": old.id})  # gone already
+    assert not out.reply.ok and "no checkpoint" in out.reply.error.message
+    out, _ = ctl(s, 107.0, "checkpoint_pin", {"id": old.id})
+    assert not out.reply.ok
+
+
+def test_a_corrupt_checkpoint_is_failed_and_its_files_are_ordered_removed_once():
+    s = job_of(["0"])
+    rec = complete_one(s, 101.0)
+    ev = RankEvent(
+        kind="checkpoint_corrupt",
+        job_id="j",
+        replica_id="0",
+        rank=0,
+        ts=102.0,
+        step=0,
+        data={"id": rec.id},
+        reason="x changed",
+    )
+    events = checkpoints.on_corrupt(s.job("j"), ev, 102.0)
+    assert [e.kind for e in events] == ["checkpoint_failed"] and "checksums" in events[0].message
+    assert checkpoints.listing(s.job("j"))["resume_from"] is None
+    assert ctl(s, 103.0, "checkpoint")[0].reply.ok
+    order = s.job("j").config.latest().checkpoint
+    assert order.remove == [rec.id]
+    report(s, 104.0, "checkpoint_saved", order.id, metadata_sha256="aa", removed=[rec.id])
+    checkpoints.on_removed(
+        s.job("j"),
+        RankEvent(
+            kind="checkpoint_saved",
+            job_id="j",
+            replica_id="0",
+            rank=0,
+            ts=104.0,
+            step=0,
+            data={"id": order.id, "removed": [rec.id]},
+        ),
+    )
+    assert s.job("j").checkpoints[rec.id].files_removed
+    assert checkpoints.to_remove(s.job("j")) == []

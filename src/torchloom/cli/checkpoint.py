@@ -1,10 +1,12 @@
-"""``torchloom checkpoint save|list`` and ``torchloom rollback``: checkpoints the Weaver orders,
-keeps and loads."""
+"""``torchloom checkpoint save|list|show|pin|unpin|delete|export`` and ``torchloom rollback``:
+checkpoints the Weaver orders, keeps and loads."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -23,7 +25,11 @@ from torchloom.cli.options import (
 from torchloom.client import WeaverClient
 from torchloom.errors import InvalidRequestError, NotReachableError, TorchloomError
 
-app = typer.Typer(help="Checkpoints: save one at a step every rank agrees on; list them.")
+app = typer.Typer(
+    help="Checkpoints: save one at a step every rank agrees on; list, show, pin, delete, export."
+)
+
+IdArg = Annotated[str, typer.Argument(help="the checkpoint's id (ckpt-v<version>)")]
 
 
 def _records(client: WeaverClient, job_id: str) -> dict[str, Any]:
@@ -96,7 +102,7 @@ def list_(
     for c in data.get("checkpoints", []):
         t.add_row(
             c["id"],
-            c["state"],
+            c["state"] + (" (pinned)" if c.get("pinned") else ""),
             str(c["step"]),
             f"v{c['version']}",
             "" if c.get("loss") is None else f"{c['loss']:.4g}",
@@ -105,6 +111,121 @@ def list_(
             c["reason"] if c["state"] == "failed" else c["storage"],
         )
     out.print(t)
+
+
+def _record(client: WeaverClient, job_id: str, ckpt_id: str) -> dict[str, Any]:
+    """The registry's record of ``ckpt_id``.
+
+    Raises:
+        InvalidRequestError: the job has no such checkpoint.
+    """
+    for c in _records(client, job_id).get("checkpoints", []):
+        if c["id"] == ckpt_id:
+            return c  # type: ignore[no-any-return]
+    raise InvalidRequestError(f"job {job_id!r} has no checkpoint {ckpt_id!r}")
+
+
+@app.command()
+def show(
+    ckpt_id: IdArg,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """One checkpoint's record as JSON: step, version, knob values, loss, files and checksums."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    out.print_json(json.dumps(_record(client, pick_job(client, job), ckpt_id)))
+
+
+@app.command()
+def pin(
+    ckpt_id: IdArg,
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """A starting job resumes from this checkpoint (not the newest); it cannot be deleted."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    client.control("checkpoint_pin", job_id, values={"id": ckpt_id}, reason=reason)
+    out.print(f"checkpoint {ckpt_id} pinned: a starting job {job_id} resumes from it")
+
+
+@app.command()
+def unpin(
+    ckpt_id: IdArg,
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Take the pin off: a starting job resumes from the newest complete checkpoint again."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    client.control("checkpoint_pin", job_id, values={"id": ckpt_id, "pinned": False})
+    out.print(f"checkpoint {ckpt_id} unpinned")
+
+
+@app.command()
+def delete(
+    ckpt_id: IdArg,
+    job: JobOpt = None,
+    reason: ReasonOpt = "",
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Take a checkpoint out of the registry (never offered again) and remove its files: here
+    when its directory is reachable from this host, else by the job's next checkpoint writer."""
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    job_id = pick_job(client, job)
+    rec = client.control("checkpoint_delete", job_id, values={"id": ckpt_id}, reason=reason).data
+    where = Path(rec.get("storage", "")) if isinstance(rec, dict) else None
+    if where is not None and where.name == ckpt_id and where.is_dir():
+        shutil.rmtree(where)
+        out.print(f"checkpoint {ckpt_id} deleted; {where} removed")
+    else:
+        out.print(f"checkpoint {ckpt_id} deleted; its files go with the next checkpoint's save")
+
+
+@app.command()
+def export(
+    ckpt_id: IdArg,
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="the file to write (default: <id>.safetensors)")
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="safetensors (the only one)")] = (
+        "safetensors"
+    ),
+    key: Annotated[str, typer.Option("--key", help="the state entry to export")] = "model",
+    job: JobOpt = None,
+    nats_url: NatsUrl = None,
+    state_dir: StateDir = None,
+    timeout_s: TimeoutOpt = 5.0,
+) -> None:
+    """Write a complete checkpoint's model weights as one safetensors file (needs torch and
+    the checkpoint's directory on this host)."""
+    if fmt != "safetensors":
+        raise InvalidRequestError(f"format {fmt!r}: only safetensors is written")
+    client = weaver_client(nats_url, state_dir, timeout_s)
+    rec = _record(client, pick_job(client, job), ckpt_id)
+    if rec["state"] != "complete":
+        raise InvalidRequestError(f"checkpoint {ckpt_id} is {rec['state']}: nothing to export")
+    try:
+        from torchloom.checkpoint import export_safetensors
+    except ImportError as exc:
+        raise TorchloomError(
+            f"export needs torch: pip install 'torchloom[torch]' ({exc})"
+        ) from None
+    target = out_path or Path(f"{ckpt_id}.safetensors")
+    try:
+        shapes = export_safetensors(rec["storage"], target, key=key)
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidRequestError(str(exc).strip('"')) from None
+    out.print(f"{target}: {len(shapes)} tensors of {key!r} from {ckpt_id} (step {rec['step']})")
 
 
 def _size(n: int) -> str:

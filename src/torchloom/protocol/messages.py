@@ -33,11 +33,13 @@ ControlOp = Literal[
     "policy",
     "checkpoint",
     "checkpoints",
+    "checkpoint_pin",
+    "checkpoint_delete",
     "rollback",
 ]
 CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain", "checkpoint", "rollback"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
-LIMITED_OPS = CHANGE_OPS | {"forget"}
+LIMITED_OPS = CHANGE_OPS | {"forget", "checkpoint_pin", "checkpoint_delete"}
 """Ops rate-limited per requester at the control entry point."""
 
 
@@ -109,6 +111,7 @@ RankEventKind = Literal[
     "checkpoint_failed",
     "checkpoint_loaded",
     "checkpoint_ready",
+    "checkpoint_corrupt",
     "rollback_failed",
 ]
 
@@ -120,7 +123,10 @@ class RankEvent(msgspec.Struct, kw_only=True):
     ``exited`` (``reason``: ``finished``, ``stopped``, ``error: …``),
     ``checkpoint_saved`` / ``checkpoint_failed`` (this rank's part of checkpoint
     ``data["id"]`` is durable, with ``bytes``, ``stall_s``, ``write_s`` and, from the writing
-    group's rank 0, ``metadata_sha256``; or it could not be written: ``reason``), or a
+    group's rank 0, ``metadata_sha256``, ``files`` (name → SHA-256 of what it wrote) and
+    ``removed`` (ids of old checkpoints whose files it removed); or it could not be written:
+    ``reason``), ``checkpoint_corrupt`` (a complete checkpoint's files failed their checksums
+    at a load: ``reason``), or a
     fault-tolerance fact reported by an integration (``quorum_changed``,
     ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
     ``host`` and ``pid`` name the process that sent it (a second process with the same
@@ -229,10 +235,13 @@ class RollbackOrder(msgspec.Struct, kw_only=True):
     Attributes:
         id: the complete checkpoint every rank loads.
         step: its step: the ranks go on from there (the step counter goes back).
+        files: the checkpoint's files and their SHA-256 as the registry holds them (about 100
+            bytes per writing rank): checked before the load.
     """
 
     id: str
     step: int
+    files: dict[str, str] = {}
 
 
 class CheckpointOrder(msgspec.Struct, kw_only=True):
@@ -241,13 +250,16 @@ class CheckpointOrder(msgspec.Struct, kw_only=True):
     Attributes:
         id: the checkpoint's id within the job (``ckpt-v<version>``).
         writers: the replica groups that write it (every rank of each); the others train on.
+        remove: ids of the job's failed or deleted checkpoints whose files are still in the
+            storage: the first writing group's rank 0 removes them once this save is durable.
     """
 
     id: str
     writers: list[str] = []
+    remove: list[str] = []
 
 
-CheckpointState = Literal["pending", "complete", "failed"]
+CheckpointState = Literal["pending", "complete", "failed", "deleted"]
 
 
 class CheckpointRecord(msgspec.Struct, kw_only=True):
@@ -263,7 +275,8 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
         step: the step a run resumes at from it (the state before that step ran).
         version: the config version that ordered it.
         values: the job-wide knob values in force at ``step``.
-        state: ``pending``, ``complete`` or ``failed``.
+        state: ``pending``, ``complete``, ``failed`` (could not be written, or its files
+            failed their checksums at a load) or ``deleted`` (by a person).
         writers: the ranks that write it (``replica/rank``).
         saved: the ranks whose part is durable, with the bytes each wrote.
         storage: where the ranks wrote it (a directory or URL, as the first writer said).
@@ -275,6 +288,11 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
         reason: why it failed, or the request's reason.
         loss: the newest ``loss`` the writing ranks logged at or before ``step`` (mean), if any.
         stall_s: the longest time a writer's training thread spent on it, in seconds.
+        files: SHA-256 of every file the writers reported (name in the checkpoint's
+            directory → hex digest); a load checks them first.
+        pinned: a person pinned it: a starting job resumes from it (not the newest), and it
+            cannot be deleted.
+        files_removed: a failed or deleted checkpoint's files were removed from the storage.
     """
 
     v: int = SCHEMA_VERSION
@@ -295,6 +313,9 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
     reason: str = ""
     loss: float | None = None
     stall_s: float = 0.0
+    files: dict[str, str] = {}
+    pinned: bool = False
+    files_removed: bool = False
 
 
 JOURNAL_LENGTH = 8

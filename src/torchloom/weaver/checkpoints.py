@@ -99,9 +99,11 @@ def on_report(job: Job, msg: RankEvent, now: float) -> list[HistoryEvent]:
     if msg.kind == "checkpoint_failed":
         return _end(job, rec, "failed", now, f"rank {who}: {msg.reason or 'failed'}")
     saved = {**rec.saved, who: int(msg.data.get("bytes", 0) or 0)}
+    files = msg.data.get("files")
     rec = msgspec.structs.replace(
         rec,
         saved=saved,
+        files={**rec.files, **(files if isinstance(files, dict) else {})},
         storage=rec.storage or str(msg.data.get("storage", "")),
         metadata_sha256=rec.metadata_sha256 or str(msg.data.get("metadata_sha256", "")),
         stall_s=max(rec.stall_s, float(msg.data.get("stall_s", 0.0) or 0.0)),
@@ -113,6 +115,102 @@ def on_report(job: Job, msg: RankEvent, now: float) -> list[HistoryEvent]:
             return _end(job, rec, "failed", now, "no rank reported DCP's metadata written")
         return _end(job, rec, "complete", now, "")
     return []
+
+
+def on_removed(job: Job, msg: RankEvent) -> None:
+    """Note the old checkpoints whose files a writer removed (``data["removed"]`` of its
+    ``checkpoint_saved``): they are not ordered removed again."""
+    removed = msg.data.get("removed")
+    for cid in removed if isinstance(removed, list) else []:
+        rec = job.checkpoints.get(str(cid))
+        if rec is not None and rec.state in ("failed", "deleted") and not rec.files_removed:
+            job.checkpoints[rec.id] = msgspec.structs.replace(rec, files_removed=True)
+            job.dirty_checkpoints.add(rec.id)
+
+
+MAX_REMOVE_PER_ORDER = 16
+"""Old checkpoints one checkpoint order asks its writer to remove the files of, at most."""
+
+
+def to_remove(job: Job) -> list[str]:
+    """The failed and deleted checkpoints whose files are still in the storage, oldest first
+    (at most :data:`MAX_REMOVE_PER_ORDER`): the next order's writer removes them."""
+    old = [
+        c
+        for c in job.checkpoints.values()
+        if c.state in ("failed", "deleted") and not c.files_removed
+    ]
+    return [c.id for c in sorted(old, key=lambda c: c.version)[:MAX_REMOVE_PER_ORDER]]
+
+
+def on_corrupt(job: Job, msg: RankEvent, now: float) -> list[HistoryEvent]:
+    """A rank found a complete checkpoint's files changed or truncated at a load: it is failed
+    from now on (never offered again; its files are removed by a later writer)."""
+    rec = job.checkpoints.get(str(msg.data.get("id", "")))
+    if rec is None or rec.state != "complete":
+        return []
+    who = f"{msg.replica_id}/{msg.rank}"
+    return _end(
+        job,
+        rec,
+        "failed",
+        now,
+        f"failed its checksums at a load on rank {who}: {msg.reason or 'files changed'}",
+    )
+
+
+def edit(
+    job: Job, op: str, values: dict[str, Any], now: float, *, by: str = ""
+) -> tuple[CheckpointRecord, list[CheckpointRecord], list[HistoryEvent]]:
+    """A person's ``checkpoint_pin`` (``values``: ``id``, ``pinned``: bool, default true) or
+    ``checkpoint_delete`` (``id``): the edited record, the other records it changes (a pin
+    unpins the one pinned before), and the history events.
+
+    Raises:
+        InvalidRequestError: no such checkpoint; pinning one that is not complete; deleting a
+            pinned or a pending one.
+    """
+    cid = str(values.get("id", ""))
+    rec = job.checkpoints.get(cid)
+    if rec is None or rec.state == "deleted":
+        raise InvalidRequestError(f"job {job.job_id!r} has no checkpoint {cid!r}")
+    who = f" by {by}" if by else ""
+    if op == "checkpoint_delete":
+        if rec.pinned:
+            raise InvalidRequestError(f"checkpoint {cid} is pinned: unpin it first")
+        if rec.state == "pending":
+            raise InvalidRequestError(f"checkpoint {cid} is still being written")
+        done = msgspec.structs.replace(rec, state="deleted", ended_ts=rec.ended_ts or now)
+        kind, message, others = "checkpoint_deleted", f"checkpoint {cid} deleted{who}", []
+    else:
+        pinned = bool(values.get("pinned", True))
+        if pinned and rec.state != "complete":
+            raise InvalidRequestError(
+                f"checkpoint {cid} is {rec.state}: only a complete checkpoint can be pinned"
+            )
+        done = msgspec.structs.replace(rec, pinned=pinned)
+        others = [
+            msgspec.structs.replace(c, pinned=False)
+            for c in job.checkpoints.values()
+            if pinned and c.pinned and c.id != cid
+        ]
+        kind = "checkpoint_pinned" if pinned else "checkpoint_unpinned"
+        message = (
+            f"checkpoint {cid} (step {rec.step}) pinned{who}: a starting job resumes from it"
+            + (f" (unpins {', '.join(c.id for c in others)})" if others else "")
+            if pinned
+            else f"checkpoint {cid} unpinned{who}: a starting job resumes from the newest"
+        )
+    event = HistoryEvent(
+        job_id=job.job_id,
+        kind=kind,
+        ts=now,
+        step=rec.step,
+        version=rec.version,
+        message=message,
+        data={"id": cid, "by": by},
+    )
+    return done, others, [event]
 
 
 def check_writers(job: Job, now: float) -> list[HistoryEvent]:
@@ -228,8 +326,12 @@ def newest_complete(job: Job) -> CheckpointRecord | None:
 
 
 def resume_choice(job: Job) -> tuple[CheckpointRecord | None, str]:
-    """The checkpoint a starting job loads, and why (or why none): the newest complete one,
-    unless the job's last run ended cleanly (a new launch after a finished run starts anew)."""
+    """The checkpoint a starting job loads, and why (or why none): the one a person pinned,
+    else the newest complete one unless the job's last run ended cleanly (a new launch after a
+    finished run starts anew)."""
+    pinned = next((c for c in job.checkpoints.values() if c.pinned and c.state == "complete"), None)
+    if pinned is not None:
+        return pinned, f"pinned (step {pinned.step})"
     newest = newest_complete(job)
     if newest is None:
         return None, "no complete checkpoint"
@@ -239,13 +341,21 @@ def resume_choice(job: Job) -> tuple[CheckpointRecord | None, str]:
 
 
 def listing(job: Job) -> dict[str, Any]:
-    """The ``checkpoints`` read op's answer: every record, newest first, and the one a
-    resume would load (``resume_from``, with ``resume_why``)."""
+    """The ``checkpoints`` read op's answer: every record, newest first, the one a resume
+    would load (``resume_from``, with ``resume_why``) and, after it, the other complete ones
+    newest first (``fallbacks``: a starting rank tries them in turn when one fails its
+    checksums)."""
     records = sorted(job.checkpoints.values(), key=lambda c: (c.version, c.step), reverse=True)
     choice, why = resume_choice(job)
+    fallbacks = [
+        c.id
+        for c in sorted(records, key=lambda c: (c.step, c.version), reverse=True)
+        if c.state == "complete" and choice is not None and c.id != choice.id
+    ]
     return {
         "job_id": job.job_id,
         "checkpoints": [msgspec.to_builtins(c) for c in records],
         "resume_from": choice.id if choice else None,
         "resume_why": why,
+        "fallbacks": fallbacks,
     }

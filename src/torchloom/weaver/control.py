@@ -105,7 +105,10 @@ class Outcome:
     forget: list[RankKey] = field(default_factory=list)
     """Gone ranks an operator asked to take out of the DR map."""
     checkpoint: CheckpointRecord | None = None
-    """The pending record of the checkpoint a ``checkpoint`` version orders."""
+    """The pending record of the checkpoint a ``checkpoint`` version orders, or the record a
+    pin or delete changed."""
+    edited: list[CheckpointRecord] = field(default_factory=list)
+    """Other records a pin changed (the one pinned before, unpinned)."""
     duplicate: tuple[RankKey, str, int] | None = None
     """A refused join of a second process with a live rank's identity: ``(key, host, pid)``
     (see :func:`~torchloom.weaver.state.duplicate_claim`)."""
@@ -128,6 +131,8 @@ def handle(
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
         if req.op == "checkpoints":
             return Outcome(ControlReply(ok=True, data=checkpoints.listing(job)))
+        if req.op in ("checkpoint_pin", "checkpoint_delete"):
+            return _edit_checkpoint(job, req, now)
         if len(req.request_id) > 64:
             raise InvalidRequestError("request_id is longer than 64 characters")
         done = _already_done(job, req.request_id)
@@ -161,6 +166,18 @@ def _status(state: WeaverState, req: ControlRequest, now: float) -> dict[str, An
         if query.limit == 0:
             raise InvalidRequestError("the status of every job is too large: ask for one job")
         query = dataclasses.replace(query, limit=query.limit // 2)
+
+
+def _edit_checkpoint(job: Job, req: ControlRequest, now: float) -> Outcome:
+    """Pin, unpin or delete a checkpoint in the registry (no config version: the ranks are
+    not told; a deleted checkpoint's files are removed by the next checkpoint's writer)."""
+    rec, others, events = checkpoints.edit(job, req.op, dict(req.values), now, by=req.requested_by)
+    return Outcome(
+        ControlReply(ok=True, data=to_builtins(rec)),
+        checkpoint=rec,
+        edited=others,
+        events=events,
+    )
 
 
 def _forget(state: WeaverState, req: ControlRequest) -> Outcome:
@@ -334,11 +351,19 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         run_state=run_state,
         drained=drained,
         checkpoint=(
-            CheckpointOrder(id=checkpoints.checkpoint_id(version), writers=writers)
+            CheckpointOrder(
+                id=checkpoints.checkpoint_id(version),
+                writers=writers,
+                remove=checkpoints.to_remove(job),
+            )
             if req.op == "checkpoint"
             else None
         ),
-        rollback=(RollbackOrder(id=target.id, step=target.step) if req.op == "rollback" else None),
+        rollback=(
+            RollbackOrder(id=target.id, step=target.step, files=target.files)
+            if req.op == "rollback"
+            else None
+        ),
         issued_ts=now,
         reason=req.reason or what,
     )
@@ -608,9 +633,9 @@ def commit_config(
         job.applies.clear()
     if outcome.new_config is not None:
         job.config = outcome.new_config
-    if outcome.checkpoint is not None:
-        job.checkpoints[outcome.checkpoint.id] = outcome.checkpoint
-        job.dirty_checkpoints.add(outcome.checkpoint.id)
+    for rec in [outcome.checkpoint, *outcome.edited] if outcome.checkpoint else []:
+        job.checkpoints[rec.id] = rec
+        job.dirty_checkpoints.add(rec.id)
     if outcome.tracking is not None:
         job.applies[outcome.tracking.version] = outcome.tracking
     for version in outcome.superseded:  # replaced before anyone could apply them

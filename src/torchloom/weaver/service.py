@@ -449,7 +449,11 @@ class Weaver:
         now = self.clock()
         self._record(on_rank_event(self.state, ev, now))
         if ev.kind in ("checkpoint_saved", "checkpoint_failed"):
-            self._record(checkpoints.on_report(self.state.job(ev.job_id), ev, now))
+            job = self.state.job(ev.job_id)
+            self._record(checkpoints.on_report(job, ev, now))
+            checkpoints.on_removed(job, ev)
+        elif ev.kind == "checkpoint_corrupt":
+            self._record(checkpoints.on_corrupt(self.state.job(ev.job_id), ev, now))
         self.ingest["rank_event"].observe(nbytes=len(msg.data), lag_s=self.clock() - ev.ts)
 
     async def _on_control(self, msg: Message) -> None:
