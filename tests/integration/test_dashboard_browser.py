@@ -51,7 +51,10 @@ def api_get(url: str, path: str, token: str | None = None):
 def test_the_page_shows_and_steers_a_live_job(tmp_path, browser, screenshots):
     up = Up(tmp_path / "state", "--ui-token", TOKEN)
     proc = launch_mnist(
-        up.url, tmp_path, "--max-steps", "100000", "--eval-every", "40", "--step-delay-ms", "15"
+        up.url,
+        tmp_path,
+        *("--max-steps", "100000", "--eval-every", "40", "--step-delay-ms", "15"),
+        *("--checkpoint-dir", str(tmp_path / "ckpt")),
     )
     p = Page(browser, up.ui_url or "")
     page = p.page
@@ -109,6 +112,28 @@ def test_the_page_shows_and_steers_a_live_job(tmp_path, browser, screenshots):
         assert get("/api/jobs/mnist")["run_state"] == "paused"
         page.click("#act-resume")
         page.wait_for_selector(p.chip("0/0", "training"), timeout=30_000)
+
+        # checkpoints: save one, pin it, download its weights, roll back to it
+        page.click("#ckpt-save")
+        done = "#ckpts tbody tr.st-complete"
+        page.wait_for_selector(done, timeout=60_000)
+        ckpt = page.get_attribute(done, "data-id")
+        row = f'#ckpts tr[data-id="{ckpt}"]'
+        page.click(f'{row} button[data-ck="pin"]')
+        page.wait_for_function(
+            "t => document.querySelector('#ckpt-note').textContent.includes(t)",
+            arg=f"resumes from {ckpt} (pinned",
+        )
+        with page.expect_download(timeout=60_000) as download:
+            page.click(f"{row} a")
+        from safetensors.torch import load_file
+
+        weights = load_file(download.value.path())
+        assert "fc2.weight" in weights, sorted(weights)
+        page.click(f'{row} button[data-ck="rollback"]')
+        page.click("#confirm-ok")
+        page.wait_for_selector('#events li[data-kind="checkpoint_loaded"]', timeout=60_000)
+        page.locator(".ckpt-card").screenshot(path=str(screenshots / "checkpoints.png"))
 
         # select a replica: highlighted in the map and the table; details on hover
         page.click(p.chip("0/1"))

@@ -8,8 +8,12 @@ from a CDN, and the page must work air-gapped).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.resources
+import sys
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -21,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from torchloom.errors import InvalidRequestError
 from torchloom.protocol import ControlReply, ControlRequest
-from torchloom.weaver import views
+from torchloom.weaver import checkpoints, views
 from torchloom.weaver.service import Weaver
 from torchloom.weaver.state import Job
 from torchloom.weaver.web import frames
@@ -29,6 +33,7 @@ from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware, 
 from torchloom.weaver.web.feed import Feed
 from torchloom.weaver.web.metrics import IntakeCollector, WeaverCollector, exposition
 from torchloom.weaver.web.schema import (
+    CheckpointsView,
     ConfigView,
     EventView,
     Header,
@@ -120,6 +125,23 @@ REFUSED: dict[int | str, dict[str, Any]] = {
 }
 
 
+class PinBody(BaseModel):
+    """Pin a checkpoint (a starting job resumes from it; it cannot be deleted), or unpin it."""
+
+    pinned: bool = True
+    reason: str = ""
+
+
+class RollbackBody(BaseModel):
+    """Which complete checkpoint every rank loads: ``to`` (an id), else the newest at or
+    before ``step``, else the newest; knob values to change with it (``values``)."""
+
+    to: str | None = None
+    step: int | None = Field(None, ge=0)
+    values: dict[str, Any] = Field(default_factory=dict)
+    reason: str = ""
+
+
 class SessionBody(BaseModel):
     token: str
 
@@ -131,6 +153,7 @@ class ControlResult(BaseModel):
     version: int | None = None
     effective_step: int | None = None
     error: ErrorDetail | None = None
+    data: Any = Field(None, description="what the action made (a checkpoint's id or record)")
 
 
 def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
@@ -195,6 +218,7 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             "version": reply.version,
             "effective_step": reply.effective_step,
             "error": None,
+            "data": reply.data,
         }
         if reply.error is not None:
             body["error"] = {
@@ -437,4 +461,153 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             ),
         )
 
+    # ---- checkpoints ----------------------------------------------------------------
+
+    @app.get(
+        "/api/jobs/{job_id}/checkpoints",
+        tags=["read"],
+        response_model=CheckpointsView,
+        responses=NOT_FOUND,
+    )
+    async def checkpoint_list(job_id: str) -> CheckpointsView | JSONResponse:
+        """The job's checkpoint registry, newest first, and the one a starting job loads."""
+        j = find_job(job_id)
+        return checkpoints.listing(j) if j else not_found(job_id)  # type: ignore[return-value]
+
+    @app.post(
+        "/api/jobs/{job_id}/checkpoints",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
+    async def checkpoint_save(
+        job_id: str, request: Request, body: ActionBody | None = None
+    ) -> JSONResponse:
+        """Order a checkpoint at a step every rank agrees on (``data``: its id)."""
+        reason = body.reason if body else ""
+        return await submit(request, ControlRequest(op="checkpoint", job_id=job_id, reason=reason))
+
+    @app.post(
+        "/api/jobs/{job_id}/checkpoints/{checkpoint_id}/pin",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
+    async def checkpoint_pin(
+        job_id: str, checkpoint_id: str, request: Request, body: PinBody | None = None
+    ) -> JSONResponse:
+        """Pin a complete checkpoint (``pinned: false`` unpins it)."""
+        b = body or PinBody()
+        values = {"id": checkpoint_id, "pinned": b.pinned}
+        return await submit(
+            request,
+            ControlRequest(op="checkpoint_pin", job_id=job_id, values=values, reason=b.reason),
+        )
+
+    @app.post(
+        "/api/jobs/{job_id}/checkpoints/{checkpoint_id}/delete",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
+    async def checkpoint_delete(
+        job_id: str, checkpoint_id: str, request: Request, body: ActionBody | None = None
+    ) -> JSONResponse:
+        """Take a checkpoint out of the registry; its files go with the next save."""
+        return await submit(
+            request,
+            ControlRequest(
+                op="checkpoint_delete",
+                job_id=job_id,
+                values={"id": checkpoint_id},
+                reason=body.reason if body else "",
+            ),
+        )
+
+    @app.post(
+        "/api/jobs/{job_id}/rollback",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
+    async def rollback(job_id: str, body: RollbackBody, request: Request) -> JSONResponse:
+        """Every rank loads a complete checkpoint at one step and goes on from its step."""
+        values: dict[str, Any] = dict(body.values)
+        if body.to is not None:
+            values["to"] = body.to
+        if body.step is not None:
+            values["step"] = body.step
+        return await submit(
+            request,
+            ControlRequest(op="rollback", job_id=job_id, values=values, reason=body.reason),
+        )
+
+    @app.get(
+        "/api/jobs/{job_id}/checkpoints/{checkpoint_id}/export",
+        tags=["read"],
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {}}, "description": "safetensors"},
+            **REFUSED,
+        },
+    )
+    async def checkpoint_export(job_id: str, checkpoint_id: str) -> Response:
+        """A complete checkpoint's model weights as one safetensors file (made by a separate
+        Python process with torch, so the Weaver never loads torch)."""
+        j = find_job(job_id)
+        if j is None:
+            return not_found(job_id)
+        rec = j.checkpoints.get(checkpoint_id)
+        if rec is None or rec.state != "complete":
+            state = "no such checkpoint" if rec is None else f"checkpoint is {rec.state}"
+            return JSONResponse(
+                {"ok": False, "error": {"code": "invalid_request", "message": state}},
+                status_code=404 if rec is None else 400,
+            )
+        data, error = await export_weights(rec.storage)
+        if data is None:
+            return JSONResponse(
+                {"ok": False, "error": {"code": "not_reachable", "message": error}},
+                status_code=503,
+            )
+        name = f"{job_id}-{checkpoint_id}.safetensors"
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
     return app
+
+
+EXPORT_TIMEOUT_S = 600.0
+"""How long the dashboard's export of a checkpoint may take, in seconds."""
+
+
+async def export_weights(storage: str) -> tuple[bytes | None, str]:
+    """The safetensors bytes of the checkpoint in ``storage`` (its DCP directory), written by
+    ``torchloom.checkpoint.export_safetensors`` in a child Python; or None and why not."""
+    with tempfile.TemporaryDirectory(prefix="torchloom-export-") as tmp:
+        out = Path(tmp) / "model.safetensors"
+        code = (
+            "import sys; from torchloom.checkpoint import export_safetensors; "
+            "export_safetensors(sys.argv[1], sys.argv[2])"
+        )
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            storage,
+            str(out),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), EXPORT_TIMEOUT_S)
+        except TimeoutError:
+            proc.kill()
+            return None, f"the export took over {EXPORT_TIMEOUT_S:g} s"
+        if proc.returncode != 0:
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            return None, f"the export failed: {last[0]}"
+        return out.read_bytes(), ""

@@ -171,3 +171,13 @@ class EventView(TypedDict):
     version: int | None
     data: dict[str, Any]
     seq: int
+
+
+class CheckpointsView(TypedDict):
+    """A job's checkpoint registry (records as ``torchloom.protocol.CheckpointRecord``)."""
+
+    job_id: str
+    checkpoints: list[dict[str, Any]]
+    resume_from: str | None
+    resume_why: str
+    fallbacks: list[str]

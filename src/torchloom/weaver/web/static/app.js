@@ -83,6 +83,7 @@ function apply(f) {
     S.header = f.header; S.config = f.config;
     ["jobs", "header", "ranks", "events", "charts", "knobs"].forEach((k) => S.dirty.add(k));
     S.knobsKey = null;
+    loadCheckpoints();
     return;
   }
   // update
@@ -106,6 +107,7 @@ function apply(f) {
     if (S.events.length > 2000) S.events.splice(0, S.events.length - 2000);
     S.eventSeq = fresh[fresh.length - 1].seq;
     S.dirty.add("events"); S.dirty.add("charts");
+    if (fresh.some((e) => e.kind.startsWith("checkpoint_"))) loadCheckpoints();
   }
   if (f.series_reset) { S.series = f.series; S.dirty.add("charts"); }
   else if (f.series.ts.length) {
@@ -496,6 +498,62 @@ function renderEvents() {
     || `<li><span></span><span></span><span class="conn">no events</span></li>`;
 }
 
+// ---- checkpoints ---------------------------------------------------------------------------
+let ckptLoading = null;
+async function loadCheckpoints() {
+  const job = S.job;
+  if (!job || ckptLoading) return;
+  ckptLoading = fetch(`/api/jobs/${encodeURIComponent(job)}/checkpoints`)
+    .then((r) => (r.ok ? r.json() : null))
+    .then((data) => { if (data && job === S.job) { S.checkpoints = data; renderCheckpoints(); } })
+    .catch(() => {})
+    .finally(() => { ckptLoading = null; });
+}
+
+function size(n) { return !n ? "—" : n >= 1e5 ? (n / 1e6).toFixed(1) + " MB" : (n / 1e3).toFixed(0) + " kB"; }
+
+function renderCheckpoints() {
+  const data = S.checkpoints;
+  if (!data) return;
+  $("#ckpt-note").textContent = "a launch resumes from " + (data.resume_from || "none") + (data.resume_why ? ` (${data.resume_why})` : "");
+  const job = encodeURIComponent(S.job);
+  $("#ckpts tbody").innerHTML = data.checkpoints.map((c) => {
+    const id = esc(c.id);
+    const done = c.state === "complete";
+    const buttons = done ? `<button data-ck="pin" data-id="${id}">${c.pinned ? "Unpin" : "Pin"}</button>`
+      + `<button data-ck="rollback" data-id="${id}" class="warn">Roll back</button>`
+      + `<a class="button" href="/api/jobs/${job}/checkpoints/${encodeURIComponent(c.id)}/export" download title="the model's weights as safetensors">Download</a>` : "";
+    const del = c.state !== "pending" && c.state !== "deleted" && !c.pinned ? `<button data-ck="delete" data-id="${id}" class="danger">Delete</button>` : "";
+    const state = c.state === "complete" ? "" : ` · ${esc(c.state)}`;
+    return `<tr class="st-${esc(c.state)}" data-id="${id}" title="${esc(c.state + " · " + size(c.bytes) + (c.reason ? " · " + c.reason : ""))}">`
+      + `<td>${id}${c.pinned ? ' <span class="pin">pinned</span>' : ""}${state}</td><td class="num">${c.step}</td><td class="num">${fmt.sig(c.loss)}</td><td class="ck-actions">${buttons}${del}</td></tr>`;
+  }).join("") || `<tr><td colspan="4" class="conn">no checkpoint yet</td></tr>`;
+}
+
+async function checkpointAction(kind, id) {
+  const msg = $("#action-msg");
+  const job = encodeURIComponent(S.job);
+  const rec = (S.checkpoints?.checkpoints || []).find((c) => c.id === id);
+  let data;
+  if (kind === "save") {
+    data = await post(`/api/jobs/${job}/checkpoints`, {});
+    msg.textContent = data.ok ? `checkpoint ${data.data?.checkpoint} ordered at step ${data.effective_step}` : `save refused: ${data.error?.message}`;
+  } else if (kind === "pin") {
+    data = await post(`/api/jobs/${job}/checkpoints/${encodeURIComponent(id)}/pin`, { pinned: !rec?.pinned });
+    msg.textContent = data.ok ? `checkpoint ${id} ${rec?.pinned ? "unpinned" : "pinned"}` : `pin refused: ${data.error?.message}`;
+  } else if (kind === "delete") {
+    if (!(await confirmDialog(`Delete checkpoint ${id} of job ${S.job}? It is never offered again; its files go with the next save.`, false))) return;
+    data = await post(`/api/jobs/${job}/checkpoints/${encodeURIComponent(id)}/delete`, {});
+    msg.textContent = data.ok ? `checkpoint ${id} deleted` : `delete refused: ${data.error?.message}`;
+  } else if (kind === "rollback") {
+    if (!(await confirmDialog(`Roll job ${S.job} back to checkpoint ${id} (step ${rec?.step})? Every rank loads it at one step.`, false))) return;
+    data = await post(`/api/jobs/${job}/rollback`, { to: id });
+    msg.textContent = data.ok ? `rollback to ${id}: v${data.version}, effective at step ${data.effective_step}` : `rollback refused: ${data.error?.message}`;
+  }
+  msg.className = "msg " + (data.ok ? "ok" : "err");
+  loadCheckpoints();
+}
+
 // ---- actions -------------------------------------------------------------------------------
 function confirmDialog(text, withReplace) {
   return new Promise((resolve) => {
@@ -526,12 +584,16 @@ async function action(op) {
 // ---- wiring --------------------------------------------------------------------------------
 function wire() {
   $("#job").addEventListener("change", (e) => {
-    S.job = e.target.value; S.selected = null; S.pendingVersion = null;
+    S.job = e.target.value; S.selected = null; S.pendingVersion = null; S.checkpoints = null;
     history.replaceState(null, "", "?job=" + encodeURIComponent(S.job));
     connect();
   });
   document.querySelectorAll(".actions button").forEach((b) => b.addEventListener("click", () => action(b.dataset.op)));
   $("#knobs").addEventListener("submit", applyKnobs);
+  $("#ckpt-save").addEventListener("click", () => checkpointAction("save"));
+  $("#ckpts tbody").addEventListener("click", (e) => {
+    const b = e.target.closest("button[data-ck]"); if (b) checkpointAction(b.dataset.ck, b.dataset.id);
+  });
   $("#revert").addEventListener("click", () => { S.knobsKey = null; document.activeElement?.blur?.(); renderKnobs(); });
   $("#scope").addEventListener("change", () => { S.knobsKey = null; renderKnobs(); });
   $("#filters").addEventListener("click", (e) => {
