@@ -260,7 +260,8 @@ class Checkpointer:
     def _ask_weaver(self, timeout_s: float) -> tuple[dict[str, Any] | None, str]:
         """The Weaver's checkpoint listing (:func:`torchloom.weaver.checkpoints.listing`), or
         None and why not."""
-        req = ControlRequest(op="checkpoints", job_id=self.run.identity.job_id)
+        ident = self.run.identity
+        req = ControlRequest(op="checkpoints", job_id=ident.job_id, replica_id=ident.replica_id)
         try:
             reply = self.run.shared.ask(req).result(timeout=timeout_s)
         except Exception as exc:  # no NATS, no Weaver, no answer in time

@@ -344,3 +344,65 @@ def test_groups_of_two_ranks_survive_a_rank_kill_and_end_identical(tmp_path, up)
     assert len({x["data_cursor"] for x in s}) == 1
     healed = {(e.replica_id, e.rank) for e in history(client, "ft") if e.kind == "healed"}
     assert {("1", 0), ("1", 1)} <= healed  # each rank of the new group healed from its peer
+
+
+def test_checkpoints_under_torchft_one_group_writes_and_a_rollback_takes_every_group_back(
+    tmp_path, up
+):
+    """The MNIST job under torchft with --checkpoint-dir: one replica group writes (the Weaver's
+    choice, said in the history) while the other trains on; a rollback makes both groups load
+    it at one step — torchft's committed step goes back with it — and they end identical."""
+    client = up.client()
+    storage = tmp_path / "ckpt"
+    sup, log = start_two_groups(up, tmp_path, 100_000, "--checkpoint-dir", str(storage))
+    try:
+        wait_for_quorum(client)
+        r = cli("checkpoint", "save", "--wait", "--job", "ft", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rec = client.control("checkpoints", "ft").data["checkpoints"][0]
+        (writer,) = {w.split("/")[0] for w in rec["writers"]}
+        assert sorted(p.name for p in (storage / "ft" / rec["id"]).iterdir()) == [
+            ".metadata",
+            "__0_0.distcp",
+        ]
+        asked = [e for e in history(client, "ft") if e.kind == "checkpoint_requested"]
+        assert f"replica group {writer} writes" in asked[-1].message
+
+        wait_for(
+            lambda: all(x["step"] > rec["step"] + 30 for x in ranks(client, "ft")),
+            timeout_s=120,
+            what="both groups past the checkpoint",
+        )
+        r = cli("rollback", "--to", rec["id"], "--job", "ft", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+        def rolled_back():
+            ev = [
+                e
+                for e in history(client, "ft")
+                if e.kind == "checkpoint_loaded" and e.data.get("why") == "rollback"
+            ]
+            return ev if len(ev) >= 2 else None
+
+        loaded = wait_for(rolled_back, timeout_s=60, what="both groups rolled back")
+        assert sorted((e.replica_id, e.step) for e in loaded) == [
+            ("0", rec["step"]),
+            ("1", rec["step"]),
+        ]
+        t_rollback = min(e.ts for e in loaded)
+        wait_for(
+            lambda: all(x["step"] > rec["step"] + 20 for x in ranks(client, "ft")),
+            timeout_s=120,
+            what="both groups training after the rollback",
+        )
+        assert cli("stop", "--job", "ft", url=up.url).returncode == 0
+        assert sup.wait(120) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    finally:
+        kill_tree(sup)
+        log.close()
+    # both went back together: neither healed from the other after the rollback
+    assert not [e for e in history(client, "ft") if e.kind == "healed" and e.ts > t_rollback]
+    s = summaries(tmp_path)
+    assert s[0]["step"] == s[1]["step"] and s[0]["ft_step"] == s[1]["ft_step"]
+    assert s[0]["params_sha256"] == s[1]["params_sha256"]
+    assert "[replica 0] restarted" not in (tmp_path / "run.log").read_text()

@@ -313,3 +313,13 @@ def test_a_corrupt_checkpoint_is_failed_and_its_files_are_ordered_removed_once()
     )
     assert s.job("j").checkpoints[rec.id].files_removed
     assert checkpoints.to_remove(s.job("j")) == []
+
+
+def test_under_torchft_a_group_that_starts_beside_a_peer_ahead_heals_instead_of_loading():
+    s = job_of(["0", "1"], quorum=True)
+    rec = complete_one(s, 101.0)
+    assert checkpoints.listing(s.job("j"), "1")["resume_from"] == rec.id  # nobody is ahead
+    s.job("j").ranks[("j", "0", 0)].entry.last_step = rec.step + 10
+    listing = checkpoints.listing(s.job("j"), "1")
+    assert listing["resume_from"] is None and "heals this group" in listing["resume_why"]
+    assert checkpoints.listing(s.job("j"))["resume_from"] == rec.id  # a whole-job start loads

@@ -325,28 +325,45 @@ def newest_complete(job: Job) -> CheckpointRecord | None:
     return max(done, key=lambda c: (c.step, c.version), default=None)
 
 
-def resume_choice(job: Job) -> tuple[CheckpointRecord | None, str]:
-    """The checkpoint a starting job loads, and why (or why none): the one a person pinned,
-    else the newest complete one unless the job's last run ended cleanly (a new launch after a
-    finished run starts anew)."""
+def resume_choice(job: Job, replica_id: str | None = None) -> tuple[CheckpointRecord | None, str]:
+    """The checkpoint a starting job (or its replica group ``replica_id``) loads, and why (or
+    why none): the one a person pinned, else the newest complete one — unless the job's last
+    run ended cleanly (a new launch after a finished run starts anew), or, under torchft,
+    another replica group is training past it (torchft heals the starting group from that
+    peer, which is newer)."""
     pinned = next((c for c in job.checkpoints.values() if c.pinned and c.state == "complete"), None)
+    choice = pinned or newest_complete(job)
+    if choice is None:
+        return None, "no complete checkpoint"
+    if pinned is None and job.ended_cleanly:
+        return None, "the job's last run ended cleanly: a new launch starts from scratch"
+    ahead = [
+        r
+        for r in job.live_ranks()
+        if replica_id is not None
+        and r.key[1] != replica_id
+        and r.quorum
+        and r.entry.last_step > choice.step
+    ]
+    if ahead:
+        peer = min(ahead, key=lambda r: r.key)
+        return None, (
+            f"replica group {peer.key[1]} is training at step {peer.entry.last_step}: torchft "
+            "heals this group from it"
+        )
     if pinned is not None:
         return pinned, f"pinned (step {pinned.step})"
-    newest = newest_complete(job)
-    if newest is None:
-        return None, "no complete checkpoint"
-    if job.ended_cleanly:
-        return None, "the job's last run ended cleanly: a new launch starts from scratch"
-    return newest, f"the newest complete checkpoint (step {newest.step})"
+    return choice, f"the newest complete checkpoint (step {choice.step})"
 
 
-def listing(job: Job) -> dict[str, Any]:
+def listing(job: Job, replica_id: str | None = None) -> dict[str, Any]:
     """The ``checkpoints`` read op's answer: every record, newest first, the one a resume
-    would load (``resume_from``, with ``resume_why``) and, after it, the other complete ones
+    would load — for a starting replica group ``replica_id``, if given — (``resume_from``,
+    with ``resume_why``) and, after it, the other complete ones
     newest first (``fallbacks``: a starting rank tries them in turn when one fails its
     checksums)."""
     records = sorted(job.checkpoints.values(), key=lambda c: (c.version, c.step), reverse=True)
-    choice, why = resume_choice(job)
+    choice, why = resume_choice(job, replica_id)
     fallbacks = [
         c.id
         for c in sorted(records, key=lambda c: (c.step, c.version), reverse=True)

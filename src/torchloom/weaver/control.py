@@ -130,7 +130,7 @@ def handle(
         if req.op == "knobs":
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
         if req.op == "checkpoints":
-            return Outcome(ControlReply(ok=True, data=checkpoints.listing(job)))
+            return Outcome(ControlReply(ok=True, data=checkpoints.listing(job, req.replica_id)))
         if req.op in ("checkpoint_pin", "checkpoint_delete"):
             return _edit_checkpoint(job, req, now)
         if len(req.request_id) > 64:

@@ -264,8 +264,8 @@ def parse_args() -> argparse.Namespace:
         "--checkpoint-dir",
         type=Path,
         default=None,
-        help="checkpoints the Weaver orders are written here (DCP, every rank) and the job "
-        "resumes from the newest complete one (not with --ft yet)",
+        help="checkpoints the Weaver orders are written here (DCP; under --ft by one replica "
+        "group) and the job resumes from the one the Weaver chooses (--algo ddp)",
     )
     ap.add_argument(
         "--from-scratch", action="store_true", help="with --checkpoint-dir: do not resume"
@@ -334,8 +334,8 @@ def main() -> None:
     base_opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     transforms = data_transforms()
     custom_knobs = transforms.knobs()
-    if args.checkpoint_dir and args.ft:
-        raise SystemExit("--checkpoint-dir is not supported with --ft yet (torchft heals instead)")
+    if args.checkpoint_dir and args.algo != "ddp":
+        raise SystemExit("--checkpoint-dir is for --algo ddp (LocalSGD/DiLoCo state is not saved)")
     start_step, checkpoint = resume_checkpoint(args.baseline_checkpoint_dir)
     manager: Any = None
     algo: Any = None
@@ -411,9 +411,11 @@ def main() -> None:
     if args.checkpoint_dir:
         from torchloom.checkpoint import Checkpointer
 
+        # under torchft the Manager's committed step goes with it: run.steps() counts it
+        ft_state = {"torchft": manager} if manager is not None else {}
         ckpt = Checkpointer(
             run,
-            state={"model": model, "optim": base_opt, "data": loader},
+            state={"model": model, "optim": base_opt, "data": loader, **ft_state},
             storage=args.checkpoint_dir,
         )
         ckpt.resume(from_scratch=args.from_scratch)  # the Weaver's choice: sets run.start_step
