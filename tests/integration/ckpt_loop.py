@@ -1,6 +1,6 @@
 """A small DDP job with a Checkpointer, for the checkpoint tests (run under torchrun).
 
-python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume]
+python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume] [--slow-save N]
 
 A linear model on a fixed random stream (each step's batch is seeded by the step), ~6 ms a
 step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
@@ -24,6 +24,30 @@ url, job, storage, out_dir, max_steps = sys.argv[1:6]
 load = sys.argv[sys.argv.index("--load") + 1] if "--load" in sys.argv else None
 dist.init_process_group("gloo")
 rank = dist.get_rank()
+if "--slow-save" in sys.argv and rank == 1:
+    # a slow disk: rank 1's N-th save writes for a minute, after saying so in OUT_DIR/slow
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    import torchloom.checkpoint as tc
+
+    nth, saves = int(sys.argv[sys.argv.index("--slow-save") + 1]), []
+
+    class SlowWriter(FileSystemWriter):
+        def write_data(self, plan, planner):
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            Path(out_dir, "slow").write_text("writing")
+            time.sleep(60)
+            return super().write_data(plan, planner)
+
+    real_save = tc.dcp_async_save
+
+    def async_save(sd, *, checkpoint_id, **kw):
+        saves.append(checkpoint_id)
+        if len(saves) == nth:
+            kw["storage_writer"] = SlowWriter(checkpoint_id)
+        return real_save(sd, checkpoint_id=checkpoint_id, **kw)
+
+    tc.dcp_async_save = async_save
 torch.manual_seed(0)
 model = torch.nn.Linear(32, 1)
 ddp = DDP(model)

@@ -3,7 +3,9 @@ DCP's async_save, the Weaver records it complete, and a job started from it ends
 weights as the uninterrupted run. Real nats-server, `torchloom up`, torchrun, gloo DDP, DCP."""
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -370,3 +372,55 @@ def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and
     kinds = [e.kind for e in history(client, "pj") if e.kind.startswith("checkpoint_")]
     for kind in ("checkpoint_pinned", "checkpoint_unpinned", "checkpoint_deleted"):
         assert kind in kinds, kinds
+
+
+def test_a_rank_killed_mid_save_fails_that_checkpoint_and_the_job_resumes_from_the_one_before(
+    up, tmp_path
+):
+    """kill -9 of a rank while its part of a checkpoint is being written: the checkpoint is
+    failed (never offered), the relaunched job loads the complete one before it, and the next
+    save is complete and removes the failed one's files."""
+    storage = tmp_path / "ckpt"
+    client = up.client()
+    proc = launch(up, "kj", storage, tmp_path / "a", 100000, "--resume", "--slow-save", "2")
+    try:
+        wait_past(client, "kj", 20)
+        r = cli("checkpoint", "save", "--wait", "--job", "kj", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        a = client.control("checkpoints", "kj").data["checkpoints"][0]
+        r = cli("checkpoint", "save", "--job", "kj", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(lambda: (tmp_path / "a" / "slow").exists(), timeout_s=60, what="the slow write")
+        victim = next(x for x in ranks(client, "kj") if x["rank"] == 1)
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def failed():
+            recs = client.control("checkpoints", "kj").data["checkpoints"]
+            return next((c for c in recs if c["id"] != a["id"] and c["state"] != "pending"), None)
+
+        b = wait_for(failed, timeout_s=60, what="the checkpoint being written to end")
+        # rank 0's part fails too (its save's collective loses the peer), or the Weaver marks
+        # the dead writer: failed either way
+        assert b["state"] == "failed", b
+        proc.wait(60)  # torchrun stops the other rank
+    finally:
+        kill_tree(proc, graceful_s=0)
+    assert client.control("checkpoints", "kj").data["resume_from"] == a["id"]
+    proc = launch(up, "kj", storage, tmp_path / "b", 100000, "--resume")
+    try:
+        wait_for(
+            lambda: len([e for e in history(client, "kj") if e.kind == "checkpoint_loaded"]) == 2,
+            timeout_s=120,
+            what="both ranks loaded a checkpoint",
+        )
+        loaded = [e for e in history(client, "kj") if e.kind == "checkpoint_loaded"]
+        assert {e.data["id"] for e in loaded} == {a["id"]}
+        r = cli("checkpoint", "save", "--wait", "--job", "kj", url=up.url, timeout_s=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_for(
+            lambda: not (storage / "kj" / b["id"]).exists(),
+            timeout_s=30,
+            what="the failed checkpoint's files removed",
+        )
+    finally:
+        kill_tree(proc)
