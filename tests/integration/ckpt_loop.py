@@ -41,11 +41,11 @@ if "--slow-save" in sys.argv and rank == 1:
 
     real_save = tc.dcp_async_save
 
-    def async_save(sd, *, checkpoint_id, **kw):
-        saves.append(checkpoint_id)
+    def async_save(sd, **kw):
+        saves.append(kw["storage_writer"].path)
         if len(saves) == nth:
-            kw["storage_writer"] = SlowWriter(checkpoint_id)
-        return real_save(sd, checkpoint_id=checkpoint_id, **kw)
+            kw["storage_writer"] = SlowWriter(kw["storage_writer"].path)
+        return real_save(sd, **kw)
 
     tc.dcp_async_save = async_save
 torch.manual_seed(0)

@@ -18,20 +18,19 @@ Typical use (the MNIST reference job does this)::
     ckpt.resume()                   # the checkpoint the Weaver chooses, if any: sets run.start_step
 
 Layout: ``<storage>/<job>/<checkpoint id>/`` holds DCP's files (``.metadata`` and one
-``__<rank>_*.distcp`` per rank).
+``__<rank>_*.distcp`` per rank); ``storage`` is a directory or an fsspec URL
+(:mod:`torchloom.checkpoint.storage`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+import posixpath
 import random
-import shutil
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,11 +46,15 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from torchloom.checkpoint.export import export_safetensors
+from torchloom.checkpoint.storage import Store
 from torchloom.errors import CheckpointCorruptError
 from torchloom.protocol import CheckpointOrder, ControlRequest, RollbackOrder
 from torchloom.threadlet.run import Run
 
 log = logging.getLogger("torchloom.checkpoint")
+
+__all__ = ["Checkpointer", "export_safetensors"]
 
 
 class Checkpointer:
@@ -64,7 +67,11 @@ class Checkpointer:
             LR scheduler, :class:`~torchloom.data.ElasticLoader`) or tensors. The step, the
             config version in force and this rank's python/numpy/torch (and CUDA) RNG states
             are added under ``"torchloom"``.
-        storage: a local directory (or a path every writing rank shares).
+        storage: a local directory every writing rank shares, or an fsspec URL
+            (``s3://bucket/prefix`` with ``s3fs``; see :class:`~torchloom.checkpoint.storage.Store`).
+        storage_options: keyword options of the URL's filesystem (e.g. ``endpoint_url``).
+        compress: zstd-compress the files (DCP's ZStandard extension; needs ``zstandard``):
+            smaller, slower to write and read — ``bench/checkpoint.py`` reports both.
         blocking: save with ``dcp.save`` on the training thread instead of ``async_save`` (a
             baseline for ``bench/checkpoint.py``).
 
@@ -79,11 +86,14 @@ class Checkpointer:
         *,
         state: Mapping[str, Any],
         storage: str | os.PathLike[str],
+        storage_options: Mapping[str, Any] | None = None,
+        compress: bool = False,
         blocking: bool = False,
     ) -> None:
         self.run = run
         self.state = _adapted(state)
-        self.storage = Path(storage)
+        self.store = Store(storage, options=storage_options)
+        self.compress = compress
         self.blocking = blocking
         self._pending: Future[Any] | None = None
         self._distributed = dist.is_available() and dist.is_initialized()
@@ -93,11 +103,11 @@ class Checkpointer:
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
         run.on_checkpoint(self._on_order)
         run.on_rollback(self._on_rollback)
-        run.emit("checkpoint_ready", storage=str(self.storage))  # the interval policy may ask
+        run.emit("checkpoint_ready", storage=self.store.url)  # the interval policy may ask
 
-    def path(self, checkpoint_id: str) -> Path:
-        """Where checkpoint ``checkpoint_id`` of this job is written."""
-        return self.storage / self.run.identity.job_id / checkpoint_id
+    def path(self, checkpoint_id: str) -> str:
+        """Where checkpoint ``checkpoint_id`` of this job is written (in the storage's terms)."""
+        return self.store.path(self.run.identity.job_id, checkpoint_id)
 
     def wait(self) -> None:
         """Block until the save in flight (if any) has ended."""
@@ -124,17 +134,20 @@ class Checkpointer:
         target = self.path(order.id)
         t0 = time.perf_counter()
         try:
-            target.mkdir(parents=True, exist_ok=True)
             sd = self._state_dict(step)
+            writer = self.store.writer(target, compress=self.compress)
             if self.blocking:
                 dcp_save(
-                    sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
+                    sd, storage_writer=writer, process_group=self._pg, no_dist=not self._distributed
                 )
                 stall = time.perf_counter() - t0
                 self._report(order, target, step, stall, stall, None)
                 return
             fut = dcp_async_save(
-                sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed
+                sd,
+                storage_writer=writer,
+                process_group=self._pg,
+                no_dist=not self._distributed,
             )
         except Exception as exc:  # full, read-only, unreachable: reported, training goes on
             log.warning("torchloom: checkpoint %s not saved: %s", order.id, exc)
@@ -152,7 +165,7 @@ class Checkpointer:
     def _report(
         self,
         order: CheckpointOrder,
-        target: Path,
+        target: str,
         step: int,
         stall_s: float,
         total_s: float,
@@ -163,20 +176,26 @@ class Checkpointer:
         if error is not None:
             self.run.emit("checkpoint_failed", step=step, id=order.id, reason=_why(error))
             return
-        mine = sorted(target.glob(f"__{self._rank}_*.distcp"))
-        meta = target / ".metadata"
-        if self._rank == 0 and meta.exists():
-            mine.append(meta)
-        files = {p.name: _sha256(p) for p in mine}
+        store = self.store
+        try:
+            mine = store.files(target, f"__{self._rank}_*.distcp")
+            meta = posixpath.join(target, ".metadata")
+            if self._rank == 0 and store.exists(meta):
+                mine.append(meta)
+            files = {posixpath.basename(p): store.sha256(p) for p in mine}
+            written = sum(store.size(p) for p in mine)
+        except Exception as exc:  # written, then unreadable: not durable for us
+            self.run.emit("checkpoint_failed", step=step, id=order.id, reason=_why(exc))
+            return
         removed = self._remove_old(order)
         self.run.emit(
             "checkpoint_saved",
             step=step,
             id=order.id,
-            bytes=sum(p.stat().st_size for p in mine),
+            bytes=written,
             stall_s=round(stall_s, 6),
             write_s=round(total_s, 6),
-            storage=str(target),
+            storage=store.display(target),
             metadata_sha256=files.get(".metadata", ""),
             files=files,
             removed=removed,
@@ -191,9 +210,7 @@ class Checkpointer:
         removed = []
         for cid in order.remove:
             try:
-                shutil.rmtree(self.path(cid))
-            except FileNotFoundError:
-                pass
+                self.store.remove(self.path(cid))
             except OSError as exc:
                 log.warning("torchloom: could not remove checkpoint %s: %s", cid, exc)
                 continue
@@ -281,11 +298,15 @@ class Checkpointer:
         if not files:
             raise CheckpointCorruptError(f"the registry holds no checksums for {checkpoint_id}")
         for name, digest in sorted(files.items()):
-            p = target / name
-            if not p.is_file():
-                raise CheckpointCorruptError(f"{p} is missing")
-            if _sha256(p) != digest:
-                raise CheckpointCorruptError(f"{p} changed since it was written (SHA-256)")
+            p = posixpath.join(target, name)
+            try:
+                ok = self.store.sha256(p) == digest
+            except FileNotFoundError:
+                raise CheckpointCorruptError(f"{self.store.display(p)} is missing") from None
+            if not ok:
+                raise CheckpointCorruptError(
+                    f"{self.store.display(p)} changed since it was written (SHA-256)"
+                )
 
     def _on_rollback(self, order: RollbackOrder) -> int:
         """Load the rollback's checkpoint now (training thread, at the effective step)."""
@@ -316,10 +337,15 @@ class Checkpointer:
             FileNotFoundError: no such checkpoint in ``storage``.
         """
         target = self.path(checkpoint_id)
-        if not (target / ".metadata").exists():
-            raise FileNotFoundError(f"no checkpoint {checkpoint_id} in {target.parent}")
+        if not self.store.exists(posixpath.join(target, ".metadata")):
+            raise FileNotFoundError(f"no checkpoint {checkpoint_id} in {self.store.url}")
         sd = self._state_dict(0)
-        dcp_load(sd, checkpoint_id=target, process_group=self._pg, no_dist=not self._distributed)
+        dcp_load(
+            sd,
+            storage_reader=self.store.reader(target),
+            process_group=self._pg,
+            no_dist=not self._distributed,
+        )
         meta = sd["torchloom"]
         rng = meta.get(f"rng_{self._rank}")
         if rng is not None:
@@ -388,57 +414,5 @@ def _adapted(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
-
-
-def export_safetensors(
-    directory: str | os.PathLike[str], out: str | os.PathLike[str], *, key: str = "model"
-) -> dict[str, list[int]]:
-    """Write the tensors of ``state[key]`` of a DCP checkpoint as one safetensors file (the
-    consolidated weights, for use outside training: ``safetensors.torch.load_file`` then
-    ``model.load_state_dict``). Reads the whole checkpoint into CPU memory once.
-
-    Args:
-        directory: the checkpoint's directory (DCP's ``.metadata`` and ``.distcp`` files).
-        out: the file to write.
-        key: the entry of the Checkpointer's ``state`` to export (``"model"``).
-
-    Returns:
-        The shape of every tensor written, by name.
-
-    Raises:
-        FileNotFoundError: no checkpoint in ``directory``.
-        KeyError: the checkpoint has no ``key`` entry, or no tensor under it.
-    """
-    import tempfile
-
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    src = Path(directory)
-    if not (src / ".metadata").is_file():
-        raise FileNotFoundError(f"no checkpoint in {src} (no .metadata)")
-    with tempfile.TemporaryDirectory() as tmp:
-        whole = Path(tmp) / "whole.pt"
-        dcp_to_torch_save(src, whole)
-        sd = torch.load(whole, map_location="cpu", weights_only=False)
-    part = sd.get(key)
-    tensors = (
-        {k: v.detach().contiguous() for k, v in part.items() if isinstance(v, torch.Tensor)}
-        if isinstance(part, dict)
-        else {}
-    )
-    if not tensors:
-        raise KeyError(f"the checkpoint has no tensors under {key!r} (entries: {sorted(sd)})")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"source": str(src), "key": key})
-    return {k: list(v.shape) for k, v in tensors.items()}
