@@ -1,6 +1,7 @@
 """A small DDP job with a Checkpointer, for the checkpoint tests (run under torchrun).
 
 python ckpt_loop.py URL JOB STORAGE OUT_DIR MAX_STEPS [--load ID | --resume] [--slow-save N]
+    [--backup DIR --keep-last N]
 
 A linear model on a fixed random stream (each step's batch is seeded by the step), ~6 ms a
 step; at the end each rank writes ``OUT_DIR/rank<R>.json`` with its step, the SHA-256 of its
@@ -56,7 +57,11 @@ run = torchloom.init(
     job_id=job, knobs={"lr": 0.05}, max_steps=int(max_steps), nats_url=url, interval_ms=100
 )
 run.bind_optimizer(opt)
-ckpt = Checkpointer(run, state={"model": ddp, "optim": opt}, storage=storage)
+backup = sys.argv[sys.argv.index("--backup") + 1] if "--backup" in sys.argv else None
+keep_last = int(sys.argv[sys.argv.index("--keep-last") + 1]) if "--keep-last" in sys.argv else 3
+ckpt = Checkpointer(
+    run, state={"model": ddp, "optim": opt}, storage=storage, backup=backup, keep_last=keep_last
+)
 if "--resume" in sys.argv:
     ckpt.resume()  # the Weaver's choice: sets run.start_step
 elif load:

@@ -501,3 +501,42 @@ def test_checkpoints_round_trip_through_s3(up, tmp_path, s3):
         b"".join(p.detach().numpy().tobytes() for p in model.parameters())
     )
     assert digest.hexdigest() == b[0]["start_weights"]
+
+
+def test_complete_checkpoints_are_backed_up_with_the_retention_the_job_asked(up, tmp_path):
+    """--backup DIR with keep_last=2: each complete checkpoint is copied there (the registry
+    says where), and the oldest copy goes once a third is in."""
+    storage, backup = tmp_path / "ckpt", tmp_path / "backup"
+    client = up.client()
+    proc = launch(
+        up, "bj", storage, tmp_path / "a", 100000, "--backup", str(backup), "--keep-last", "2"
+    )
+    saved = []
+    try:
+        wait_past(client, "bj", 10)
+        for _ in range(3):
+            r = cli("checkpoint", "save", "--wait", "--job", "bj", url=up.url, timeout_s=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+            saved.append(client.control("checkpoints", "bj").data["checkpoints"][0]["id"])
+
+            def backed_up(cid=saved[-1]):
+                recs = client.control("checkpoints", "bj").data["checkpoints"]
+                return (
+                    {c["id"]: c["backup"] for c in recs}
+                    if any(c["id"] == cid and c["backup"] for c in recs)
+                    else None
+                )
+
+            where = wait_for(backed_up, timeout_s=60, what=f"{saved[-1]} backed up")
+    finally:
+        kill_tree(proc)
+    assert where == {
+        saved[0]: "",
+        saved[1]: str(backup / "bj" / saved[1]),
+        saved[2]: str(backup / "bj" / saved[2]),
+    }
+    assert sorted(p.name for p in (backup / "bj").iterdir()) == sorted(saved[1:])
+    assert sorted(p.name for p in (backup / "bj" / saved[2]).iterdir()) == sorted(
+        p.name for p in (storage / "bj" / saved[2]).iterdir()
+    )
+    assert (storage / "bj" / saved[0]).is_dir()  # the primary copies are not the backup's

@@ -323,3 +323,23 @@ def test_under_torchft_a_group_that_starts_beside_a_peer_ahead_heals_instead_of_
     listing = checkpoints.listing(s.job("j"), "1")
     assert listing["resume_from"] is None and "heals this group" in listing["resume_why"]
     assert checkpoints.listing(s.job("j"))["resume_from"] == rec.id  # a whole-job start loads
+
+
+def test_backup_retention_keeps_the_last_every_nth_the_best_and_the_pinned():
+    s = job_of(["0"])
+    job = s.job("j")
+    recs = [complete_one(s, 101.0 + i) for i in range(6)]
+    assert checkpoints.backup_drop(job, "ckpt-v99") == []  # no backup said
+    for i, r in enumerate(recs):
+        job.checkpoints[r.id] = msgspec.structs.replace(r, backup=f"b/{r.id}", loss=1.0 - i / 10)
+    job.backup_keep = {"keep_last": 2, "keep_every": 0, "keep_best": False}
+    new = "ckpt-v99"
+    assert checkpoints.backup_drop(job, new) == [r.id for r in recs[:5]]
+    job.backup_keep = {"keep_last": 1, "keep_every": 3, "keep_best": False}
+    assert checkpoints.backup_drop(job, new) == [recs[i].id for i in (0, 1, 3, 4)]  # 3rd, 6th kept
+    job.checkpoints[recs[1].id] = msgspec.structs.replace(
+        job.checkpoints[recs[1].id], loss=0.01, pinned=False
+    )
+    job.checkpoints[recs[4].id] = msgspec.structs.replace(job.checkpoints[recs[4].id], pinned=True)
+    job.backup_keep = {"keep_last": 1, "keep_every": 0, "keep_best": True}
+    assert checkpoints.backup_drop(job, new) == [recs[i].id for i in (0, 2, 3, 5)]

@@ -72,6 +72,14 @@ class Checkpointer:
         storage_options: keyword options of the URL's filesystem (e.g. ``endpoint_url``).
         compress: zstd-compress the files (DCP's ZStandard extension; needs ``zstandard``):
             smaller, slower to write and read — ``bench/checkpoint.py`` reports both.
+        backup: a second storage (directory or URL): every complete checkpoint is copied
+            there by the writing group's rank 0 (off the training thread, after its save),
+            with the retention below, which the Weaver applies (``checkpoint_backed_up`` in
+            the history).
+        backup_options: keyword options of the backup URL's filesystem.
+        keep_last: the backup keeps the newest this many checkpoints…
+        keep_every: … and every this-many-th checkpoint of the job (0: none) …
+        keep_best: … and the one with the lowest loss.
         blocking: save with ``dcp.save`` on the training thread instead of ``async_save`` (a
             baseline for ``bench/checkpoint.py``).
 
@@ -88,11 +96,19 @@ class Checkpointer:
         storage: str | os.PathLike[str],
         storage_options: Mapping[str, Any] | None = None,
         compress: bool = False,
+        backup: str | os.PathLike[str] | None = None,
+        backup_options: Mapping[str, Any] | None = None,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        keep_best: bool = False,
         blocking: bool = False,
     ) -> None:
+        if keep_last < 1 or keep_every < 0:
+            raise ValueError(f"keep_last >= 1 and keep_every >= 0 ({keep_last}, {keep_every})")
         self.run = run
         self.state = _adapted(state)
         self.store = Store(storage, options=storage_options)
+        self.backup = Store(backup, options=backup_options) if backup is not None else None
         self.compress = compress
         self.blocking = blocking
         self._pending: Future[Any] | None = None
@@ -103,7 +119,14 @@ class Checkpointer:
         self._pg = dist.new_group(backend="gloo") if self._distributed else None
         run.on_checkpoint(self._on_order)
         run.on_rollback(self._on_rollback)
-        run.emit("checkpoint_ready", storage=self.store.url)  # the interval policy may ask
+        ready: dict[str, Any] = {"storage": self.store.url}
+        if self.backup is not None:  # the Weaver keeps the backup's retention
+            ready["backup"] = {
+                "keep_last": keep_last,
+                "keep_every": keep_every,
+                "keep_best": keep_best,
+            }
+        run.emit("checkpoint_ready", **ready)  # the interval policy may ask
 
     def path(self, checkpoint_id: str) -> str:
         """Where checkpoint ``checkpoint_id`` of this job is written (in the storage's terms)."""
@@ -187,7 +210,7 @@ class Checkpointer:
         except Exception as exc:  # written, then unreadable: not durable for us
             self.run.emit("checkpoint_failed", step=step, id=order.id, reason=_why(exc))
             return
-        removed = self._remove_old(order)
+        removed = self._remove_old(order) if self._cleaner(order) else []
         self.run.emit(
             "checkpoint_saved",
             step=step,
@@ -200,13 +223,47 @@ class Checkpointer:
             files=files,
             removed=removed,
         )
+        if self.backup is not None and self._cleaner(order):
+            self._back_up(order, target, step)
+
+    def _cleaner(self, order: CheckpointOrder) -> bool:
+        """Whether this rank removes old files and makes the backup: rank 0 of the first
+        writing group (its save's end means every writer's files and the metadata are written:
+        DCP's coordinator finishes last)."""
+        first = order.writers[0] if order.writers else self.run.identity.replica_id
+        return self._rank == 0 and first == self.run.identity.replica_id
+
+    def _back_up(self, order: CheckpointOrder, target: str, step: int) -> None:
+        """Copy the checkpoint to the backup, then drop the copies the retention lets go."""
+        assert self.backup is not None
+        dest = self.backup.path(self.run.identity.job_id, order.id)
+        t0 = time.perf_counter()
+        try:
+            copied = self.store.copy(target, self.backup, dest)
+        except Exception as exc:  # the primary copy is complete; the backup is best effort
+            log.warning("torchloom: checkpoint %s not backed up: %s", order.id, exc)
+            self.run.emit("checkpoint_backed_up", step=step, id=order.id, reason=_why(exc))
+            return
+        dropped = []
+        for cid in order.backup_drop:
+            try:
+                self.backup.remove(self.backup.path(self.run.identity.job_id, cid))
+                dropped.append(cid)
+            except OSError as exc:
+                log.warning("torchloom: backup of %s not removed: %s", cid, exc)
+        self.run.emit(
+            "checkpoint_backed_up",
+            step=step,
+            id=order.id,
+            backup=self.backup.display(dest),
+            bytes=copied,
+            copy_s=round(time.perf_counter() - t0, 3),
+            dropped=dropped,
+        )
 
     def _remove_old(self, order: CheckpointOrder) -> list[str]:
         """Remove the files of the failed and deleted checkpoints ``order.remove`` names (rank
         0 of the first writing group does it); the ids whose files are gone."""
-        first = order.writers[0] if order.writers else self.run.identity.replica_id
-        if self._rank != 0 or first != self.run.identity.replica_id:
-            return []
         removed = []
         for cid in order.remove:
             try:

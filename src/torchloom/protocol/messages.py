@@ -112,6 +112,7 @@ RankEventKind = Literal[
     "checkpoint_loaded",
     "checkpoint_ready",
     "checkpoint_corrupt",
+    "checkpoint_backed_up",
     "rollback_failed",
 ]
 
@@ -126,7 +127,9 @@ class RankEvent(msgspec.Struct, kw_only=True):
     group's rank 0, ``metadata_sha256``, ``files`` (name → SHA-256 of what it wrote) and
     ``removed`` (ids of old checkpoints whose files it removed); or it could not be written:
     ``reason``), ``checkpoint_corrupt`` (a complete checkpoint's files failed their checksums
-    at a load: ``reason``), or a
+    at a load: ``reason``), ``checkpoint_backed_up`` (a complete checkpoint copied to the
+    backup storage: ``backup`` its URL there, ``dropped`` the ids removed from the backup by
+    its retention), or a
     fault-tolerance fact reported by an integration (``quorum_changed``,
     ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
     ``host`` and ``pid`` name the process that sent it (a second process with the same
@@ -252,11 +255,14 @@ class CheckpointOrder(msgspec.Struct, kw_only=True):
         writers: the replica groups that write it (every rank of each); the others train on.
         remove: ids of the job's failed or deleted checkpoints whose files are still in the
             storage: the first writing group's rank 0 removes them once this save is durable.
+        backup_drop: ids whose copies leave the backup storage once this one is copied there
+            (the retention the Weaver worked out with this checkpoint counted in).
     """
 
     id: str
     writers: list[str] = []
     remove: list[str] = []
+    backup_drop: list[str] = []
 
 
 CheckpointState = Literal["pending", "complete", "failed", "deleted"]
@@ -293,6 +299,7 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
         pinned: a person pinned it: a starting job resumes from it (not the newest), and it
             cannot be deleted.
         files_removed: a failed or deleted checkpoint's files were removed from the storage.
+        backup: where its copy in the backup storage is ("": none).
     """
 
     v: int = SCHEMA_VERSION
@@ -316,6 +323,7 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
     files: dict[str, str] = {}
     pinned: bool = False
     files_removed: bool = False
+    backup: str = ""
 
 
 JOURNAL_LENGTH = 8

@@ -143,6 +143,53 @@ def to_remove(job: Job) -> list[str]:
     return [c.id for c in sorted(old, key=lambda c: c.version)[:MAX_REMOVE_PER_ORDER]]
 
 
+def backup_drop(job: Job, new_id: str) -> list[str]:
+    """The checkpoints whose backup copies go once ``new_id`` is copied to the backup, by the
+    retention the job's Checkpointers said (``job.backup_keep``): of the complete checkpoints
+    in the backup plus the new one, keep the newest ``keep_last``, every ``keep_every``-th (by
+    version order; 0: none), the lowest-loss one if ``keep_best``, and the pinned one; the rest
+    go. No backup said: nothing."""
+    keep = job.backup_keep
+    if keep is None:
+        return []
+    last = max(0, int(keep.get("keep_last", 0) or 0))
+    every = max(0, int(keep.get("keep_every", 0) or 0))
+    backed = sorted(
+        (c for c in job.checkpoints.values() if c.backup and c.id != new_id),
+        key=lambda c: c.version,
+    )
+    order = sorted(
+        (c for c in job.checkpoints.values() if c.state == "complete" or c.id == new_id),
+        key=lambda c: c.version,
+    )
+    nth = {c.id: i for i, c in enumerate(order, start=1)}
+    ids = [c.id for c in backed] + [new_id]
+    kept = set(ids[-last:]) if last else set()
+    kept |= {i for i in ids if every and nth.get(i, 0) % every == 0}
+    kept |= {c.id for c in backed if c.pinned}
+    scored = [c for c in backed if c.loss is not None and math.isfinite(c.loss)]
+    if keep.get("keep_best") and scored:
+        kept.add(min(scored, key=lambda c: c.loss or 0.0).id)
+    return [c.id for c in backed if c.id not in kept]
+
+
+def on_backed_up(job: Job, msg: RankEvent) -> None:
+    """A writer copied a checkpoint to the backup (``data``: ``id``, ``backup`` URL, and
+    ``dropped``: the ids it removed from the backup)."""
+    changed = []
+    rec = job.checkpoints.get(str(msg.data.get("id", "")))
+    if rec is not None and msg.data.get("backup"):
+        changed.append(msgspec.structs.replace(rec, backup=str(msg.data["backup"])))
+    dropped = msg.data.get("dropped")
+    for cid in dropped if isinstance(dropped, list) else []:
+        old = job.checkpoints.get(str(cid))
+        if old is not None and old.backup:
+            changed.append(msgspec.structs.replace(old, backup=""))
+    for c in changed:
+        job.checkpoints[c.id] = c
+        job.dirty_checkpoints.add(c.id)
+
+
 def on_corrupt(job: Job, msg: RankEvent, now: float) -> list[HistoryEvent]:
     """A rank found a complete checkpoint's files changed or truncated at a load: it is failed
     from now on (never offered again; its files are removed by a later writer)."""

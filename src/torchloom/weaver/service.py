@@ -452,6 +452,8 @@ class Weaver:
             job = self.state.job(ev.job_id)
             self._record(checkpoints.on_report(job, ev, now))
             checkpoints.on_removed(job, ev)
+        elif ev.kind == "checkpoint_backed_up":
+            checkpoints.on_backed_up(self.state.job(ev.job_id), ev)
         elif ev.kind == "checkpoint_corrupt":
             self._record(checkpoints.on_corrupt(self.state.job(ev.job_id), ev, now))
         self.ingest["rank_event"].observe(nbytes=len(msg.data), lag_s=self.clock() - ev.ts)

@@ -237,6 +237,9 @@ class Job:
     """The job's checkpoint registry by id (:mod:`~torchloom.weaver.checkpoints`)."""
     dirty_checkpoints: set[str] = field(default_factory=set)
     """Checkpoint ids changed since the registry bucket was last written."""
+    backup_keep: dict[str, Any] | None = None
+    """The backup retention its Checkpointers said (``keep_last``, ``keep_every``,
+    ``keep_best``), or None: no backup (:func:`~torchloom.weaver.checkpoints.backup_drop`)."""
     failures: int = 0
     """Ranks marked failed since this Weaver started (the checkpoint policy's MTBF)."""
     ended_cleanly: bool | None = None
@@ -540,6 +543,9 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
         return events  # folded by weaver.checkpoints.on_report
     if msg.kind == "checkpoint_ready":
         rank.checkpointing = True
+        keep = msg.data.get("backup")
+        if isinstance(keep, dict):
+            state.jobs[msg.job_id].backup_keep = keep
         return events
     if msg.kind != "config_applied":  # a fault-tolerance fact: history only
         return [*events, _ft_event(rank, msg, now)]

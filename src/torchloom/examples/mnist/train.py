@@ -262,14 +262,25 @@ def parse_args() -> argparse.Namespace:
     )
     ap.add_argument(
         "--checkpoint-dir",
-        type=Path,
         default=None,
-        help="checkpoints the Weaver orders are written here (DCP; under --ft by one replica "
-        "group) and the job resumes from the one the Weaver chooses (--algo ddp)",
+        help="checkpoints the Weaver orders are written here, a directory or a URL such as "
+        "s3://bucket/prefix (DCP; under --ft by one replica group), and the job resumes from "
+        "the one the Weaver chooses (--algo ddp)",
     )
     ap.add_argument(
         "--from-scratch", action="store_true", help="with --checkpoint-dir: do not resume"
     )
+    ap.add_argument(
+        "--checkpoint-compress", action="store_true", help="zstd-compress the checkpoint files"
+    )
+    ap.add_argument(
+        "--checkpoint-backup",
+        default=None,
+        help="copy every complete checkpoint here too (a directory or URL), with retention:",
+    )
+    ap.add_argument("--backup-keep-last", type=int, default=3, help="… the newest N")
+    ap.add_argument("--backup-keep-every", type=int, default=0, help="… every N-th (0: none)")
+    ap.add_argument("--backup-keep-best", action="store_true", help="… the lowest-loss one")
     ap.add_argument(
         "--baseline-checkpoint-dir",
         type=Path,
@@ -417,6 +428,11 @@ def main() -> None:
             run,
             state={"model": model, "optim": base_opt, "data": loader, **ft_state},
             storage=args.checkpoint_dir,
+            compress=args.checkpoint_compress,
+            backup=args.checkpoint_backup,
+            keep_last=args.backup_keep_last,
+            keep_every=args.backup_keep_every,
+            keep_best=args.backup_keep_best,
         )
         ckpt.resume(from_scratch=args.from_scratch)  # the Weaver's choice: sets run.start_step
     if manager is not None:
