@@ -5,6 +5,7 @@ weights as the uninterrupted run. Real nats-server, `torchloom up`, torchrun, gl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -503,9 +504,12 @@ def test_checkpoints_round_trip_through_s3(up, tmp_path, s3):
     assert digest.hexdigest() == b[0]["start_weights"]
 
 
-def test_complete_checkpoints_are_backed_up_with_the_retention_the_job_asked(up, tmp_path):
+def test_complete_checkpoints_are_backed_up_and_a_restart_loads_the_backup_when_ram_is_lost(
+    up, tmp_path
+):
     """--backup DIR with keep_last=2: each complete checkpoint is copied there (the registry
-    says where), and the oldest copy goes once a third is in."""
+    says where), and the oldest copy goes once a third is in. The primary storage stands for
+    host RAM (a tmpfs in use): gone with the whole job, the restart loads the disk copy."""
     storage, backup = tmp_path / "ckpt", tmp_path / "backup"
     client = up.client()
     proc = launch(
@@ -529,7 +533,7 @@ def test_complete_checkpoints_are_backed_up_with_the_retention_the_job_asked(up,
 
             where = wait_for(backed_up, timeout_s=60, what=f"{saved[-1]} backed up")
     finally:
-        kill_tree(proc)
+        kill_tree(proc, graceful_s=0)
     assert where == {
         saved[0]: "",
         saved[1]: str(backup / "bj" / saved[1]),
@@ -540,3 +544,15 @@ def test_complete_checkpoints_are_backed_up_with_the_retention_the_job_asked(up,
         p.name for p in (storage / "bj" / saved[2]).iterdir()
     )
     assert (storage / "bj" / saved[0]).is_dir()  # the primary copies are not the backup's
+    step = client.control("checkpoints", "bj").data["checkpoints"][0]["step"]
+
+    shutil.rmtree(storage)  # the host's RAM copy is gone
+    proc = launch(up, "bj", storage, tmp_path / "b", step + 10, "--resume")
+    try:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        kill_tree(proc)
+    assert [o["start"] for o in outputs(tmp_path / "b")] == [step, step]
+    loaded = [e for e in history(client, "bj") if e.kind == "checkpoint_loaded"]
+    assert {(e.data["id"], e.data["source"]) for e in loaded} == {(saved[2], where[saved[2]])}

@@ -80,6 +80,10 @@ class Checkpointer:
         keep_last: the backup keeps the newest this many checkpoints…
         keep_every: … and every this-many-th checkpoint of the job (0: none) …
         keep_best: … and the one with the lowest loss.
+        backup_every: copy every this-many-th complete checkpoint (1: each). With ``storage``
+            in host RAM (a tmpfs such as ``/dev/shm/…``: outside the training process, so it
+            survives a crash of every rank) and ``backup`` on disk, a restart loads from RAM
+            and falls back to the disk copy when the host's RAM copy is gone.
         blocking: save with ``dcp.save`` on the training thread instead of ``async_save`` (a
             baseline for ``bench/checkpoint.py``).
 
@@ -101,14 +105,19 @@ class Checkpointer:
         keep_last: int = 3,
         keep_every: int = 0,
         keep_best: bool = False,
+        backup_every: int = 1,
         blocking: bool = False,
     ) -> None:
-        if keep_last < 1 or keep_every < 0:
-            raise ValueError(f"keep_last >= 1 and keep_every >= 0 ({keep_last}, {keep_every})")
+        if keep_last < 1 or keep_every < 0 or backup_every < 1:
+            raise ValueError(
+                f"keep_last >= 1, keep_every >= 0, backup_every >= 1 "
+                f"({keep_last}, {keep_every}, {backup_every})"
+            )
         self.run = run
         self.state = _adapted(state)
         self.store = Store(storage, options=storage_options)
         self.backup = Store(backup, options=backup_options) if backup is not None else None
+        self._backup_options = backup_options
         self.compress = compress
         self.blocking = blocking
         self._pending: Future[Any] | None = None
@@ -125,6 +134,7 @@ class Checkpointer:
                 "keep_last": keep_last,
                 "keep_every": keep_every,
                 "keep_best": keep_best,
+                "every": backup_every,
             }
         run.emit("checkpoint_ready", **ready)  # the interval policy may ask
 
@@ -151,6 +161,14 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state()
         meta = {"step": step, "version": self.run.applied_version, f"rng_{self._rank}": rng}
         return {**self.state, "torchloom": meta}
+
+    def save(self, checkpoint_id: str, *, step: int) -> None:
+        """Save this rank's state as checkpoint ``checkpoint_id`` now, outside the Weaver's
+        orders (a script's own save, a benchmark); every rank of the process group must call
+        it at the same step. Asynchronous unless ``blocking``: :meth:`wait` for the write. The
+        Weaver hears ``checkpoint_saved`` but keeps no record of a checkpoint it did not
+        order."""
+        self._on_order(CheckpointOrder(id=checkpoint_id), step)
 
     def _on_order(self, order: CheckpointOrder, step: int) -> None:
         self.wait()
@@ -223,7 +241,7 @@ class Checkpointer:
             files=files,
             removed=removed,
         )
-        if self.backup is not None and self._cleaner(order):
+        if self.backup is not None and order.backup and self._cleaner(order):
             self._back_up(order, target, step)
 
     def _cleaner(self, order: CheckpointOrder) -> bool:
@@ -293,43 +311,50 @@ class Checkpointer:
             FileNotFoundError: the Weaver's choice is not in this ``storage``.
         """
         choice: str | None = None
-        why = ""
+        why, location = "", None
         if not from_scratch and self._rank == 0:
-            choice, why = self._choose(timeout_s)
+            choice, why, location = self._choose(timeout_s)
         if self._distributed:
-            box: list[Any] = [choice, why]
+            box: list[Any] = [choice, why, location]
             dist.broadcast_object_list(box, src=0, group=self._pg)
-            choice, why = box[0], str(box[1])
+            choice, why, location = box[0], str(box[1]), box[2]
         if choice is None:
             if why:  # a silent Weaver is worth a warning; a job with no checkpoint is not
                 (log.warning if why.startswith("the Weaver") else log.info)(
                     "torchloom: no checkpoint loaded: %s", why
                 )
             return None
-        step = self.load(choice)
+        step = self.load(choice, location=location)
         self.run.start_step = step
-        self.run.emit("checkpoint_loaded", step=step, id=choice, why="resume")
-        log.warning("torchloom: resumed from checkpoint %s at step %d", choice, step)
+        source = location or self.store.display(self.path(choice))
+        self.run.emit("checkpoint_loaded", step=step, id=choice, why="resume", source=source)
+        log.warning("torchloom: resumed from checkpoint %s (%s) at step %d", choice, source, step)
         return choice
 
-    def _choose(self, timeout_s: float) -> tuple[str | None, str]:
-        """The Weaver's choice, or the next newest complete checkpoint whose files pass their
-        checksums (each one that fails is reported ``checkpoint_corrupt``); rank 0 only."""
+    def _choose(self, timeout_s: float) -> tuple[str | None, str, str | None]:
+        """``(id, why not, location)``: the Weaver's choice, or the next newest complete
+        checkpoint whose files pass their checksums — in ``storage``, else in its backup
+        (``location``: a storage in host RAM is gone with its host; the disk copy is not).
+        Each one that fails both is reported ``checkpoint_corrupt``. Rank 0 only."""
         listing, why = self._ask_weaver(timeout_s)
         if listing is None:
-            return None, why
+            return None, why, None
         records = {c["id"]: c for c in listing.get("checkpoints", [])}
         first = listing.get("resume_from")
         if first is None:
-            return None, str(listing.get("resume_why", ""))
+            return None, str(listing.get("resume_why", "")), None
         for cid in [first, *listing.get("fallbacks", [])]:
-            try:
-                self.verify(cid, records.get(cid, {}).get("files", {}))
-                return cid, ""
-            except CheckpointCorruptError as exc:
-                log.error("torchloom: checkpoint %s not loaded: %s", cid, exc)
-                self.run.emit("checkpoint_corrupt", id=cid, reason=str(exc))
-        return None, "every complete checkpoint failed its checksums"
+            rec = records.get(cid, {})
+            problems = []
+            for location in [None, *([rec["backup"]] if rec.get("backup") else [])]:
+                try:
+                    self.verify(cid, rec.get("files", {}), location=location)
+                    return cid, "", location
+                except CheckpointCorruptError as exc:
+                    problems.append(str(exc))
+                    log.warning("torchloom: checkpoint %s not loadable: %s", cid, exc)
+            self.run.emit("checkpoint_corrupt", id=cid, reason="; ".join(problems))
+        return None, "every complete checkpoint failed its checksums", None
 
     def _ask_weaver(self, timeout_s: float) -> tuple[dict[str, Any] | None, str]:
         """The Weaver's checkpoint listing (:func:`torchloom.weaver.checkpoints.listing`), or
@@ -344,26 +369,38 @@ class Checkpointer:
             return None, f"the Weaver refused the checkpoint listing: {reply.error}"
         return reply.data, ""
 
-    def verify(self, checkpoint_id: str, files: Mapping[str, str]) -> None:
+    def verify(
+        self, checkpoint_id: str, files: Mapping[str, str], *, location: str | None = None
+    ) -> None:
         """Check that checkpoint ``checkpoint_id``'s files have the SHA-256 its writers
         reported (``files``: name → hex digest, from the registry). Reads every file once.
+
+        Args:
+            location: the checkpoint's directory or URL when not in ``storage`` (its backup).
 
         Raises:
             CheckpointCorruptError: a file is missing, or its content changed.
         """
-        target = self.path(checkpoint_id)
+        store, target = self._where(checkpoint_id, location)
         if not files:
             raise CheckpointCorruptError(f"the registry holds no checksums for {checkpoint_id}")
         for name, digest in sorted(files.items()):
             p = posixpath.join(target, name)
             try:
-                ok = self.store.sha256(p) == digest
+                ok = store.sha256(p) == digest
             except FileNotFoundError:
-                raise CheckpointCorruptError(f"{self.store.display(p)} is missing") from None
+                raise CheckpointCorruptError(f"{store.display(p)} is missing") from None
             if not ok:
                 raise CheckpointCorruptError(
-                    f"{self.store.display(p)} changed since it was written (SHA-256)"
+                    f"{store.display(p)} changed since it was written (SHA-256)"
                 )
+
+    def _where(self, checkpoint_id: str, location: str | None) -> tuple[Store, str]:
+        """The store and path of a checkpoint: in ``storage``, or at ``location``."""
+        if location is None:
+            return self.store, self.path(checkpoint_id)
+        store = Store(location, options=self._backup_options)
+        return store, store.root
 
     def _on_rollback(self, order: RollbackOrder) -> int:
         """Load the rollback's checkpoint now (training thread, at the effective step)."""
@@ -386,20 +423,23 @@ class Checkpointer:
         log.warning("torchloom: rolled back to checkpoint %s: going on at step %d", order.id, step)
         return step
 
-    def load(self, checkpoint_id: str) -> int:
+    def load(self, checkpoint_id: str, *, location: str | None = None) -> int:
         """Load checkpoint ``checkpoint_id`` into ``state`` in place, and this rank's RNG
         states; return the step to go on at.
 
+        Args:
+            location: its directory or URL when not in ``storage`` (its backup copy).
+
         Raises:
-            FileNotFoundError: no such checkpoint in ``storage``.
+            FileNotFoundError: no such checkpoint there.
         """
-        target = self.path(checkpoint_id)
-        if not self.store.exists(posixpath.join(target, ".metadata")):
-            raise FileNotFoundError(f"no checkpoint {checkpoint_id} in {self.store.url}")
+        store, target = self._where(checkpoint_id, location)
+        if not store.exists(posixpath.join(target, ".metadata")):
+            raise FileNotFoundError(f"no checkpoint {checkpoint_id} in {store.display(target)}")
         sd = self._state_dict(0)
         dcp_load(
             sd,
-            storage_reader=self.store.reader(target),
+            storage_reader=store.reader(target),
             process_group=self._pg,
             no_dist=not self._distributed,
         )

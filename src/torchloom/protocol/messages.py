@@ -255,6 +255,8 @@ class CheckpointOrder(msgspec.Struct, kw_only=True):
         writers: the replica groups that write it (every rank of each); the others train on.
         remove: ids of the job's failed or deleted checkpoints whose files are still in the
             storage: the first writing group's rank 0 removes them once this save is durable.
+        backup: copy this one to the backup storage (the job's Checkpointers have one, and
+            it is the ``every``-th complete checkpoint).
         backup_drop: ids whose copies leave the backup storage once this one is copied there
             (the retention the Weaver worked out with this checkpoint counted in).
     """
@@ -262,6 +264,7 @@ class CheckpointOrder(msgspec.Struct, kw_only=True):
     id: str
     writers: list[str] = []
     remove: list[str] = []
+    backup: bool = False
     backup_drop: list[str] = []
 
 

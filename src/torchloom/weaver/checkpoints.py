@@ -143,6 +143,17 @@ def to_remove(job: Job) -> list[str]:
     return [c.id for c in sorted(old, key=lambda c: c.version)[:MAX_REMOVE_PER_ORDER]]
 
 
+def backs_up(job: Job) -> bool:
+    """Whether the next checkpoint is copied to the backup: the job's Checkpointers have one
+    and it will be the ``every``-th complete checkpoint (counting the complete ones so far)."""
+    keep = job.backup_keep
+    if keep is None:
+        return False
+    every = max(1, int(keep.get("every", 1) or 1))
+    done = sum(c.state == "complete" for c in job.checkpoints.values())
+    return (done + 1) % every == 0
+
+
 def backup_drop(job: Job, new_id: str) -> list[str]:
     """The checkpoints whose backup copies go once ``new_id`` is copied to the backup, by the
     retention the job's Checkpointers said (``job.backup_keep``): of the complete checkpoints
@@ -150,7 +161,7 @@ def backup_drop(job: Job, new_id: str) -> list[str]:
     version order; 0: none), the lowest-loss one if ``keep_best``, and the pinned one; the rest
     go. No backup said: nothing."""
     keep = job.backup_keep
-    if keep is None:
+    if keep is None or not backs_up(job):
         return []
     last = max(0, int(keep.get("keep_last", 0) or 0))
     every = max(0, int(keep.get("keep_every", 0) or 0))

@@ -355,6 +355,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
                 id=checkpoints.checkpoint_id(version),
                 writers=writers,
                 remove=checkpoints.to_remove(job),
+                backup=checkpoints.backs_up(job),
                 backup_drop=checkpoints.backup_drop(job, checkpoints.checkpoint_id(version)),
             )
             if req.op == "checkpoint"
