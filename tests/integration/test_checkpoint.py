@@ -38,11 +38,16 @@ def up(tmp_path):
 LOOP = REPO / "tests" / "integration" / "ckpt_loop.py"
 
 
-def launch(up, job, storage, out, steps, *extra):
+def launch(up, job, storage, out, steps, *extra, env=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += [str(LOOP), up.url, job, str(storage), str(out), str(steps), *extra]
     return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -321,7 +326,12 @@ def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and
     shard = storage / "pj" / b["id"] / "__1_0.distcp"
     shard.write_bytes(shard.read_bytes()[:-100])  # truncated
 
-    proc = launch(up, "pj", storage, tmp_path / "b", 100000, "--resume")
+    meta = storage / "pj" / a["id"] / ".metadata"
+    written = meta.stat().st_mtime_ns
+    # relaunched as `torchloom run` restarts a job: the same epoch, so the config document
+    # still holds the order of the checkpoint it resumes from, at the step it resumes at
+    restarted = {"TORCHLOOM_RESTARTED": "1"}
+    proc = launch(up, "pj", storage, tmp_path / "b", 100000, "--resume", env=restarted)
     try:
 
         def loads():
@@ -330,6 +340,8 @@ def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and
 
         loaded = wait_for(loads, timeout_s=120, what="both relaunched ranks loaded a checkpoint")
         assert {e.data["id"] for e in loaded} == {a["id"]}
+        wait_past(client, "pj", a["step"] + 10, what="the relaunched job past its start")
+        assert meta.stat().st_mtime_ns == written  # that old order was not carried out again
         recs = {c["id"]: c for c in client.control("checkpoints", "pj").data["checkpoints"]}
         assert recs[b["id"]]["state"] == "failed" and "checksums" in recs[b["id"]]["reason"]
         c = save()  # its writer removes the failed checkpoint's files
@@ -556,3 +568,26 @@ def test_complete_checkpoints_are_backed_up_and_a_restart_loads_the_backup_when_
     assert [o["start"] for o in outputs(tmp_path / "b")] == [step, step]
     loaded = [e for e in history(client, "bj") if e.kind == "checkpoint_loaded"]
     assert {(e.data["id"], e.data["source"]) for e in loaded} == {(saved[2], where[saved[2]])}
+
+
+def test_the_step_rate_counts_steps_run_not_the_jump_of_a_resume(up):
+    """A process that starts at a checkpoint's step (or heals, or rolls back) jumps its step
+    index: its reported step time must come from the steps it ran (a rate from the index made
+    a resumed job look 1,000× faster, and the Weaver planned a checkpoint 11,000 steps ahead)."""
+    import time
+
+    import torchloom
+    from tests.helpers import TelemetryTap
+
+    tap = TelemetryTap(up.url, "rate")
+    run = torchloom.init(job_id="rate", knobs={}, nats_url=up.url, interval_ms=100)
+    # the Threadlet flushes while resume() waits for the Weaver's answer …
+    wait_for(lambda: len(tap.messages) >= 2, timeout_s=30, what="telemetry before the steps")
+    run.start_step = 5000  # … then it sets the checkpoint's step
+    for step in run.steps():
+        time.sleep(0.01)
+        if step > 5000 and len([m for m in tap.messages if m.step_time_s and m.step > 5000]) >= 3:
+            break
+    run.close(reason="test done")
+    times = [m.step_time_s for m in tap.messages if m.step_time_s]
+    assert times and min(times) > 0.009, times

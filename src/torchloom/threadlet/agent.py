@@ -310,7 +310,10 @@ class Agent:
                     log.error("torchloom: the Weaver refused this rank's join: %s", msg)
                     self._refused = msg
                 raise NotReachableError(msg)
-            shared.offer(from_builtins(reply.data, DesiredConfig), time.time())
+            doc = from_builtins(reply.data, DesiredConfig)
+            if not self.joined.is_set() and doc.snapshots:
+                shared.join_version = max(s.version for s in doc.snapshots)
+            shared.offer(doc, time.time())
             if self._refused:
                 log.warning("torchloom: joined as rank %s/%d", ident.replica_id, ident.rank)
                 self._refused = ""
@@ -418,18 +421,19 @@ class Agent:
         step = shared.step
         applied = shared.applied_version
         samples = shared.samples
+        ran = shared.steps_run
         phases = dict(shared.phase_totals)  # one C-level copy under the GIL
         now_mono = time.monotonic()
         step_time = samples_per_s = phases_s = None
         if self._last_flush is not None:
-            t0, step0, samples0 = self._last_flush
+            t0, ran0, samples0 = self._last_flush
             dt = now_mono - t0
-            if step > step0 and dt > 0:
-                step_time = dt / (step - step0)
-                phases_s = _per_step(phases, self._last_phases, step - step0)
+            if ran > ran0 and dt > 0:  # steps run, not the index (it jumps on a heal or load)
+                step_time = dt / (ran - ran0)
+                phases_s = _per_step(phases, self._last_phases, ran - ran0)
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
-        self._last_flush = (now_mono, step, samples)
+        self._last_flush = (now_mono, ran, samples)
         self._last_phases = phases
         raw_points = shared.points.drain(512)
         points = [

@@ -163,6 +163,7 @@ class Run:
                 if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
                     break
                 shared.step = step
+                shared.steps_run += 1
                 shared.samples += self.config.get("batch_size", 0) or 0
                 if shared.phase_totals:  # the loop marks its phases: the rest is "other"
                     self.mark("other")
@@ -219,9 +220,10 @@ class Run:
             snap = select_snapshot(doc.snapshots, step) if doc is not None else None
             if snap is not None and snap.version > shared.applied_version:
                 self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
-                if snap.checkpoint is not None:
+                mine = snap.version > shared.join_version  # not an order for an earlier process
+                if snap.checkpoint is not None and mine:
                     self._order_checkpoint(snap.checkpoint, snap.effective_step, step)
-                if snap.rollback is not None:
+                if snap.rollback is not None and mine:
                     self._order_rollback(snap.rollback, snap.effective_step, step)
                     if self._jump_to is not None:
                         return  # steps() goes on from the checkpoint's step

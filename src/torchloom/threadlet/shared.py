@@ -5,11 +5,13 @@ thread share, and the rules that keep the training step free of waits.
 (:class:`~torchloom.threadlet.agent.Agent`) is given it and touches nothing else. Every
 field has **one writer**:
 
-* the training thread writes ``step``, ``applied_version``, ``state``, ``samples``,
-  ``phase_totals`` and ``quorum`` (plain attribute stores), and appends to ``points`` and
+* the training thread writes ``step``, ``steps_run``, ``applied_version``, ``state``,
+  ``samples``, ``phase_totals`` and ``quorum`` (plain attribute stores), and appends to
+  ``points`` and
   ``events`` (bounded buffers that drop their oldest entry when full, and count it);
 * the I/O thread writes ``doc`` and ``config_lag_s`` through :meth:`Shared.offer` (one
-  reference assignment each) and sets ``wake``; it drains the buffers;
+  reference assignment each), ``join_version`` once joined, and sets ``wake``; it drains the
+  buffers;
 * a question for the Weaver (:meth:`Shared.ask`, at start-up, never in the step loop) is
   appended by the asking thread and answered through its future by the I/O thread.
 
@@ -70,6 +72,9 @@ class Shared:
         # written by the training thread
         self.step = -1
         """The step running now (-1 before the first)."""
+        self.steps_run = 0
+        """Steps this process ran (the step rate counts these: the step index jumps on a
+        resume, a heal or a rollback)."""
         self.applied_version = 0
         """The desired-config version in force (0: the initial knobs)."""
         self.state: RankState = "joining"
@@ -89,6 +94,10 @@ class Shared:
         """The newest desired config heard of (replaced whole, never mutated)."""
         self.config_lag_s = 0.0
         """How long the newest desired config took to arrive after the Weaver issued it, s."""
+        self.join_version = 0
+        """The newest config version when this process joined: the checkpoint and rollback
+        orders of that version and older were for the processes before it (a restarted rank
+        must not save or roll back again at an old order's step)."""
         self.wake = threading.Event()
         """Set when a new config arrives (wakes a paused training loop)."""
         self.asks: collections.deque[tuple[ControlRequest, Future[ControlReply]]] = (

@@ -282,6 +282,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--backup-keep-every", type=int, default=0, help="… every N-th (0: none)")
     ap.add_argument("--backup-keep-best", action="store_true", help="… the lowest-loss one")
     ap.add_argument(
+        "--backup-every", type=int, default=1, help="copy every N-th complete checkpoint"
+    )
+    ap.add_argument(
         "--baseline-checkpoint-dir",
         type=Path,
         default=None,
@@ -433,6 +436,7 @@ def main() -> None:
             keep_last=args.backup_keep_last,
             keep_every=args.backup_keep_every,
             keep_best=args.backup_keep_best,
+            backup_every=args.backup_every,
         )
         ckpt.resume(from_scratch=args.from_scratch)  # the Weaver's choice: sets run.start_step
     if manager is not None:
