@@ -39,6 +39,7 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,56 +119,56 @@ def bench_saves(url: str, size_mb: float, saves: int, root: Path) -> dict[str, f
     return out
 
 
-def goodput_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
-    policies = tmp / "policies.toml"
-    policies.write_text(POLICIES)
+def goodput_run(tmp: Path, args: argparse.Namespace, name: str, *script: str, **stack_kw: Any):
+    """One arm: the MNIST job (one group of 2 DDP ranks, restarted on any failure) with
+    ``script`` arguments, under the crash schedule, scored."""
     stack = StackConfig(
-        state_dir=tmp / "state-loom", lighthouse=LighthouseConfig(url=None), policy_file=policies
+        state_dir=tmp / f"state-{name}", lighthouse=LighthouseConfig(url=None), **stack_kw
     ).build()
     stack.start()
-    out = tmp / "out-loom"
-    ram = RAM / f"torchloom-goodput-{os.getpid()}"
+    out = tmp / f"out-{name}"
     sup = Supervisor(
         script=[
             str(TRAIN),
-            *("--job-id", "goodput-loom", "--max-steps", "10000000", "--eval-every", "0"),
+            *("--job-id", f"goodput-{name}", "--max-steps", "10000000", "--eval-every", "0"),
             *("--log-every", "0", "--seed", str(args.seed), "--batch-size", "64"),
-            *("--out-dir", str(out), "--checkpoint-dir", str(ram)),
-            *("--checkpoint-backup", str(tmp / "backup-loom"), "--backup-every", "5"),
+            *("--out-dir", str(out), *script),
         ],
         replicas=1,
         nproc_per_group=2,
         env={"TORCHLOOM_NATS_URL": stack.nats_url},
-        log_dir=tmp / "logs-loom",
+        log_dir=tmp / f"logs-{name}",
         policy=RestartPolicy(max_restarts=1000, backoff_s=0.0),
         say=lambda _: None,
     )
+    return supervise_under_chaos(stack, sup, f"goodput-{name}", out, chaos_args(args))
+
+
+def goodput_torchloom(tmp: Path, args: argparse.Namespace) -> dict:
+    policies = tmp / "policies.toml"
+    policies.write_text(POLICIES)
+    ram = RAM / f"torchloom-goodput-{os.getpid()}"
     try:
-        return supervise_under_chaos(stack, sup, "goodput-loom", out, chaos_args(args))
+        return goodput_run(
+            tmp,
+            args,
+            "loom",
+            *("--checkpoint-dir", str(ram), "--checkpoint-backup", str(tmp / "backup-loom")),
+            *("--backup-every", "5"),
+            policy_file=policies,
+        )
     finally:
         shutil.rmtree(ram, ignore_errors=True)
 
 
 def goodput_baseline(tmp: Path, args: argparse.Namespace) -> dict:
-    stack = StackConfig(state_dir=tmp / "state-base", lighthouse=LighthouseConfig(url=None)).build()
-    stack.start()
-    out = tmp / "out-base"
-    sup = Supervisor(
-        script=[
-            str(TRAIN),
-            *("--job-id", "goodput-base", "--max-steps", "10000000", "--eval-every", "0"),
-            *("--log-every", "0", "--seed", str(args.seed), "--batch-size", "64"),
-            *("--out-dir", str(out), "--baseline-checkpoint-dir", str(tmp / "ckpt-base")),
-            *("--baseline-checkpoint-every", str(args.baseline_every)),
-        ],
-        replicas=1,
-        nproc_per_group=2,
-        env={"TORCHLOOM_NATS_URL": stack.nats_url},
-        log_dir=tmp / "logs-base",
-        policy=RestartPolicy(max_restarts=1000, backoff_s=0.0),
-        say=lambda _: None,
+    return goodput_run(
+        tmp,
+        args,
+        "base",
+        *("--baseline-checkpoint-dir", str(tmp / "ckpt-base")),
+        *("--baseline-checkpoint-every", str(args.baseline_every)),
     )
-    return supervise_under_chaos(stack, sup, "goodput-base", out, chaos_args(args))
 
 
 def chaos_args(args: argparse.Namespace) -> argparse.Namespace:

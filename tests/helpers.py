@@ -194,6 +194,19 @@ def start_two_groups(
     return proc, log
 
 
+def checkpoint_loads(
+    client: WeaverClient, job: str, *, why: str | None = None, at_least: int = 2
+) -> list[HistoryEvent] | None:
+    """The job's ``checkpoint_loaded`` events (only those loaded for ``why``: ``resume`` or
+    ``rollback``), or None while there are fewer than ``at_least`` (for :func:`wait_for`)."""
+    ev = [
+        e
+        for e in history(client, job)
+        if e.kind == "checkpoint_loaded" and (why is None or e.data.get("why") == why)
+    ]
+    return ev if len(ev) >= at_least else None
+
+
 def job_status(client: WeaverClient, job: str) -> dict[str, Any] | None:
     jobs = client.status(job).get("jobs", [])
     return jobs[0] if jobs else None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, Up, cli, history, kill_tree, ranks, wait_for
+from tests.helpers import REPO, Up, checkpoint_loads, cli, history, kill_tree, ranks, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +53,20 @@ def launch(up, job, storage, out, steps, *extra, env=None):
 
 def outputs(out):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def loaded_digest(weights):
+    """SHA-256 of the loop's model after loading exported ``weights`` into a fresh one (strict:
+    the names and shapes must be the model's), as ckpt_loop.py digests its own."""
+    import hashlib
+
+    import torch
+
+    model = torch.nn.Linear(32, 1)
+    model.load_state_dict(weights)
+    return hashlib.sha256(
+        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    ).hexdigest()
 
 
 def wait_past(client, job, step, *, timeout_s=120, what="both ranks training"):
@@ -232,16 +246,11 @@ def test_a_live_rollback_takes_every_rank_back_to_the_checkpoint_at_one_step(up,
         assert bad.returncode == 2 and "no checkpoint 'ckpt-v999'" in bad.stderr, bad.stderr
         r = cli("rollback", "--to", rec["id"], "--job", "rb", url=up.url)
         assert r.returncode == 0, r.stdout + r.stderr
-
-        def rolled_back():
-            ev = [
-                e
-                for e in history(client, "rb")
-                if e.kind == "checkpoint_loaded" and e.data.get("why") == "rollback"
-            ]
-            return ev if len(ev) >= 2 else None
-
-        loaded = wait_for(rolled_back, timeout_s=60, what="both ranks rolled back")
+        loaded = wait_for(
+            lambda: checkpoint_loads(client, "rb", why="rollback"),
+            timeout_s=60,
+            what="both ranks rolled back",
+        )
         assert {(e.rank, e.step) for e in loaded} == {(0, rec["step"]), (1, rec["step"])}
         r = cli("stop", "--job", "rb", url=up.url)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -333,12 +342,11 @@ def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and
     restarted = {"TORCHLOOM_RESTARTED": "1"}
     proc = launch(up, "pj", storage, tmp_path / "b", 100000, "--resume", env=restarted)
     try:
-
-        def loads():
-            ev = [e for e in history(client, "pj") if e.kind == "checkpoint_loaded"]
-            return ev if len(ev) >= 2 else None
-
-        loaded = wait_for(loads, timeout_s=120, what="both relaunched ranks loaded a checkpoint")
+        loaded = wait_for(
+            lambda: checkpoint_loads(client, "pj"),
+            timeout_s=120,
+            what="both relaunched ranks loaded a checkpoint",
+        )
         assert {e.data["id"] for e in loaded} == {a["id"]}
         wait_past(client, "pj", a["step"] + 10, what="the relaunched job past its start")
         assert meta.stat().st_mtime_ns == written  # that old order was not carried out again
@@ -363,12 +371,7 @@ def test_the_registry_checks_files_at_load_falls_back_cleans_up_pins_deletes_and
     r = cli("checkpoint", "export", a["id"], "--out", str(target), "--job", "pj", url=up.url)
     assert r.returncode == 0, r.stdout + r.stderr
     weights = load_file(str(target))
-    model = __import__("torch").nn.Linear(32, 1)
-    model.load_state_dict(weights)  # strict: the names and shapes of the model
-    digest = __import__("hashlib").sha256(
-        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
-    )
-    assert digest.hexdigest() == started[0]["start_weights"]
+    assert loaded_digest(weights) == started[0]["start_weights"]
 
     r = cli("checkpoint", "pin", a["id"], "--job", "pj", url=up.url)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -421,12 +424,11 @@ def test_a_rank_killed_mid_save_fails_that_checkpoint_and_the_job_resumes_from_t
     assert client.control("checkpoints", "kj").data["resume_from"] == a["id"]
     proc = launch(up, "kj", storage, tmp_path / "b", 100000, "--resume")
     try:
-        wait_for(
-            lambda: len([e for e in history(client, "kj") if e.kind == "checkpoint_loaded"]) == 2,
+        loaded = wait_for(
+            lambda: checkpoint_loads(client, "kj"),
             timeout_s=120,
             what="both ranks loaded a checkpoint",
         )
-        loaded = [e for e in history(client, "kj") if e.kind == "checkpoint_loaded"]
         assert {e.data["id"] for e in loaded} == {a["id"]}
         r = cli("checkpoint", "save", "--wait", "--job", "kj", url=up.url, timeout_s=120)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -508,12 +510,7 @@ def test_checkpoints_round_trip_through_s3(up, tmp_path, s3):
     target = tmp_path / "w.safetensors"
     r = cli("checkpoint", "export", rec["id"], "--out", str(target), "--job", "s3j", url=up.url)
     assert r.returncode == 0, r.stdout + r.stderr
-    model = __import__("torch").nn.Linear(32, 1)
-    model.load_state_dict(load_file(str(target)))
-    digest = __import__("hashlib").sha256(
-        b"".join(p.detach().numpy().tobytes() for p in model.parameters())
-    )
-    assert digest.hexdigest() == b[0]["start_weights"]
+    assert loaded_digest(load_file(str(target))) == b[0]["start_weights"]
 
 
 def test_complete_checkpoints_are_backed_up_and_a_restart_loads_the_backup_when_ram_is_lost(

@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import (
     TelemetryTap,
+    checkpoint_loads,
     cli,
     history,
     kill_tree,
@@ -375,16 +376,11 @@ def test_checkpoints_under_torchft_one_group_writes_and_a_rollback_takes_every_g
         )
         r = cli("rollback", "--to", rec["id"], "--job", "ft", url=up.url)
         assert r.returncode == 0, r.stdout + r.stderr
-
-        def rolled_back():
-            ev = [
-                e
-                for e in history(client, "ft")
-                if e.kind == "checkpoint_loaded" and e.data.get("why") == "rollback"
-            ]
-            return ev if len(ev) >= 2 else None
-
-        loaded = wait_for(rolled_back, timeout_s=60, what="both groups rolled back")
+        loaded = wait_for(
+            lambda: checkpoint_loads(client, "ft", why="rollback"),
+            timeout_s=60,
+            what="both groups rolled back",
+        )
         assert sorted((e.replica_id, e.step) for e in loaded) == [
             ("0", rec["step"]),
             ("1", rec["step"]),

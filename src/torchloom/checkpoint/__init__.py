@@ -48,7 +48,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from torchloom.checkpoint.export import export_safetensors
 from torchloom.checkpoint.storage import Store
-from torchloom.errors import CheckpointCorruptError
+from torchloom.errors import CheckpointCorruptError, NotReachableError
 from torchloom.protocol import CheckpointOrder, ControlRequest, RollbackOrder
 from torchloom.threadlet.run import Run
 
@@ -293,9 +293,11 @@ class Checkpointer:
         return removed
 
     def resume(self, *, from_scratch: bool = False, timeout_s: float = 10.0) -> str | None:
-        """Load the checkpoint the Weaver says this job resumes from — its newest complete
-        one — and start the run's steps at its step. Every rank of the process group loads
-        the same one (rank 0 asks, the others are told). Call it once, after
+        """Load the checkpoint the Weaver says this job resumes from — the pinned one, else
+        its newest complete one — and start the run's steps at its step. Every rank of the
+        process group loads the same one (rank 0 asks, checks its files' SHA-256 — in
+        ``storage``, else in its backup — and tells the others); one that fails is reported
+        ``checkpoint_corrupt`` and the next newest complete one is tried. Call it once, after
         :func:`torchloom.init` and before ``run.steps()``.
 
         Args:
@@ -309,6 +311,8 @@ class Checkpointer:
 
         Raises:
             FileNotFoundError: the Weaver's choice is not in this ``storage``.
+            NotReachableError: the storage cannot be read (rank 0): starting from scratch
+                would bury the job's checkpoints under new ones, so it does not.
         """
         choice: str | None = None
         why, location = "", None
@@ -353,6 +357,12 @@ class Checkpointer:
                 except CheckpointCorruptError as exc:
                     problems.append(str(exc))
                     log.warning("torchloom: checkpoint %s not loadable: %s", cid, exc)
+                except Exception as exc:  # the storage cannot be read (unreachable, denied)
+                    raise NotReachableError(
+                        f"checkpoint storage {location or self.store.url} cannot be read "
+                        f"({_why(exc)}): the job does not start from scratch over its "
+                        "checkpoints; fix the storage, or resume(from_scratch=True)"
+                    ) from exc
             self.run.emit("checkpoint_corrupt", id=cid, reason="; ".join(problems))
         return None, "every complete checkpoint failed its checksums", None
 

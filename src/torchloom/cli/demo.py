@@ -95,7 +95,9 @@ def demo(
     """Start torchloom and the MNIST job (torchrun, 2 ranks) with a live progress view.
 
     The MNIST job ships in the package; MNIST itself is read from a checkout's
-    examples/mnist/data, or downloaded once into ~/.cache/torchloom/mnist."""
+    examples/mnist/data, or downloaded once into ~/.cache/torchloom/mnist. Without
+    --policies the checkpoint policy saves every 10 s or so, so that checkpoints appear
+    (`torchloom checkpoint list`, the dashboard's panel) and a rollback has one to go to."""
     setup_logging(False)
     if script is None:
         _reference_job_ready(extra or [])
@@ -104,6 +106,8 @@ def demo(
         target = [str(script)]
     else:
         raise InvalidRequestError(f"--script {script}: no such file")
+    if policies is None and script is None:
+        policies = _demo_policies()
     events: list[HistoryEvent] = []
     stack = stack_config(
         state_dir=state_dir,
@@ -205,3 +209,16 @@ def _demo_view(
         Text("recent events:", style="bold"),
         *recent,
     )
+
+
+DEMO_POLICIES = "[checkpoint]\nmin_interval_s = 10.0\ncost_prior_s = 0.05\nmtbf_prior_s = 1800.0\n"
+"""The demo's policy settings: checkpoints every ~10 s instead of a production cadence."""
+
+
+def _demo_policies() -> Path:
+    """A TOML file with :data:`DEMO_POLICIES` (in the temporary directory)."""
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"torchloom-demo-policies-{os.getpid()}.toml"
+    path.write_text(DEMO_POLICIES)
+    return path
