@@ -23,9 +23,14 @@ def test_demo_trains_mnist_to_98_percent_and_cleans_up(tmp_path):
     m = re.search(r"done at step (\d+) \(finished\): test accuracy ([0-9.]+)", r.stdout)
     assert m, r.stdout[-2000:]
     assert int(m.group(1)) == 799 and float(m.group(2)) >= 0.98
-    assert "v1" in r.stdout and "rank_exited" in r.stdout
-    # issue 16.5: a healthy run is left alone (no drain, no lr cut)
-    assert "policy decisions: none" in r.stdout, r.stdout[-2000:]
+    assert re.search(r"\bv\d+\b", r.stdout) and "rank_exited" in r.stdout
+    # issue 16.5: a healthy run is left alone (no drain, no lr cut); the demo's checkpoint
+    # policy saves every ~10 s, which changes nothing in the training
+    decisions = re.search(r"policy decisions: (.*)", r.stdout)
+    assert decisions, r.stdout[-2000:]
+    assert decisions.group(1) == "none" or re.fullmatch(
+        r"checkpoint ×\d+ \(torchloom events -k policy_checkpoint\)", decisions.group(1)
+    ), decisions.group(1)
     leftovers = [
         p
         for p in psutil.process_iter(["cmdline"])
