@@ -64,10 +64,7 @@ def save(
         return
     deadline = time.monotonic() + wait_timeout_s
     while time.monotonic() < deadline:
-        rec = next(
-            (c for c in _records(client, job_id).get("checkpoints", []) if c["id"] == ckpt_id),
-            None,
-        )
+        rec = _find(client, job_id, ckpt_id)
         if rec is not None and rec["state"] == "complete":
             out.print(f"checkpoint {ckpt_id} complete: {_size(rec['bytes'])} in {rec['storage']}")
             return
@@ -119,10 +116,17 @@ def _record(client: WeaverClient, job_id: str, ckpt_id: str) -> dict[str, Any]:
     Raises:
         InvalidRequestError: the job has no such checkpoint.
     """
-    for c in _records(client, job_id).get("checkpoints", []):
-        if c["id"] == ckpt_id:
-            return c  # type: ignore[no-any-return]
-    raise InvalidRequestError(f"job {job_id!r} has no checkpoint {ckpt_id!r}")
+    rec = _find(client, job_id, ckpt_id)
+    if rec is None:
+        raise InvalidRequestError(f"job {job_id!r} has no checkpoint {ckpt_id!r}")
+    return rec
+
+
+def _find(client: WeaverClient, job_id: str, ckpt_id: str) -> dict[str, Any] | None:
+    """The registry's record of ``ckpt_id``, or None."""
+    return next(
+        (c for c in _records(client, job_id).get("checkpoints", []) if c["id"] == ckpt_id), None
+    )
 
 
 @app.command()

@@ -155,13 +155,14 @@ def backs_up(job: Job) -> bool:
 
 
 def backup_drop(job: Job, new_id: str) -> list[str]:
-    """The checkpoints whose backup copies go once ``new_id`` is copied to the backup, by the
+    """The checkpoints whose backup copies go once ``new_id`` is copied to the backup (when
+    :func:`backs_up` says it is), by the
     retention the job's Checkpointers said (``job.backup_keep``): of the complete checkpoints
     in the backup plus the new one, keep the newest ``keep_last``, every ``keep_every``-th (by
     version order; 0: none), the lowest-loss one if ``keep_best``, and the pinned one; the rest
     go. No backup said: nothing."""
     keep = job.backup_keep
-    if keep is None or not backs_up(job):
+    if keep is None:
         return []
     last = max(0, int(keep.get("keep_last", 0) or 0))
     every = max(0, int(keep.get("keep_every", 0) or 0))
@@ -364,22 +365,26 @@ def rollback_target(job: Job, values: dict[str, Any]) -> CheckpointRecord:
                 f"checkpoint {rec.id} is {rec.state}: only a complete checkpoint can be loaded"
             )
         return rec
-    done = [c for c in job.checkpoints.values() if c.state == "complete"]
+    at = None
     if values.get("step") is not None:
         try:
             at = int(values["step"])
         except (TypeError, ValueError):
             raise InvalidRequestError(f"step {values['step']!r} is not a whole number") from None
-        done = [c for c in done if c.step <= at]
-    rec = max(done, key=lambda c: (c.step, c.version), default=None)
+    rec = newest_complete(job, at_or_before=at)
     if rec is None:
         raise InvalidRequestError(f"job {job.job_id!r} has no complete checkpoint to roll back to")
     return rec
 
 
-def newest_complete(job: Job) -> CheckpointRecord | None:
-    """The complete checkpoint with the highest step (then version), or None."""
-    done = [c for c in job.checkpoints.values() if c.state == "complete"]
+def newest_complete(job: Job, *, at_or_before: int | None = None) -> CheckpointRecord | None:
+    """The complete checkpoint with the highest step (then version), at or before step
+    ``at_or_before`` if given, or None."""
+    done = [
+        c
+        for c in job.checkpoints.values()
+        if c.state == "complete" and (at_or_before is None or c.step <= at_or_before)
+    ]
     return max(done, key=lambda c: (c.step, c.version), default=None)
 
 

@@ -343,6 +343,16 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     else:
         eff = _plan(job, now, settings, pos=pos)
     version = latest.version + 1
+    order = None
+    if req.op == "checkpoint":
+        cid, backup = checkpoints.checkpoint_id(version), checkpoints.backs_up(job)
+        order = CheckpointOrder(
+            id=cid,
+            writers=writers,
+            remove=checkpoints.to_remove(job),
+            backup=backup,
+            backup_drop=checkpoints.backup_drop(job, cid) if backup else [],
+        )
     snap = ConfigSnapshot(
         version=version,
         effective_step=eff,
@@ -350,17 +360,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         overrides=overrides,
         run_state=run_state,
         drained=drained,
-        checkpoint=(
-            CheckpointOrder(
-                id=checkpoints.checkpoint_id(version),
-                writers=writers,
-                remove=checkpoints.to_remove(job),
-                backup=checkpoints.backs_up(job),
-                backup_drop=checkpoints.backup_drop(job, checkpoints.checkpoint_id(version)),
-            )
-            if req.op == "checkpoint"
-            else None
-        ),
+        checkpoint=order,
         rollback=(
             RollbackOrder(id=target.id, step=target.step, files=target.files)
             if req.op == "rollback"
