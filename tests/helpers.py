@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,9 +57,10 @@ class Up:
         *args: str,
         nats_url: str | None = None,
         env: dict[str, str] | None = None,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.state_dir = state_dir
-        cmd = [str(BIN / "torchloom"), "up", "--state-dir", str(state_dir), *args]
+        cmd = [*wrap, str(BIN / "torchloom"), "up", "--state-dir", str(state_dir), *args]
         if "--ui-port" not in args and "--no-ui" not in args:
             cmd += ["--ui-port", "0"]  # tests run beside each other and beside a user's `up`
         if nats_url:
@@ -114,8 +115,10 @@ def launch_mnist(
     nproc: int = 2,
     job: str = "mnist",
     torchrun: bool = True,
+    wrap: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Start the reference MNIST job; its output goes to tmp/train.log, its summaries to tmp/out."""
+    """Start the reference MNIST job; its output goes to tmp/train.log, its summaries to tmp/out.
+    ``wrap``: a command prefix (``ip netns exec NS``: on another host)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("TORCHLOOM_NATS_URL", None)
     if url:
@@ -127,6 +130,7 @@ def launch_mnist(
         else [sys.executable]
     )
     cmd = [
+        *wrap,
         *base,
         str(TRAIN),
         "--job-id",

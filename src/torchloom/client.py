@@ -95,17 +95,22 @@ class WeaverClient:
         A request with a ``request_id`` (every change :meth:`control` sends) is sent again
         while no reply comes, until ``timeout_s`` has passed: across a Weaver's failover the
         standby answers it, and the id makes sure a change that did land the first time is
-        not made twice.
+        not made twice. So is one the Weaver refused because its write did not reach JetStream
+        (a cluster electing a new leader for the config bucket after a server loss).
         """
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
                 reply = asyncio.run(self._request(req, timeout_s=deadline - time.monotonic()))
-                break
             except NotReachableError:
                 if not req.request_id or time.monotonic() > deadline - 0.25:
                     raise
                 time.sleep(0.25)
+                continue
+            unwritten = reply.error is not None and reply.error.code == NotReachableError.code
+            if not (unwritten and req.request_id and time.monotonic() < deadline - 0.25):
+                break
+            time.sleep(0.25)
         if not reply.ok:
             err = reply.error
             if err is None:

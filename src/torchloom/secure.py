@@ -29,6 +29,7 @@ credentials with :meth:`SecureDir.issue_job` (``torchloom creds job J``), which 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -220,9 +221,12 @@ class SecureDir:
         self._ensure_creds("job", job_id)
         if not existed:
             self.write_conf()
-            pid = (read_endpoint(self.state_dir) or {}).get("nats_pid")
-            if isinstance(pid, int):
-                os.kill(pid, signal.SIGHUP)  # nats-server reloads its config
+            endpoint = read_endpoint(self.state_dir) or {}
+            pids = endpoint.get("nats_pids") or [endpoint.get("nats_pid")]
+            for pid in pids:  # every server of an embedded cluster
+                if isinstance(pid, int):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGHUP)  # nats-server reloads its config
         return self.creds_file("job", job_id)
 
     def dashboard_token(self) -> str:

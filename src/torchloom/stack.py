@@ -30,7 +30,7 @@ from torchloom.errors import (
 )
 from torchloom.lighthouse import Lighthouse
 from torchloom.lighthouse import available as lighthouse_available
-from torchloom.nats_server import NatsServer
+from torchloom.nats_server import NatsCluster, NatsServer
 from torchloom.paths import (
     DEFAULT_UI_PORT,
     ENDPOINT_FILE,
@@ -39,8 +39,8 @@ from torchloom.paths import (
     read_endpoint,
     write_endpoint,
 )
-from torchloom.secure import SecureDir
-from torchloom.transport import credentials_from_env
+from torchloom.secure import SecureDir, new_nkey_seed, public_key
+from torchloom.transport import Credentials, credentials_from_env, load_credentials
 from torchloom.weaver import ControlSettings, LivenessConfig, Weaver
 from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.recorder import EventSink
@@ -58,11 +58,16 @@ class NatsConfig:
         url: an existing NATS server/cluster; None starts the embedded one.
         port: port of the embedded server; None picks a free one.
         host: interface the embedded server binds (loopback by default).
+        cluster: how many embedded servers, joined into one JetStream cluster (1: a single
+            server). With 3 the loss of any one server stops nothing.
+        replicas: copies of torchloom's streams and buckets; None: min(3, servers).
     """
 
     url: str | None = None
     port: int | None = None
     host: str = "127.0.0.1"
+    cluster: int = 1
+    replicas: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +200,8 @@ class Stack:
         self.lighthouse: Lighthouse | None = None
         self.lighthouse_url = ""
         self.nats: NatsServer | None = None
+        """The embedded server (the first of the cluster's with ``NatsConfig.cluster`` > 1)."""
+        self.cluster: NatsCluster | None = None
         self.nats_url = ""
         self.weaver: Weaver | None = None
         self.ui_token = ui.token if ui else None
@@ -228,7 +235,7 @@ class Stack:
         self._acquire()
         cfg, ui = self.config, self.config.dashboard
         try:
-            creds = None
+            creds = system = None
             if cfg.nats.url:
                 self.nats_url = cfg.nats.url
                 creds = credentials_from_env()
@@ -239,14 +246,34 @@ class Stack:
                     conf = self.secure_dir.conf_file
                     creds = self.secure_dir.credentials("weaver")
                     self.ui_token = self.ui_token or self.secure_dir.dashboard_token()
-                self.nats = NatsServer(
-                    store_dir=self.state_dir / "nats",
-                    port=cfg.nats.port,
-                    host=cfg.nats.host,
-                    config_file=conf,
-                    nice=self.nice,
-                )
-                self.nats_url = self.nats.start()
+                system = self._system_credentials()
+                system_key = public_key(system.nkey_seed)
+                if cfg.nats.cluster > 1:
+                    self.cluster = NatsCluster(
+                        store_dir=self.state_dir / "nats-cluster",
+                        size=cfg.nats.cluster,
+                        host=cfg.nats.host,
+                        config_file=conf,
+                        system_key=system_key,
+                        nice=self.nice,
+                        ports=(
+                            [cfg.nats.port + i for i in range(cfg.nats.cluster)]
+                            if cfg.nats.port
+                            else None
+                        ),
+                    )
+                    self.nats_url = self.cluster.start()
+                    self.nats = self.cluster.servers[0]
+                else:
+                    self.nats = NatsServer(
+                        store_dir=self.state_dir / "nats",
+                        port=cfg.nats.port,
+                        host=cfg.nats.host,
+                        config_file=conf,
+                        nice=self.nice,
+                        system_key=system_key,
+                    )
+                    self.nats_url = self.nats.start()
             if cfg.lighthouse.url == "auto":
                 if lighthouse_available():
                     self.lighthouse = Lighthouse(
@@ -265,6 +292,8 @@ class Stack:
                 policies=self.policies,
                 restore_policies=self.policies is None,
                 creds=creds,
+                replicas=cfg.nats.replicas,
+                system_creds=system,
             )
             if ui is not None:
                 # FastAPI is imported only where the dashboard is served
@@ -311,6 +340,7 @@ class Stack:
                 lighthouse_url=self.lighthouse_url or None,
                 ui_url=self.dashboard.url if self.dashboard else None,
                 nats_pid=self.nats.proc.pid if self.nats and self.nats.proc else None,
+                nats_pids=self.cluster.pids if self.cluster else None,
                 secure=self.secure_dir is not None,
                 operator_creds=(
                     str(self.secure_dir.creds_file("operator")) if self.secure_dir else None
@@ -319,6 +349,23 @@ class Stack:
         except BaseException:
             self.stop()
             raise
+
+    def _system_credentials(self) -> Credentials:
+        """The Weaver's user in the embedded servers' system account: an nkey made once for
+        the state dir (0600), over TLS when the stack is secure."""
+        path = (
+            self.secure_dir.dir if self.secure_dir is not None else self.state_dir
+        ) / "system.creds.json"
+        if path.exists():
+            return load_credentials(path)
+        creds = Credentials(
+            role="system",
+            nkey_seed=new_nkey_seed(),
+            ca_pem=self.secure_dir.ca_pem() if self.secure_dir is not None else None,
+            tls=self.secure_dir is not None,
+        )
+        creds.save(path)
+        return creds
 
     def _serve(self) -> None:
         if self.nice is not None:
@@ -344,12 +391,16 @@ class Stack:
                 group.create_task(self.dashboard.serve())
 
     def alive(self) -> bool:
+        """Whether the Weaver runs, with its lighthouse and NATS (a cluster: a majority of
+        its servers — it goes on without the others)."""
+        children = [self.lighthouse] + ([self.nats] if self.cluster is None else [])
         return (
             self._thread is not None
             and self._thread.is_alive()
+            and (self.cluster is None or self.cluster.quorum_alive())
             and all(
                 child.proc is not None and child.proc.poll() is None
-                for child in (self.nats, self.lighthouse)
+                for child in children
                 if child is not None
             )
         )
@@ -361,7 +412,9 @@ class Stack:
                 self._loop.call_soon_threadsafe(self._task.cancel)
         if self._thread is not None:
             self._thread.join(10)
-        if self.nats is not None:
+        if self.cluster is not None:
+            self.cluster.stop()
+        elif self.nats is not None:
             self.nats.stop()
         if self.lighthouse is not None:
             self.lighthouse.stop()

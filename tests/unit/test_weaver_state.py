@@ -7,13 +7,24 @@ from torchloom.weaver.state import (
     LivenessConfig,
     WeaverState,
     check_liveness,
+    on_connection_closed,
     on_rank_event,
     on_telemetry,
 )
 
 
 def beat(
-    state, now, *, rank=0, step=10, seq=None, st="training", applied=0, step_time_s=0.01, pid=100
+    state,
+    now,
+    *,
+    rank=0,
+    step=10,
+    seq=None,
+    st="training",
+    applied=0,
+    step_time_s=0.01,
+    pid=100,
+    conn="",
 ):
     msg = Telemetry(
         job_id="j",
@@ -26,6 +37,7 @@ def beat(
         applied_version=applied,
         step_time_s=step_time_s,
         pid=pid,
+        conn=conn,
     )
     return on_telemetry(state, msg, now)
 
@@ -262,3 +274,35 @@ def test_a_rank_whose_step_goes_back_starts_its_windows_afresh():
     on_telemetry(s, resumed, 20.0)
     assert [v for _, v in w.losses] == [0.5] and w.nonfinite is None
     assert list(w.timing_step) == [50]
+
+
+def test_a_closed_connection_fails_its_rank_at_once_but_not_after_a_reconnect_or_goodbye():
+    state = WeaverState()
+    beat(state, 100.0, conn="S1/7")
+    beat(state, 100.0, rank=1, conn="S1/8")
+    # the server dropped a live client: it reconnects, nothing failed
+    assert on_connection_closed(state, "S1/8", reason="Slow Consumer", now=100.1) == []
+    assert state.jobs["j"].ranks[("j", "0", 1)].state == "training"
+    # rank 0 moved to another server (its heartbeat names the new connection): the old one
+    # closing afterwards is not a death
+    beat(state, 100.2, conn="S2/3")
+    assert on_connection_closed(state, "S1/7", reason="Client Closed", now=100.3) == []
+    assert rank0(state).state == "training"
+    # its process dies: its connection closes, failed at once (no heartbeat timeout waited)
+    events = on_connection_closed(state, "S2/3", reason="Client Closed", now=100.31)
+    assert kinds(events) == ["rank_failed"] and "connection closed" in events[0].message
+    assert rank0(state).state == "failed"
+    # an unknown connection (a CLI, another job's) changes nothing
+    assert on_connection_closed(state, "S9/1", reason="Client Closed", now=100.4) == []
+
+
+def test_a_rank_that_said_goodbye_is_not_failed_by_its_connection_closing():
+    state = WeaverState()
+    beat(state, 100.0, conn="S1/7")
+    on_rank_event(
+        state,
+        RankEvent(job_id="j", replica_id="0", rank=0, ts=100.1, kind="exited", step=10, pid=100),
+        100.1,
+    )
+    assert on_connection_closed(state, "S1/7", reason="Client Closed", now=100.2) == []
+    assert rank0(state).state == "exited"

@@ -13,6 +13,7 @@ import typer
 from rich.table import Table
 
 from torchloom.cli.options import (
+    DEFAULT_TIMEOUT_S,
     JobOpt,
     NatsUrl,
     ReasonOpt,
@@ -49,7 +50,7 @@ def save(
     reason: ReasonOpt = "",
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Every writing rank saves its state at one step (under torchft: one replica group)."""
     client = weaver_client(nats_url, state_dir, timeout_s)
@@ -80,7 +81,7 @@ def list_(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """The job's checkpoints, newest first: state, step, config version, loss, size, where."""
     client = weaver_client(nats_url, state_dir, timeout_s)
@@ -135,7 +136,7 @@ def show(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """One checkpoint's record as JSON: step, version, knob values, loss, files and checksums."""
     client = weaver_client(nats_url, state_dir, timeout_s)
@@ -149,7 +150,7 @@ def pin(
     reason: ReasonOpt = "",
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """A starting job resumes from this checkpoint (not the newest); it cannot be deleted."""
     client = weaver_client(nats_url, state_dir, timeout_s)
@@ -164,7 +165,7 @@ def unpin(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Take the pin off: a starting job resumes from the newest complete checkpoint again."""
     client = weaver_client(nats_url, state_dir, timeout_s)
@@ -180,7 +181,7 @@ def delete(
     reason: ReasonOpt = "",
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Take a checkpoint out of the registry (never offered again) and remove its files: here
     when its directory is reachable from this host, else by the job's next checkpoint writer."""
@@ -208,7 +209,7 @@ def export(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Write a complete checkpoint's model weights as one safetensors file (needs torch and
     the checkpoint's directory on this host)."""
@@ -245,7 +246,7 @@ def rollback(
     reason: ReasonOpt = "",
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Every rank loads a complete checkpoint at one step and goes on from its step, without
     restarting: weights, optimizer, data cursor, RNG and the desired config go back

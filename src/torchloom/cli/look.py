@@ -10,6 +10,7 @@ from rich.table import Table
 
 from torchloom.cli import render
 from torchloom.cli.options import (
+    DEFAULT_TIMEOUT_S,
     JobOpt,
     NatsUrl,
     ReplicaOpt,
@@ -41,7 +42,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status as JSON")] = False,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """A summary of the job (ranks per state, replica groups, applied versions, the slowest
     ranks) and a page of its DR map: per rank state, step, loss, samples/s, config version."""
@@ -58,7 +59,7 @@ def knobs(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """The job's knob registry: each knob's type, bounds, scope and desired value."""
     client = weaver_client(nats_url, state_dir, timeout_s)

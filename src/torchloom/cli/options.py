@@ -40,6 +40,10 @@ JobOpt = Annotated[
 ]
 ReplicaOpt = Annotated[str | None, typer.Option("--replica", "-r", help="only this replica group")]
 ReasonOpt = Annotated[str, typer.Option("--reason", help="recorded in the history")]
+DEFAULT_TIMEOUT_S = 10.0
+"""How long a command waits for the Weaver by default, in seconds: beyond the ~5-9 s a JetStream
+cluster takes to elect new stream leaders after losing a server (the Weaver tries its write
+again meanwhile, and the command its request)."""
 TimeoutOpt = Annotated[
     float, typer.Option("--timeout-s", help="how long to wait for the Weaver, in seconds")
 ]
@@ -54,7 +58,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 def weaver_client(
-    nats_url: str | None, state_dir: Path | None, timeout_s: float = 5.0
+    nats_url: str | None, state_dir: Path | None, timeout_s: float = DEFAULT_TIMEOUT_S
 ) -> WeaverClient:
     return WeaverClient(nats_url=nats_url, state_dir=state_dir, timeout_s=timeout_s)
 

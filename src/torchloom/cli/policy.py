@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from torchloom.cli.options import (
+    DEFAULT_TIMEOUT_S,
     NatsUrl,
     StateDir,
     TimeoutOpt,
@@ -46,7 +47,7 @@ def list_(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Every policy: on/off, dry run, its parameters."""
     reply = weaver_client(nats_url, state_dir, timeout_s).request(
@@ -72,7 +73,7 @@ def enable(
     dry_run: DryRunOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Switch a policy on (with --dry-run it decides and records, but does nothing)."""
     values: dict[str, Any] = {"policy": name, "enabled": True}
@@ -86,7 +87,7 @@ def disable(
     name: Annotated[str, typer.Argument(help="policy name")],
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Switch a policy off."""
     _show(_change({"policy": name, "enabled": False}, nats_url, state_dir, timeout_s))
@@ -98,7 +99,7 @@ def set_(
     assignments: Annotated[list[str], typer.Argument(help="PARAM=VALUE … (e.g. slow_ratio=1.5)")],
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Change a policy's parameters (all or nothing; kept across Weaver restarts)."""
     params = parse_assignments(assignments, what="PARAM")

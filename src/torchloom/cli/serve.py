@@ -113,6 +113,27 @@ NiceOpt = Annotated[
         "answers within milliseconds while training keeps every core busy; 0 leaves it",
     ),
 ]
+ClusterOpt = Annotated[
+    int,
+    typer.Option(
+        "--cluster",
+        min=1,
+        max=7,
+        help="start this many embedded NATS servers joined into one JetStream cluster "
+        "(3: the loss of any one server stops nothing); 1: a single server",
+    ),
+]
+ReplicasOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--replicas",
+        min=1,
+        max=5,
+        help="copies of torchloom's streams and KV buckets on a cluster; existing ones with "
+        "fewer are scaled up [default: min(3, servers in the cluster)]",
+        show_default=False,
+    ),
+]
 PortOpt = Annotated[
     int | None, typer.Option("--nats-port", help="port of the embedded NATS [default: a free one]")
 ]
@@ -137,11 +158,15 @@ def stack_config(
     lighthouse_heartbeat_timeout_ms: int = 1000,
     security: SecurityConfig | None = None,
     retention: Retention | None = None,
+    cluster: int = 1,
+    replicas: int | None = None,
 ) -> StackConfig:
     """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
     return StackConfig(
         state_dir=state_dir or default_state_dir(),
-        nats=NatsConfig(url=nats_url, port=nats_port, host=nats_host),
+        nats=NatsConfig(
+            url=nats_url, port=nats_port, host=nats_host, cluster=cluster, replicas=replicas
+        ),
         lighthouse=LighthouseConfig(
             url=None if lighthouse.lower() in ("none", "off", "") else lighthouse,
             heartbeat_timeout_ms=lighthouse_heartbeat_timeout_ms,
@@ -235,6 +260,8 @@ def up(
     state_dir: StateDir = None,
     nats_url: NatsUrl = None,
     nats_port: PortOpt = None,
+    cluster: ClusterOpt = 1,
+    replicas: ReplicasOpt = None,
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
@@ -288,17 +315,29 @@ def up(
         nice=nice,
         security=SecurityConfig(secure=secure, tls_cert=tls_cert, tls_key=tls_key, tls_ca=tls_ca),
         retention=Retention(dead_ttl_s=keep_gone_s, max_dead_per_job=keep_gone_ranks),
+        cluster=cluster,
+        replicas=replicas,
     ).build(on_event=printer.add)
     stack.start()
-    nats_where = (
-        f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})"
-        if stack.nats and stack.nats.proc
-        else f"{stack.nats_url} (external)"
+    if stack.cluster is not None:
+        nats_where = (
+            f"{stack.nats_url} (embedded cluster of {len(stack.cluster.servers)}, "
+            f"pids {', '.join(map(str, stack.cluster.pids))})"
+        )
+    elif stack.nats and stack.nats.proc:
+        nats_where = f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})"
+    else:
+        nats_where = f"{stack.nats_url} (external)"
+    replication = (
+        ", ".join(f"{k} {v}" for k, v in sorted(stack.weaver.replication.items()))
+        if stack.weaver is not None and stack.weaver.replication
+        else "(standby: the leader made them)"
     )
     out.print(
         Panel.fit(
             Group(
                 Text.assemble(("NATS      ", "bold"), nats_where),
+                Text.assemble(("state     ", "bold"), replication),
                 Text.assemble(
                     ("Weaver    ", "bold"),
                     f"pid {os.getpid()}, failure timeout {failure_timeout_s:g} s"

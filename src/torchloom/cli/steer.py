@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from torchloom.cli.options import (
+    DEFAULT_TIMEOUT_S,
     JobOpt,
     NatsUrl,
     ReasonOpt,
@@ -39,7 +40,7 @@ def set_(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Change knobs, job-wide or for one replica group, at a step every rank agrees on."""
     values = parse_assignments(assignments, what="KNOB")
@@ -82,7 +83,7 @@ def state_command(op: ControlOp, doc: str) -> Callable[..., None]:
         reason: ReasonOpt = "",
         nats_url: NatsUrl = None,
         state_dir: StateDir = None,
-        timeout_s: TimeoutOpt = 5.0,
+        timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
     ) -> None:
         client = weaver_client(nats_url, state_dir, timeout_s)
         job_id = pick_job(client, job)
@@ -110,7 +111,7 @@ def drain(
     reason: ReasonOpt = "",
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Take a replica group (or every group on a device) out of the run at a step all agree on:
     it finishes the step before, leaves, exits 0 and is removed from the DR map."""
@@ -142,7 +143,7 @@ def forget(
     job: JobOpt = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
-    timeout_s: TimeoutOpt = 5.0,
+    timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Take gone ranks (failed, exited) out of the DR map: all of the job's, of one replica
     group, or one rank. Live ranks are never forgotten. (The Weaver forgets gone ranks by

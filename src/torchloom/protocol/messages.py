@@ -75,6 +75,9 @@ class Telemetry(msgspec.Struct, kw_only=True):
             ``ecc_uncorrected``, ``retired_pages_pending``, ``mem_used_frac``; psutil
             on a CPU host: ``cpu_util``, ``mem_used_frac``, ``swap_used_frac``, ``load_per_cpu``,
             ``temp_c`` where readable), sent when a new sample was taken, else None.
+        conn: the rank's NATS connection as the server knows it (``<server id>/<client id>``),
+            so the Weaver can tie the server's disconnect advisory to the rank; empty when
+            unknown.
     """
 
     v: int = SCHEMA_VERSION
@@ -98,6 +101,7 @@ class Telemetry(msgspec.Struct, kw_only=True):
     host: str = ""
     pid: int = 0
     device: str = ""
+    conn: str = ""
 
 
 RankEventKind = Literal[

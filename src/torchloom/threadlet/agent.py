@@ -461,6 +461,7 @@ class Agent:
             host=ident.host,
             pid=ident.pid,
             device=ident.device,
+            conn=conn.identity,
         )
         try:
             await conn.publish(

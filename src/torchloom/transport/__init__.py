@@ -4,6 +4,7 @@ NATS errors are mapped to :mod:`torchloom.errors` here, so no other package
 needs to know nats-py's exception types.
 """
 
+from torchloom.transport.advisories import Disconnect, follow_disconnects
 from torchloom.transport.connection import Connection, Message, connect
 from torchloom.transport.credentials import Credentials, credentials_from_env, load_credentials
 from torchloom.transport.jetstream import (
@@ -16,6 +17,7 @@ from torchloom.transport.jetstream import (
 __all__ = [
     "Connection",
     "Credentials",
+    "Disconnect",
     "History",
     "KeyValue",
     "Message",
@@ -23,5 +25,6 @@ __all__ = [
     "credentials_from_env",
     "ensure_jetstream",
     "ensure_lease_bucket",
+    "follow_disconnects",
     "load_credentials",
 ]

@@ -22,15 +22,16 @@ import msgspec
 from torchloom.errors import TorchloomError
 
 ENV_CREDS = "TORCHLOOM_CREDS"
-Role = Literal["weaver", "operator", "job"]
+Role = Literal["weaver", "operator", "job", "system"]
 
 
 class Credentials(msgspec.Struct, kw_only=True, frozen=True):
     """One client's identity and trust.
 
     Attributes:
-        role: ``weaver`` (everything), ``operator`` (control and history) or ``job``
-            (one job's telemetry, events, join and config).
+        role: ``weaver`` (everything), ``operator`` (control and history), ``job``
+            (one job's telemetry, events, join and config) or ``system`` (the server's system
+            account: its connect and disconnect advisories, read by the Weaver).
         nkey_seed: the nkey seed (``SU…``); secret.
         job_id: for the ``job`` role: the job these credentials serve.
         ca_pem: PEM of the CA that signed the server's certificate; None: system trust.
@@ -43,6 +44,8 @@ class Credentials(msgspec.Struct, kw_only=True, frozen=True):
     job_id: str | None = None
     ca_pem: str | None = None
     inbox_prefix: str = "_INBOX"
+    tls: bool = True
+    """Whether the server speaks TLS (False: an nkey over plain TCP on loopback)."""
 
     def tls_context(self) -> ssl.SSLContext:
         """A client TLS context that trusts ``ca_pem`` (or the system's CAs)."""

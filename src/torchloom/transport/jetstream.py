@@ -5,14 +5,18 @@
 * ``LOOM_EVENTS`` (stream): the history, bounded by age and size.
 
 All three are file-backed, so a restart of the NATS server (with the same
-storage dir) or of the Weaver loses nothing.
+storage dir) or of the Weaver loses nothing. On a cluster each is kept on up to three servers
+(:func:`replicas_for`), so the loss of any one server loses nothing either and stops nothing:
+JetStream elects a new leader for each among the survivors within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import replace
 
 import nats.errors
 import nats.js.errors
@@ -22,6 +26,8 @@ from nats.js.kv import KeyValue as NatsKeyValue
 from torchloom.errors import ConflictError, NotReachableError
 from torchloom.protocol import names
 from torchloom.transport.connection import Connection
+
+log = logging.getLogger(__name__)
 
 _JS_ERRORS = (
     nats.errors.Error,
@@ -40,31 +46,55 @@ async def _acknowledged(writes: Sequence[Awaitable[object]]) -> list[bool]:
     return [not isinstance(result, BaseException) for result in results]
 
 
+def replicas_for(conn: Connection, replicas: int | None) -> int:
+    """How many copies torchloom's streams and buckets keep: ``replicas`` when given, else
+    min(3, the servers of the cluster ``conn`` is on) — 1 on a single server, 3 on a cluster of
+    3 or more (a majority of 3 survives the loss of any one server)."""
+    return replicas if replicas else min(3, conn.servers_known)
+
+
 async def ensure_jetstream(
     conn: Connection,
     *,
+    replicas: int | None = None,
     history_max_age_s: float = 7 * 24 * 3600.0,
     history_max_bytes: int = 256 * 1024 * 1024,
-    timeout_s: float = 5.0,
-) -> None:
-    """Create the KV buckets and the events stream if they do not exist (idempotent).
+    timeout_s: float = 30.0,
+) -> dict[str, str]:
+    """Create the KV buckets and the events stream if they do not exist (idempotent), each
+    kept on ``replicas`` servers; scale up existing ones that keep fewer copies (JetStream
+    moves the data to the new peers itself, nothing is lost).
 
     Args:
+        replicas: copies of each (1–5); None: :func:`replicas_for`.
         history_max_age_s: events older than this are dropped by the server, in seconds.
         history_max_bytes: the stream keeps at most this many bytes (oldest dropped first).
+        timeout_s: how long to wait for JetStream (a cluster elects its meta leader after
+            a start or a server loss), in seconds.
+
+    Returns:
+        What was done to each, by stream name: ``"created R3"``, ``"kept R3"``,
+        ``"scaled R1 → R3"``, or ``"kept R1 (cannot scale: …)"`` when the server refused.
 
     Raises:
         NotReachableError: JetStream is not enabled or did not answer in ``timeout_s``.
     """
-    js = conn.client.jetstream(timeout=timeout_s)
-    try:
-        await _ensure_bucket(js, names.CONFIG_BUCKET, history=8)
-        await _ensure_bucket(js, names.REGISTRY_BUCKET, history=1)
-        await _ensure_bucket(js, names.CHECKPOINTS_BUCKET, history=4)
+    want = replicas_for(conn, replicas)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        js = conn.client.jetstream(timeout=5.0)
         try:
-            await js.stream_info(names.EVENTS_STREAM)
-        except nats.js.errors.NotFoundError:
-            await js.add_stream(
+            done = {}
+            for bucket, history in (
+                (names.CONFIG_BUCKET, 8),
+                (names.REGISTRY_BUCKET, 1),
+                (names.CHECKPOINTS_BUCKET, 4),
+            ):
+                done[f"KV_{bucket}"] = await _ensure_bucket(
+                    js, bucket, history=history, replicas=want
+                )
+            done[names.EVENTS_STREAM] = await _ensure_stream(
+                js,
                 api.StreamConfig(
                     name=names.EVENTS_STREAM,
                     subjects=[names.EVENTS_STREAM_SUBJECTS],
@@ -72,34 +102,54 @@ async def ensure_jetstream(
                     max_age=history_max_age_s,
                     max_bytes=history_max_bytes,
                     discard=api.DiscardPolicy.OLD,
-                )
+                    num_replicas=want,
+                ),
             )
-    except _JS_ERRORS as exc:
-        raise NotReachableError(
-            f"JetStream is not available: {exc or type(exc).__name__}"
-        ) from None
+            return done
+        except _JS_ERRORS as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise NotReachableError(
+                    f"JetStream is not available: {exc or type(exc).__name__}"
+                ) from None
+            await asyncio.sleep(0.5)  # a cluster still electing its meta leader
 
 
-async def ensure_lease_bucket(conn: Connection, *, ttl_s: float, timeout_s: float = 5.0) -> None:
+async def ensure_lease_bucket(
+    conn: Connection, *, ttl_s: float, replicas: int | None = None, timeout_s: float = 30.0
+) -> str:
     """Create the leader-lease bucket (``loom_leader``) if it does not exist: one value per
-    key, on disk, each entry removed by the server ``ttl_s`` seconds after it was written.
+    key, on disk, on ``replicas`` servers (see :func:`ensure_jetstream`), each entry removed
+    by the server ``ttl_s`` seconds after it was written. Returns what was done.
 
     Raises:
         NotReachableError: JetStream did not answer in ``timeout_s``.
     """
-    js = conn.client.jetstream(timeout=timeout_s)
-    try:
-        await _ensure_bucket(js, names.LEADER_BUCKET, history=1, ttl_s=ttl_s)
-    except _JS_ERRORS as exc:
-        raise NotReachableError(
-            f"JetStream is not available: {exc or type(exc).__name__}"
-        ) from None
+    want = replicas_for(conn, replicas)
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        js = conn.client.jetstream(timeout=5.0)
+        try:
+            return await _ensure_bucket(
+                js, names.LEADER_BUCKET, history=1, ttl_s=ttl_s, replicas=want
+            )
+        except _JS_ERRORS as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise NotReachableError(
+                    f"JetStream is not available: {exc or type(exc).__name__}"
+                ) from None
+            await asyncio.sleep(0.5)
 
 
 async def _ensure_bucket(
-    js: JetStreamContext, bucket: str, *, history: int, ttl_s: float | None = None
-) -> None:
-    """Create a file-backed KV bucket with direct gets unless it exists (nats-py errors pass)."""
+    js: JetStreamContext,
+    bucket: str,
+    *,
+    history: int,
+    replicas: int,
+    ttl_s: float | None = None,
+) -> str:
+    """Create a file-backed KV bucket with direct gets unless it exists; scale up an existing
+    one kept on fewer servers (nats-py errors pass)."""
     try:
         await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
@@ -110,8 +160,38 @@ async def _ensure_bucket(
                 ttl=ttl_s,
                 storage=api.StorageType.FILE,
                 direct=True,
+                replicas=replicas,
             )
         )
+        return f"created R{replicas}"
+    return await _scale(js, f"KV_{bucket}", replicas)
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> str:
+    try:
+        await js.stream_info(str(config.name))
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(config)
+        return f"created R{config.num_replicas}"
+    return await _scale(js, str(config.name), int(config.num_replicas or 1))
+
+
+async def _scale(js: JetStreamContext, stream: str, replicas: int) -> str:
+    """Raise ``stream``'s replicas to ``replicas`` (never lowers them: a smaller setting is
+    kept, copies are not thrown away)."""
+    info = await js.stream_info(stream)
+    have = int(info.config.num_replicas or 1)
+    if have >= replicas:
+        return f"kept R{have}"
+    try:
+        await js.update_stream(replace(info.config, num_replicas=replicas))
+    except nats.js.errors.APIError as exc:
+        log.warning(
+            "stream %s stays at R%d: the server refused R%d (%s)", stream, have, replicas, exc
+        )
+        return f"kept R{have} (cannot scale: {exc.description or exc})"
+    log.warning("stream %s scaled from R%d to R%d", stream, have, replicas)
+    return f"scaled R{have} → R{replicas}"
 
 
 class KeyValue:
@@ -144,14 +224,22 @@ class KeyValue:
         """
         return (await self.get_entry(key))[0]
 
-    async def get_entry(self, key: str) -> tuple[bytes | None, int]:
+    async def get_entry(self, key: str, *, consistent: bool = False) -> tuple[bytes | None, int]:
         """The latest value of ``key`` and its revision; ``(None, revision)`` for a deleted
         key, ``(None, 0)`` for one never written (or expired).
+
+        Args:
+            consistent: ask the bucket's leader, not any replica. A direct get (the default:
+                any replica answers, fast) may come from a replica that is behind — one just
+                back from a partition — and name an old revision; a compare-and-set needs
+                the leader's answer.
 
         Raises:
             NotReachableError: the server did not answer.
         """
         try:
+            if consistent:
+                return await self._leader_get(key)
             entry = await self._kv.get(key)
         except nats.js.errors.KeyDeletedError as exc:
             return None, int(exc.entry.revision or 0) if exc.entry else 0
@@ -162,6 +250,18 @@ class KeyValue:
                 f"KV get {self.bucket}/{key} failed: {exc or type(exc).__name__}"
             ) from None
         return entry.value, int(entry.revision or 0)
+
+    async def _leader_get(self, key: str) -> tuple[bytes | None, int]:
+        try:
+            msg = await self._kv._js.get_msg(
+                self._kv._stream, subject=f"{self._kv._pre}{key}", direct=False
+            )
+        except nats.js.errors.NotFoundError:
+            return None, 0
+        op = (msg.headers or {}).get("KV-Operation")
+        if op in ("DEL", "PURGE"):
+            return None, int(msg.seq or 0)
+        return msg.data or b"", int(msg.seq or 0)
 
     async def update(self, key: str, value: bytes, *, revision: int) -> int:
         """Compare-and-set: store ``value`` only if ``key``'s latest revision is still
@@ -183,18 +283,27 @@ class KeyValue:
                 f"KV update {self.bucket}/{key} failed: {exc or type(exc).__name__}"
             ) from None
 
-    async def put(self, key: str, value: bytes) -> int:
+    async def put(self, key: str, value: bytes, *, retry_s: float = 0.0) -> int:
         """Store ``value`` under ``key``; returns the new revision.
 
+        Args:
+            retry_s: for how long to try again while the write is not acknowledged, in
+                seconds (a cluster elects a new leader for the bucket within seconds of a
+                server loss; putting the same value twice is harmless).
+
         Raises:
-            NotReachableError: the write was not acknowledged.
+            NotReachableError: the write was not acknowledged within ``retry_s``.
         """
-        try:
-            return int(await self._kv.put(key, value))
-        except _JS_ERRORS as exc:
-            raise NotReachableError(
-                f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}"
-            ) from None
+        deadline = asyncio.get_running_loop().time() + retry_s
+        while True:
+            try:
+                return int(await self._kv.put(key, value))
+            except _JS_ERRORS as exc:
+                if asyncio.get_running_loop().time() >= deadline:
+                    raise NotReachableError(
+                        f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}"
+                    ) from None
+                await asyncio.sleep(0.25)
 
     async def delete(self, key: str) -> None:
         try:
@@ -227,8 +336,9 @@ class KeyValue:
         """
         return {key: value for key, (value, _) in (await self.entries()).items()}
 
-    async def entries(self) -> dict[str, tuple[bytes, int]]:
-        """Every live key, its latest value and revision (read concurrently, in chunks of 256).
+    async def entries(self, *, consistent: bool = False) -> dict[str, tuple[bytes, int]]:
+        """Every live key, its latest value and revision (read concurrently, in chunks of 256;
+        ``consistent``: from the bucket's leader, see :meth:`get_entry`).
 
         The keys come from the bucket stream's subject list (``STREAM.INFO`` with a subject
         filter, paged), not nats-py's ``keys()``: its watcher can end before the first key
@@ -259,7 +369,9 @@ class KeyValue:
         for i in range(0, len(keys), 256):
             chunk = keys[i : i + 256]
             for key, (value, revision) in zip(
-                chunk, await asyncio.gather(*(self.get_entry(k) for k in chunk)), strict=True
+                chunk,
+                await asyncio.gather(*(self.get_entry(k, consistent=consistent) for k in chunk)),
+                strict=True,
             ):
                 if value is not None:
                     out[key] = (value, revision)

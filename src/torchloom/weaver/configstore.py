@@ -55,13 +55,29 @@ class ConfigStore:
         )
         return self.revisions[doc.job_id]
 
+    async def landed(self, job_id: str, tried: list[bytes]) -> int | None:
+        """Which of the documents in ``tried`` — writes of ``job_id``'s config that were not
+        acknowledged — is the key's value now, if one is: the write landed, its
+        acknowledgement was lost. That one becomes this store's own (its revision is the
+        key's); None when none of them is there.
+
+        Raises:
+            NotReachableError: the server did not answer.
+        """
+        raw, revision = await self.current(job_id)
+        if raw is None or raw not in tried:
+            return None
+        self.revisions[job_id] = revision
+        self._written[job_id] = raw
+        return tried.index(raw)
+
     async def current(self, job_id: str) -> tuple[bytes | None, int]:
         """The key's document now and its revision (``None`` for a deleted key).
 
         Raises:
             NotReachableError: the server did not answer.
         """
-        return await self.kv.get_entry(names.config_key(job_id))
+        return await self.kv.get_entry(names.config_key(job_id), consistent=True)
 
     def foreign(self, revision: int, job_id: str) -> bool:
         """Whether ``revision`` of the job's key was written by someone else."""

@@ -76,12 +76,17 @@ class ControlSettings:
         max_pending_versions: versions kept in the KV document at once.
         reach: how far ahead of the job a rank is an outlier and a pending version is out
             of reach (:mod:`~torchloom.weaver.planning`).
+        write_retry_s: how long a config write that JetStream did not acknowledge is tried
+            again before the change is refused, in seconds (a cluster elects a new leader
+            for the bucket within seconds of a server loss); the caller's request id makes
+            its own retry safe after that.
     """
 
     lead_time_s: float = 0.5
     min_lead_steps: int = 2
     max_pending_versions: int = 64
     reach: Reach = field(default_factory=Reach)
+    write_retry_s: float = 9.0
 
 
 MAX_VERSION = 2**53

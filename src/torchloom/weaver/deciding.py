@@ -156,7 +156,9 @@ class PolicyLoop:
         assert self.config_kv is not None
         try:
             await self.config_kv.put(
-                names.POLICIES_KEY, msgspec.json.encode(self.engine.settings())
+                names.POLICIES_KEY,
+                msgspec.json.encode(self.engine.settings()),
+                retry_s=self.settings.write_retry_s,
             )
         except NotReachableError as exc:
             for n, table in before.items():

@@ -94,6 +94,14 @@ class Lease:
         self.revision = 0
         self.holder: Holder | None = None
         """The current holder as last seen (this Weaver once it leads)."""
+        self.renewed_mono = time.monotonic()
+        """When this Weaver last took or renewed the lease (``time.monotonic()``, seconds)."""
+
+    def confirmed(self, now_mono: float) -> bool:
+        """Whether the lease was taken or renewed within its TTL, as of ``now_mono``: a leader
+        that cannot renew it (NATS away, or its server cut off from the cluster's majority)
+        may have been replaced meanwhile, and acts on nothing until it knows."""
+        return now_mono - self.renewed_mono < self.settings.ttl_s
 
     async def try_acquire(self) -> bool:
         """One attempt to take the lease; True if this Weaver holds it now.
@@ -101,7 +109,7 @@ class Lease:
         Raises:
             NotReachableError: NATS did not answer.
         """
-        raw, revision = await self.kv.get_entry(names.LEADER_KEY)
+        raw, revision = await self.kv.get_entry(names.LEADER_KEY, consistent=True)
         if raw is not None:
             try:
                 current = msgspec.json.decode(raw, type=Holder)
@@ -109,6 +117,7 @@ class Lease:
                 current = None
             if current is not None and current.instance == self.me.instance:
                 self.revision = revision
+                self.renewed_mono = time.monotonic()
                 return True
             self.holder = current
             if current is not None and not holder_is_gone(
@@ -123,6 +132,7 @@ class Lease:
         except ConflictError:
             return False
         self.me = self.holder = me
+        self.renewed_mono = time.monotonic()
         return True
 
     async def acquire(self) -> None:
@@ -157,6 +167,7 @@ class Lease:
         value = msgspec.json.encode(self.me)
         try:
             self.revision = await self.kv.update(names.LEADER_KEY, value, revision=self.revision)
+            self.renewed_mono = time.monotonic()
             return
         except ConflictError:
             pass
@@ -173,7 +184,7 @@ class Lease:
         Raises:
             NotReachableError: NATS did not answer.
         """
-        raw, _ = await self.kv.get_entry(names.LEADER_KEY)
+        raw, _ = await self.kv.get_entry(names.LEADER_KEY, consistent=True)
         try:
             current = msgspec.json.decode(raw, type=Holder) if raw else None
         except msgspec.DecodeError:
@@ -195,6 +206,6 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up (on a clean stop), so a standby takes over at once."""
-        raw, revision = await self.kv.get_entry(names.LEADER_KEY)
+        raw, revision = await self.kv.get_entry(names.LEADER_KEY, consistent=True)
         if raw is not None and revision == self.revision:
             await self.kv.delete(names.LEADER_KEY)

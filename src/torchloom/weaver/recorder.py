@@ -57,6 +57,9 @@ class Recorder:
         self._recorded = 0
         self._io_lock = asyncio.Lock()
         self._flushing: asyncio.Future[None] | None = None
+        self.may_write: Callable[[], bool] = lambda: True
+        """Asked before every flush: a Weaver whose leader lease is unconfirmed writes
+        nothing (it may have been replaced); its outbox waits."""
 
     @property
     def unsaved(self) -> int:
@@ -88,6 +91,8 @@ class Recorder:
     async def flush(self) -> None:
         """Append the queued history and write the DR map's changes (one writer at a time:
         the history stays in order and every event is appended once)."""
+        if not self.may_write():
+            return  # kept in the outbox until this Weaver knows it still leads
         async with self._io_lock:
             await self._drain_outbox()
             await self._persist_registry()

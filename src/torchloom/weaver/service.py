@@ -43,16 +43,18 @@ from torchloom.protocol import (
 from torchloom.transport import (
     Connection,
     Credentials,
+    Disconnect,
     History,
     KeyValue,
     Message,
     connect,
     ensure_jetstream,
     ensure_lease_bucket,
+    follow_disconnects,
 )
 from torchloom.weaver import checkpoints, control
 from torchloom.weaver.configstore import ConfigStore
-from torchloom.weaver.control import ControlSettings
+from torchloom.weaver.control import ControlSettings, Outcome
 from torchloom.weaver.deciding import PolicyLoop
 from torchloom.weaver.faults import CrashPoints
 from torchloom.weaver.gc_tuning import freeze_long_lived
@@ -71,6 +73,7 @@ from torchloom.weaver.state import (
     duplicate_claim,
     expire_dead,
     grant_grace,
+    on_connection_closed,
     on_rank_event,
     on_telemetry,
 )
@@ -110,6 +113,12 @@ class Weaver:
             at once, without a lease (a single Weaver that nobody may replace).
         creds: the ``weaver`` role's credentials on a secure NATS (``torchloom up --secure``);
             None: anonymous.
+        replicas: copies of the streams and buckets on a cluster (1–5); None: min(3, the
+            cluster's servers). Existing ones with fewer copies are scaled up.
+        system_creds: a user of the servers' system account (``torchloom up`` makes one for
+            its embedded servers): the Weaver follows their disconnect advisories and marks a
+            rank failed the moment its connection closes (a ``kill -9``, a crash), not only
+            when its heartbeats stop. None: heartbeats only.
 
     :meth:`run` raises :class:`~torchloom.errors.LeadershipLostError` when another
     Weaver took the lease or wrote a job's config over this one's.
@@ -131,9 +140,15 @@ class Weaver:
         restore_policies: bool = True,
         lease: LeaseSettings | None = LeaseSettings(),
         creds: Credentials | None = None,
+        replicas: int | None = None,
+        system_creds: Credentials | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.creds = creds
+        self.replicas = replicas
+        self.system_creds = system_creds
+        self.replication: dict[str, str] = {}
+        """What starting did to each stream (``created R3``, ``scaled R1 → R3``, …)."""
         self.lease_settings = lease
         self.lease: Lease | None = None
         self._leading = False
@@ -151,6 +166,7 @@ class Weaver:
         self.tick_interval_s = tick_interval_s
         self.clock = clock
         self._conn: Connection | None = None
+        self._sys_conn: Connection | None = None
         self._config_kv: KeyValue | None = None
         self._configs: ConfigStore | None = None
         self._registry_kv: KeyValue | None = None
@@ -165,6 +181,7 @@ class Weaver:
         self._next_expiry_mono = 0.0
         self._tick_late_s = 0.0
         self._listening = True
+        self._lease_doubt = False
         self._closing = False
         self.stall_grace_s = 0.25
         self._logged_kinds: set[str] = set()
@@ -197,27 +214,26 @@ class Weaver:
         )
         holder: asyncio.Future[None] | None = None
         try:
-            await ensure_jetstream(self._conn)
+            self.replication = await ensure_jetstream(self._conn, replicas=self.replicas)
             if self.lease_settings is not None:
-                await ensure_lease_bucket(self._conn, ttl_s=self.lease_settings.ttl_s)
+                self.replication["KV_" + names.LEADER_BUCKET] = await ensure_lease_bucket(
+                    self._conn, ttl_s=self.lease_settings.ttl_s, replicas=self.replicas
+                )
                 self.lease = Lease(
-                    await KeyValue.open(self._conn, names.LEADER_BUCKET),
+                    # lease requests time out well within the lease's TTL
+                    await KeyValue.open(
+                        self._conn, names.LEADER_BUCKET, timeout_s=self.lease_settings.ttl_s / 3
+                    ),
                     instance=self._instance,
                     settings=self.lease_settings,
                 )
                 await self.lease.acquire()
                 holder = asyncio.ensure_future(self.lease.hold())
                 holder.add_done_callback(self._on_lease_done)
+                lease = self.lease
+                self.recorder.may_write = lambda: lease.confirmed(time.monotonic())
             self._leading = True
-            self._config_kv = await KeyValue.open(self._conn, names.CONFIG_BUCKET)
-            self._configs = ConfigStore(self._config_kv)
-            self._registry_kv = await KeyValue.open(self._conn, names.REGISTRY_BUCKET)
-            self.recorder.registry = self._registry_kv
-            self._checkpoints_kv = await KeyValue.open(self._conn, names.CHECKPOINTS_BUCKET)
-            self.recorder.checkpoints = self._checkpoints_kv
-            self.recorder.history = History(self._conn)
-            self.policy_loop.config_kv = self._config_kv
-            await self._load()
+            await self._open_state()
             await self._conn.subscribe_inline(names.ALL_TELEMETRY, self._on_telemetry)
             await self._conn.subscribe_inline(names.ALL_EVENTS, self._on_rank_event)
             await self._conn.subscribe(
@@ -226,6 +242,14 @@ class Weaver:
             await self._conn.subscribe(names.ALL_JOIN, self._on_control, queue="torchloom-weaver")
             await self._conn.subscribe(names.ALL_CONFIG_WATCH, self._on_config_write)
             await self._conn.flush()
+            if self.system_creds is not None:
+                self._sys_conn = await connect(
+                    self.nats_url,
+                    name="torchloom-weaver-system",
+                    retry_forever=True,
+                    creds=self.system_creds,
+                )
+                await follow_disconnects(self._sys_conn, self._on_closed_connection)
             self.ready.set()
             log.info("weaver ready on %s", self._conn.connected_url)
             persister = asyncio.ensure_future(
@@ -236,7 +260,7 @@ class Weaver:
                 while self._lost is None:
                     await asyncio.sleep(self.tick_interval_s)
                     self.tick()
-                    if self._listening:
+                    if self._listening and not self._lease_doubt:
                         self.policy_loop.maybe_decide()
                 log.error("weaver %s stops serving: %s", self._instance, self._lost)
                 raise self._lost
@@ -253,6 +277,8 @@ class Weaver:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.lease.release())
             self._closing = True
+            if self._sys_conn is not None:
+                await self._sys_conn.close()
             await self._conn.close()
 
     @property
@@ -270,11 +296,39 @@ class Weaver:
         if not fut.cancelled() and isinstance(fut.exception(), LeadershipLostError):
             self._lost = fut.exception()  # type: ignore[assignment]
 
+    async def _open_state(self) -> None:
+        """Bind the buckets and :meth:`_load` the state from them, tried again until JetStream
+        answers: a Weaver taking over after a server loss (or a partition) comes up while the
+        cluster still elects new leaders for the buckets, and must not give up then."""
+        assert self._conn is not None
+        while True:
+            try:
+                # a config write not acknowledged in 2 s is tried again (see _submit_locked)
+                self._config_kv = await KeyValue.open(
+                    self._conn, names.CONFIG_BUCKET, timeout_s=2.0
+                )
+                self._configs = ConfigStore(self._config_kv)
+                self._registry_kv = await KeyValue.open(
+                    self._conn, names.REGISTRY_BUCKET, timeout_s=2.0
+                )
+                self.recorder.registry = self._registry_kv
+                self._checkpoints_kv = await KeyValue.open(
+                    self._conn, names.CHECKPOINTS_BUCKET, timeout_s=2.0
+                )
+                self.recorder.checkpoints = self._checkpoints_kv
+                self.recorder.history = History(self._conn)
+                self.policy_loop.config_kv = self._config_kv
+                await self._load()
+                return
+            except NotReachableError as exc:
+                log.warning("cannot read the stored state yet (%s); trying again", exc.message)
+                await asyncio.sleep(0.5)
+
     async def _load(self) -> None:
         """Rebuild jobs, desired configs and the DR map from the KV buckets."""
         assert self._config_kv is not None and self._registry_kv is not None
         now = self.clock()
-        for key, (raw, revision) in (await self._config_kv.entries()).items():
+        for key, (raw, revision) in (await self._config_kv.entries(consistent=True)).items():
             if key == names.POLICIES_KEY:
                 if self.restore_policies:
                     self.policy_loop.restore(raw)
@@ -354,6 +408,14 @@ class Weaver:
         self._tick_late_s = max(0.0, late_s)
         if not self._listening:
             return
+        if self.lease is not None and not self.lease.confirmed(mono):
+            self._lease_doubt = True  # maybe replaced: judge nobody until the lease is renewed
+            return
+        if self._lease_doubt:
+            self._lease_doubt = False
+            log.warning("the leader lease is renewed again; liveness grace granted")
+            grant_grace(self.state, self.clock())
+            return
         if late_s > self.stall_grace_s:
             log.warning("weaver loop stalled for %.2f s; liveness grace granted", late_s)
             grant_grace(self.state, self.clock())
@@ -393,6 +455,7 @@ class Weaver:
             "role": self.role,
             "nats_connected": bool(conn is not None and conn.is_connected and self._listening),
             "nats_url": conn.connected_url if conn is not None else None,
+            "replication": dict(self.replication),
             "loop_late_ms": round(self._tick_late_s * 1000.0, 1),
             "policy_round_ms": round(self.policy_round_s * 1000.0, 1),
             "unsaved_events": self.recorder.unsaved,
@@ -438,6 +501,14 @@ class Weaver:
             return
         self._record(on_telemetry(self.state, tel, self.clock()))
         self.ingest["telemetry"].observe(nbytes=len(msg.data), lag_s=self.clock() - tel.ts)
+
+    def _on_closed_connection(self, closed: Disconnect) -> None:
+        if self._listening and closed.name.startswith("threadlet-"):
+            self._record(
+                on_connection_closed(
+                    self.state, closed.conn, reason=closed.reason, now=self.clock()
+                )
+            )
 
     def _on_rank_event(self, msg: Message) -> None:
         try:
@@ -510,7 +581,15 @@ class Weaver:
         return reply
 
     async def _submit_locked(self, req: ControlRequest) -> ControlReply:
-        for attempt in range(2):  # a second time after a foreign write was undone
+        """Decide, write, commit. A write JetStream did not acknowledge (a cluster electing a
+        new leader for the bucket) is decided and tried again — with a fresh effective step —
+        for up to ``settings.write_retry_s``; a try that landed though its acknowledgement was
+        lost is recognised by the next one's failed compare-and-set, and committed as it was
+        written: no version is lost, none is made twice."""
+        deadline = time.monotonic() + self.settings.write_retry_s
+        tried: list[tuple[bytes, Outcome]] = []
+        restored = False
+        while True:
             now = self.clock()
             outcome = control.handle(self.state, req, now, self.settings)
             if outcome.duplicate is not None:
@@ -529,33 +608,54 @@ class Weaver:
             if outcome.new_config is not None:
                 outcome.new_config = control.journaled(outcome.new_config, outcome.events)
                 self._crash.maybe_crash("before_config_write", req.op)
-                failed = await self._write_config(outcome.new_config)
-                if failed is _RETRY and attempt == 0:
-                    continue
-                if failed is not None:
-                    return failed if failed is not _RETRY else _conflict_reply(req.job_id)
+                try:
+                    await self._write_config(outcome.new_config, tried=tried, outcome=outcome)
+                except NotReachableError as exc:
+                    if time.monotonic() < deadline:
+                        await asyncio.sleep(0.25)
+                        continue
+                    return ControlReply.refusal(exc, prefix="not applied: ")
+                except _Landed as landed:
+                    outcome = landed.outcome
+                except ConflictError as exc:
+                    if not restored and await self._restore_config(req.job_id):
+                        restored = True  # decided once more over the restored document
+                        continue
+                    return (
+                        _conflict_reply(req.job_id)
+                        if restored
+                        else ControlReply.refusal(
+                            exc, prefix="not applied: ", suffix="; this weaver steps down"
+                        )
+                    )
                 self._crash.maybe_crash("after_config_write", req.op)
-            self._record(control.commit(self.state, req, outcome, now))
+            self._record(control.commit(self.state, req, outcome, self.clock()))
             return outcome.reply
-        raise AssertionError("unreachable")
 
-    async def _write_config(self, doc: DesiredConfig) -> ControlReply | None:
-        """Write ``doc`` (compare-and-set); None when done, ``_RETRY`` when someone else had
-        written the job's config and this Weaver, still the leader, undid it
-        (:meth:`_restore_config`), else the error reply (NATS away; the lease lost: this
-        Weaver steps down)."""
+    async def _write_config(
+        self, doc: DesiredConfig, *, tried: list[tuple[bytes, Outcome]], outcome: Outcome
+    ) -> None:
+        """Write ``doc`` (compare-and-set). ``tried``: this request's earlier writes that were
+        not acknowledged (this one is added if it is not either).
+
+        Raises:
+            NotReachableError: not acknowledged.
+            _Landed: the compare-and-set failed because an earlier try is the key's value.
+            ConflictError: someone else wrote the job's config.
+        """
         assert self._configs is not None
+        raw = encode(doc)
         try:
             await self._configs.write(doc)
-            return None
-        except NotReachableError as exc:
-            return ControlReply.refusal(exc, prefix="not applied: ")
-        except ConflictError as exc:
-            if await self._restore_config(doc.job_id):
-                return _RETRY
-            return ControlReply.refusal(
-                exc, prefix="not applied: ", suffix="; this weaver steps down"
-            )
+        except NotReachableError:
+            tried.append((raw, outcome))
+            raise
+        except ConflictError:
+            if tried:
+                index = await self._configs.landed(doc.job_id, [r for r, _ in tried])
+                if index is not None:
+                    raise _Landed(tried[index][1]) from None
+            raise
 
     async def _on_config_write(self, msg: Message) -> None:
         """A write on a job's config key: if it is not this Weaver's own, look closer."""
@@ -620,8 +720,12 @@ class Weaver:
         self.policy_loop.soon(events)
 
 
-_RETRY = ControlReply(ok=False)
-"""What :meth:`Weaver._write_config` returns when the change is to be made again."""
+class _Landed(Exception):
+    """An earlier, unacknowledged try of this request's config write is what the key holds."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__("landed")
+        self.outcome = outcome
 
 
 def _conflict_reply(job_id: str) -> ControlReply:

@@ -188,6 +188,8 @@ class Rank:
     """Its device's failure risk in [0, 1] at the failure policy's last round (None: no sample)."""
     checkpointing: bool = False
     """Its process runs a Checkpointer (it said so with ``checkpoint_ready``)."""
+    conn: str = ""
+    """Its NATS connection as its last heartbeat named it (``<server id>/<client id>``)."""
 
     @property
     def key(self) -> RankKey:
@@ -274,6 +276,8 @@ class WeaverState:
     dropped_messages: dict[str, int] = field(default_factory=dict)
     dirty: set[RankKey] = field(default_factory=set)
     removed: set[RankKey] = field(default_factory=set)
+    connections: dict[str, RankKey] = field(default_factory=dict)
+    """Which rank each live NATS connection (``<server id>/<client id>``) belongs to."""
     updates: int = 0
     """Messages folded in so far (telemetry and rank events): a result worked out from the
     state at one ``(now, updates)`` is still valid while neither moved."""
@@ -499,6 +503,10 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
             rank.metrics.update(point.values)
             rank.metrics_step = point.step
     rank.window.observe(msg, now)
+    if msg.conn and msg.conn != rank.conn:  # joined, or reconnected (to another server)
+        state.connections.pop(rank.conn, None)
+        state.connections[msg.conn] = rank.key
+        rank.conn = msg.conn
     # "exited" comes with its reason in the rank's exit event; a heartbeat only says alive or paused
     reported: RankState = (
         "paused" if msg.state == "paused" else ("joining" if msg.step < 0 else "training")
@@ -747,6 +755,30 @@ def check_liveness(state: WeaverState, now: float) -> list[HistoryEvent]:
                     f"step {rank.entry.last_step} has not moved for {now - rank.step_changed_ts:.1f} s",
                 )
     return events
+
+
+CLOSED_BY_CLIENT = frozenset({"Client Closed", "Read Error"})
+"""Disconnect reasons (nats-server's words) that mean the client's end went away — its process
+died or closed the socket — as opposed to the server dropping a live client (``Slow
+Consumer``, ``Stale Connection``, ``Server Shutdown``, …), who reconnects."""
+
+
+def on_connection_closed(
+    state: WeaverState, conn: str, *, reason: str, now: float
+) -> list[HistoryEvent]:
+    """A NATS connection closed (the server's disconnect advisory): the rank whose heartbeats
+    came over it fails at once if the client's end went away (:data:`CLOSED_BY_CLIENT`) —
+    a ``kill -9`` or a crash is seen in milliseconds, not after ``failure_timeout_s``. A rank
+    that has reconnected since names another connection, so its old one closing changes
+    nothing; nor does a rank that said goodbye first (it is ``exited``)."""
+    key = state.connections.pop(conn, None)
+    if key is None or reason not in CLOSED_BY_CLIENT:
+        return []
+    job = state.jobs.get(key[0])
+    rank = job.ranks.get(key) if job is not None else None
+    if rank is None or rank.conn != conn or not rank.live:
+        return []
+    return set_rank_state(state, rank, "failed", now, f"its connection closed ({reason})")
 
 
 def forget_ranks(

@@ -142,6 +142,7 @@ class Feed:
             "nats_connected": h["nats_connected"],
             "nats_url": h["nats_url"],
             "nats_rtt_ms": self.nats_rtt_ms,
+            "replication": h["replication"],
             "loop_late_ms": h["loop_late_ms"],
             "policy_round_ms": h["policy_round_ms"],
             "unsaved_events": h["unsaved_events"],

@@ -21,6 +21,7 @@ class Health(TypedDict):
     nats_connected: bool
     nats_url: str | None
     nats_rtt_ms: float | None
+    replication: dict[str, str]
     loop_late_ms: float
     policy_round_ms: float
     unsaved_events: int
