@@ -528,13 +528,24 @@ def measure_detection(*, trials: int, batch: int) -> list[dict]:
                        "--hang-timeout-s", UP_HANG_TIMEOUT_S)  # fmt: skip
         try:
             for hang, what, bound in (
-                (False, "kill -9 → failed", UP_FAILURE_TIMEOUT_S),
+                (False, "kill -9 → failed (connection closed)", UP_FAILURE_TIMEOUT_S),
                 (True, "loop stopped → hung", UP_HANG_TIMEOUT_S),
             ):
                 d = _detect(up, trials=trials, batch=batch, hang=hang, seed=len(rows))
                 rows.append({"what": what, "timeout_s": float(bound), "n": len(d),
                              "p50": _quantile(d, 0.5), "p99": _quantile(d, 0.99),
                              "min": min(d), "max": max(d)})  # fmt: skip
+        finally:
+            up.stop()
+        # before: heartbeats only, as every Weaver was until the connection watch
+        up = UpProcess(Path(tmp) / "hb", "--failure-timeout-s", UP_FAILURE_TIMEOUT_S,
+                       "--no-watch-connections", "--no-ui")  # fmt: skip
+        try:
+            d = _detect(up, trials=trials, batch=batch, hang=False, seed=len(rows))
+            rows.append({"what": "kill -9 → failed (heartbeat only: before)",
+                         "timeout_s": float(UP_FAILURE_TIMEOUT_S), "n": len(d),
+                         "p50": _quantile(d, 0.5), "p99": _quantile(d, 0.99),
+                         "min": min(d), "max": max(d)})  # fmt: skip
         finally:
             up.stop()
     return rows
@@ -548,8 +559,8 @@ DETECTION_HEAD = (
 
 def detection_row(r: dict) -> str:
     return (
-        f"| {r['what']} | {r['timeout_s']:g} | {r['n']} | {r['p50']:.2f} | {r['p99']:.2f} | "
-        f"{r['min']:.2f} | {r['max']:.2f} |"
+        f"| {r['what']} | {r['timeout_s']:g} | {r['n']} | {r['p50']:.3f} | {r['p99']:.3f} | "
+        f"{r['min']:.3f} | {r['max']:.3f} |"
     )
 
 

@@ -155,8 +155,11 @@ def start_two_groups(
     env: dict[str, str] | None = None,
     nproc_per_group: int = 1,
     step_delay_ms: int = 30,
+    run_args: Sequence[str] = (),
+    job: str = "ft",
 ) -> tuple[subprocess.Popen[bytes], Any]:
-    """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log."""
+    """`torchloom run --replicas 2` of the MNIST job under torchft; output in tmp_path/run.log.
+    ``run_args``: more `torchloom run` options (``--scheduler slurm``)."""
     cmd = [
         str(BIN / "torchloom"),
         "run",
@@ -165,9 +168,10 @@ def start_two_groups(
         "--nproc-per-group",
         str(nproc_per_group),
         "--job",
-        "ft",
+        job,
         "--state-dir",
         str(up.state_dir),
+        *run_args,
         "--",
         "python",
         str(TRAIN),

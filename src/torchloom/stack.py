@@ -138,6 +138,9 @@ class StackConfig:
         control: the Weaver's control settings (lead time, …; None: its defaults).
         policy_file: TOML settings of the policies (they win over settings stored by an
             earlier run); None: the stored settings, else the defaults.
+        watch_connections: mark a rank failed the moment its NATS connection closes (the
+            embedded servers' disconnect advisories, read by the Weaver as a system-account
+            user); False: heartbeats only. Not available with an external NATS.
         nice: the nice value of the control plane — the Weaver's thread and the embedded
             NATS — where permitted (:func:`torchloom._proc.set_nice`); None: unchanged. A
             negative one makes the scheduler wake them before CPU-bound training processes on
@@ -153,6 +156,7 @@ class StackConfig:
     retention: Retention | None = None
     control: ControlSettings | None = None
     policy_file: Path | None = None
+    watch_connections: bool = True
     nice: int | None = None
 
     def build(self, *, on_event: EventSink | None = None) -> Stack:
@@ -293,7 +297,7 @@ class Stack:
                 restore_policies=self.policies is None,
                 creds=creds,
                 replicas=cfg.nats.replicas,
-                system_creds=system,
+                system_creds=system if cfg.watch_connections else None,
             )
             if ui is not None:
                 # FastAPI is imported only where the dashboard is served

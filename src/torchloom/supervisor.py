@@ -1,4 +1,5 @@
-"""``torchloom run``: one torchrun per replica group, restarted when it fails.
+"""``torchloom run``: one torchrun per replica group, restarted when it fails, started by a
+scheduler adapter (:mod:`torchloom.scheduler`: this machine, Slurm job steps).
 
 The restart decision is a pure function of the group's history
 (:meth:`RestartPolicy.decide`); :class:`Supervisor` does the process work.
@@ -21,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from torchloom.errors import TorchloomError
+from torchloom.scheduler import LocalScheduler, Scheduler
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +60,7 @@ class Group:
     start_at: float | None = 0.0
     returncode: int | None = None
     history: list[str] = field(default_factory=list)
+    node: str | None = None
 
     @property
     def done(self) -> bool:
@@ -84,6 +89,8 @@ class Supervisor:
         policy: the restart policy.
         say: where progress lines go.
         clock: monotonic time source, in seconds.
+        scheduler: what starts the groups (default: torchrun on this machine).
+        job: the job's id, in the groups' scheduler names (``torchloom-<job>-r<replica>``).
     """
 
     def __init__(
@@ -97,7 +104,13 @@ class Supervisor:
         policy: RestartPolicy,
         say: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        scheduler: Scheduler | None = None,
+        job: str = "job",
     ) -> None:
+        self.scheduler = scheduler or LocalScheduler()
+        self.job = job
+        self.excluded: set[str] = set()
+        """Nodes taken out of service for drained groups: no group is started there again."""
         self.script = script
         self.nproc_per_group = nproc_per_group
         self.env = env
@@ -125,21 +138,40 @@ class Supervisor:
             "TORCHLOOM_SHARD_INDEX": str(g.shard),
             **({"TORCHLOOM_RESTARTED": "1"} if g.restarts else {}),
         }
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={self.nproc_per_group}",
-            *self.script,
-        ]
         with open(g.log_path, "ab") as log:
-            g.proc = subprocess.Popen(
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            g.proc = self.scheduler.launch(
+                name=self.group_name(g.replica_id),
+                script=self.script,
+                nproc=self.nproc_per_group,
+                env=env,
+                log=log,
+                exclude=sorted(self.excluded),
             )
         g.start_at = None
         what = "restarted" if g.restarts else "started"
-        self.say(f"[replica {g.replica_id}] {what} (torchrun pid {g.proc.pid}), log {g.log_path}")
+        where = "" if self.scheduler.name == "local" else f" as a {self.scheduler.name} job step"
+        self.say(f"[replica {g.replica_id}] {what}{where} (pid {g.proc.pid}), log {g.log_path}")
+
+    def group_name(self, replica_id: int) -> str:
+        """The group's name at the scheduler."""
+        return f"torchloom-{self.job}-r{replica_id}"
+
+    def _free_node_of(self, g: Group) -> None:
+        """Take the node of a group being drained out of service (its replacement and every
+        later start go elsewhere)."""
+        try:
+            g.node = g.node or self.scheduler.node_of(self.group_name(g.replica_id))
+            if g.node is None:
+                return
+            self.say(
+                self.scheduler.drain_node(
+                    g.node, reason=f"torchloom: replica group {g.replica_id} of {self.job} drained"
+                )
+            )
+            if self.scheduler.name != "local":
+                self.excluded.add(g.node)
+        except TorchloomError as exc:
+            self.say(f"[replica {g.replica_id}] its node stays in service: {exc.message}")
 
     def poll(self) -> None:
         """Start groups whose time has come; handle groups that exited."""
@@ -150,8 +182,10 @@ class Supervisor:
                 if g.replica_id != rid:
                     continue
                 if g.done and g.returncode == 0:  # it left before we heard: replace it now
+                    self._free_node_of(g)
                     self._replace(g)
                 else:
+                    self._free_node_of(g)
                     g.replace = True
         for g in list(self.groups):
             if g.proc is None:

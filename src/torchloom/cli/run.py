@@ -7,6 +7,7 @@ import contextlib
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -16,6 +17,7 @@ from torchloom.client import WeaverClient
 from torchloom.errors import InvalidRequestError
 from torchloom.paths import ENV_NATS_URL, default_state_dir, read_endpoint, resolve_nats_url
 from torchloom.protocol import HistoryEvent
+from torchloom.scheduler import KubernetesScheduler, scheduler_for
 from torchloom.secure import job_env
 from torchloom.supervisor import RestartPolicy, Supervisor, script_argv
 
@@ -45,10 +47,26 @@ def run(
     ] = None,
     nats_url: NatsUrl = None,
     state_dir: StateDir = None,
+    scheduler: Annotated[
+        str,
+        typer.Option(
+            "--scheduler",
+            help="what starts the groups: local (torchrun here), slurm (one srun job step "
+            "each; a drained group's node is set DRAIN) or kubernetes (a Job starts them: "
+            "this only follows drains, cordons the node and deletes the group's pods)",
+        ),
+    ] = "local",
+    partition: Annotated[
+        str | None, typer.Option("--partition", help="Slurm partition [default: the cluster's]")
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option("--namespace", help="Kubernetes namespace of the training pods")
+    ] = "default",
 ) -> None:
     """Launch a job as N replica groups (torchrun each) and restart a group that fails.
 
     Example: torchloom run --replicas 2 -- python -m torchloom.examples.mnist.train --ft
+    On Slurm (inside an allocation or not): torchloom run --scheduler slurm --replicas 2 -- …
     """
     if replicas < 1 or nproc_per_group < 1:
         raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")
@@ -58,6 +76,13 @@ def run(
         raise InvalidRequestError(str(exc)) from None
     sdir = state_dir or default_state_dir()
     url = resolve_nats_url(nats_url, sdir)
+    options = {"partition": partition} if scheduler == "slurm" else {}
+    if scheduler == "kubernetes":
+        options = {"namespace": namespace}
+    adapter = scheduler_for(scheduler, **options)
+    if isinstance(adapter, KubernetesScheduler):
+        _follow_drains_on_kubernetes(adapter, url, sdir, job)
+        return
     lighthouse = lighthouse or (read_endpoint(sdir) or {}).get("lighthouse_url")
     env = {
         k: v
@@ -81,9 +106,9 @@ def run(
         env=env,
         log_dir=log_dir,
         policy=RestartPolicy(max_restarts=max_restarts, backoff_s=backoff_s),
-        say=lambda line: out.print(
-            f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False
-        ),
+        say=_say,
+        scheduler=adapter,
+        job=job or "job",
     )
 
     if url and job:
@@ -102,6 +127,37 @@ def run(
         sup.stop()
         rc = 130
     raise typer.Exit(rc)
+
+
+def _say(line: str) -> None:
+    out.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False)
+
+
+def _follow_drains_on_kubernetes(
+    adapter: KubernetesScheduler, url: str | None, sdir: Path, job: str | None
+) -> None:
+    """Until interrupted: for every drain with replacement of the job, cordon the group's
+    node and delete its pods (its Job starts new ones on another node)."""
+    if not (url and job):
+        raise InvalidRequestError("--scheduler kubernetes needs --job and a reachable torchloom")
+
+    def on_event(ev: HistoryEvent) -> None:
+        if ev.kind == "config_set" and ev.data.get("op") == "drain" and ev.data.get("replace"):
+            for rid in ev.data.get("drain", []):
+                name = f"torchloom-{job}-r{rid}"
+                try:
+                    node = adapter.node_of(name)
+                    if node:
+                        _say(adapter.drain_node(node, reason=f"torchloom: {name} drained"))
+                    _say(
+                        f"[replica {rid}] {adapter.replace(name)} pod(s) deleted; its Job starts new ones"
+                    )
+                except Exception as exc:  # an API error must not end the follower
+                    _say(f"[replica {rid}] not replaced: {exc}")
+
+    _say(f"following drains of {job} (Kubernetes namespace {adapter.namespace})")
+    with contextlib.suppress(KeyboardInterrupt):
+        WeaverClient(nats_url=url, state_dir=sdir).history(job, follow=True, on_event=on_event)
 
 
 def _follow_replacements(

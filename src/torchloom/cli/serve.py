@@ -160,6 +160,7 @@ def stack_config(
     retention: Retention | None = None,
     cluster: int = 1,
     replicas: int | None = None,
+    watch_connections: bool = True,
 ) -> StackConfig:
     """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
     return StackConfig(
@@ -188,6 +189,7 @@ def stack_config(
         control=ControlSettings(lead_time_s=lead_time_s),
         retention=retention,
         policy_file=policies,
+        watch_connections=watch_connections,
         nice=nice or None,
     )
 
@@ -262,6 +264,14 @@ def up(
     nats_port: PortOpt = None,
     cluster: ClusterOpt = 1,
     replicas: ReplicasOpt = None,
+    watch_connections: Annotated[
+        bool,
+        typer.Option(
+            "--watch-connections/--no-watch-connections",
+            help="mark a rank failed the moment its NATS connection closes (a kill -9, a "
+            "crash: the embedded servers' disconnect advisories); off: heartbeats only",
+        ),
+    ] = True,
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
@@ -317,6 +327,7 @@ def up(
         retention=Retention(dead_ttl_s=keep_gone_s, max_dead_per_job=keep_gone_ranks),
         cluster=cluster,
         replicas=replicas,
+        watch_connections=watch_connections,
     ).build(on_event=printer.add)
     stack.start()
     if stack.cluster is not None:
