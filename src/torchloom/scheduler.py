@@ -181,23 +181,22 @@ class SlurmScheduler(Scheduler):
 
 
 class KubernetesScheduler(Scheduler):
-    """Replica groups are pods that a Job/JobSet starts (``deploy/k8s``); torchloom does not
-    start them, it cordons a drained group's node and deletes the group's pods so the Job
-    starts new ones elsewhere. Uses the official ``kubernetes`` client (in-cluster config,
-    else ``~/.kube/config``); pip install 'torchloom[kubernetes]'.
+    """Replica groups are the pods of a JobSet (``deploy/k8s/training-jobset.yaml``: one Job
+    per group, its index the replica group id); torchloom does not start them. For a drained
+    group it cordons the node and deletes the group's pods, so its Job starts new ones
+    elsewhere. Uses the official ``kubernetes`` client (in-cluster config, else
+    ``~/.kube/config``; ``pip install 'torchloom[kubernetes]'``).
 
     Args:
-        namespace: the namespace of the training pods.
-        job_label: the label that names a pod's replica group (``<job>-r<replica>``).
+        jobset: the JobSet's name (the torchloom job's id in the shipped manifests).
+        namespace: its namespace.
     """
 
     name = "kubernetes"
 
-    def __init__(
-        self, *, namespace: str = "default", job_label: str = "torchloom.dev/replica-group"
-    ) -> None:
+    def __init__(self, *, jobset: str, namespace: str = "default") -> None:
+        self.jobset = jobset
         self.namespace = namespace
-        self.job_label = job_label
         self._api: Any = None
 
     def _core(self) -> Any:
@@ -226,13 +225,21 @@ class KubernetesScheduler(Scheduler):
         exclude: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         raise TorchloomError(
-            "on Kubernetes a Job/JobSet starts the replica groups (deploy/k8s); "
+            "on Kubernetes a JobSet starts the replica groups (deploy/k8s); "
             "torchloom run --scheduler kubernetes only follows drains"
         )
 
-    def node_of(self, name: str) -> str | None:
+    def selector(self, replica_id: int) -> str:
+        """The label selector of replica group ``replica_id``'s pods (JobSet's own labels)."""
+        return (
+            f"jobset.sigs.k8s.io/jobset-name={self.jobset},"
+            f"jobset.sigs.k8s.io/job-index={replica_id}"
+        )
+
+    def node_of_group(self, replica_id: int) -> str | None:
+        """The node replica group ``replica_id``'s pod runs on (None: not scheduled)."""
         pods = self._core().list_namespaced_pod(
-            self.namespace, label_selector=f"{self.job_label}={name}"
+            self.namespace, label_selector=self.selector(replica_id)
         )
         return next((p.spec.node_name for p in pods.items if p.spec.node_name), None)
 
@@ -240,10 +247,10 @@ class KubernetesScheduler(Scheduler):
         self._core().patch_node(node, cordon_patch())
         return f"node {node} cordoned in Kubernetes ({reason})"
 
-    def replace(self, name: str) -> int:
-        """Delete the pods of replica group ``name`` (its Job starts new ones); how many."""
+    def replace_group(self, replica_id: int) -> int:
+        """Delete replica group ``replica_id``'s pods (its Job starts new ones); how many."""
         core = self._core()
-        pods = core.list_namespaced_pod(self.namespace, label_selector=f"{self.job_label}={name}")
+        pods = core.list_namespaced_pod(self.namespace, label_selector=self.selector(replica_id))
         for pod in pods.items:
             core.delete_namespaced_pod(pod.metadata.name, self.namespace)
         return len(pods.items)

@@ -23,7 +23,9 @@ from torchloom.supervisor import RestartPolicy, Supervisor, script_argv
 
 
 def run(
-    command: Annotated[list[str], typer.Argument(help="the training command, after --")],
+    command: Annotated[
+        list[str] | None, typer.Argument(help="the training command, after --")
+    ] = None,
     replicas: Annotated[
         int, typer.Option("--replicas", "-n", help="replica groups (one torchrun each)")
     ] = 2,
@@ -70,19 +72,20 @@ def run(
     """
     if replicas < 1 or nproc_per_group < 1:
         raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")
-    try:
-        script = script_argv(list(command))
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc)) from None
     sdir = state_dir or default_state_dir()
     url = resolve_nats_url(nats_url, sdir)
-    options = {"partition": partition} if scheduler == "slurm" else {}
-    if scheduler == "kubernetes":
-        options = {"namespace": namespace}
-    adapter = scheduler_for(scheduler, **options)
-    if isinstance(adapter, KubernetesScheduler):
-        _follow_drains_on_kubernetes(adapter, url, sdir, job)
+    if scheduler == "kubernetes":  # a JobSet starts the groups: follow the drains only
+        if not (url and job):
+            raise InvalidRequestError("--scheduler kubernetes needs --job and a NATS URL")
+        _follow_drains_on_kubernetes(
+            KubernetesScheduler(jobset=job, namespace=namespace), url, sdir, job
+        )
         return
+    try:
+        script = script_argv(list(command or []))
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
+    adapter = scheduler_for(scheduler, **({"partition": partition} if scheduler == "slurm" else {}))
     lighthouse = lighthouse or (read_endpoint(sdir) or {}).get("lighthouse_url")
     env = {
         k: v
@@ -134,26 +137,28 @@ def _say(line: str) -> None:
 
 
 def _follow_drains_on_kubernetes(
-    adapter: KubernetesScheduler, url: str | None, sdir: Path, job: str | None
+    adapter: KubernetesScheduler, url: str, sdir: Path, job: str
 ) -> None:
     """Until interrupted: for every drain with replacement of the job, cordon the group's
     node and delete its pods (its Job starts new ones on another node)."""
-    if not (url and job):
-        raise InvalidRequestError("--scheduler kubernetes needs --job and a reachable torchloom")
+    since = time.time()
 
     def on_event(ev: HistoryEvent) -> None:
-        if ev.kind == "config_set" and ev.data.get("op") == "drain" and ev.data.get("replace"):
-            for rid in ev.data.get("drain", []):
-                name = f"torchloom-{job}-r{rid}"
-                try:
-                    node = adapter.node_of(name)
-                    if node:
-                        _say(adapter.drain_node(node, reason=f"torchloom: {name} drained"))
+        if not (ev.ts >= since and ev.kind == "config_set" and ev.data.get("op") == "drain"):
+            return
+        for rid in ev.data.get("drain", []) if ev.data.get("replace") else []:
+            if not str(rid).isdigit():
+                continue
+            try:
+                node = adapter.node_of_group(int(rid))
+                if node:
                     _say(
-                        f"[replica {rid}] {adapter.replace(name)} pod(s) deleted; its Job starts new ones"
+                        adapter.drain_node(node, reason=f"torchloom: group {rid} of {job} drained")
                     )
-                except Exception as exc:  # an API error must not end the follower
-                    _say(f"[replica {rid}] not replaced: {exc}")
+                n = adapter.replace_group(int(rid))
+                _say(f"[replica {rid}] {n} pod(s) deleted; its Job starts new ones elsewhere")
+            except Exception as exc:  # an API error must not end the follower
+                _say(f"[replica {rid}] not replaced: {exc}")
 
     _say(f"following drains of {job} (Kubernetes namespace {adapter.namespace})")
     with contextlib.suppress(KeyboardInterrupt):

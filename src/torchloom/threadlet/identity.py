@@ -50,8 +50,14 @@ def resolve_identity(
 
     Replica id: argument, ``TORCHLOOM_REPLICA_ID``, ``REPLICA_GROUP_ID``, else ``"0"``.
     Rank: argument, ``RANK``, else 0. Group world size: argument, ``WORLD_SIZE``, else 1.
+    Host: ``TORCHLOOM_HOST`` (the Kubernetes manifests set it to the node's name), Slurm's
+    ``SLURMD_NODENAME``, else the host name — the name a drain takes out of service.
     """
-    host = socket.gethostname()
+    host = (
+        os.environ.get("TORCHLOOM_HOST")
+        or os.environ.get("SLURMD_NODENAME")
+        or socket.gethostname()
+    )
     rid = (
         replica_id
         or os.environ.get("TORCHLOOM_REPLICA_ID")
