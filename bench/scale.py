@@ -211,6 +211,8 @@ def measure_ingest(
             assert up.ui_url is not None
             weaver = psutil.Process(up.proc.pid)
             nats = [p for p in weaver.children(recursive=True) if "nats" in p.name()]
+            workers = [p for p in weaver.children(recursive=True)
+                       if "ingest_worker" in " ".join(p.cmdline())]  # fmt: skip
             job = f"scale{ranks}"
             asyncio.run(join_one(up.nats_url, job))
             rss0 = weaver.memory_info().rss
@@ -238,10 +240,12 @@ def measure_ingest(
             before = intake(scrape(up.ui_url, "torchloom_weaver_messages",
                                    "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
             c0, n0, t0 = cpu_s(weaver), sum(cpu_s(p) for p in nats), time.time()
+            w0 = sum(cpu_s(p) for p in workers)
             time.sleep(measure_s)
             after = intake(scrape(up.ui_url, "torchloom_weaver_messages",
                                   "torchloom_weaver_ingest_lag_seconds"))  # fmt: skip
             c1, n1, t1 = cpu_s(weaver), sum(cpu_s(p) for p in nats), time.time()
+            w1 = sum(cpu_s(p) for p in workers)
             rss = weaver.memory_info().rss
             stop.set()  # the publishers ran through the whole window
             results = [out.get(timeout=120) for _ in procs]
@@ -262,6 +266,8 @@ def measure_ingest(
     return {
         "ranks": ranks,
         "hz": hz,
+        "workers": len(workers),
+        "workers_cpu": (w1 - w0) / wall * 100,
         "offered": ranks * hz,
         "ingest": msgs / wall,
         "p50_ms": (lags.lag_quantile_s(0.5) or math.nan) * 1000,
@@ -277,16 +283,18 @@ def measure_ingest(
 
 
 INGEST_HEAD = (
-    "| ranks | Hz | offered msg/s | ingested msg/s | lag p50 ms | lag p99 ms | Weaver CPU % "
-    "| NATS CPU % | Weaver µs/msg | Weaver RSS MB | kB per rank | clients behind s | dropped |\n"
-    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| ranks | Hz | ingest workers | offered msg/s | ingested msg/s | lag p50 ms | lag p99 ms "
+    "| Weaver CPU % | workers CPU % | NATS CPU % | Weaver µs/msg | Weaver RSS MB | kB per rank "
+    "| clients behind s | dropped |\n"
+    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 def ingest_row(r: dict) -> str:
     return (
-        f"| {r['ranks']} | {r['hz']:g} | {r['offered']:.0f} | {r['ingest']:.0f} | "
-        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cpu']:.0f} | {r['nats_cpu']:.0f} | "
+        f"| {r['ranks']} | {r['hz']:g} | {r['workers']} | {r['offered']:.0f} | {r['ingest']:.0f} | "
+        f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['cpu']:.0f} | {r['workers_cpu']:.0f} | "
+        f"{r['nats_cpu']:.0f} | "
         f"{r['us_per_msg']:.0f} | {r['rss_mb']:.0f} | {r['kb_per_rank']:.1f} | "
         f"{r['behind_s']:.2f} | {r['dropped']} |"
     )
@@ -841,6 +849,8 @@ def main() -> None:
     ap.add_argument("--hz", nargs="+", type=float, default=[1.0, 10.0])
     ap.add_argument("--measure-s", type=float, default=15.0)
     ap.add_argument("--clients", type=int, default=1, help="processes of simulated ranks")
+    ap.add_argument("--ingest-workers", nargs="+", type=int, default=[0, 2],
+                    help="Weaver ingest workers, one row each (0: its own loop)")  # fmt: skip
     ap.add_argument("--ranks-per-conn", type=int, default=250)
     ap.add_argument("--sets", type=int, default=20, help="config changes per fan-out row")
     ap.add_argument("--trials", type=int, default=50, help="faults of each kind (detection)")
@@ -862,12 +872,14 @@ def main() -> None:
         print(INGEST_HEAD, flush=True)
         for hz in args.hz:
             for n in args.ranks:
-                r = measure_ingest(
-                    ranks=n, hz=hz, measure_s=args.measure_s, clients=args.clients,
-                    per_conn=args.ranks_per_conn,
-                    up_args=["--ui-port", "0", "--failure-timeout-s", str(max(0.8, 3.0 / hz))],
-                )  # fmt: skip
-                print(ingest_row(r), flush=True)
+                for workers in args.ingest_workers:
+                    r = measure_ingest(
+                        ranks=n, hz=hz, measure_s=args.measure_s, clients=args.clients,
+                        per_conn=args.ranks_per_conn,
+                        up_args=["--ui-port", "0", "--failure-timeout-s", str(max(0.8, 3.0 / hz)),
+                                 "--ingest-workers", str(workers)],
+                    )  # fmt: skip
+                    print(ingest_row(r), flush=True)
     if "fanout" in args.sections:
         print("\n## Control fan-out\n")
         print(FANOUT_HEAD, flush=True)

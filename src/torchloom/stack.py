@@ -138,6 +138,8 @@ class StackConfig:
         control: the Weaver's control settings (lead time, …; None: its defaults).
         policy_file: TOML settings of the policies (they win over settings stored by an
             earlier run); None: the stored settings, else the defaults.
+        ingest_workers: processes that take the ranks' telemetry in for the Weaver (a NATS
+            queue group), so its intake is not bound to one core; 0: its own loop does.
         watch_connections: mark a rank failed the moment its NATS connection closes (the
             embedded servers' disconnect advisories, read by the Weaver as a system-account
             user); False: heartbeats only. Not available with an external NATS.
@@ -157,6 +159,7 @@ class StackConfig:
     control: ControlSettings | None = None
     policy_file: Path | None = None
     watch_connections: bool = True
+    ingest_workers: int = 0
     nice: int | None = None
 
     def build(self, *, on_event: EventSink | None = None) -> Stack:
@@ -298,6 +301,7 @@ class Stack:
                 creds=creds,
                 replicas=cfg.nats.replicas,
                 system_creds=system if cfg.watch_connections else None,
+                ingest_workers=cfg.ingest_workers,
             )
             if ui is not None:
                 # FastAPI is imported only where the dashboard is served

@@ -161,6 +161,7 @@ def stack_config(
     cluster: int = 1,
     replicas: int | None = None,
     watch_connections: bool = True,
+    ingest_workers: int = 0,
 ) -> StackConfig:
     """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
     return StackConfig(
@@ -190,6 +191,7 @@ def stack_config(
         retention=retention,
         policy_file=policies,
         watch_connections=watch_connections,
+        ingest_workers=ingest_workers,
         nice=nice or None,
     )
 
@@ -272,6 +274,17 @@ def up(
             "crash: the embedded servers' disconnect advisories); off: heartbeats only",
         ),
     ] = True,
+    ingest_workers: Annotated[
+        int,
+        typer.Option(
+            "--ingest-workers",
+            min=0,
+            max=64,
+            help="processes that take the ranks' telemetry in (a NATS queue group) and hand "
+            "it to the Weaver in batches: its intake on more than one core (worth it beyond "
+            "a few thousand ranks); 0: the Weaver's own loop",
+        ),
+    ] = 0,
     failure_timeout_s: FailOpt = 0.8,
     hang_timeout_s: HangOpt = 30.0,
     lead_time_s: LeadOpt = 0.5,
@@ -328,6 +341,7 @@ def up(
         cluster=cluster,
         replicas=replicas,
         watch_connections=watch_connections,
+        ingest_workers=ingest_workers,
     ).build(on_event=printer.add)
     stack.start()
     if stack.cluster is not None:

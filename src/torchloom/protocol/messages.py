@@ -104,6 +104,23 @@ class Telemetry(msgspec.Struct, kw_only=True):
     conn: str = ""
 
 
+class IngestBatch(msgspec.Struct, kw_only=True):
+    """Telemetry an ingest worker took in, checked, for its Weaver's deciding core (on
+    ``loom._weaver.ingest.<instance>``; see :mod:`torchloom.weaver.ingest_worker`).
+
+    Attributes:
+        worker: the worker's index.
+        dropped: telemetry messages the worker dropped since its previous batch (they did
+            not decode, or came on another rank's subject).
+        telemetry: the flushes, oldest first, each exactly as its rank sent it.
+    """
+
+    v: int = SCHEMA_VERSION
+    worker: int
+    dropped: int = 0
+    telemetry: list[Telemetry] = []
+
+
 RankEventKind = Literal[
     "config_applied",
     "exited",

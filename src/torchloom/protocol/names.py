@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from torchloom.errors import InvalidRequestError
+from torchloom.errors import DecodeError, InvalidRequestError
 
 PREFIX = "loom"
 CONFIG_BUCKET = "loom_config"
@@ -71,6 +71,23 @@ def join_subject(job_id: str) -> str:
     """Where a rank asks to join (request/reply): apart from ``control`` so that a job's
     credentials may join without being allowed to change anything."""
     return f"{PREFIX}.{job_id}.join"
+
+
+def ingest_subject(instance: str) -> str:
+    """Where a Weaver's ingest workers send it the telemetry they took in (one subject per
+    Weaver instance: a standby's or a dead leader's workers never feed another)."""
+    return f"{PREFIX}._weaver.ingest.{instance}"
+
+
+def check_rank_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:
+    """Check that a rank's message came on its own subject (``loom.<job>.<kind>.<replica>.<rank>``).
+
+    Raises:
+        DecodeError: it names another job, replica group or rank.
+    """
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[1] != job_id or parts[3] != replica_id or parts[4] != str(rank):
+        raise DecodeError("subject", f"{subject} does not match the message's job/replica/rank")
 
 
 def history_subject(job_id: str, kind: str) -> str:

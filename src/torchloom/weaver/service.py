@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from torchloom.errors import (
     ConflictError,
     DecodeError,
@@ -33,6 +35,7 @@ from torchloom.protocol import (
     ControlRequest,
     DesiredConfig,
     HistoryEvent,
+    IngestBatch,
     RankEvent,
     RegistryEntry,
     Telemetry,
@@ -59,6 +62,7 @@ from torchloom.weaver.deciding import PolicyLoop
 from torchloom.weaver.faults import CrashPoints
 from torchloom.weaver.gc_tuning import freeze_long_lived
 from torchloom.weaver.ingest import IngestStats
+from torchloom.weaver.ingest_worker import IngestWorkers
 from torchloom.weaver.lease import Lease, LeaseSettings
 from torchloom.weaver.policies import PolicyEngine
 from torchloom.weaver.ratelimit import RateLimiter
@@ -119,6 +123,9 @@ class Weaver:
             its embedded servers): the Weaver follows their disconnect advisories and marks a
             rank failed the moment its connection closes (a ``kill -9``, a crash), not only
             when its heartbeats stop. None: heartbeats only.
+        ingest_workers: telemetry taken in by this many worker processes (a NATS queue
+            group; :mod:`~torchloom.weaver.ingest_worker`) and folded here in batches; 0:
+            taken in on this loop. Worth it beyond a few thousand ranks.
 
     :meth:`run` raises :class:`~torchloom.errors.LeadershipLostError` when another
     Weaver took the lease or wrote a job's config over this one's.
@@ -142,11 +149,15 @@ class Weaver:
         creds: Credentials | None = None,
         replicas: int | None = None,
         system_creds: Credentials | None = None,
+        ingest_workers: int = 0,
     ) -> None:
         self.nats_url = nats_url
         self.creds = creds
         self.replicas = replicas
         self.system_creds = system_creds
+        self.ingest_workers = ingest_workers
+        self._workers: IngestWorkers | None = None
+        self._ingest_decoder = msgspec.json.Decoder(IngestBatch)
         self.replication: dict[str, str] = {}
         """What starting did to each stream (``created R3``, ``scaled R1 → R3``, …)."""
         self.lease_settings = lease
@@ -234,7 +245,19 @@ class Weaver:
                 self.recorder.may_write = lambda: lease.confirmed(time.monotonic())
             self._leading = True
             await self._open_state()
-            await self._conn.subscribe_inline(names.ALL_TELEMETRY, self._on_telemetry)
+            if self.ingest_workers > 0:
+                await self._conn.subscribe_inline(
+                    names.ingest_subject(self._instance), self._on_ingest_batch
+                )
+                self._workers = IngestWorkers(
+                    nats_url=self.nats_url,
+                    instance=self._instance,
+                    count=self.ingest_workers,
+                    creds=self.creds,
+                )
+                self._workers.start()
+            else:
+                await self._conn.subscribe_inline(names.ALL_TELEMETRY, self._on_telemetry)
             await self._conn.subscribe_inline(names.ALL_EVENTS, self._on_rank_event)
             await self._conn.subscribe(
                 names.ALL_CONTROL, self._on_control, queue="torchloom-weaver"
@@ -277,6 +300,8 @@ class Weaver:
                     with contextlib.suppress(Exception):
                         await asyncio.shield(self.lease.release())
             self._closing = True
+            if self._workers is not None:
+                self._workers.stop()
             if self._sys_conn is not None:
                 await self._sys_conn.close()
             await self._conn.close()
@@ -427,6 +452,8 @@ class Weaver:
         if mono >= self._next_expiry_mono:
             self._next_expiry_mono = mono + _EXPIRY_EVERY_S
             self._record(expire_dead(self.state, self.clock()))
+            if self._workers is not None:
+                self._workers.revive()
 
     async def _on_disconnect(self) -> None:
         self._listening = False
@@ -495,12 +522,29 @@ class Weaver:
     def _on_telemetry(self, msg: Message) -> None:
         try:
             tel = decode(msg.data, Telemetry, kind="telemetry")
-            _check_subject(msg.subject, tel.job_id, tel.replica_id, tel.rank)
+            names.check_rank_subject(msg.subject, tel.job_id, tel.replica_id, tel.rank)
         except DecodeError as exc:
             self._drop("telemetry", exc)
             return
         self._record(on_telemetry(self.state, tel, self.clock()))
         self.ingest["telemetry"].observe(nbytes=len(msg.data), lag_s=self.clock() - tel.ts)
+
+    def _on_ingest_batch(self, msg: Message) -> None:
+        """A batch of checked telemetry from an ingest worker: one decode, then each flush
+        folded in as :meth:`_on_telemetry` would."""
+        try:
+            batch = self._ingest_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            self._drop("ingest_batch", exc)
+            return
+        for _ in range(batch.dropped):
+            self.state.count_dropped("telemetry")
+        now = self.clock()
+        stats = self.ingest["telemetry"]
+        nbytes = len(msg.data) // max(1, len(batch.telemetry))
+        for tel in batch.telemetry:
+            self._record(on_telemetry(self.state, tel, now))
+            stats.observe(nbytes=nbytes, lag_s=now - tel.ts)
 
     def _on_closed_connection(self, closed: Disconnect) -> None:
         if self._listening and closed.name.startswith("threadlet-"):
@@ -513,7 +557,7 @@ class Weaver:
     def _on_rank_event(self, msg: Message) -> None:
         try:
             ev = decode(msg.data, RankEvent, kind="rank event")
-            _check_subject(msg.subject, ev.job_id, ev.replica_id, ev.rank)
+            names.check_rank_subject(msg.subject, ev.job_id, ev.replica_id, ev.rank)
         except DecodeError as exc:
             self._drop("rank_event", exc)
             return
@@ -739,9 +783,3 @@ def _connection_of(reply: str) -> str:
     and the other current clients share one inbox prefix per connection; a client that makes
     a new inbox for every request is not held back by a limit keyed on this)."""
     return reply.rsplit(".", 1)[0] if reply else "?"
-
-
-def _check_subject(subject: str, job_id: str, replica_id: str, rank: int) -> None:
-    parts = subject.split(".")
-    if len(parts) != 5 or parts[1] != job_id or parts[3] != replica_id or parts[4] != str(rank):
-        raise DecodeError("subject", f"{subject} does not match the message's job/replica/rank")
