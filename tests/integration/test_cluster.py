@@ -16,7 +16,7 @@ from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, wait
 from torchloom.client import WeaverClient
 from torchloom.nats_server import NatsCluster
 from torchloom.protocol import names
-from torchloom.transport import connect
+from torchloom.transport import KeyValue, connect, ensure_jetstream
 
 pytestmark = pytest.mark.integration
 
@@ -133,3 +133,22 @@ def test_up_cluster_3_keeps_serving_when_the_config_leader_is_killed(tmp_path):
         assert up.proc.poll() is None  # a majority is up: `up` serves on
     finally:
         up.stop()
+
+
+def test_streams_made_with_one_replica_are_scaled_up_and_keep_their_data(cluster):
+    async def scenario() -> tuple[dict[str, str], dict[str, str], int, bytes | None]:
+        conn = await connect(cluster.url, name="test-scale")
+        try:
+            first = await ensure_jetstream(conn, replicas=1)  # as a single-server run made them
+            kv = await KeyValue.open(conn, names.CONFIG_BUCKET)
+            await kv.put("job", b"v1")
+            again = await ensure_jetstream(conn)  # a Weaver on the cluster: min(3, servers)
+            info = await conn.client.jetstream().stream_info(f"KV_{names.CONFIG_BUCKET}")
+            return first, again, int(info.config.num_replicas or 1), await kv.get("job")
+        finally:
+            await conn.close()
+
+    first, again, replicas, value = asyncio.run(scenario())
+    assert set(first.values()) == {"created R1"}
+    assert set(again.values()) == {"scaled R1 → R3"}
+    assert replicas == 3 and value == b"v1"

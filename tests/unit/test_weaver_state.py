@@ -306,3 +306,22 @@ def test_a_rank_that_said_goodbye_is_not_failed_by_its_connection_closing():
     )
     assert on_connection_closed(state, "S1/7", reason="Client Closed", now=100.2) == []
     assert rank0(state).state == "exited"
+
+
+def test_the_fast_liveness_check_finds_the_silent_and_the_still_among_fresh_ranks():
+    state = WeaverState(liveness=LivenessConfig(failure_timeout_s=1.0, suspect_after_s=0.5,
+                                                hang_timeout_s=5.0))  # fmt: skip
+    for r in range(50):
+        beat(state, 100.0, rank=r, step=1)
+    for t in (100.5, 101.0, 101.5, 102.0):  # ranks 1..49 heartbeat and step; rank 0 is silent
+        for r in range(1, 50):
+            beat(state, t, rank=r, step=int(t * 10) if r != 7 else 1)  # rank 7: beats, no step
+    events = check_liveness(state, 102.0, full=False)
+    assert [(e.kind, e.rank) for e in events] == [("rank_failed", 0)]
+    later = 105.1  # rank 7 has not stepped for 5.1 s while it kept heart-beating
+    for r in range(1, 50):
+        beat(state, later, rank=r, step=int(later * 10) if r != 7 else 1)
+    events = check_liveness(state, later, full=False)
+    assert [(e.kind, e.rank) for e in events] == [("rank_hung", 7)]
+    # the full pass agrees: nothing more to find
+    assert check_liveness(state, later, full=True) == []

@@ -80,10 +80,13 @@ from torchloom.weaver.state import (
     on_connection_closed,
     on_rank_event,
     on_telemetry,
+    touch,
 )
 
 log = logging.getLogger("torchloom.weaver")
 
+_FULL_LIVENESS_EVERY_S = 1.0
+"""How often the liveness check looks at every rank; between, only at the silent ones."""
 _EXPIRY_EVERY_S = 5.0
 """How often gone ranks past their retention are forgotten (an O(ranks) pass)."""
 
@@ -190,6 +193,7 @@ class Weaver:
         self._control_lock = asyncio.Lock()
         self._last_tick_mono = 0.0
         self._next_expiry_mono = 0.0
+        self._next_full_check_mono = 0.0
         self._tick_late_s = 0.0
         self._listening = True
         self._lease_doubt = False
@@ -377,6 +381,7 @@ class Weaver:
                 entry.last_seen_ts = now  # a grace period: live ranks heartbeat again within it
             rank = Rank(entry, step_changed_ts=now)
             self.state.job(entry.job_id).ranks[rank.key] = rank
+            touch(self.state, rank.key, stepped=True)
         assert self._checkpoints_kv is not None
         for key, raw in (await self._checkpoints_kv.items()).items():
             try:
@@ -445,7 +450,10 @@ class Weaver:
             log.warning("weaver loop stalled for %.2f s; liveness grace granted", late_s)
             grant_grace(self.state, self.clock())
             return
-        self._record(check_liveness(self.state, self.clock()))
+        full = mono >= self._next_full_check_mono  # every rank, once a second
+        if full:
+            self._next_full_check_mono = mono + _FULL_LIVENESS_EVERY_S
+        self._record(check_liveness(self.state, self.clock(), full=full))
         for job in self.state.jobs.values():
             if job.checkpoints:
                 self._record(checkpoints.check_writers(job, self.clock()))
