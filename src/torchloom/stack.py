@@ -24,6 +24,7 @@ from typing import IO, TYPE_CHECKING
 from torchloom._proc import set_nice
 from torchloom.errors import (
     AlreadyRunningError,
+    InvalidRequestError,
     NotReachableError,
     PortInUseError,
     TorchloomError,
@@ -201,6 +202,13 @@ class Stack:
             if secure and config.nats.url is None
             else None
         )
+        if config.nats.cluster > 1 and not (
+            config.nats.url is None and is_loopback(config.nats.host)
+        ):
+            raise InvalidRequestError(
+                "--cluster starts a cluster on this machine's loopback, for trying it (its routes "
+                "are not secured); on several hosts run a NATS cluster and pass --nats-url"
+            )
         # a bad policy file is an error before anything starts
         self.policies = PolicyEngine.from_file(config.policy_file) if config.policy_file else None
         self.on_event = on_event
