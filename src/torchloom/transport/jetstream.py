@@ -423,7 +423,12 @@ class History:
         return bytes(msg.data) if msg.data else None
 
     async def read(
-        self, filter_subject: str, *, follow: bool = False, idle_timeout_s: float = 1.0
+        self,
+        filter_subject: str,
+        *,
+        follow: bool = False,
+        idle_timeout_s: float = 1.0,
+        retry_s: float = 10.0,
     ) -> AsyncIterator[bytes]:
         """Yield stored events on ``filter_subject``, oldest first.
 
@@ -431,29 +436,42 @@ class History:
             follow: keep yielding new events as they come (until cancelled).
             idle_timeout_s: without ``follow``, how long to wait for the first
                 message of an empty history, in seconds.
+            retry_s: how long to keep trying to open the read, and to wait for events the
+                stream said were still to come, in seconds (a cluster elects a new leader
+                for the stream within seconds of a server loss).
 
         Raises:
-            NotReachableError: the stream does not exist or did not answer.
+            NotReachableError: the stream does not exist or did not answer within ``retry_s``.
         """
-        try:
-            sub = await self._js.subscribe(
-                filter_subject,
-                stream=names.EVENTS_STREAM,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.ALL,
-            )
-        except _JS_ERRORS as exc:
-            raise NotReachableError(f"cannot read history: {exc or type(exc).__name__}") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + retry_s
+        while True:
+            try:
+                sub = await self._js.subscribe(
+                    filter_subject,
+                    stream=names.EVENTS_STREAM,
+                    ordered_consumer=True,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                )
+                break
+            except _JS_ERRORS as exc:
+                if loop.time() > deadline:
+                    raise NotReachableError(
+                        f"cannot read history: {exc or type(exc).__name__}"
+                    ) from None
+                await asyncio.sleep(0.5)
+        pending: int | None = None
         try:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=None if follow else idle_timeout_s)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    if follow:
-                        continue
+                    if follow or (pending and loop.time() < deadline + retry_s):
+                        continue  # more were announced: a leader change holds them up
                     return
                 yield bytes(msg.data)
-                if not follow and msg.metadata.num_pending == 0:
+                pending = msg.metadata.num_pending
+                if not follow and pending == 0:
                     return
         finally:
             try:
