@@ -45,6 +45,12 @@ class Scheduler(ABC):
     name = "scheduler"
 
     @abstractmethod
+    def argv(
+        self, *, name: str, script: Sequence[str], nproc: int, exclude: Sequence[str]
+    ) -> list[str]:
+        """The command that runs one replica group of ``nproc`` ranks running ``script``
+        (torchrun's arguments), called ``name``, away from the nodes in ``exclude``."""
+
     def launch(
         self,
         *,
@@ -55,9 +61,15 @@ class Scheduler(ABC):
         log: IO[bytes],
         exclude: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        """Start one replica group of ``nproc`` ranks running ``script`` (torchrun's
-        arguments), called ``name``, away from the nodes in ``exclude``; output to ``log``.
+        """Start one replica group (:meth:`argv`) in a session of its own, output to ``log``.
         The process returned ends when the group does, with its exit code."""
+        return subprocess.Popen(
+            self.argv(name=name, script=script, nproc=nproc, exclude=exclude),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def node_of(self, name: str) -> str | None:
         """The node the group called ``name`` runs on (None: not known)."""
@@ -78,23 +90,10 @@ class LocalScheduler(Scheduler):
 
     name = "local"
 
-    def launch(
-        self,
-        *,
-        name: str,
-        script: Sequence[str],
-        nproc: int,
-        env: dict[str, str],
-        log: IO[bytes],
-        exclude: Sequence[str] = (),
-    ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            torchrun_argv(script, nproc=nproc),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    def argv(
+        self, *, name: str, script: Sequence[str], nproc: int, exclude: Sequence[str]
+    ) -> list[str]:
+        return torchrun_argv(script, nproc=nproc)
 
 
 def _run(cmd: list[str], *, what: str) -> str:
@@ -128,7 +127,7 @@ class SlurmScheduler(Scheduler):
         self.partition = partition
         self.srun_args = list(srun_args)
 
-    def srun_argv(
+    def argv(
         self, *, name: str, script: Sequence[str], nproc: int, exclude: Sequence[str]
     ) -> list[str]:
         """The ``srun`` command line of one group (one node, one task, ``nproc`` CPUs; a
@@ -145,24 +144,6 @@ class SlurmScheduler(Scheduler):
             *self.srun_args,
             *torchrun_argv(script, nproc=nproc),
         ]
-
-    def launch(
-        self,
-        *,
-        name: str,
-        script: Sequence[str],
-        nproc: int,
-        env: dict[str, str],
-        log: IO[bytes],
-        exclude: Sequence[str] = (),
-    ) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            self.srun_argv(name=name, script=script, nproc=nproc, exclude=exclude),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
     def node_of(self, name: str) -> str | None:
         out = _run(["squeue", "-h", "-s", "-o", "%j|%N"], what="squeue")
@@ -214,16 +195,9 @@ class KubernetesScheduler(Scheduler):
             self._api = client.CoreV1Api()
         return self._api
 
-    def launch(
-        self,
-        *,
-        name: str,
-        script: Sequence[str],
-        nproc: int,
-        env: dict[str, str],
-        log: IO[bytes],
-        exclude: Sequence[str] = (),
-    ) -> subprocess.Popen[bytes]:
+    def argv(
+        self, *, name: str, script: Sequence[str], nproc: int, exclude: Sequence[str]
+    ) -> list[str]:
         raise TorchloomError(
             "on Kubernetes a JobSet starts the replica groups (deploy/k8s); "
             "torchloom run --scheduler kubernetes only follows drains"

@@ -80,6 +80,7 @@ def test_a_rank_host_cut_off_for_10_s_trains_on_and_catches_up(tmp_path, network
             what="the rank back with v3",
         )  # fmt: skip
         rejoin_s = time.time() - healed_at
+        wait_for(lambda: len(versions(client, "cut")) >= 3, timeout_s=30, what="v3's entry")
         assert versions(client, "cut") == [1, 2, 3]
     finally:
         kill_tree(proc)
@@ -140,6 +141,8 @@ def test_leader_weaver_cut_from_the_majority_and_a_nats_server_cut_off(tmp_path,
         r = cli("set", "lr=0.005", "--job", "part", "--wait", "--timeout-s", "20",
                 url=client.nats_url)  # fmt: skip
         assert r.returncode == 0 and "v4 applied by 1 rank(s)" in r.stdout, r.stdout + r.stderr
+        # a change's history entry is appended right after its reply, off the reply's path
+        wait_for(lambda: len(versions(client, "part")) >= 4, timeout_s=30, what="v4's entry")
         assert versions(client, "part") == [1, 2, 3, 4]
         # the cut-off leader wrote nothing from the cut on (its events carry its instance id)
         old = re.search(r"weaver ([0-9a-f]+) stops serving", leader.log_path.read_text())

@@ -73,7 +73,7 @@ def test_kubernetes_adapter_selects_a_groups_pods_by_jobset_labels_and_cordons_l
 
 def test_slurm_adapter_runs_one_node_one_task_and_keeps_off_drained_nodes(monkeypatch):
     monkeypatch.setattr("shutil.which", lambda _: "/usr/bin/srun")
-    argv = SlurmScheduler(partition="gpu").srun_argv(
+    argv = SlurmScheduler(partition="gpu").argv(
         name="torchloom-j-r0", script=["train.py", "--ft"], nproc=4, exclude=["n2", "n1"]
     )
     assert argv[:6] == ["srun", "--job-name=torchloom-j-r0", "--nodes=1", "--ntasks=1",
