@@ -8,7 +8,7 @@ import ssl
 import httpx
 import pytest
 
-from tests.helpers import Up, cli, kill_tree, launch_mnist, summaries, wait_for
+from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, summaries, wait_for
 from torchloom.client import WeaverClient
 from torchloom.errors import TorchloomError
 from torchloom.protocol import ControlReply, ControlRequest, JoinInfo, decode, encode, names
@@ -169,3 +169,34 @@ def test_training_job_runs_under_its_own_credentials(secure_up, tmp_path):
         kill_tree(proc)
     assert [s["lr"] for s in summaries(tmp_path)] == [0.02]
     print(json.dumps(client.status("mnist")["jobs"][0]["ranks"][0].get("state")))
+
+
+def test_a_killed_rank_is_failed_from_its_connection_on_a_secure_server(secure_up, tmp_path):
+    """The system account of a --secure server (its user an nkey over TLS) reports the closed
+    connection of a job's rank: failed at once, not after the heartbeat timeout."""
+    import os
+    import signal
+
+    path = cli("creds", "job", "sec", "--state-dir", str(secure_up.state_dir)).stdout.strip()
+    os.environ["TORCHLOOM_CREDS"] = path
+    try:
+        proc = launch_mnist(secure_up.url, tmp_path, "--max-steps", "1000000", "--eval-every",
+                            "0", nproc=1, torchrun=False, job="sec")  # fmt: skip
+    finally:
+        del os.environ["TORCHLOOM_CREDS"]
+    client = WeaverClient(nats_url=secure_up.url, state_dir=secure_up.state_dir)
+    try:
+        wait_for(
+            lambda: any(r["state"] == "training" for r in ranks(client, "sec")),
+            timeout_s=60,
+            what="the rank training over TLS",
+        )
+        os.kill(proc.pid, signal.SIGKILL)
+        failed = wait_for(
+            lambda: next((e for e in history(client, "sec") if e.kind == "rank_failed"), None),
+            timeout_s=30,
+            what="the killed rank failed",
+        )
+        assert "its connection closed" in failed.message
+    finally:
+        kill_tree(proc)
