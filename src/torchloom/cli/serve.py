@@ -253,6 +253,16 @@ def _lighthouse_line(stack: Stack) -> str:
     return "none (torchft is not installed: pip install 'torchloom[torchft]')"
 
 
+def _replication_line(done: dict[str, str]) -> str:
+    """What starting did to the streams and buckets, in one short line."""
+    if not done:
+        return "(standby: the leader made them)"
+    outcomes = set(done.values())
+    if len(outcomes) == 1:
+        return f"{len(done)} streams and KV buckets: {outcomes.pop()}"
+    return ", ".join(f"{k} {v}" for k, v in sorted(done.items()))
+
+
 def dashboard_line(stack: Stack) -> str:
     if stack.dashboard is None:
         return "none (--no-ui)"
@@ -353,11 +363,7 @@ def up(
         nats_where = f"{stack.nats_url} (embedded, pid {stack.nats.proc.pid})"
     else:
         nats_where = f"{stack.nats_url} (external)"
-    replication = (
-        ", ".join(f"{k} {v}" for k, v in sorted(stack.weaver.replication.items()))
-        if stack.weaver is not None and stack.weaver.replication
-        else "(standby: the leader made them)"
-    )
+    replication = _replication_line(stack.weaver.replication if stack.weaver else {})
     out.print(
         Panel.fit(
             Group(
