@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -196,3 +197,16 @@ def cluster_current(cluster: NatsCluster) -> bool:
             await conn.close()
 
     return asyncio.run(check())
+
+
+def test_a_hosts_link_can_be_slowed_and_freed(network):
+    """The harness's other knob: a token-bucket limit on a host's link, and its removal."""
+    host = network.add_host("slow")
+    host.limit(rate_mbit=8)
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", host.link], capture_output=True,
+                           text=True).stdout  # fmt: skip
+    assert "tbf" in shown and "rate 8Mbit" in shown, shown
+    host.limit(rate_mbit=None)
+    shown = subprocess.run(["tc", "qdisc", "show", "dev", host.link], capture_output=True,
+                           text=True).stdout  # fmt: skip
+    assert "tbf" not in shown, shown
