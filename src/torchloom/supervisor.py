@@ -181,11 +181,10 @@ class Supervisor:
             for g in list(self.groups):
                 if g.replica_id != rid:
                     continue
+                self._free_node_of(g)
                 if g.done and g.returncode == 0:  # it left before we heard: replace it now
-                    self._free_node_of(g)
                     self._replace(g)
                 else:
-                    self._free_node_of(g)
                     g.replace = True
         for g in list(self.groups):
             if g.proc is None:

@@ -136,6 +136,19 @@ def _say(line: str) -> None:
     out.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False, markup=False)
 
 
+def replaced_groups(ev: HistoryEvent, *, since_ts: float) -> list[int]:
+    """The replica groups a drain asked to replace (``drain --replace``, or a policy's), if
+    ``ev`` is such a drain recorded at ``since_ts`` (Unix s) or later; else none."""
+    if not (
+        ev.ts >= since_ts
+        and ev.kind == "config_set"
+        and ev.data.get("op") == "drain"
+        and ev.data.get("replace")
+    ):
+        return []
+    return [int(rid) for rid in ev.data.get("drain", []) if str(rid).isdigit()]
+
+
 def _follow_drains_on_kubernetes(
     adapter: KubernetesScheduler, url: str, sdir: Path, job: str
 ) -> None:
@@ -144,18 +157,14 @@ def _follow_drains_on_kubernetes(
     since = time.time()
 
     def on_event(ev: HistoryEvent) -> None:
-        if not (ev.ts >= since and ev.kind == "config_set" and ev.data.get("op") == "drain"):
-            return
-        for rid in ev.data.get("drain", []) if ev.data.get("replace") else []:
-            if not str(rid).isdigit():
-                continue
+        for rid in replaced_groups(ev, since_ts=since):
             try:
-                node = adapter.node_of_group(int(rid))
+                node = adapter.node_of_group(rid)
                 if node:
                     _say(
                         adapter.drain_node(node, reason=f"torchloom: group {rid} of {job} drained")
                     )
-                n = adapter.replace_group(int(rid))
+                n = adapter.replace_group(rid)
                 _say(f"[replica {rid}] {n} pod(s) deleted; its Job starts new ones elsewhere")
             except Exception as exc:  # an API error must not end the follower
                 _say(f"[replica {rid}] not replaced: {exc}")
@@ -171,15 +180,8 @@ def _follow_replacements(
     """Watch the job's history for drains that asked for a replacement (a daemon thread)."""
 
     def on_event(ev: HistoryEvent) -> None:
-        if (
-            ev.ts >= since_ts
-            and ev.kind == "config_set"
-            and ev.data.get("op") == "drain"
-            and ev.data.get("replace")
-        ):
-            for rid in ev.data.get("drain", []):
-                if str(rid).isdigit():
-                    sup.request_replacement(int(rid))
+        for rid in replaced_groups(ev, since_ts=since_ts):
+            sup.request_replacement(rid)
 
     def follow() -> None:
         with contextlib.suppress(Exception):

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -28,6 +29,7 @@ from torchloom.protocol import names
 from torchloom.transport.connection import Connection
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _JS_ERRORS = (
     nats.errors.Error,
@@ -44,6 +46,27 @@ async def _acknowledged(writes: Sequence[Awaitable[object]]) -> list[bool]:
         if isinstance(result, BaseException) and not isinstance(result, _JS_ERRORS):
             raise result
     return [not isinstance(result, BaseException) for result in results]
+
+
+async def _until_answered(
+    op: Callable[[], Awaitable[T]], *, retry_s: float, wait_s: float, what: str
+) -> T:
+    """``await op()``, tried again every ``wait_s`` seconds while JetStream does not answer
+    (a cluster electing a leader after a start or a server loss), for up to ``retry_s``
+    seconds (0: once).
+
+    Raises:
+        NotReachableError: it still failed after ``retry_s`` (``what``: the message's start).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_s
+    while True:
+        try:
+            return await op()
+        except _JS_ERRORS as exc:
+            if loop.time() >= deadline:
+                raise NotReachableError(f"{what}: {exc or type(exc).__name__}") from None
+            await asyncio.sleep(wait_s)
 
 
 def replicas_for(conn: Connection, replicas: int | None) -> int:
@@ -80,38 +103,33 @@ async def ensure_jetstream(
         NotReachableError: JetStream is not enabled or did not answer in ``timeout_s``.
     """
     want = replicas_for(conn, replicas)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+
+    async def ensure() -> dict[str, str]:
         js = conn.client.jetstream(timeout=5.0)
-        try:
-            done = {}
-            for bucket, history in (
-                (names.CONFIG_BUCKET, 8),
-                (names.REGISTRY_BUCKET, 1),
-                (names.CHECKPOINTS_BUCKET, 4),
-            ):
-                done[f"KV_{bucket}"] = await _ensure_bucket(
-                    js, bucket, history=history, replicas=want
-                )
-            done[names.EVENTS_STREAM] = await _ensure_stream(
-                js,
-                api.StreamConfig(
-                    name=names.EVENTS_STREAM,
-                    subjects=[names.EVENTS_STREAM_SUBJECTS],
-                    storage=api.StorageType.FILE,
-                    max_age=history_max_age_s,
-                    max_bytes=history_max_bytes,
-                    discard=api.DiscardPolicy.OLD,
-                    num_replicas=want,
-                ),
-            )
-            return done
-        except _JS_ERRORS as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise NotReachableError(
-                    f"JetStream is not available: {exc or type(exc).__name__}"
-                ) from None
-            await asyncio.sleep(0.5)  # a cluster still electing its meta leader
+        done = {}
+        for bucket, history in (
+            (names.CONFIG_BUCKET, 8),
+            (names.REGISTRY_BUCKET, 1),
+            (names.CHECKPOINTS_BUCKET, 4),
+        ):
+            done[f"KV_{bucket}"] = await _ensure_bucket(js, bucket, history=history, replicas=want)
+        done[names.EVENTS_STREAM] = await _ensure_stream(
+            js,
+            api.StreamConfig(
+                name=names.EVENTS_STREAM,
+                subjects=[names.EVENTS_STREAM_SUBJECTS],
+                storage=api.StorageType.FILE,
+                max_age=history_max_age_s,
+                max_bytes=history_max_bytes,
+                discard=api.DiscardPolicy.OLD,
+                num_replicas=want,
+            ),
+        )
+        return done
+
+    return await _until_answered(
+        ensure, retry_s=timeout_s, wait_s=0.5, what="JetStream is not available"
+    )
 
 
 async def ensure_lease_bucket(
@@ -125,19 +143,14 @@ async def ensure_lease_bucket(
         NotReachableError: JetStream did not answer in ``timeout_s``.
     """
     want = replicas_for(conn, replicas)
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
+
+    async def ensure() -> str:
         js = conn.client.jetstream(timeout=5.0)
-        try:
-            return await _ensure_bucket(
-                js, names.LEADER_BUCKET, history=1, ttl_s=ttl_s, replicas=want
-            )
-        except _JS_ERRORS as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise NotReachableError(
-                    f"JetStream is not available: {exc or type(exc).__name__}"
-                ) from None
-            await asyncio.sleep(0.5)
+        return await _ensure_bucket(js, names.LEADER_BUCKET, history=1, ttl_s=ttl_s, replicas=want)
+
+    return await _until_answered(
+        ensure, retry_s=timeout_s, wait_s=0.5, what="JetStream is not available"
+    )
 
 
 async def _ensure_bucket(
@@ -294,16 +307,13 @@ class KeyValue:
         Raises:
             NotReachableError: the write was not acknowledged within ``retry_s``.
         """
-        deadline = asyncio.get_running_loop().time() + retry_s
-        while True:
-            try:
-                return int(await self._kv.put(key, value))
-            except _JS_ERRORS as exc:
-                if asyncio.get_running_loop().time() >= deadline:
-                    raise NotReachableError(
-                        f"KV put {self.bucket}/{key} failed: {exc or type(exc).__name__}"
-                    ) from None
-                await asyncio.sleep(0.25)
+        revision = await _until_answered(
+            lambda: self._kv.put(key, value),
+            retry_s=retry_s,
+            wait_s=0.25,
+            what=f"KV put {self.bucket}/{key} failed",
+        )
+        return int(revision)
 
     async def delete(self, key: str) -> None:
         try:
@@ -445,21 +455,17 @@ class History:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_s
-        while True:
-            try:
-                sub = await self._js.subscribe(
-                    filter_subject,
-                    stream=names.EVENTS_STREAM,
-                    ordered_consumer=True,
-                    deliver_policy=api.DeliverPolicy.ALL,
-                )
-                break
-            except _JS_ERRORS as exc:
-                if loop.time() > deadline:
-                    raise NotReachableError(
-                        f"cannot read history: {exc or type(exc).__name__}"
-                    ) from None
-                await asyncio.sleep(0.5)
+        sub = await _until_answered(
+            lambda: self._js.subscribe(
+                filter_subject,
+                stream=names.EVENTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+            ),
+            retry_s=retry_s,
+            wait_s=0.5,
+            what="cannot read history",
+        )
         pending: int | None = None
         try:
             while True:
