@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from torchloom.errors import InvalidKnobError
+from torchloom.protocol.compression import CODEC_PATTERN, OPTIMIZERS
 
 KnobType = Literal["float", "int", "bool", "str"]
 KnobScope = Literal["job", "replica"]
@@ -178,6 +179,55 @@ BUILTIN_KNOBS: dict[str, KnobSpec] = {
             max=1.0,
             doc="SGD momentum (or beta1 of Adam-like optimizers)",
         ),
+        KnobSpec(
+            name="grad_compression",
+            type="str",
+            scope="job",
+            pattern=CODEC_PATTERN,
+            example="none, bf16, fp16, powersgd:R (1 ≤ R ≤ 64) or topk:F (0 < F < 1)",
+            doc="how gradients travel in the allreduce: none, bf16, fp16, powersgd:R, topk:F (torchloom.comm)",
+        ),
+        KnobSpec(
+            name="optimizer",
+            type="str",
+            scope="job",
+            choices=OPTIMIZERS,
+            doc="the optimizer, rebuilt at the effective step with its state mapped (torchloom.optim)",
+        ),
+        KnobSpec(
+            name="beta2",
+            type="float",
+            min=0.0,
+            max=1.0,
+            min_exclusive=True,
+            doc="second-moment decay of AdamW (and Muon's AdamW part), Lion's β2",
+        ),
+        KnobSpec(
+            name="collective_timeout_s",
+            type="float",
+            min=0.1,
+            max=3600.0,
+            scope="job",
+            doc="torchft: a collective, heal or commit not done in this many seconds fails the step",
+        ),
+        KnobSpec(
+            name="quorum_timeout_s",
+            type="float",
+            min=0.1,
+            max=3600.0,
+            scope="job",
+            doc="torchft: the longest wait for a step's quorum, in seconds",
+        ),
+        KnobSpec(
+            name="hang_timeout_s",
+            type="float",
+            min=0.5,
+            max=86400.0,
+            allow_off=True,
+            scope="job",
+            consistent=False,
+            doc="Weaver: a rank whose step has not moved for this long is hung (off: the Weaver's default)",
+        ),
     )
 }
 
@@ -220,13 +270,15 @@ def coerce(spec: KnobSpec, raw: Any) -> Any:
 def _means_off(spec: KnobSpec, raw: Any) -> bool:
     """Whether ``raw`` switches the knob off: None, or an off word (``off``, ``none``,
     ``null``) that is not itself a value of the knob (``off`` of a bool is False; a
-    choice named ``none`` is that choice)."""
+    choice named ``none``, or ``none`` where the knob's pattern takes it, is that value)."""
     if raw is None:
         return True
     if not isinstance(raw, str) or raw.strip().lower() not in _OFF_WORDS:
         return False
     if spec.type == "bool" and raw.strip().lower() == "off":
         return False
+    if spec.pattern is not None and re.fullmatch(spec.pattern, raw):
+        return False  # a value of the knob (grad_compression=none)
     return not (spec.choices is not None and raw in spec.choices)
 
 

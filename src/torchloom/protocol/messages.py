@@ -70,6 +70,9 @@ class Telemetry(msgspec.Struct, kw_only=True):
             ``participants``, ``ft_step``, ``healing``, ``commit_failures``, ``heals``), or None.
         phases_s: mean seconds per step spent in each phase the training loop marked
             since the previous flush (``data``, ``compute``, ``comm``, ``other``), or None.
+        comm_bytes: mean bytes per step this rank handed to gradient collectives since the
+            previous flush (``sent``), and what float32 without compression would have sent
+            (``dense``) — from :mod:`torchloom.comm`; None without it.
         device_stats: the newest sample of the rank's device health (NVML on a GPU:
             ``temp_c``, ``power_w``, ``sm_clock_mhz``, ``throttle_hw``, ``ecc_corrected``,
             ``ecc_uncorrected``, ``retired_pages_pending``, ``mem_used_frac``; psutil
@@ -97,6 +100,7 @@ class Telemetry(msgspec.Struct, kw_only=True):
     config_lag_s: float = 0.0
     quorum: dict[str, Any] | None = None
     phases_s: dict[str, float] | None = None
+    comm_bytes: dict[str, float] | None = None
     device_stats: dict[str, float] | None = None
     host: str = ""
     pid: int = 0

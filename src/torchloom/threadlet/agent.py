@@ -146,6 +146,7 @@ class Agent:
         self._seq = 0
         self._last_flush: tuple[float, int, int] | None = None
         self._last_phases: dict[str, float] = {}
+        self._last_comm: dict[str, float] = {}
         self.device_interval_s = device_interval_s
         self._sampler: DeviceSampler | None = None
         self._next_sample = 0.0
@@ -423,18 +424,21 @@ class Agent:
         samples = shared.samples
         ran = shared.steps_run
         phases = dict(shared.phase_totals)  # one C-level copy under the GIL
+        comm = dict(shared.comm_totals)
         now_mono = time.monotonic()
-        step_time = samples_per_s = phases_s = None
+        step_time = samples_per_s = phases_s = comm_bytes = None
         if self._last_flush is not None:
             t0, ran0, samples0 = self._last_flush
             dt = now_mono - t0
             if ran > ran0 and dt > 0:  # steps run, not the index (it jumps on a heal or load)
                 step_time = dt / (ran - ran0)
                 phases_s = _per_step(phases, self._last_phases, ran - ran0)
+                comm_bytes = _per_step(comm, self._last_comm, ran - ran0) if comm else None
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, ran, samples)
         self._last_phases = phases
+        self._last_comm = comm
         raw_points = shared.points.drain(512)
         points = [
             MetricPoint(step=s, ts=ts, values=_to_floats(values)) for s, ts, values in raw_points
@@ -457,6 +461,7 @@ class Agent:
             config_lag_s=shared.config_lag_s,
             quorum=shared.quorum,
             phases_s=phases_s,
+            comm_bytes=comm_bytes,
             device_stats=self._device_sample(),
             host=ident.host,
             pid=ident.pid,

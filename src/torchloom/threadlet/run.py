@@ -49,6 +49,7 @@ RollbackHandler = Callable[[RollbackOrder], int]
 """``callback(config, changed)``: the full config now in force, and the knobs that changed."""
 
 _NEVER = 1 << 62
+_HYPER = ("lr", "momentum", "beta2", "weight_decay")
 
 
 class Run:
@@ -219,10 +220,12 @@ class Run:
             self._doc_used = doc
             snap = select_snapshot(doc.snapshots, step) if doc is not None else None
             if snap is not None and snap.version > shared.applied_version:
-                self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
                 mine = snap.version > shared.join_version  # not an order for an earlier process
                 if snap.checkpoint is not None and mine:
+                    # the state before this step, under the config before this version (a
+                    # version that switches the optimizer saves the state it switches from)
                     self._order_checkpoint(snap.checkpoint, snap.effective_step, step)
+                self._apply(snap.version, resolve_values(snap, self.identity.replica_id), step)
                 if snap.rollback is not None and mine:
                     self._order_rollback(snap.rollback, snap.effective_step, step)
                     if self._jump_to is not None:
@@ -332,10 +335,24 @@ class Run:
         self._callbacks.append(callback)
 
     def bind_optimizer(self, optimizer: Any) -> None:
-        """Make the optimizer's ``lr`` (and ``weight_decay``, ``momentum``/``betas[0]`` when
-        those knobs are set) follow the config, now and at every applied change."""
+        """Make the optimizer's ``lr`` (and ``weight_decay``, ``momentum``/``betas[0]``,
+        ``beta2``/``betas[1]`` when those knobs are set) follow the config, now and at every
+        applied change.
+
+        A :class:`~torchloom.optim.SwitchableOptimizer` (also inside torchft's
+        ``OptimizerWrapper``) follows the ``optimizer`` knob too: it is rebuilt as the new
+        kind at the effective step, its state mapped, then given the knobs' values.
+        """
+        target = getattr(optimizer, "optim", optimizer)  # torchft's OptimizerWrapper
+        switch = getattr(target, "switch", None)
 
         def _set(config: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+            if switch is not None:
+                if changed.get("optimizer") is not None:
+                    switch(changed["optimizer"])
+                    changed = config  # a rebuilt optimizer takes every knob
+                target.set_hyper(**{k: config.get(k) for k in _HYPER if k in changed})
+                return
             for group in optimizer.param_groups:
                 if "lr" in changed and config.get("lr") is not None:
                     group["lr"] = config["lr"]
@@ -345,11 +362,16 @@ class Run:
                     and config.get("weight_decay") is not None
                 ):
                     group["weight_decay"] = config["weight_decay"]
+                betas = tuple(group["betas"]) if "betas" in group else None
                 if "momentum" in changed and config.get("momentum") is not None:
                     if "momentum" in group:
                         group["momentum"] = config["momentum"]
-                    elif "betas" in group:
-                        group["betas"] = (config["momentum"], *tuple(group["betas"])[1:])
+                    elif betas is not None:
+                        betas = (config["momentum"], *betas[1:])
+                if "beta2" in changed and config.get("beta2") is not None and betas is not None:
+                    betas = (betas[0], config["beta2"], *betas[2:])
+                if betas is not None:
+                    group["betas"] = betas
 
         _set(self.config, self.config)
         self._callbacks.append(_set)

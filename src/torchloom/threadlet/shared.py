@@ -6,7 +6,7 @@ thread share, and the rules that keep the training step free of waits.
 field has **one writer**:
 
 * the training thread writes ``step``, ``steps_run``, ``applied_version``, ``state``,
-  ``samples``, ``phase_totals`` and ``quorum`` (plain attribute stores), and appends to
+  ``samples``, ``phase_totals``, ``comm_totals`` and ``quorum`` (plain attribute stores), and appends to
   ``points`` and
   ``events`` (bounded buffers that drop their oldest entry when full, and count it);
 * the I/O thread writes ``doc`` and ``config_lag_s`` through :meth:`Shared.offer` (one
@@ -82,6 +82,9 @@ class Shared:
         """Samples processed since the start (the ``batch_size`` knob per step, or as logged)."""
         self.phase_totals: dict[str, float] = {}
         """Seconds spent in each marked phase since the start."""
+        self.comm_totals: dict[str, float] = {}
+        """Bytes handed to gradient collectives since the start: ``sent``, and ``dense`` (what
+        float32 without compression would have sent); counted by :mod:`torchloom.comm`."""
         self.quorum: dict[str, Any] | None = None
         """Fault-tolerance facts set by an integration (torchft's quorum), or None."""
         self.points: DropOldestBuffer[tuple[int, float, dict[str, Any]]] = DropOldestBuffer(

@@ -258,6 +258,8 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     overrides = {k: dict(v) for k, v in latest.overrides.items()}
     run_state = latest.run_state
     drained = list(latest.drained)
+    writers: list[str] = []
+    record_values = values  # what a checkpoint ordered by this version records as its config
     if latest.run_state == "stopped" and req.op != "replan":
         raise InvalidRequestError(
             f"job {job.job_id!r} is stopping at step {latest.effective_step}; nothing more can change"
@@ -284,6 +286,10 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             overrides = {k: v for k, v in overrides.items() if v}
         what = ", ".join(f"{k}={v if v is not None else 'off'}" for k, v in changes.items())
         what += f" on replica group {req.replica_id}" if req.replica_id else ""
+        writers, why = _checkpoint_before_switch(job, latest.values, changes)
+        if writers:
+            record_values = dict(latest.values)  # the state saved is the one before the switch
+            what += f", after a checkpoint of the state before it ({why})"
     elif req.op == "pause":
         if run_state == "paused":
             raise InvalidRequestError(f"job {job.job_id!r} is already paused")
@@ -349,7 +355,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         eff = _plan(job, now, settings, pos=pos)
     version = latest.version + 1
     order = None
-    if req.op == "checkpoint":
+    if writers:
         cid, backup = checkpoints.checkpoint_id(version), checkpoints.backs_up(job)
         order = CheckpointOrder(
             id=cid,
@@ -412,12 +418,12 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
     )
     record = None
     events = [event]
-    if req.op == "checkpoint":
+    if writers:
         record = checkpoints.new_record(
             job,
             version=version,
             step=eff,
-            values=values,
+            values=record_values if req.op == "set" else values,
             writers=writers,
             requested_by=req.requested_by,
             reason=req.reason,
@@ -450,6 +456,28 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
         superseded=superseded,
         position=pos,
     )
+
+
+SWITCH_KNOBS = frozenset({"optimizer"})
+"""Knobs whose change rebuilds training state (:mod:`torchloom.optim` maps the optimizer's state
+to the new kind, which loses something): a version that changes one also orders a checkpoint
+of the state before it, when the job can take one."""
+
+
+def _checkpoint_before_switch(
+    job: Job, before: dict[str, Any], changes: dict[str, Any]
+) -> tuple[list[str], str]:
+    """The writers of a checkpoint to take before a switch this change makes, and why; none
+    when it switches nothing, when not every live rank runs a Checkpointer, or while another
+    checkpoint is being written (the switch goes ahead; the history says which)."""
+    if not any(k in SWITCH_KNOBS and before.get(k) != v for k, v in changes.items()):
+        return [], ""
+    live = job.live_ranks()
+    if not live or not all(r.checkpointing for r in live):
+        return [], ""
+    if any(c.state == "pending" for c in job.checkpoints.values()):
+        return [], ""
+    return checkpoints.choose_writers(job)
 
 
 def _plan(job: Job, now: float, settings: ControlSettings, *, pos: Position | None = None) -> int:

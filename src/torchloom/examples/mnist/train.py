@@ -40,10 +40,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import torchloom
 from torchloom.chaos import failure_steps, maybe_fail, nan_steps, slowdown
+from torchloom.comm import GradCompression
 from torchloom.data import Batch, ElasticLoader, Transforms
 from torchloom.examples.mnist import mnist_data
 from torchloom.integrations.torchft import last_quorum, sync_every_knob
+from torchloom.optim import OPTIMIZERS, SwitchableOptimizer
 from torchloom.protocol import KnobSpec
+from torchloom.protocol.compression import parse_codec
 
 MEAN, STD = 0.1307, 0.3081
 Sample = tuple[torch.Tensor, torch.Tensor]  # (image [1,28,28] float32, label int64 scalar)
@@ -211,7 +214,7 @@ def ft_manager(
 
 
 def outer_algorithm(
-    name: str, manager: Any, model: nn.Module, inner: torch.optim.Optimizer, *, sync_every: int
+    name: str, manager: Any, model: nn.Module, inner: Any, *, sync_every: int
 ) -> Any:
     """torchft's LocalSGD (average the weights every ``sync_every`` inner steps) or DiLoCo (an outer
     Nesterov SGD step on the averaged pseudo-gradient, lr 0.7 as in the paper; momentum 0.5, as
@@ -232,7 +235,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-steps", type=int, default=2000, help="steps (outer steps with --algo)")
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--momentum", type=float, default=0.9)
+    ap.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, β1 of the others")
+    ap.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default="sgd",
+        help="the optimizer to start with (the `optimizer` knob switches it live)",
+    )
+    ap.add_argument(
+        "--grad-compression",
+        default="none",
+        help="gradient codec to start with: none, bf16, fp16, powersgd:R, topk:F "
+        "(the `grad_compression` knob switches it live)",
+    )
     ap.add_argument("--eval-every", type=int, default=250, help="steps between test evaluations")
     ap.add_argument(
         "--log-every", type=int, default=50, help="steps between progress lines (rank 0)"
@@ -251,6 +266,12 @@ def parse_args() -> argparse.Namespace:
         "--out-dir", type=Path, default=None, help="write each rank's final summary here"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--checksum-every",
+        type=int,
+        default=0,
+        help="log the sum of the weights (float64) every N steps: equal on ranks with equal weights",
+    )
     ap.add_argument(
         "--step-delay-ms", type=float, default=0.0, help="sleep per step (to slow a run for tests)"
     )
@@ -318,6 +339,10 @@ def parse_args() -> argparse.Namespace:
     args = ap.parse_args()
     if args.algo != "ddp" and not args.ft:
         ap.error("--algo localsgd/diloco needs --ft")
+    try:
+        parse_codec(args.grad_compression)
+    except ValueError as exc:
+        ap.error(f"--grad-compression: {exc}")
     if args.algo != "ddp" and args.global_batch_size is not None:
         ap.error("--global-batch-size is for --algo ddp (localsgd/diloco take --batch-size)")
     return args
@@ -345,7 +370,8 @@ def main() -> None:
     x_test, y_test = to_tensors(x_te, y_te, device)
 
     model = Net().to(device)
-    base_opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    # the `optimizer` knob rebuilds it live (SGD, AdamW, Lion, Muon) with its state mapped
+    base_opt = SwitchableOptimizer(model, kind=args.optimizer, lr=args.lr, momentum=args.momentum)
     transforms = data_transforms()
     custom_knobs = transforms.knobs()
     if args.checkpoint_dir and args.algo != "ddp":
@@ -400,6 +426,8 @@ def main() -> None:
             "lr": args.lr,
             "batch_size": args.batch_size,
             "momentum": args.momentum,
+            "optimizer": args.optimizer,
+            "grad_compression": args.grad_compression,
             "global_batch_size": args.global_batch_size,
             "skip_nonfinite": True,  # a NaN step is zeroed on the device, not applied
             **({"sync_every": args.sync_every} if algo is not None else {}),
@@ -409,6 +437,11 @@ def main() -> None:
         start_step=start_step,
     )
     run.bind_optimizer(opt)
+    # one DDP comm hook (within the group) and the allreduce across groups, both following
+    # the `grad_compression` knob from the step it takes effect
+    compression = GradCompression(run, manager=manager, seed=args.seed)
+    if isinstance(ddp, DDP):
+        compression.register(ddp)
     loader = ElasticLoader(
         train_set,
         run=run,
@@ -483,8 +516,7 @@ def main() -> None:
         run.mark("compute")
         if manager is not None and algo is None:
             # DDP averaged within the group (several ranks); now across the groups
-            for w in [manager.allreduce(p.grad) for p in model.parameters() if p.grad is not None]:
-                w.wait()
+            compression.allreduce_across([p.grad for p in model.parameters() if p.grad is not None])
         run.guard_gradients(model.parameters())
         return loss, batch
 
@@ -548,6 +580,8 @@ def main() -> None:
                 # the transform settings the batch was made with (not merely the config)
                 **{f"data_{name}": float(value or 0) for name, value in batch.settings},
             )
+            if args.checksum_every and step % args.checksum_every == 0:
+                run.log(weights_sum=sum(p.detach().double().sum() for p in model.parameters()))
             if args.step_delay_ms:
                 time.sleep(args.step_delay_ms / 1000.0)
             if args.eval_every and step > 0 and step % args.eval_every == 0:
@@ -593,6 +627,8 @@ def main() -> None:
                     else None,
                     "start_step": run.start_step,
                     "lr": base_opt.param_groups[0]["lr"],
+                    "optimizer": base_opt.kind,
+                    "grad_compression": compression.codec,
                     "batch_size": run["batch_size"],
                     "sync_every": run.config.get("sync_every"),
                     "data_cursor": loader.stream.cursor,
