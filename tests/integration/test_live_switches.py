@@ -176,3 +176,53 @@ def test_codec_and_optimizer_switch_live_on_two_torchft_groups(tmp_path, up):
     _check(client, tap, tmp_path, "ft", effs, pause_step)
     assert "restarted" not in (tmp_path / "run.log").read_text()
     print(json.dumps([x["ft_step"] for x in summaries(tmp_path)]))
+
+
+def test_an_optimizer_switch_is_checkpointed_first_and_rolled_back_when_it_diverges(tmp_path, up):
+    """`set optimizer=adamw lr=0.5` (far too high for AdamW): the Weaver orders a checkpoint of
+    the state before the switch in the same version; the loss climbs; the divergence guard
+    (mitigation=rollback) judges it against the losses before the switch and rolls every rank
+    back to that checkpoint — the optimizer goes back to SGD with it."""
+    client = up.client()
+    r = cli("policy", "set", "divergence", "mitigation=rollback", url=up.url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    proc = launch_mnist(
+        up.url,
+        tmp_path,
+        *("--max-steps", "100000", "--eval-every", "0", "--step-delay-ms", "4"),
+        *("--checkpoint-dir", str(tmp_path / "ckpt")),
+    )
+    try:
+        wait_for(lambda: _live(client, "mnist", 2, 120), timeout_s=120, what="120 steps")
+        r = cli("set", "optimizer=adamw", "lr=0.5", "--wait", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "of the state before it is taken at step" in r.stdout, r.stdout
+        eff = int(r.stdout.split("effective at step ")[1].split()[0])
+        rolled = wait_for(
+            lambda: [
+                e
+                for e in history(client, "mnist")
+                if e.kind == "config_set" and "rollback" in e.data
+            ],
+            timeout_s=120,
+            what="the divergence guard's rollback",
+        )
+        status = client.status("mnist")["jobs"][0]
+        assert status["desired"]["values"]["optimizer"] == "sgd"
+        assert status["desired"]["values"]["lr"] == pytest.approx(0.025)  # 0.05 × lr_factor
+        wait_for(lambda: _live(client, "mnist", 2, rolled[0].step + 30), timeout_s=60, what="on")
+        assert cli("stop", url=up.url).returncode == 0
+        assert proc.wait(120) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    finally:
+        kill_tree(proc)
+    events = history(client, "mnist")
+    ckpt = next(e for e in events if e.kind == "checkpoint_requested")
+    assert ckpt.step == eff and ckpt.data["id"] == rolled[0].data["rollback"]["id"]
+    assert rolled[0].data["rollback"]["step"] == eff
+    assert rolled[0].data["requested_by"] == "policy:divergence"
+    recs = client.control("checkpoints", "mnist").data["checkpoints"]
+    rec = next(c for c in recs if c["step"] == eff)
+    assert rec["values"]["optimizer"] == "sgd" and rec["values"]["lr"] == 0.05
+    s = summaries(tmp_path)
+    assert len({x["params_sha256"] for x in s}) == 1
+    assert all(x["optimizer"] == "sgd" and x["lr"] == pytest.approx(0.025) for x in s)

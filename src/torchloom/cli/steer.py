@@ -51,6 +51,12 @@ def set_(
         f"v{reply.version} accepted: {' '.join(assignments)}"
         f"{f' on replica group {replica}' if replica else ''} → effective at step {reply.effective_step} (job {job_id})"
     )
+    checkpoint = (reply.data or {}).get("checkpoint")
+    if checkpoint:  # a switch of the optimizer: its state is saved first
+        out.print(
+            f"checkpoint {checkpoint} of the state before it is taken at step {reply.effective_step} "
+            f"(`torchloom rollback --to {checkpoint}` goes back)"
+        )
     if wait:
         _wait_applied(client, job_id, int(reply.version or 0), timeout_s=max(timeout_s, 60.0))
 

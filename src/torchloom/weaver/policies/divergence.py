@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from torchloom.protocol import DesiredConfig
 from torchloom.weaver.policies.base import Decision, mad, median
 from torchloom.weaver.state import Job, Rank, RankKey, WeaverState
 
@@ -242,8 +243,9 @@ class DivergencePolicy:
             return None
         key = f"{self.name}/{job.job_id}"
         # only what ranks logged since the newest config took effect: the guard's own change
-        # starts afresh, and a person's change (more noise, a larger batch) is not a spike
-        since = latest.effective_step
+        # starts afresh, and a person's change (more noise, a larger batch) is not a spike —
+        # but a switch of optimizer or codec is judged against the losses before it
+        since = baseline_since(job.config, latest.effective_step)
         first: tuple[RankKey, tuple[str, dict[str, Any]]] | None = None  # the lowest rank's
         for rank in job.ranks.values():
             if not rank.live:
@@ -269,19 +271,21 @@ class DivergencePolicy:
             )
         values: dict[str, Any] = {"lr": lr * p.lr_factor}
         if p.mitigation == "rollback":
-            rank = job.ranks[first[0]]
-            recent_steps = [s for s, _ in rank.window.losses][-p.spike_steps :]
-            spike_step = recent_steps[0] if recent_steps else since
+            spike_step = _spike_step(job.ranks[first[0]], features, p, since)
             back, why_not = _rollback_point(job, spike_step)
+            if why_not == WAIT:
+                return None  # the checkpoint before the spike is still being written
             features.update({"spike_step": spike_step, "rollback_to": back})
             if back is not None:
+                # the checkpoint's config comes back with it (a switched optimizer, its lr)
+                lr_back = job.checkpoints[back].values.get("lr", lr)
                 return Decision(
                     policy=self.name,
                     job_id=job.job_id,
                     action="rollback",
-                    values={"to": back, "lr": lr * p.lr_factor},
+                    values={"to": back, "lr": lr_back * p.lr_factor},
                     reason=f"{what}: roll back to checkpoint {back} from before step "
-                    f"{spike_step}, lr {lr:g} → {lr * p.lr_factor:g}",
+                    f"{spike_step}, lr {lr_back:g} → {lr_back * p.lr_factor:g}",
                     key=key,
                     features=features,
                 )
@@ -300,10 +304,58 @@ class DivergencePolicy:
         )
 
 
+SWITCHES = frozenset({"optimizer", "grad_compression"})
+"""Knobs whose change should not move the loss: a spike after one is the switch's fault."""
+CARRIED = SWITCHES | {"lr", "momentum", "beta2", "weight_decay"}
+"""Knobs a switch may change with it (a new optimizer comes with its own lr)."""
+
+
+def baseline_since(config: DesiredConfig | None, in_force: int) -> int:
+    """The step from which losses make the baseline: ``in_force`` (the newest version's
+    effective step), or, when the versions in force since some earlier one only switched the
+    optimizer or the gradient codec (with the optimizer's knobs, :data:`CARRIED`), that earlier
+    version's step — so that a switch followed at once by divergence is caught (the loss
+    before it is the baseline) and can be rolled back to the checkpoint taken before it."""
+    switched = False
+    for ev in reversed(config.journal if config is not None else []):
+        if ev.step is not None and ev.step > in_force:
+            continue  # a pending version
+        values = set(ev.data.get("values") or {})
+        if ev.kind == "config_set" and ev.data.get("op") == "set" and values & SWITCHES:
+            if values <= CARRIED:
+                switched = True
+                continue
+        if not switched:
+            return in_force
+        return min(ev.step or 0, in_force)  # job_started: from the start
+    return 0 if switched else in_force
+
+
+def _spike_step(rank: Rank, features: dict[str, Any], p: DivergenceParams, since: int) -> int:
+    """The first step whose loss is out of line (NaN/Inf, or ``spike_k`` σ above the
+    baseline) among the rank's newest ``spike_steps``: the weights before it were still good,
+    so a checkpoint taken before that step is one to go back to."""
+    if features.get("trigger") == "nonfinite" and rank.window.nonfinite is not None:
+        return rank.window.nonfinite[0]
+    recent = list(islice(reversed(rank.window.losses), p.spike_steps))[::-1]
+    limit = features.get("baseline", math.inf) + p.spike_k * features.get("sigma", 0.0)
+    for step, value in recent:
+        if value != value or value >= limit:
+            return step
+    return recent[0][0] if recent else since
+
+
+WAIT = "wait"
+""":func:`_rollback_point`'s answer while a checkpoint from before the spike is being written."""
+
+
 def _rollback_point(job: Job, spike_step: int) -> tuple[str | None, str]:
-    """The newest complete checkpoint before ``spike_step``, or None and why not."""
+    """The newest complete checkpoint before ``spike_step``, or None and why not (:data:`WAIT`
+    while one from before it is still pending: it completes or fails within seconds)."""
     if not all(r.checkpointing for r in job.live_ranks()):
         return None, "not every rank runs a Checkpointer"
+    if any(c.state == "pending" and c.step < spike_step for c in job.checkpoints.values()):
+        return None, WAIT  # e.g. the one a switch ordered just before the spike
     before = [c for c in job.checkpoints.values() if c.state == "complete" and c.step < spike_step]
     if not before:
         return None, f"no complete checkpoint before step {spike_step}"
