@@ -98,7 +98,7 @@ def test_muon_takes_the_matrices_and_adamw_the_rest():
 
 
 def test_knobs_reach_every_param_group_after_a_switch():
-    m, x, y = model_and_grads()
+    m, _, _ = model_and_grads()
     opt = SwitchableOptimizer(m, kind="lion", lr=1e-4, momentum=0.9, beta2=0.99)
     opt.set_hyper(lr=3e-4, beta2=0.98, weight_decay=0.01)
     assert all(g["betas"] == (0.9, 0.98) and g["lr"] == 3e-4 for g in opt.param_groups)

@@ -321,10 +321,10 @@ def baseline_since(config: DesiredConfig | None, in_force: int) -> int:
         if ev.step is not None and ev.step > in_force:
             continue  # a pending version
         values = set(ev.data.get("values") or {})
-        if ev.kind == "config_set" and ev.data.get("op") == "set" and values & SWITCHES:
-            if values <= CARRIED:
-                switched = True
-                continue
+        only_switches = values & SWITCHES and values <= CARRIED
+        if ev.kind == "config_set" and ev.data.get("op") == "set" and only_switches:
+            switched = True
+            continue
         if not switched:
             return in_force
         return min(ev.step or 0, in_force)  # job_started: from the start
