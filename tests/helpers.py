@@ -293,3 +293,37 @@ class TelemetryTap:
     def points(self) -> list[tuple[str, int, dict[str, Any]]]:
         """``(replica_id, step, values)`` of every logged metric point seen so far."""
         return [(m.replica_id, p.step, p.values) for m in list(self.messages) for p in m.points]
+
+
+class DutyCycle:
+    """Slows a process by stopping it: SIGSTOP for ``stop_s``, SIGCONT for ``run_s``, over and
+    over on a background thread (a device that stalls, a host that swaps) until :meth:`end`,
+    which leaves it running."""
+
+    def __init__(self, pid: int, *, stop_s: float, run_s: float) -> None:
+        import threading
+
+        self.pid, self.stop_s, self.run_s = pid, stop_s, run_s
+        self._done = threading.Event()
+        self.cycles = 0
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                os.kill(self.pid, signal.SIGSTOP)
+                self._done.wait(self.stop_s)
+                os.kill(self.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                return
+            self.cycles += 1
+            self._done.wait(self.run_s)
+
+    def end(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+        try:
+            os.kill(self.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass

@@ -282,3 +282,45 @@ def follow_sync_every(run: Run, algorithm: Any) -> None:
 
     _follow(run.config, run.config)
     run.on_config_change(_follow)
+
+
+def set_timeouts(
+    manager: Any, *, collective_timeout_s: float | None, quorum_timeout_s: float | None
+) -> None:
+    """Set ``manager``'s timeouts (None: unchanged), between two steps.
+
+    ``collective_timeout_s`` is the Manager's ``timeout`` (a collective's future, the heal,
+    ``should_commit``) and its process group's (``set_timeout``: a reconfigured group — every
+    new quorum — takes it); ``quorum_timeout_s`` is the Manager's ``quorum_timeout``, the
+    longest wait of ``start_quorum``. torchft reads them at each use, so a change holds from
+    the next step on.
+    """
+    from datetime import timedelta
+
+    if collective_timeout_s is not None:
+        td = timedelta(seconds=collective_timeout_s)
+        manager._timeout = td
+        pg = getattr(manager, "_pg", None)
+        if pg is not None and hasattr(pg, "set_timeout"):
+            pg.set_timeout(td)
+    if quorum_timeout_s is not None:
+        manager._quorum_timeout = timedelta(seconds=quorum_timeout_s)
+
+
+def follow_timeouts(run: Run, manager: Any) -> None:
+    """Make ``manager`` follow the ``collective_timeout_s`` and ``quorum_timeout_s`` knobs, now
+    and at the effective step of every change (on the training thread, at the step boundary:
+    the same committed step on every replica group). The ``timeouts`` policy sets them from
+    measured step and allreduce times, so a slow-but-alive group is not cut off by a fixed
+    timeout while a dead one is still found by its closed connection at once."""
+
+    def _follow(config: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+        if "collective_timeout_s" in changed or "quorum_timeout_s" in changed:
+            set_timeouts(
+                manager,
+                collective_timeout_s=changed.get("collective_timeout_s"),
+                quorum_timeout_s=changed.get("quorum_timeout_s"),
+            )
+
+    _follow(run.config, run.config)
+    run.on_config_change(_follow)

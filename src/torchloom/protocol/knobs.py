@@ -219,6 +219,16 @@ BUILTIN_KNOBS: dict[str, KnobSpec] = {
             doc="torchft: the longest wait for a step's quorum, in seconds",
         ),
         KnobSpec(
+            name="failure_timeout_s",
+            type="float",
+            min=0.2,
+            max=3600.0,
+            allow_off=True,
+            scope="job",
+            consistent=False,
+            doc="Weaver: no heartbeat for this long → failed (suspect at 60 %); off: the Weaver's default",
+        ),
+        KnobSpec(
             name="hang_timeout_s",
             type="float",
             min=0.5,

@@ -85,6 +85,15 @@ class Timing(msgspec.Struct, gc=False):
     step_s: float
     busy_s: float | None
     comm_s: float | None
+    sent_bytes: float | None = None
+    """Bytes per step the rank handed to gradient collectives (``Telemetry.comm_bytes``)."""
+    dense_bytes: float | None = None
+    """What float32 without compression would have sent for the same gradients."""
+
+
+SILENCE_NOTED_S = 0.35
+"""A heartbeat gap this long (about two of the Threadlet's 0.2 s flushes) is kept in
+:attr:`RankWindow.silences`."""
 
 
 def _window(n: int) -> deque[Any]:
@@ -107,6 +116,8 @@ class RankWindow:
         timing_ts, timing_step: each entry's ``ts`` and ``step``, in step with ``timing``:
             both ascend (a flush whose step goes back — a restarted process — starts the
             timing windows afresh), so a policy finds a time or step range by bisection.
+        silences: ``(ts, gap_s)`` of heartbeats that came :data:`SILENCE_NOTED_S` or more
+            after the previous one (a stopped or starved process; the timeouts policy reads it).
         nonfinite: ``(step, name)`` of the newest NaN/±Inf logged as ``loss`` or ``grad_norm``,
             or None: policies read it in O(1) instead of scanning the windows.
     """
@@ -119,6 +130,7 @@ class RankWindow:
     losses: deque[tuple[int, float]] = field(default_factory=lambda: _window(256))
     grad_norms: deque[tuple[int, float]] = field(default_factory=lambda: _window(64))
     device: deque[tuple[float, dict[str, float]]] = field(default_factory=lambda: _window(64))
+    silences: deque[tuple[float, float]] = field(default_factory=lambda: _window(32))
     nonfinite: tuple[int, str] | None = None
 
     def restart(self) -> None:
@@ -144,7 +156,18 @@ class RankWindow:
         if msg.step_time_s:
             ph = msg.phases_s or {}
             busy = ph["data"] + ph["compute"] if "data" in ph and "compute" in ph else None
-            self.timing.append(Timing(now, msg.step, msg.step_time_s, busy, ph.get("comm")))
+            cb = msg.comm_bytes or {}
+            self.timing.append(
+                Timing(
+                    now,
+                    msg.step,
+                    msg.step_time_s,
+                    busy,
+                    ph.get("comm"),
+                    cb.get("sent"),
+                    cb.get("dense"),
+                )
+            )
             b = msg.step_time_s if busy is None else busy
             self.busy.append(b)
             self.best_busy = min(self.best_busy, b)
@@ -505,6 +528,8 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
         rank.step_changed_ts = now
         mark_progress(state, rank, now)
     e.last_step = msg.step
+    if now - e.last_seen_ts >= SILENCE_NOTED_S and e.last_seen_ts > 0:
+        rank.window.silences.append((now, now - e.last_seen_ts))
     e.last_seen_ts = now
     touch(state, rank.key, stepped=moved)
     if e.applied_version != msg.applied_version:
@@ -794,8 +819,31 @@ def _due(state: WeaverState, now: float) -> list[Rank]:
     return list(due.values())
 
 
-def _judge(state: WeaverState, rank: Rank, now: float) -> list[HistoryEvent]:
+def liveness_of(state: WeaverState, job_id: str) -> LivenessConfig:
+    """The job's thresholds: the Weaver's (``torchloom up --failure-timeout-s``,
+    ``--hang-timeout-s``), with the job's ``failure_timeout_s`` and ``hang_timeout_s`` knobs
+    where they are set (by a person, or the ``timeouts`` policy from measured step times);
+    suspect at 60 % of the failure timeout, as ``up`` does.
+
+    A job with thresholds below the Weaver's is judged at the full pass (once a second) rather
+    than the tick's fast path, which looks only at ranks due by the Weaver's thresholds."""
     cfg = state.liveness
+    job = state.jobs.get(job_id)
+    latest = job.config.latest() if job is not None and job.config is not None else None
+    if latest is None:
+        return cfg
+    fail, hang = latest.values.get("failure_timeout_s"), latest.values.get("hang_timeout_s")
+    if fail is None and hang is None:
+        return cfg
+    return LivenessConfig(
+        failure_timeout_s=float(fail) if fail else cfg.failure_timeout_s,
+        suspect_after_s=float(fail) * 0.6 if fail else cfg.suspect_after_s,
+        hang_timeout_s=float(hang) if hang else cfg.hang_timeout_s,
+    )
+
+
+def _judge(state: WeaverState, rank: Rank, now: float) -> list[HistoryEvent]:
+    cfg = liveness_of(state, rank.key[0])
     silent_s = now - rank.entry.last_seen_ts
     if silent_s >= cfg.failure_timeout_s:
         return set_rank_state(state, rank, "failed", now, f"no heartbeat for {silent_s:.2f} s")

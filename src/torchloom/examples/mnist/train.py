@@ -183,6 +183,8 @@ def ft_manager(
     job_id: str,
     use_cuda: bool,
     sync_quorum: bool,
+    timeout_s: float,
+    quorum_timeout_s: float,
 ) -> Any:
     """torchft's Manager for this replica group: a step (DDP) or an outer step (LocalSGD/DiLoCo)
     is committed only if every participant finished it, and a group that (re)joins heals from a
@@ -193,9 +195,9 @@ def ft_manager(
     from torchft import Manager, ProcessGroupBabyNCCL, ProcessGroupGloo
 
     pg = (
-        ProcessGroupBabyNCCL(timeout=timedelta(seconds=10))
+        ProcessGroupBabyNCCL(timeout=timedelta(seconds=timeout_s))
         if use_cuda
-        else ProcessGroupGloo(timeout=timedelta(seconds=10))
+        else ProcessGroupGloo(timeout=timedelta(seconds=timeout_s))
     )
     return Manager(
         pg=pg,
@@ -203,7 +205,8 @@ def ft_manager(
         load_state_dict=load_state_dict,
         state_dict=state_dict,
         replica_id=f"{job_id}_{os.environ.get('REPLICA_GROUP_ID', '0')}",
-        timeout=timedelta(seconds=10),
+        timeout=timedelta(seconds=timeout_s),
+        quorum_timeout=timedelta(seconds=quorum_timeout_s),
         use_async_quorum=not sync_quorum,
         # every rank starts from the same seed, so no step-0 heal: with it, torchft picks a
         # source group per local rank, and in a group of several ranks some heal (their
@@ -334,6 +337,18 @@ def parse_args() -> argparse.Namespace:
         "pseudo-gradients (diloco) every --sync-every inner steps",
     )
     ap.add_argument(
+        "--collective-timeout-s",
+        type=float,
+        default=10.0,
+        help="with --ft: torchft's collective/commit timeout (the `collective_timeout_s` knob)",
+    )
+    ap.add_argument(
+        "--quorum-timeout-s",
+        type=float,
+        default=10.0,
+        help="with --ft: torchft's quorum timeout (the `quorum_timeout_s` knob)",
+    )
+    ap.add_argument(
         "--sync-every", type=int, default=10, help="inner steps per outer step (localsgd, diloco)"
     )
     args = ap.parse_args()
@@ -405,6 +420,8 @@ def main() -> None:
             job_id=args.job_id,
             use_cuda=use_cuda,
             sync_quorum=args.algo != "ddp",
+            timeout_s=args.collective_timeout_s,
+            quorum_timeout_s=args.quorum_timeout_s,
         )
         groups = int(os.environ.get("NUM_REPLICA_GROUPS", "1"))
         # a replacement group (drain --replace) has a new replica id but its predecessor's place
@@ -431,6 +448,14 @@ def main() -> None:
             "global_batch_size": args.global_batch_size,
             "skip_nonfinite": True,  # a NaN step is zeroed on the device, not applied
             **({"sync_every": args.sync_every} if algo is not None else {}),
+            **(
+                {
+                    "collective_timeout_s": args.collective_timeout_s,
+                    "quorum_timeout_s": args.quorum_timeout_s,
+                }
+                if manager is not None
+                else {}
+            ),
         },
         custom_knobs=custom_knobs,
         max_steps=args.max_steps,
@@ -473,9 +498,15 @@ def main() -> None:
         )
         ckpt.resume(from_scratch=args.from_scratch)  # the Weaver's choice: sets run.start_step
     if manager is not None:
-        from torchloom.integrations.torchft import attach, follow_sync_every, participant_ids
+        from torchloom.integrations.torchft import (
+            attach,
+            follow_sync_every,
+            follow_timeouts,
+            participant_ids,
+        )
 
         attach(run, manager)
+        follow_timeouts(run, manager)
         if algo is not None:
             follow_sync_every(run, algo)
 

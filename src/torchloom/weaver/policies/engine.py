@@ -40,6 +40,7 @@ from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
 from torchloom.weaver.policies.straggler import StragglerPolicy
 from torchloom.weaver.policies.sync_period import SyncPeriodPolicy
+from torchloom.weaver.policies.timeouts import TimeoutPolicy
 from torchloom.weaver.state import RankKey, WeaverState
 
 log = logging.getLogger("torchloom.weaver")
@@ -54,6 +55,7 @@ BUILTIN: tuple[type[Any], ...] = (
     FailurePolicy,
     SyncPeriodPolicy,
     CheckpointIntervalPolicy,
+    TimeoutPolicy,
 )
 
 

@@ -183,9 +183,40 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
     return out
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
+
+
 def _median_sorted(xs: list[float]) -> float:
     n = len(xs)
     return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2.0
+
+
+def impact(job: Job, scores: dict[RankKey, Assessment]) -> float | None:
+    """Samples per second the job loses to its slowest rank: in synchronous training every step
+    waits for it, so were it as fast as its reference the step would be ``busy − reference``
+    shorter: ``lost = rate × (step / (step − extra) − 1)``, with ``rate`` the job's samples per
+    second (the sum over its ranks) and ``step`` the median step time. None without the numbers.
+    """
+    if not scores:
+        return None
+    slow = max(scores.values(), key=lambda a: a.busy_s)
+    extra = slow.busy_s - slow.reference_s
+    live = job.live_ranks()
+    rates = [r.samples_per_s for r in live if r.samples_per_s]
+    steps = sorted(r.step_time_s for r in live if r.step_time_s)
+    if not rates or not steps:
+        return None
+    step = steps[len(steps) // 2]
+    if extra <= 0:
+        return 0.0
+    if step <= extra:
+        return None
+    return sum(rates) * (step / (step - extra) - 1.0)
+
+
+def _impact_text(lost: float | None) -> str:
+    return "" if lost is None else f"; the job loses ~{lost:.0f} samples/s to the slowest"
 
 
 class StragglerPolicy:
@@ -224,7 +255,7 @@ class StragglerPolicy:
             if self.params.mitigation == "rebalance":
                 out += self._rebalance(job, now, scores, flagged)
             else:
-                out += self._flag(job, flagged)
+                out += self._flag(job, flagged, impact(job, scores))
         return out
 
     def _features(self, key: RankKey, a: Assessment) -> dict[str, Any]:
@@ -239,7 +270,9 @@ class StragglerPolicy:
             "individual": round(a.individual, 4),
         }
 
-    def _flag(self, job: Job, flagged: dict[RankKey, Assessment]) -> list[Decision]:
+    def _flag(
+        self, job: Job, flagged: dict[RankKey, Assessment], lost: float | None = None
+    ) -> list[Decision]:
         p = self.params
         out = []
         for key, a in sorted(flagged.items()):
@@ -247,7 +280,7 @@ class StragglerPolicy:
             why = (
                 f"rank {rid}/{key[2]} is a straggler: {a.busy_s * 1000:.1f} ms busy per step, "
                 f"{a.ratio:.2f}× its peers' {a.reference_s * 1000:.1f} ms "
-                f"(slow in {a.slow_fraction:.0%} of the last {p.window_s:g} s)"
+                f"(slow in {a.slow_fraction:.0%} of the last {p.window_s:g} s)" + _impact_text(lost)
             )
             drain = p.mitigation == "drain" and a.slow_for_s >= p.drain_after_s
             out.append(
@@ -261,7 +294,7 @@ class StragglerPolicy:
                     if drain
                     else why,
                     key=f"{self.name}/{job.job_id}/{'drain' if drain else 'alert'}/{rid}",
-                    features=self._features(key, a),
+                    features={**self._features(key, a), "lost_samples_per_s": _round(lost)},
                 )
             )
         return out
@@ -274,8 +307,9 @@ class StragglerPolicy:
         latest = job.config.latest()
         assert latest is not None
         global_batch = latest.values.get("global_batch_size")
+        lost = impact(job, scores)
         if not global_batch:
-            return self._flag(job, flagged) if flagged else []
+            return self._flag(job, flagged, lost) if flagged else []
         groups: dict[str, float] = {}  # replica group → its slowest rank's busy time per step
         for key, a in scores.items():
             groups[key[1]] = max(groups.get(key[1], 0.0), a.busy_s)
@@ -300,6 +334,7 @@ class StragglerPolicy:
         why = (
             (f"straggler(s) {slow}: " if flagged else f"busy times {spread:.2f}× apart: ")
             + f"batch_weights={text} (samples per busy second {', '.join(f'{g}: {t:.0f}' for g, t in sorted(throughput.items()))}; global batch {global_batch} held)"
+            + _impact_text(lost)
         )
         features: dict[str, Any] = {
             "global_batch_size": global_batch,
@@ -308,6 +343,7 @@ class StragglerPolicy:
             "weights_after": {g: round(w, 4) for g, w in sorted(w_new.items())},
             "spread": round(spread, 4),
             "flagged": sorted(f"{k[1]}/{k[2]}" for k in flagged),
+            "lost_samples_per_s": _round(lost),
         }
         return [
             Decision(

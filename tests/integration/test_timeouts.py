@@ -1,0 +1,138 @@
+"""Timeouts that follow the run: a replica group slowed by SIGSTOP duty cycling (stopped 1.5 s
+of every 2 s) outlasts a fixed 1 s collective timeout and the Weaver's 0.8 s heartbeat timeout.
+With the timeouts policy off it is cut off over and over (its peers' steps are not committed,
+the Weaver declares it failed at every stop); with it on, the policy raises the timeouts from
+the measured stalls and silences, the group stays in, and the straggler policy rebalances the
+global batch away from it (with the samples per second the job loses to it)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.helpers import (
+    DutyCycle,
+    Up,
+    cli,
+    history,
+    kill_tree,
+    ranks,
+    start_two_groups,
+    wait_for,
+)
+
+pytest.importorskip("torchft")
+pytestmark = pytest.mark.integration
+
+
+def kinds(events, kind, replica):
+    return [e for e in events if e.kind == kind and e.replica_id == replica]
+
+
+@pytest.mark.parametrize("policy", ["off", "on"])
+def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_path, policy):
+    # the lighthouse keeps a stopped group for 5 s (torchft's default), so what cuts it off is
+    # what this test is about: torchft's collective timeout and the Weaver's heartbeat timeout
+    up = Up(tmp_path / "up", "--lighthouse-heartbeat-timeout-ms", "5000")
+    client = up.client()
+    if policy == "on":
+        r = cli("policy", "enable", "timeouts", url=up.url)
+        assert r.returncode == 0, r.stdout + r.stderr
+    sup, log = start_two_groups(
+        up,
+        tmp_path,
+        100000,
+        *("--global-batch-size", "128", "--collective-timeout-s", "1"),
+        step_delay_ms=10,
+    )
+    cycle = None
+    try:
+        rs = wait_for(
+            lambda: (
+                (x := ranks(client, "ft"))
+                and len(x) == 2
+                and all(r["step"] > 30 and (r["quorum"] or {}).get("participants") == 2 for r in x)
+                and x
+            ),
+            timeout_s=120,
+            what="two groups in one quorum",
+        )
+        slow = next(r for r in rs if r["replica_id"] == "1")
+        cycle = DutyCycle(slow["pid"], stop_s=1.5, run_s=0.5)
+        if policy == "off":
+            events = wait_for(
+                lambda: (
+                    (ev := history(client, "ft"))
+                    and len(kinds(ev, "rank_failed", "1")) >= 3
+                    and len(kinds(ev, "commit_failed", "0")) >= 3
+                    and ev
+                ),
+                timeout_s=120,
+                what="group 1 cut off three times",
+            )
+            assert not [e for e in events if e.kind == "policy_timeouts"]
+            print(
+                f"fixed timeouts: group 1 failed {len(kinds(events, 'rank_failed', '1'))}×, "
+                f"group 0's step not committed {len(kinds(events, 'commit_failed', '0'))}× "
+                f"in {cycle.cycles} stops"
+            )
+            return
+        # (before the stops it may already have moved the 1 s timeout to its 2 s floor)
+        decided = wait_for(
+            lambda: [
+                e
+                for e in history(client, "ft")
+                if e.kind == "policy_timeouts" and e.data["features"]["silence_s"] >= 1.0
+            ],
+            timeout_s=120,
+            what="the timeouts policy to act on the stops",
+        )[0]
+        raised = decided.data["values"]
+        assert raised["collective_timeout_s"] >= 3.0 and raised["failure_timeout_s"] >= 3.0
+        version = decided.data["outcome"]["version"]
+        # from the first quorum formed under the raised timeouts (the process group takes its
+        # timeout when it is reconfigured) on, nothing is cut off, and the straggler policy
+        # moves work away from the slow group
+        applied = wait_for(
+            lambda: [
+                e
+                for e in history(client, "ft")
+                if e.kind == "config_applied" and e.version == version
+            ],
+            timeout_s=60,
+            what="the raised timeouts applied",
+        )[0]
+        rebalanced = wait_for(
+            lambda: [
+                e
+                for e in history(client, "ft")
+                if e.kind == "policy_straggler" and e.data["values"].get("batch_weights")
+            ],
+            timeout_s=180,
+            what="the straggler policy's rebalance",
+        )[-1]
+        # (a stop right after the change may still fail once: the process group takes its
+        # new timeout when it is next reconfigured, at the quorum after that failure)
+        reconfigured = [
+            e
+            for e in history(client, "ft")
+            if e.kind == "quorum_changed" and applied.ts < e.ts < rebalanced.ts
+        ]
+        start_ts = reconfigured[0].ts if reconfigured else applied.ts
+        end_step = max(r["step"] for r in ranks(client, "ft")) + 30
+        wait_for(
+            lambda: min(r["step"] for r in ranks(client, "ft")) >= end_step,
+            timeout_s=120,
+            what="30 more steps",
+        )
+        after = [e for e in history(client, "ft") if e.ts > start_ts]
+        assert not kinds(after, "rank_failed", "1"), kinds(after, "rank_failed", "1")
+        assert not [e for e in after if e.kind == "commit_failed"], after
+        assert rebalanced.data["features"]["weights_after"]["1"] < 1.0
+        assert rebalanced.data["features"]["lost_samples_per_s"] is not None
+        print(f"{decided.message}\n{rebalanced.message}\nstops meanwhile: {cycle.cycles}")
+    finally:
+        if cycle is not None:
+            cycle.end()
+        kill_tree(sup)
+        log.close()
+        up.stop()
