@@ -298,27 +298,44 @@ class TelemetryTap:
 class DutyCycle:
     """Slows a process by stopping it: SIGSTOP for ``stop_s``, SIGCONT for ``run_s``, over and
     over on a background thread (a device that stalls, a host that swaps) until :meth:`end`,
-    which leaves it running."""
+    which leaves it running. ``fine=(stop_s, run_s)``: during each run window, stop it in
+    short bursts too (a throttled device: every step takes longer)."""
 
-    def __init__(self, pid: int, *, stop_s: float, run_s: float) -> None:
+    def __init__(
+        self,
+        pid: int,
+        *,
+        stop_s: float,
+        run_s: float,
+        fine: tuple[float, float] | None = None,
+    ) -> None:
         import threading
 
-        self.pid, self.stop_s, self.run_s = pid, stop_s, run_s
+        self.pid, self.stop_s, self.run_s, self.fine = pid, stop_s, run_s, fine
         self._done = threading.Event()
         self.cycles = 0
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
+    def _stop_for(self, seconds: float) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        self._done.wait(seconds)
+        os.kill(self.pid, signal.SIGCONT)
+
     def _loop(self) -> None:
-        while not self._done.is_set():
-            try:
-                os.kill(self.pid, signal.SIGSTOP)
-                self._done.wait(self.stop_s)
-                os.kill(self.pid, signal.SIGCONT)
-            except ProcessLookupError:
-                return
-            self.cycles += 1
-            self._done.wait(self.run_s)
+        try:
+            while not self._done.is_set():
+                self._stop_for(self.stop_s)
+                self.cycles += 1
+                if self.fine is None:
+                    self._done.wait(self.run_s)
+                    continue
+                until = time.monotonic() + self.run_s
+                while time.monotonic() < until and not self._done.is_set():
+                    self._done.wait(self.fine[1])
+                    self._stop_for(self.fine[0])
+        except ProcessLookupError:
+            return
 
     def end(self) -> None:
         self._done.set()

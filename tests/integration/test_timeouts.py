@@ -1,5 +1,5 @@
 """Timeouts that follow the run: a replica group slowed by SIGSTOP duty cycling (stopped 1.5 s
-of every 2 s) outlasts a fixed 1 s collective timeout and the Weaver's 0.8 s heartbeat timeout.
+of every 2 s, and in short bursts in between) outlasts a fixed 1 s collective timeout and the Weaver's 0.8 s heartbeat timeout.
 With the timeouts policy off it is cut off over and over (its peers' steps are not committed,
 the Weaver declares it failed at every stop); with it on, the policy raises the timeouts from
 the measured stalls and silences, the group stays in, and the straggler policy rebalances the
@@ -57,7 +57,8 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
             what="two groups in one quorum",
         )
         slow = next(r for r in rs if r["replica_id"] == "1")
-        cycle = DutyCycle(slow["pid"], stop_s=1.5, run_s=0.5)
+        # stalls of 1.5 s every 2 s, and in between every step slowed (stopped 20 of every 40 ms)
+        cycle = DutyCycle(slow["pid"], stop_s=1.5, run_s=0.5, fine=(0.02, 0.02))
         if policy == "off":
             events = wait_for(
                 lambda: (
