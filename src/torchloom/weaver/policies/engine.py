@@ -38,6 +38,7 @@ from torchloom.weaver.policies.base import Decision, Policy
 from torchloom.weaver.policies.checkpoint_interval import CheckpointIntervalPolicy
 from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
+from torchloom.weaver.policies.network import NetworkPolicy
 from torchloom.weaver.policies.straggler import StragglerPolicy
 from torchloom.weaver.policies.sync_period import SyncPeriodPolicy
 from torchloom.weaver.policies.timeouts import TimeoutPolicy
@@ -56,12 +57,13 @@ BUILTIN: tuple[type[Any], ...] = (
     SyncPeriodPolicy,
     CheckpointIntervalPolicy,
     TimeoutPolicy,
+    NetworkPolicy,
 )
 
 
 DEFAULT_ENABLED = frozenset({"straggler", "divergence", "failure", "checkpoint"})
-"""On unless settings say otherwise; ``sync_every`` changes the optimisation trade-off, so it
-waits to be enabled."""
+"""On unless settings say otherwise; ``sync_every`` and ``network`` change the optimisation
+trade-off, and ``timeouts`` the failure detection, so they wait to be enabled."""
 
 
 @dataclass(slots=True)
