@@ -134,7 +134,9 @@ def test_leader_weaver_cut_from_the_majority_and_a_nats_server_cut_off(tmp_path,
         hosts[0].cut()
         r = cli("set", "lr=0.01", "--job", "part", "--timeout-s", "30", url=client.nats_url)
         took_s = time.time() - cut_at
-        assert r.returncode == 0 and "v3" in r.stdout, r.stdout + r.stderr
+        assert r.returncode == 0 and "v3" in r.stdout, (
+            r.stdout + r.stderr + "\n".join(e.message for e in history(client, "part"))
+        )
         hosts[0].heal()
         wait_for(lambda: leader.proc.poll() is not None, timeout_s=60,
                  what="the old leader to step down")  # fmt: skip

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import socket
 import subprocess
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torchloom.errors import TorchloomError
@@ -45,6 +48,26 @@ def available() -> str | None:
     return None
 
 
+NETNS_ETC = Path("/etc/netns")
+"""``ip netns exec NS`` bind-mounts the files in ``/etc/netns/NS/`` over those of ``/etc``."""
+
+
+def _name_service(hosts: list[Host], gateway: str) -> None:
+    """Name lookups on the hosts answer at once: every host's name is its address (the
+    machine's is the bridge's), and DNS asks a port nobody listens on (the machine's resolver
+    is not reachable from a namespace; c10d's reverse lookup of every connection otherwise
+    waits out its timeouts)."""
+    names = "".join(f"{h.address} {h.ns}\n" for h in hosts)
+    for h in hosts:
+        etc = NETNS_ETC / h.ns
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        (etc / "hosts").write_text(
+            f"127.0.0.1 localhost\n::1 localhost ip6-localhost\n{gateway} {socket.gethostname()}\n"
+            + names
+        )
+
+
 class Host:
     """One namespace on the bridge. Made by :meth:`Network.add_host`.
 
@@ -53,18 +76,26 @@ class Host:
         ns: its network namespace.
         address: its IPv4 address on the bridge.
         link: the bridge-side end of its veth pair (what :meth:`cut` takes down).
+        inner: the host-side end, the host's network interface (e.g. for ``GLOO_SOCKET_IFNAME``).
     """
 
-    def __init__(self, name: str, ns: str, address: str, link: str) -> None:
+    def __init__(self, name: str, ns: str, address: str, link: str, inner: str = "") -> None:
         self.name = name
         self.ns = ns
         self.address = address
         self.link = link
+        self.inner = inner
 
     @property
     def wrap(self) -> list[str]:
-        """The command prefix that runs a program on this host."""
-        return ["ip", "netns", "exec", self.ns]
+        """The command prefix that runs a program on this host: in its network namespace, and
+        in a UTS namespace of its own where the host name is :attr:`ns` (torchft and c10d
+        advertise ``socket.gethostname()`` to their peers; every host's name resolves to its
+        address on every host)."""
+        return [
+            *("ip", "netns", "exec", self.ns, "unshare", "--uts"),
+            *("sh", "-c", 'hostname "$0" && exec "$@"', self.ns),
+        ]
 
     def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``cmd`` on this host (``subprocess.Popen``'s keyword arguments pass on)."""
@@ -79,16 +110,19 @@ class Host:
         """Bring the link back up."""
         _ip("link", "set", self.link, "up")
 
-    def limit(self, *, rate_mbit: float | None) -> None:
+    def limit(self, *, rate_mbit: float | None, both_ways: bool = False) -> None:
         """Limit what the bridge sends to this host to ``rate_mbit`` Mbit/s (a token-bucket
-        filter on its link); None removes the limit."""
-        subprocess.run(["tc", "qdisc", "del", "dev", self.link, "root"], capture_output=True)
-        if rate_mbit is not None:
-            subprocess.run(
-                ["tc", "qdisc", "add", "dev", self.link, "root", "tbf",
-                 "rate", f"{rate_mbit}mbit", "burst", "32kbit", "latency", "50ms"],
-                check=True, capture_output=True,
-            )  # fmt: skip
+        filter on its link) and, with ``both_ways``, what the host sends too (the same filter
+        on its own end of the link); None removes the limits."""
+        ends = [[], [*self.wrap]] if both_ways or rate_mbit is None else [[]]
+        for prefix, dev in zip(ends, (self.link, self.inner), strict=False):
+            subprocess.run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
+            if rate_mbit is not None:
+                subprocess.run(
+                    [*prefix, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                     "rate", f"{rate_mbit}mbit", "burst", "32kbit", "latency", "50ms"],
+                    check=True, capture_output=True,
+                )  # fmt: skip
 
 
 class Network:
@@ -133,13 +167,15 @@ class Network:
         _ip("-n", ns, "link", "set", inner, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         _ip("-n", ns, "route", "add", "default", "via", self.gateway)
-        host = self.hosts[name] = Host(name, ns, address, link)
+        host = self.hosts[name] = Host(name, ns, address, link, inner)
+        _name_service(list(self.hosts.values()), self.gateway)
         return host
 
     def close(self) -> None:
         for host in self.hosts.values():
             _ip("link", "del", host.link, check=False)
             _ip("netns", "del", host.ns, check=False)
+            shutil.rmtree(NETNS_ETC / host.ns, ignore_errors=True)
         self.hosts.clear()
         _ip("link", "del", self.bridge, check=False)
 

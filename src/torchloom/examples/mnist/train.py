@@ -660,6 +660,8 @@ def main() -> None:
                     "lr": base_opt.param_groups[0]["lr"],
                     "optimizer": base_opt.kind,
                     "grad_compression": compression.codec,
+                    "comm_bytes": dict(run.shared.comm_totals),
+                    "steps_run": run.shared.steps_run,
                     "batch_size": run["batch_size"],
                     "sync_every": run.config.get("sync_every"),
                     "data_cursor": loader.stream.cursor,
