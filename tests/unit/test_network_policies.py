@@ -66,20 +66,33 @@ def test_comm_bound_steps_up_the_ladder_and_free_links_are_left_alone():
     assert pol.decide(now, waiting) == []
 
 
-def test_a_codec_in_force_is_probed_down_when_comm_is_cheap_and_dropped_when_loss_rises():
+def test_a_codec_steps_down_when_the_link_has_room_or_after_a_probe_interval():
     pol = NetworkPolicy(NetworkParams(probe_every_s=30.0))
-    s = codec_state("powersgd:4", journal_ts=0.0)
-    now, _ = run(s, 0.0, 3.0, comm=0.001, sent=5e4)
-    assert pol.decide(now, s) == []  # in force for 3 s only
-    now, _ = run(s, 40.0, 3.0, comm=0.001, sent=5e4)
-    (d,) = pol.decide(now, s)
-    assert d.values == {"grad_compression": "bf16"} and "probing" in d.reason
+    busy = codec_state("powersgd:4")  # 50 kB in 10 ms: bf16's 500 kB could take 100 ms
+    now, _ = run(busy, 0.0, 3.0, comm=0.01, sent=5e4)
+    assert pol.decide(now, busy) == []
+    roomy = codec_state("powersgd:4")  # 50 kB in 1 ms: bf16 would take at most 10 ms of 30
+    now, _ = run(roomy, 0.0, 3.0, comm=0.001, sent=5e4)
+    (d,) = pol.decide(now, roomy)
+    assert d.values == {"grad_compression": "bf16"} and "the link has room" in d.reason
+    # no bound from topk to powersgd (shapes unknown): a probe, after probe_every_s
+    probe = NetworkPolicy(NetworkParams(ladder="none,powersgd:4,topk:0.001", probe_every_s=30.0))
+    s = codec_state("topk:0.001", journal_ts=0.0)
+    now, _ = run(s, 0.0, 3.0, comm=0.001, sent=2e3)
+    assert probe.decide(now, s) == []  # in force for 3 s only
+    now, _ = run(s, 40.0, 3.0, comm=0.001, sent=2e3)
+    (d,) = probe.decide(now, s)
+    assert d.values == {"grad_compression": "powersgd:4"} and "probing" in d.reason
+
+
+def test_a_loss_that_rises_after_a_switch_sends_the_codec_back_to_none():
+    pol = NetworkPolicy(NetworkParams())
     worse = codec_state("bf16")
     job = worse.jobs[JOB]
     for rid in ("0", "1"):  # losses before the switch (steps < 0 are before step 0)
         w = job.ranks[(JOB, rid, 0)].window
         w.losses.extend((step, 0.5) for step in range(-40, 0))
-    now, _ = run(worse, 0.0, 3.0, comm=0.01, sent=5e5, loss=0.9)
+    now, _ = run(worse, 0.0, 3.0, comm=0.05, sent=5e5, loss=0.9)
     (d,) = pol.decide(now, worse)
     assert d.values == {"grad_compression": "none"} and "loss" in d.reason
     now, _ = run(worse, now, 3.0, comm=0.08, sent=1e6, loss=0.5, step0=100)

@@ -9,10 +9,12 @@ The ranks report per step the time they spend in the gradient exchange (``comm``
 - **comm dominates** (``comm / (busy + comm) > high_comm_frac``) and the exchange is
   bandwidth-bound (it moves under ``max_link_mbit``: ``sent / comm``), the policy steps one
   codec up the ``ladder`` (stronger compression);
-- **comm is cheap** (``< low_comm_frac``) under a codec: after ``probe_every_s`` it steps one
-  codec down (a probe: the link may have recovered; if comm dominates again the step up
-  follows within ``cooldown_s``) — a measured answer instead of a bandwidth model that the
-  latency of small messages would fool;
+- **the link has room**: under a codec, the next weaker one would send ``k×`` the bytes; if
+  even ``k ×`` the exchange time measured now (every second of it spent on bytes: an upper
+  bound) stays under ``high_comm_frac``, it steps one codec down at once (a recovered link);
+- **comm is cheap** (``< low_comm_frac``) under a codec where no such bound exists: after
+  ``probe_every_s`` it steps one codec down (a probe; if comm dominates again the step up
+  follows within ``cooldown_s``);
 - **the loss degrades**: the median loss since the switch above the median before it by more
   than ``loss_tolerance`` (relative) sends the job back to ``none`` and holds it there for
   ``hold_s`` (compression slows convergence per step; Vogels et al. 2019 report parity at
@@ -61,7 +63,7 @@ class NetworkParams(msgspec.Struct, kw_only=True):
     max_link_mbit: float = 2000.0
     window_s: float = 5.0
     min_samples: int = 3
-    probe_every_s: float = 30.0
+    probe_every_s: float = 60.0
     loss_tolerance: float = 0.25
     hold_s: float = 120.0
     cooldown_s: float = 8.0
@@ -230,6 +232,22 @@ class NetworkPolicy:
         ):
             new = self.ladder[1 if rung is None else rung + 1]
             return self._decision(job, codec, new, measured, features)
+        if codec != "none" and rung is not None and m.dense_bytes > 0:
+            weaker = self.ladder[rung - 1]
+            ratio = weaker_ratio(codec, weaker, m.sent_bytes / m.dense_bytes)
+            if ratio is not None and m.sent_bytes > 0:
+                comm = m.comm_s * ratio * m.dense_bytes / m.sent_bytes  # as if all bandwidth
+                frac = comm / (m.busy_s + comm)
+                if frac < p.high_comm_frac:
+                    features["predicted_comm_frac"] = round(frac, 4)
+                    return self._decision(
+                        job,
+                        codec,
+                        weaker,
+                        f"{measured}; {weaker} would take at most {frac:.0%} "
+                        f"(under {p.high_comm_frac:.0%}): the link has room",
+                        features,
+                    )
         in_force_s = now - since_ts
         if (
             codec != "none"
@@ -247,6 +265,23 @@ class NetworkPolicy:
                 features,
             )
         return None
+
+
+def weaker_ratio(codec: str, weaker: str, measured: float) -> float | None:
+    """An upper bound of the bytes ``weaker`` sends over the dense bytes, from ``measured``
+    (what ``codec`` sends over them), or None where there is no safe bound (then the policy
+    probes): ``none`` 1, ``bf16``/``fp16`` ½, ``topk:F`` 2F, ``powersgd:R`` from
+    ``powersgd:R'`` ``measured × R / R'`` (the matrices scale with the rank, vectors do not)."""
+    w, c = parse_codec(weaker), parse_codec(codec)
+    if w.kind == "none":
+        return 1.0
+    if w.kind in ("bf16", "fp16"):
+        return 0.5
+    if w.kind == "topk":
+        return min(1.0, 2.0 * w.fraction)
+    if w.kind == "powersgd" and c.kind == "powersgd" and c.rank > 0:
+        return min(1.0, measured * w.rank / c.rank)
+    return None
 
 
 def _codec_since(job: Job, in_force: int, issued_ts: float) -> tuple[int, float]:
