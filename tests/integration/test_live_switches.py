@@ -28,12 +28,19 @@ pytestmark = pytest.mark.integration
 SWITCHES = (
     ("grad_compression=bf16",),
     ("grad_compression=powersgd:2",),
+    ("grad_compression=topk:0.05",),
     ("optimizer=adamw", "lr=0.001"),
     ("optimizer=lion", "lr=0.0001"),
 )
-EXPECTED_RATIO = {"none": (1.0, 1.0), "bf16": (0.5, 0.5), "powersgd:2": (0.0, 0.35)}
+EXPECTED_RATIO = {
+    "none": (1.0, 1.0),
+    "bf16": (0.5, 0.5),
+    "powersgd:2": (0.0, 0.35),
+    "topk:0.05": (0.1, 0.101),
+}
 """Bytes sent over bytes a float32 allreduce would send, per codec (PowerSGD: rank 2 of the
-CNN's matrices, its biases uncompressed)."""
+CNN's matrices, its biases uncompressed; Top-K: a value and an index, 8 bytes, for 5 % of the
+elements, rounded up per bucket)."""
 
 
 def _live(client: Any, job: str, n: int, min_step: int) -> list[dict[str, Any]] | None:
@@ -86,7 +93,14 @@ def _steer(url: str, client: Any, job: str, n: int) -> tuple[list[int], int]:
 
 
 def _check(
-    client: Any, tap: TelemetryTap, tmp_path: Any, job: str, effs: list[int], pause_step: int
+    client: Any,
+    tap: TelemetryTap,
+    tmp_path: Any,
+    job: str,
+    effs: list[int],
+    pause_step: int,
+    *,
+    groups: int,
 ) -> None:
     s = summaries(tmp_path)
     assert len(s) == 2 and len({x["params_sha256"] for x in s}) == 1, s
@@ -109,7 +123,7 @@ def _check(
         for p in m.points:
             if "weights_sum" in p.values:
                 sums[p.step][f"{m.replica_id}/{m.rank}"] = p.values["weights_sum"]
-            if p.values.get("participants", 2) != 2 or p.values.get("committed", 1) != 1:
+            if p.values.get("participants", groups) != groups or not p.values.get("committed", 1):
                 alone.add(p.step)
     both = {step: v for step, v in sums.items() if len(v) == 2 and step not in alone}
     assert len(both) >= 100, len(both)
@@ -124,6 +138,7 @@ def _check(
         ("none", 0, effs[0]),
         ("bf16", effs[0], effs[1]),
         ("powersgd:2", effs[1] + 2, effs[2]),
+        ("topk:0.05", effs[2], effs[3]),
     ]
     by_rank: dict[tuple[str, int], list[Any]] = defaultdict(list)
     for m in list(tap.messages):
@@ -157,7 +172,7 @@ def test_codec_and_optimizer_switch_live_on_two_ddp_ranks(tmp_path, up):
     finally:
         kill_tree(proc)
     tap.wait_final_flush(("0", 0), ("0", 1))
-    _check(client, tap, tmp_path, "mnist", effs, pause_step)
+    _check(client, tap, tmp_path, "mnist", effs, pause_step, groups=1)
 
 
 def test_codec_and_optimizer_switch_live_on_two_torchft_groups(tmp_path, up):
@@ -173,7 +188,7 @@ def test_codec_and_optimizer_switch_live_on_two_torchft_groups(tmp_path, up):
         kill_tree(sup)
         log.close()
     tap.wait_final_flush(("0", 0), ("1", 0))
-    _check(client, tap, tmp_path, "ft", effs, pause_step)
+    _check(client, tap, tmp_path, "ft", effs, pause_step, groups=2)
     assert "restarted" not in (tmp_path / "run.log").read_text()
     print(json.dumps([x["ft_step"] for x in summaries(tmp_path)]))
 

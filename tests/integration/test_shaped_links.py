@@ -51,8 +51,7 @@ def test_a_limited_link_slows_the_groups_and_powersgd_wins_the_speed_back(tmp_pa
                 lambda: (
                     len(rs := client.status("shaped")["jobs"][0]["ranks"]) == 2
                     and all(
-                        r["step"] >= 20 and (r["quorum"] or {}).get("participants") == 2
-                        for r in rs
+                        r["step"] >= 20 and (r["quorum"] or {}).get("participants") == 2 for r in rs
                     )
                 ),
                 timeout_s=180,
@@ -78,8 +77,12 @@ def test_a_limited_link_slows_the_groups_and_powersgd_wins_the_speed_back(tmp_pa
                 timeout_s=120,
                 what="both groups' summaries",
             )
-    print(f"steps/s: free {free:.1f}, 10 Mbit/s {limited:.1f}, 10 Mbit/s powersgd:4 {compressed:.1f}")
+    print(
+        f"steps/s: free {free:.1f}, 10 Mbit/s {limited:.1f}, 10 Mbit/s powersgd:4 {compressed:.1f}"
+    )
     assert limited < free / 2  # the link is what the groups' gradients cross
     assert compressed > 2 * limited  # a tenth of the bytes
     out = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
-    assert len({o["params_sha256"] for o in out}) == 1 and out[0]["grad_compression"] == "powersgd:4"
+    assert (
+        len({o["params_sha256"] for o in out}) == 1 and out[0]["grad_compression"] == "powersgd:4"
+    )

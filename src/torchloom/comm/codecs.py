@@ -255,7 +255,9 @@ class TopKCodec(Codec):
         return out
 
     def across(self, grads: list[torch.Tensor], manager: Any, count: Count) -> None:
-        from torch.distributed import AllgatherOptions  # type: ignore[attr-defined]
+        from torch.distributed.distributed_c10d import (  # type: ignore[attr-defined]
+            AllgatherOptions,
+        )
 
         flat = _flat(grads)
         payload, k = self._select(0, flat)
