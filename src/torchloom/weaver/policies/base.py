@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -100,6 +100,12 @@ class Policy(Protocol):
     params: Any
 
     def decide(self, now: float, state: Any) -> list[Decision]: ...
+
+
+def per_job(state: Any, decide_job: Callable[[Any], Decision | None]) -> list[Decision]:
+    """``decide_job(job)`` for every job of ``state``, the decisions it made (policies that
+    decide one job at a time)."""
+    return [d for job in state.jobs.values() if (d := decide_job(job)) is not None]
 
 
 def median(xs: Sequence[float]) -> float:

@@ -23,7 +23,7 @@ import math
 
 import msgspec
 
-from torchloom.weaver.policies.base import Decision, median
+from torchloom.weaver.policies.base import Decision, median, per_job
 from torchloom.weaver.state import Job, WeaverState
 
 
@@ -69,12 +69,7 @@ class CheckpointIntervalPolicy:
         self.params = params
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
-        out = []
-        for job in state.jobs.values():
-            d = self._job(now, job)
-            if d is not None:
-                out.append(d)
-        return out
+        return per_job(state, lambda job: self._job(now, job))
 
     def _job(self, now: float, job: Job) -> Decision | None:
         p = self.params

@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from torchloom.protocol.compression import parse_codec
-from torchloom.weaver.policies.base import Decision, median
+from torchloom.weaver.policies.base import Decision, median, per_job
 from torchloom.weaver.state import Job, WeaverState
 
 
@@ -164,12 +164,7 @@ class NetworkPolicy:
         self._hold_until: dict[str, float] = {}
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
-        out = []
-        for job in state.jobs.values():
-            d = self._job(now, state, job)
-            if d is not None:
-                out.append(d)
-        return out
+        return per_job(state, lambda job: self._job(now, state, job))
 
     def _decision(
         self, job: Job, codec: str, new: str, why: str, features: dict[str, Any]

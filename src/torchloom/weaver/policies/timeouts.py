@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from torchloom.weaver.policies.base import Decision
+from torchloom.weaver.policies.base import Decision, per_job
 from torchloom.weaver.state import Job, LivenessConfig, WeaverState
 
 
@@ -117,12 +117,7 @@ class TimeoutPolicy:
         self.params = params
 
     def decide(self, now: float, state: WeaverState) -> list[Decision]:
-        out = []
-        for job in state.jobs.values():
-            d = self._job(now, state, job)
-            if d is not None:
-                out.append(d)
-        return out
+        return per_job(state, lambda job: self._job(now, state, job))
 
     def proposals(
         self, job: Job, values: dict[str, Any], weaver: LivenessConfig, stall: float, silence: float
