@@ -8,7 +8,7 @@ for ``--free-s`` seconds, then stopped; samples per second in each phase (from t
 steps the Weaver sees, × the global batch of 128), bytes per step per rank (the ranks' own
 count) and the test accuracy at the end — side by side, and the policy against ``none``.
 
-    sudo python bench/network.py [--rate-mbit 20] [--limited-s 45] [--free-s 45]
+    sudo python bench/network.py [--rate-mbit 20] [--limited-s 45] [--free-s 60]
         [--codecs none,bf16,powersgd:4,topk:0.01]
 
 Needs root (network namespaces, tc) and the torchft extra. CPU only: both groups share this
@@ -99,7 +99,9 @@ def one_run(
         wait(
             lambda: (
                 len(rs := ranks(client, job)) == 2
-                and all(r["step"] >= 20 and (r["quorum"] or {}).get("participants") == 2 for r in rs)
+                and all(
+                    r["step"] >= 20 and (r["quorum"] or {}).get("participants") == 2 for r in rs
+                )
             ),
             180,
             "both groups in one quorum",
@@ -140,7 +142,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rate-mbit", type=float, default=20.0)
     ap.add_argument("--limited-s", type=float, default=45.0)
-    ap.add_argument("--free-s", type=float, default=45.0)
+    ap.add_argument("--free-s", type=float, default=60.0)
     ap.add_argument("--codecs", default="none,bf16,powersgd:4,topk:0.01")
     ap.add_argument("--no-policy", action="store_true", help="leave out the policy's run")
     args = ap.parse_args()

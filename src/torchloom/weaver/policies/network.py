@@ -12,9 +12,12 @@ The ranks report per step the time they spend in the gradient exchange (``comm``
 - **the link has room**: under a codec, the next weaker one would send ``k×`` the bytes; if
   even ``k ×`` the exchange time measured now (every second of it spent on bytes: an upper
   bound) stays under ``high_comm_frac``, it steps one codec down at once (a recovered link);
-- **comm is cheap** (``< low_comm_frac``) under a codec where no such bound exists: after
-  ``probe_every_s`` it steps one codec down (a probe; if comm dominates again the step up
-  follows within ``cooldown_s``);
+- **a probe**: under a codec for ``probe_every_s`` with the exchange no longer dominating
+  (``< high_comm_frac``), it steps one codec down even without that bound — with small
+  messages the exchange time is latency and waiting, which says nothing of the link's
+  bandwidth, so a recovered link shows only by sending more; if the exchange dominates again
+  the step back up follows within ``cooldown_s`` (on a link that stays limited a probe costs
+  about ``cooldown_s`` at the weaker codec every ``probe_every_s``);
 - **the loss degrades**: the median loss since the switch above the median before it by more
   than ``loss_tolerance`` (relative) sends the job back to ``none`` and holds it there for
   ``hold_s`` (compression slows convergence per step; Vogels et al. 2019 report parity at
@@ -44,13 +47,12 @@ class NetworkParams(msgspec.Struct, kw_only=True):
     Attributes:
         ladder: codecs from the weakest (``none``) to the strongest, comma-separated.
         high_comm_frac: step up when the exchange takes more than this share of a step.
-        low_comm_frac: below this share, probe one codec down after ``probe_every_s``.
         max_link_mbit: step up only when the exchange moves under this rate (megabits per
             second of exchange time, ``8 × sent / comm``): above it the time is latency or
             waiting for peers, which compression does not shorten.
         window_s: the recent past measured (seconds).
         min_samples: flushes with timings needed per rank.
-        probe_every_s: how long a codec stays before a probe down (seconds).
+        probe_every_s: how long a codec stays before a probe one step down (seconds).
         loss_tolerance: relative rise of the median loss after a switch that sends it back
             to ``none``.
         hold_s: after a loss-driven return to ``none``, no compression for this long (s).
@@ -59,11 +61,10 @@ class NetworkParams(msgspec.Struct, kw_only=True):
 
     ladder: str = "none,bf16,powersgd:4,powersgd:1"
     high_comm_frac: float = 0.35
-    low_comm_frac: float = 0.12
     max_link_mbit: float = 2000.0
     window_s: float = 5.0
     min_samples: int = 3
-    probe_every_s: float = 60.0
+    probe_every_s: float = 20.0
     loss_tolerance: float = 0.25
     hold_s: float = 120.0
     cooldown_s: float = 8.0
@@ -75,8 +76,8 @@ def check(p: NetworkParams) -> None:
         parse_codec(c)  # ValueError names the bad one
     if codecs[0] != "none" or len(codecs) < 2 or len(set(codecs)) != len(codecs):
         raise ValueError("ladder: none first, then at least one other codec, none twice")
-    if not 0.0 < p.low_comm_frac < p.high_comm_frac < 1.0:
-        raise ValueError("0 < low_comm_frac < high_comm_frac < 1")
+    if not 0.0 < p.high_comm_frac < 1.0:
+        raise ValueError("high_comm_frac in (0, 1)")
     if p.window_s <= 0 or p.min_samples < 1 or p.loss_tolerance <= 0 or p.max_link_mbit <= 0:
         raise ValueError("window_s, loss_tolerance, max_link_mbit > 0; min_samples >= 1")
 
@@ -246,7 +247,7 @@ class NetworkPolicy:
         in_force_s = now - since_ts
         if (
             codec != "none"
-            and m.comm_frac < p.low_comm_frac
+            and m.comm_frac < p.high_comm_frac
             and in_force_s >= p.probe_every_s
             and rung is not None
         ):
