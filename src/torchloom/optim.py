@@ -40,6 +40,7 @@ loads it in place into a fresh optimizer of any kind, and the loader takes the s
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -93,7 +94,9 @@ class SwitchableOptimizer:
         }
         self.kind = ""
         self.inner: list[torch.optim.Optimizer] = []
-        self._post_hooks: dict[int, Callable[..., None]] = {}
+        # OrderedDicts: torch's RemovableHandle keeps a weak reference to the hooks' dict
+        self._pre_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
+        self._post_hooks: OrderedDict[int, Callable[..., Any]] = OrderedDict()
         self._build(kind)
 
     # ---- what a torch optimizer offers --------------------------------------------
@@ -107,12 +110,21 @@ class SwitchableOptimizer:
         return {p: s for opt in self.inner for p, s in opt.state.items()}
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:
+        for hook in list(self._pre_hooks.values()):
+            hook(self, (), {})
         for opt in self.inner:
             opt.step()
         for hook in list(self._post_hooks.values()):
             hook(self, (), {})
 
-    def register_step_post_hook(self, hook: Callable[..., None]) -> RemovableHandle:
+    def register_step_pre_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
+        """``hook(optimizer, args, kwargs)`` before every :meth:`step`, whatever the kind in
+        force (torchft's LocalSGD and DiLoCo register one and a post-hook)."""
+        handle = RemovableHandle(self._pre_hooks)
+        self._pre_hooks[handle.id] = hook
+        return handle
+
+    def register_step_post_hook(self, hook: Callable[..., Any]) -> RemovableHandle:
         """``hook(optimizer, args, kwargs)`` after every :meth:`step`, whatever the kind in
         force (torchft's LocalSGD and DiLoCo count inner steps with one)."""
         handle = RemovableHandle(self._post_hooks)

@@ -106,6 +106,26 @@ def test_knobs_reach_every_param_group_after_a_switch():
     assert all(g["momentum"] == 0.9 and g["weight_decay"] == 0.01 for g in opt.param_groups)
 
 
+def test_step_hooks_run_around_every_step_whatever_the_kind_and_can_be_removed():
+    m, x, y = model_and_grads()
+    opt = SwitchableOptimizer(m, kind="sgd", lr=0.01)
+    seen = []
+    pre = opt.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o.kind)))
+    opt.register_step_post_hook(lambda o, a, k: seen.append(("post", o.kind)))
+    train(m, opt, x, y, 1)
+    opt.switch("lion")  # torchft's LocalSGD/DiLoCo register once and count every inner step
+    train(m, opt, x, y, 1)
+    pre.remove()
+    train(m, opt, x, y, 1)
+    assert seen == [
+        ("pre", "sgd"),
+        ("post", "sgd"),
+        ("pre", "lion"),
+        ("post", "lion"),
+        ("post", "lion"),
+    ]
+
+
 def test_the_checkpoint_shape_does_not_depend_on_the_kind_and_loads_exactly():
     m, x, y = model_and_grads()
     opt = SwitchableOptimizer(m, kind="adamw", lr=0.01)
