@@ -423,7 +423,7 @@ def _change(job: Job, req: ControlRequest, now: float, settings: ControlSettings
             job,
             version=version,
             step=eff,
-            values=record_values if req.op == "set" else values,
+            values=record_values,
             writers=writers,
             requested_by=req.requested_by,
             reason=req.reason,
