@@ -47,11 +47,9 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from torchloom.protocol.compression import OPTIMIZERS
+from torchloom.protocol.compression import OPTIMIZER_KNOBS, OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "SwitchableOptimizer"]
-
-_HYPER = ("lr", "momentum", "beta2", "weight_decay")
 
 
 class SwitchableOptimizer:
@@ -141,7 +139,7 @@ class SwitchableOptimizer:
         """Set ``lr``, ``momentum``, ``beta2``, ``weight_decay`` (None: unchanged) on every
         param group of the kind in force."""
         for name, value in values.items():
-            if name in _HYPER and value is not None:
+            if name in OPTIMIZER_KNOBS and value is not None:
                 self.hyper[name] = float(value)
         h = self.hyper
         for opt in self.inner:

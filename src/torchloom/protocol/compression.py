@@ -32,6 +32,9 @@ and ``topk:F`` (F a decimal fraction in (0, 1), e.g. ``0.01``)."""
 OPTIMIZERS = ("sgd", "adamw", "lion", "muon")
 """What the ``optimizer`` knob accepts (see :mod:`torchloom.optim`)."""
 
+OPTIMIZER_KNOBS = ("lr", "momentum", "beta2", "weight_decay")
+"""The optimizer's hyperparameter knobs: a rebuilt optimizer takes them all."""
+
 
 @dataclass(frozen=True, slots=True)
 class Codec:

@@ -33,6 +33,7 @@ from torchloom.protocol import (
     select_snapshot,
 )
 from torchloom.protocol.batching import BatchPlan, plan_step
+from torchloom.protocol.compression import OPTIMIZER_KNOBS
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import CheckpointOrder, RankState, RollbackOrder
 from torchloom.threadlet.agent import Agent
@@ -49,7 +50,6 @@ RollbackHandler = Callable[[RollbackOrder], int]
 """``callback(config, changed)``: the full config now in force, and the knobs that changed."""
 
 _NEVER = 1 << 62
-_HYPER = ("lr", "momentum", "beta2", "weight_decay")
 
 
 class Run:
@@ -351,7 +351,7 @@ class Run:
                 if changed.get("optimizer") is not None:
                     switch(changed["optimizer"])
                     changed = config  # a rebuilt optimizer takes every knob
-                target.set_hyper(**{k: config.get(k) for k in _HYPER if k in changed})
+                target.set_hyper(**{k: config.get(k) for k in OPTIMIZER_KNOBS if k in changed})
                 return
             for group in optimizer.param_groups:
                 if "lr" in changed and config.get("lr") is not None:

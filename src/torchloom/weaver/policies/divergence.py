@@ -34,6 +34,7 @@ from typing import Any
 import msgspec
 
 from torchloom.protocol import DesiredConfig
+from torchloom.protocol.compression import OPTIMIZER_KNOBS
 from torchloom.weaver.policies.base import Decision, mad, median
 from torchloom.weaver.state import Job, Rank, RankKey, WeaverState
 
@@ -306,7 +307,7 @@ class DivergencePolicy:
 
 SWITCHES = frozenset({"optimizer", "grad_compression"})
 """Knobs whose change should not move the loss: a spike after one is the switch's fault."""
-CARRIED = SWITCHES | {"lr", "momentum", "beta2", "weight_decay"}
+CARRIED = SWITCHES | set(OPTIMIZER_KNOBS)
 """Knobs a switch may change with it (a new optimizer comes with its own lr)."""
 
 
