@@ -8,9 +8,11 @@ inside this replica group) and torchft's launchers set ``REPLICA_GROUP_ID``.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +25,26 @@ class Identity:
     pid: int
     device: str
     resuming: bool = False
+
+
+def default_job_id(argv0: str | None = None) -> str:
+    """The job id when a script gives none: ``$TORCHLOOM_JOB`` when set, else the script's name.
+
+    The script's name is the file name of ``sys.argv[0]`` without its suffix (``train_lm.py``
+    → ``train_lm``; a package run with ``python -m pkg`` → ``__main__``'s package ``pkg``),
+    with characters outside ``[A-Za-z0-9_-]`` turned into ``-`` and cut to 64; ``python``
+    when there is no script (an interactive session, ``python -c``). So one script runs as
+    different jobs with ``TORCHLOOM_JOB=a python train.py`` and no edit.
+    """
+    env = os.environ.get("TORCHLOOM_JOB")
+    if env:
+        return env
+    arg = sys.argv[0] if argv0 is None and sys.argv else (argv0 or "")
+    path = Path(arg)
+    name = path.parent.name if path.name == "__main__.py" else path.stem
+    if arg in ("", "-c", "-m") or not name:
+        name = "python"
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:64]
 
 
 def _env_int(*names: str, default: int) -> int:
