@@ -299,7 +299,9 @@ class DutyCycle:
     """Slows a process by stopping it: SIGSTOP for ``stop_s``, SIGCONT for ``run_s``, over and
     over on a background thread (a device that stalls, a host that swaps) until :meth:`end`,
     which leaves it running. ``fine=(stop_s, run_s)``: during each run window, stop it in
-    short bursts too (a throttled device: every step takes longer)."""
+    short bursts too (a throttled device: every step takes longer). ``follow``: when the
+    process is gone, ask it for the pid of its replacement (a restarted replica group: the
+    same slow host) and go on with that one; None: stop there."""
 
     def __init__(
         self,
@@ -308,12 +310,15 @@ class DutyCycle:
         stop_s: float,
         run_s: float,
         fine: tuple[float, float] | None = None,
+        follow: Callable[[], int | None] | None = None,
     ) -> None:
         import threading
 
         self.pid, self.stop_s, self.run_s, self.fine = pid, stop_s, run_s, fine
+        self.follow = follow
         self._done = threading.Event()
         self.cycles = 0
+        self.pids = [pid]
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
@@ -322,20 +327,38 @@ class DutyCycle:
         self._done.wait(seconds)
         os.kill(self.pid, signal.SIGCONT)
 
-    def _loop(self) -> None:
-        try:
-            while not self._done.is_set():
-                self._stop_for(self.stop_s)
-                self.cycles += 1
-                if self.fine is None:
-                    self._done.wait(self.run_s)
-                    continue
-                until = time.monotonic() + self.run_s
-                while time.monotonic() < until and not self._done.is_set():
-                    self._done.wait(self.fine[1])
-                    self._stop_for(self.fine[0])
-        except ProcessLookupError:
+    def _cycle(self) -> None:
+        self._stop_for(self.stop_s)
+        self.cycles += 1
+        if self.fine is None:
+            self._done.wait(self.run_s)
             return
+        until = time.monotonic() + self.run_s
+        while time.monotonic() < until and not self._done.is_set():
+            self._done.wait(self.fine[1])
+            self._stop_for(self.fine[0])
+
+    def _replacement(self) -> int | None:
+        while self.follow is not None and not self._done.is_set():
+            try:
+                pid = self.follow()
+            except Exception:  # the Weaver may not answer for a moment
+                pid = None
+            if pid and pid != self.pid and pid_alive(pid):
+                return pid
+            self._done.wait(0.2)
+        return None
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            try:
+                self._cycle()
+            except ProcessLookupError:
+                pid = self._replacement()
+                if pid is None:
+                    return
+                self.pid = pid
+                self.pids.append(pid)
 
     def end(self) -> None:
         self._done.set()

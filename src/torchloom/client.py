@@ -48,11 +48,12 @@ def resolve_creds(state_dir: Path | None = None) -> Credentials | None:
     return load_credentials(Path(path)) if isinstance(path, str) else None
 
 
-def who() -> str:
+def who(role: str = "cli") -> str:
+    """Who asks: ``<role>:<user>@<host>`` (``role`` alone when those are unknown)."""
     try:
-        return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        return f"{role}:{getpass.getuser()}@{socket.gethostname()}"
     except Exception:
-        return "cli"
+        return role
 
 
 class WeaverClient:

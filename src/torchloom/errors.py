@@ -155,6 +155,19 @@ class CheckpointCorruptError(TorchloomError):
     code = "checkpoint_corrupt"
 
 
+class NothingFitsError(TorchloomError):
+    """The batch-size finder's smallest size does not fit in memory."""
+
+    code = "nothing_fits"
+
+
+class MemoryBudgetError(TorchloomError):
+    """A micro-batch's measured peak memory is above the ``max_memory_gb`` budget (on a CPU,
+    where no allocator enforces it; :class:`torchloom.memory.MemoryGuard` retries the step)."""
+
+    code = "memory_budget"
+
+
 ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
     cls.code: cls
     for cls in (
@@ -172,6 +185,8 @@ ERRORS_BY_CODE: dict[str, type[TorchloomError]] = {
         PortInUseError,
         AlreadyRunningError,
         CheckpointCorruptError,
+        NothingFitsError,
+        MemoryBudgetError,
     )
 }
 

@@ -95,12 +95,15 @@ class DashboardConfig:
         host: interface it binds (loopback by default).
         token: bearer token for the page and API; required off loopback (made for the state
             dir when the stack is secure).
+        samplers: job id → the playground's sampler for it (``FILE.py:FUNC``,
+            :mod:`torchloom.playground`); imports go to ``<state dir>/imports``.
     """
 
     port: int = DEFAULT_UI_PORT
     port_fallback: bool = False
     host: str = "127.0.0.1"
     token: str | None = None
+    samplers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -314,6 +317,7 @@ class Stack:
             if ui is not None:
                 # FastAPI is imported only where the dashboard is served
                 from torchloom.weaver.web import Dashboard
+                from torchloom.weaver.web.playground import Playground
 
                 sd = self.secure_dir
                 cert, key = (sd.cert_file, sd.key_file) if sd else (None, None)
@@ -326,6 +330,10 @@ class Stack:
                             token=self.ui_token,
                             tls_cert=cert,
                             tls_key=key,
+                            playground=Playground(
+                                samplers=dict(ui.samplers),
+                                imports_dir=cfg.state_dir / "imports",
+                            ),
                         )
                         break
                     except PortInUseError:

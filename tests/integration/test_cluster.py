@@ -16,7 +16,7 @@ from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, wait
 from torchloom.client import WeaverClient
 from torchloom.nats_server import NatsCluster
 from torchloom.protocol import names
-from torchloom.transport import KeyValue, connect, ensure_jetstream
+from torchloom.transport import History, KeyValue, connect, ensure_jetstream
 
 pytestmark = pytest.mark.integration
 
@@ -152,3 +152,51 @@ def test_streams_made_with_one_replica_are_scaled_up_and_keep_their_data(cluster
     assert set(first.values()) == {"created R1"}
     assert set(again.values()) == {"scaled R1 → R3"}
     assert replicas == 3 and value == b"v1"
+
+
+def test_a_history_read_right_after_a_server_restarts_has_every_event(cluster):
+    """A read's consumer may be placed on a replica still catching up after its restart, whose
+    own count of events still to come says 0 (seen: 0 of 200 events, and [1, 2] of four
+    versions after a healed partition). The read goes on until it has every event the
+    stream's leader held when it began."""
+    per_round, reads = 200, 8
+
+    async def scenario() -> list[tuple[int, int]]:
+        # (reconnects to another server when its own is killed)
+        conn = await connect(cluster.url, name="test-lagging-read", retry_forever=True)
+        short: list[tuple[int, int]] = []
+        try:
+            await ensure_jetstream(conn)
+            js = conn.client.jetstream(timeout=5.0)
+            writer = History(conn)
+            subject = names.history_subject("lag", "x")
+            n = 0
+            for i, server in enumerate(cluster.servers, 1):  # each in turn misses 200 events
+                server.kill()
+                while n < i * per_round:
+                    # (a killed leader: the cluster elects another, the append is resent)
+                    if await writer.append_many([(subject, b"e%d" % n, f"lag-{n}")]) == 1:
+                        n += 1
+                    else:
+                        await asyncio.sleep(0.2)
+                server.start()
+                for _ in range(reads):  # read at once, while it catches up
+                    reader = await connect(cluster.url, name="test-lagging-reader")
+                    try:
+                        got = [m async for m in History(reader).read(names.history_filter("lag"))]
+                    finally:
+                        await reader.close()
+                    if len(got) != n:
+                        short.append((len(got), n))
+                while True:  # every replica current before the next server is killed
+                    info = await js.stream_info(names.EVENTS_STREAM)
+                    peers = info.cluster.replicas or [] if info.cluster else []
+                    if len(peers) == 2 and all(p.current and not p.offline for p in peers):
+                        break
+                    await asyncio.sleep(0.2)
+            return short
+        finally:
+            await conn.close()
+
+    short = asyncio.run(asyncio.wait_for(scenario(), timeout=240))
+    assert short == [], f"reads that came back short (got, stored): {short}"

@@ -213,15 +213,23 @@ def test_an_optimizer_switch_is_checkpointed_first_and_rolled_back_when_it_diver
         assert r.returncode == 0, r.stdout + r.stderr
         assert "of the state before it is taken at step" in r.stdout, r.stdout
         eff = int(r.stdout.split("effective at step ")[1].split()[0])
-        rolled = wait_for(
-            lambda: [
-                e
-                for e in history(client, "mnist")
-                if e.kind == "config_set" and "rollback" in e.data
-            ],
-            timeout_s=120,
-            what="the divergence guard's rollback",
-        )
+        try:
+            rolled = wait_for(
+                lambda: [
+                    e
+                    for e in history(client, "mnist")
+                    if e.kind == "config_set" and "rollback" in e.data
+                ],
+                timeout_s=120,
+                what="the divergence guard's rollback",
+            )
+        except AssertionError as e:
+            seen = [
+                (h.kind, h.step, h.message or h.data.get("reason"))
+                for h in history(client, "mnist")
+                if h.kind not in ("rank_joined", "config_applied")
+            ]
+            raise AssertionError(f"{e}; history after step {eff - 1}: {seen[-30:]}") from None
         status = client.status("mnist")["jobs"][0]
         assert status["desired"]["values"]["optimizer"] == "sgd"
         assert status["desired"]["values"]["lr"] == pytest.approx(0.025)  # 0.05 × lr_factor

@@ -26,6 +26,7 @@ def test_policy_settings_change_live_survive_a_restart_and_refuse_bad_input(tmp_
             "divergence",
             "failure",
             "checkpoint",
+            "memory",
         }
         assert not p["sync_every"]["enabled"] and p["straggler"]["params"]["slow_ratio"] == 1.2
 

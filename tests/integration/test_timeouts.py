@@ -7,6 +7,8 @@ global batch away from it (with the samples per second the job loses to it)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.helpers import (
@@ -22,6 +24,18 @@ from tests.helpers import (
 
 pytest.importorskip("torchft")
 pytestmark = pytest.mark.integration
+
+
+def slow_pid(client) -> int | None:
+    """The pid of replica group 1's rank, once it trains."""
+    return next(
+        (
+            r["pid"]
+            for r in ranks(client, "ft")
+            if r["replica_id"] == "1" and r["state"] == "training"
+        ),
+        None,
+    )
 
 
 def kinds(events, kind, replica):
@@ -58,18 +72,36 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
         )
         slow = next(r for r in rs if r["replica_id"] == "1")
         # stalls of 1.5 s every 2 s, and in between every step slowed (stopped 20 of every 40 ms)
-        cycle = DutyCycle(slow["pid"], stop_s=1.5, run_s=0.5, fine=(0.02, 0.02))
+        # (with the policy on, a group that crashed before the policy raised the timeouts is
+        # restarted on the same slow "host": the stops follow it)
+        cycle = DutyCycle(
+            slow["pid"],
+            stop_s=1.5,
+            run_s=0.5,
+            fine=(0.02, 0.02),
+            follow=(lambda: slow_pid(client)) if policy == "on" else None,
+        )
         if policy == "off":
-            events = wait_for(
-                lambda: (
-                    (ev := history(client, "ft"))
-                    and len(kinds(ev, "rank_failed", "1")) >= 3
-                    and len(kinds(ev, "commit_failed", "0")) >= 3
-                    and ev
-                ),
-                timeout_s=120,
-                what="group 1 cut off three times",
-            )
+            try:
+                events = wait_for(
+                    lambda: (
+                        (ev := history(client, "ft"))
+                        # (a group that crashed under the stops restarts with another pid,
+                        # which the duty cycle does not stop: count from the first stops only)
+                        and len(kinds(ev, "rank_failed", "1")) >= 2
+                        and len(kinds(ev, "commit_failed", "0")) >= 1
+                        and ev
+                    ),
+                    timeout_s=120,
+                    what="group 1 cut off and a step of group 0 not committed",
+                )
+            except AssertionError:
+                ev = history(client, "ft")
+                raise AssertionError(
+                    f"group 1 failed {len(kinds(ev, 'rank_failed', '1'))}x, group 0's commits "
+                    f"failed {len(kinds(ev, 'commit_failed', '0'))}x in {cycle.cycles} stops; "
+                    "last events: " + " | ".join(e.message for e in ev[-15:])
+                ) from None
             assert not [e for e in events if e.kind == "policy_timeouts"]
             print(
                 f"fixed timeouts: group 1 failed {len(kinds(events, 'rank_failed', '1'))}×, "
@@ -77,18 +109,26 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
                 f"in {cycle.cycles} stops"
             )
             return
-        # (before the stops it may already have moved the 1 s timeout to its 2 s floor)
-        decided = wait_for(
-            lambda: [
-                e
-                for e in history(client, "ft")
-                if e.kind == "policy_timeouts" and e.data["features"]["silence_s"] >= 1.0
-            ],
-            timeout_s=120,
-            what="the timeouts policy to act on the stops",
-        )[0]
-        raised = decided.data["values"]
-        assert raised["collective_timeout_s"] >= 3.0 and raised["failure_timeout_s"] >= 3.0
+
+        # the timeouts in force: each decision names only the timeouts it moves (before the
+        # stops it may already have moved the 1 s timeout to its 2 s floor; the stall and
+        # the silence may raise the collective and the heartbeat timeouts in two decisions)
+        def raised_enough() -> tuple[Any, dict[str, float]] | None:
+            decisions = [e for e in history(client, "ft") if e.kind == "policy_timeouts"]
+            in_force: dict[str, float] = {}
+            for e in decisions:
+                in_force.update(e.data["values"])
+            if (
+                any(e.data["features"]["silence_s"] >= 1.0 for e in decisions)
+                and in_force.get("collective_timeout_s", 0) >= 3.0
+                and in_force.get("failure_timeout_s", 0) >= 3.0
+            ):
+                return decisions[-1], in_force
+            return None
+
+        decided, raised = wait_for(
+            raised_enough, timeout_s=120, what="the timeouts policy to raise them on the stops"
+        )
         version = decided.data["outcome"]["version"]
         # from the first quorum formed under the raised timeouts (the process group takes its
         # timeout when it is reconfigured) on, nothing is cut off, and the straggler policy
@@ -111,26 +151,46 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
             timeout_s=180,
             what="the straggler policy's rebalance",
         )[-1]
+
+        def thirty_more_steps() -> None:
+            end_step = max(r["step"] for r in ranks(client, "ft")) + 30
+            wait_for(
+                lambda: min(r["step"] for r in ranks(client, "ft")) >= end_step,
+                timeout_s=120,
+                what="30 more steps",
+            )
+
         # (a stop right after the change may still fail once: the process group takes its
-        # new timeout when it is next reconfigured, at the quorum after that failure)
+        # new timeout when it is next reconfigured, at the quorum after that failure — which
+        # may come before or after the rebalance)
+        thirty_more_steps()
         reconfigured = [
-            e
-            for e in history(client, "ft")
-            if e.kind == "quorum_changed" and applied.ts < e.ts < rebalanced.ts
+            e for e in history(client, "ft") if e.kind == "quorum_changed" and e.ts > applied.ts
         ]
         start_ts = reconfigured[0].ts if reconfigured else applied.ts
-        end_step = max(r["step"] for r in ranks(client, "ft")) + 30
-        wait_for(
-            lambda: min(r["step"] for r in ranks(client, "ft")) >= end_step,
-            timeout_s=120,
-            what="30 more steps",
-        )
+        thirty_more_steps()  # at least 30 steps under the new timeouts, whatever start_ts is
         after = [e for e in history(client, "ft") if e.ts > start_ts]
         assert not kinds(after, "rank_failed", "1"), kinds(after, "rank_failed", "1")
         assert not [e for e in after if e.kind == "commit_failed"], after
-        assert rebalanced.data["features"]["weights_after"]["1"] < 1.0
+        # the policy moved work away from the slow group (on a loaded machine a later round may
+        # correct an overshoot back: any of its rebalances counts, not only the last)
+        rebalances = [
+            e
+            for e in history(client, "ft")
+            if e.kind == "policy_straggler" and e.data["values"].get("batch_weights")
+        ]
+        assert any(e.data["features"]["weights_after"]["1"] < 1.0 for e in rebalances), [
+            e.message for e in rebalances
+        ]
         assert rebalanced.data["features"]["lost_samples_per_s"] is not None
-        print(f"{decided.message}\n{rebalanced.message}\nstops meanwhile: {cycle.cycles}")
+        print(
+            f"{decided.message} (in force: {raised})\n{rebalanced.message}\n"
+            f"stops meanwhile: {cycle.cycles}, pids stopped: {cycle.pids}"
+        )
+    except Exception:  # say what the run did
+        for e in history(client, "ft")[-40:]:
+            print(f"{e.ts:.2f} v{e.version} {e.kind}: {e.message}")
+        raise
     finally:
         if cycle is not None:
             cycle.end()

@@ -90,6 +90,37 @@ def test_batched_history_and_registry_writes_store_each_item_once(nats: NatsServ
     assert left == {f"j.0.{i}": b"%d" % i for i in range(100, 300)}
 
 
+def test_a_fenced_writer_is_refused_once_someone_else_appended_and_stores_each_item_once(
+    nats: NatsServer,
+) -> None:
+    """The leader Weaver's history writes: a write that assumes a stream nobody else moved is
+    refused when another writer (a new leader) appended meanwhile; a retry after reading the
+    stream again is stored, and resends are still deduplicated."""
+
+    async def main() -> tuple[list[bytes], list[int]]:
+        conn = await connect(nats.url, name="t")
+        await ensure_jetstream(conn)
+        old, new = History(conn, fenced=True), History(conn, fenced=True)
+        subject = names.history_subject("j", "k")
+        counts = [await old.append_many([(subject, b"a0", "a0"), (subject, b"a1", "a1")])]
+        counts.append(await new.append_many([(subject, b"b0", "b0")]))  # the stream moved on
+        counts.append(await old.append_many([(subject, b"stale", "a2")]))  # refused
+        counts.append(await old.append_many([(subject, b"a2", "a2")]))  # read again: stored
+        # a resend overlapping what is stored: refused while its view is stale (the sequence is
+        # checked first), then the duplicate is acknowledged and the rest sent again
+        resend = [(subject, b"b0", "b0"), (subject, b"b1", "b1")]
+        counts.append(await new.append_many(resend))
+        counts.append(await new.append_many(resend))
+        counts.append(await new.append_many(resend[1:]))
+        stored = [raw async for raw in old.read(names.history_filter("j"))]
+        await conn.close()
+        return stored, counts
+
+    stored, counts = asyncio.run(main())
+    assert counts == [2, 1, 0, 1, 0, 1, 1]
+    assert stored == [b"a0", b"a1", b"b0", b"a2", b"b1"]
+
+
 def test_an_inline_subscription_gets_every_message_in_order_and_survives_a_failing_handler(
     nats: NatsServer,
 ) -> None:

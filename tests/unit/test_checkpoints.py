@@ -343,3 +343,34 @@ def test_backup_retention_keeps_the_last_every_nth_the_best_and_the_pinned():
     job.checkpoints[recs[4].id] = msgspec.structs.replace(job.checkpoints[recs[4].id], pinned=True)
     job.backup_keep = {"keep_last": 1, "keep_every": 0, "keep_best": True}
     assert checkpoints.backup_drop(job, new) == [recs[i].id for i in (0, 2, 3, 5)]
+
+
+def test_an_evaluators_scores_land_on_a_complete_checkpoint_and_bad_ones_are_refused():
+    from torchloom.evaluator import to_score
+
+    s = job_of(["0"])
+    rec = complete_one(s, 101.0)
+    listing = checkpoints.listing(s.job("j"))
+    assert [c.id for c in to_score(listing, set())] == [rec.id]
+    assert to_score(listing, {rec.id}) == []  # tried here already
+    out, events = ctl(s, 102.0, "checkpoint_score", {"id": rec.id, "scores": {"eval_loss": 2.5}})
+    assert out.reply.ok and [e.kind for e in events] == ["checkpoint_evaluated"]
+    assert events[0].data["scores"] == {"eval_loss": 2.5} and events[0].step == rec.step
+    assert "eval_loss=2.5" in events[0].message
+    assert s.job("j").checkpoints[rec.id].scores == {"eval_loss": 2.5}
+    assert to_score(checkpoints.listing(s.job("j")), set()) == []  # scored: not again
+    ctl(s, 103.0, "checkpoint_score", {"id": rec.id, "scores": {"accuracy": 1}})
+    assert s.job("j").checkpoints[rec.id].scores == {"eval_loss": 2.5, "accuracy": 1.0}
+    for bad, says in (
+        ({"id": rec.id, "scores": {"eval_loss": float("nan")}}, "not a finite number"),
+        ({"id": rec.id, "scores": {"eval loss": 1.0}}, "letters, digits and _"),
+        ({"id": rec.id, "scores": {}}, "mapping of 1 to 16"),
+        ({"id": rec.id, "scores": {"x": True}}, "not a finite number"),
+        ({"id": "ckpt-v99", "scores": {"x": 1.0}}, "has no checkpoint"),
+    ):
+        out, events = ctl(s, 104.0, "checkpoint_score", bad)
+        assert not out.reply.ok and says in out.reply.error.message and not events
+    pending, _ = ctl(s, 105.0, "checkpoint")
+    out, _ = ctl(s, 106.0, "checkpoint_score", {"id": pending.reply.data["checkpoint"],
+                                                "scores": {"x": 1.0}})  # fmt: skip
+    assert not out.reply.ok and "only a complete checkpoint is scored" in out.reply.error.message

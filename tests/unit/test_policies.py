@@ -343,6 +343,7 @@ def test_engine_runs_enabled_policies_and_holds_back_a_key_in_its_cooldown():
         "divergence",
         "failure",
         "checkpoint",
+        "memory",
     }
     state = slow_state()
     out = engine.decide(4.0, state)
@@ -495,3 +496,24 @@ def test_divergence_rolls_back_to_the_newest_checkpoint_before_the_spike():
     assert d.features["spike_step"] == 100 and d.request().op == "rollback"
     with pytest.raises(ValueError, match="mitigation"):
         DivergencePolicy(DivergenceParams(mitigation="pray"))
+
+
+def test_the_rollback_waits_for_a_pending_checkpoint_but_not_forever():
+    from torchloom.protocol import CheckpointRecord
+    from torchloom.weaver.policies.divergence import PENDING_WAIT_S, WAIT, rollback_point
+
+    state = make_state(groups=1)
+    job = state.jobs[JOB]
+    for r in job.ranks.values():
+        r.checkpointing = True
+    job.checkpoints["ckpt-v2"] = CheckpointRecord(
+        id="ckpt-v2", job_id=JOB, step=40, version=2, state="complete", requested_ts=10.0
+    )
+    job.checkpoints["ckpt-v3"] = CheckpointRecord(
+        id="ckpt-v3", job_id=JOB, step=90, version=3, state="pending", requested_ts=100.0
+    )
+    assert rollback_point(job, 95, now=110.0) == (None, WAIT)
+    # its writer never reported: past the wait, the older complete one is the point
+    assert rollback_point(job, 95, now=100.0 + PENDING_WAIT_S + 1) == ("ckpt-v2", "")
+    assert rollback_point(job, 60, now=110.0) == ("ckpt-v2", "")  # the pending one is after
+    assert rollback_point(job, 30, now=110.0) == (None, "no complete checkpoint before step 30")

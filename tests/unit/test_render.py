@@ -60,3 +60,14 @@ def test_a_narrow_terminal_shows_fewer_columns_whole_instead_of_every_column_cut
     wide = text(220)
     assert "node-0042.cluster.example.org:4323123" in wide and "q7 ×2" in wide
     assert "1 failed · 1 training | 1/2 replica groups live" in wide
+
+
+def test_mfu_shows_only_when_a_rank_reports_it_as_a_percentage_or_tflops():
+    assert "MFU" not in text(220)
+    j = job()
+    j["ranks"][0]["metrics"] = {"loss": 1.0, "mfu": 0.4123}
+    j["ranks"][1]["metrics"] = {"loss": 1.0, "flops_per_s": 3.5e10}  # a CPU: no peak, no MFU
+    console = Console(width=220, record=True, color_system=None)
+    console.print(render.status_view({"jobs": [j]}, width=220))
+    out = console.export_text()
+    assert "MFU" in out and "41.2%" in out and "0.035 TF/s" in out

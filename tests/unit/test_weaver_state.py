@@ -1,5 +1,7 @@
 """The Weaver's state transitions, driven by explicit time: no server, no sleeps."""
 
+import pytest
+
 from torchloom.protocol import RankEvent, Telemetry
 from torchloom.weaver.state import (
     PROGRESS_SAVE_S,
@@ -325,3 +327,60 @@ def test_the_fast_liveness_check_finds_the_silent_and_the_still_among_fresh_rank
     assert [(e.kind, e.rank) for e in events] == [("rank_hung", 7)]
     # the full pass agrees: nothing more to find
     assert check_liveness(state, later, full=True) == []
+
+
+def test_a_rank_that_applied_then_exited_is_still_listed():
+    """A stop: one rank applies it and says goodbye before the other's report comes in."""
+    s = two_ranks_with_tracking()
+    applied(s, 1, 2, 50, 101.0)
+    exited = RankEvent(
+        kind="exited", job_id="j", replica_id="0", rank=1, ts=101.1, step=49, reason="stopped"
+    )
+    assert kinds(on_rank_event(s, exited, 101.1)) == ["rank_exited"]
+    ev = applied(s, 0, 2, 50, 101.2)
+    assert kinds(ev) == ["config_applied"]
+    assert ev[0].data["ranks"] == {"0/0": 50, "0/1": 50} and ev[0].data["consistent"] is True
+
+
+@pytest.mark.parametrize(
+    "kind", ["config_not_applied", "batch_size_deferred", "max_steps_capped", "batch_size_found"]
+)
+def test_an_integrations_event_reaches_the_history_with_its_reason(kind):
+    from torchloom.protocol import decode, encode
+
+    s = two_ranks_with_tracking()
+    raw = encode(
+        RankEvent(
+            kind=kind,
+            job_id="j",
+            replica_id="0",
+            rank=1,
+            ts=101.0,
+            step=7,
+            reason="it said why",
+            data={"max_batch_size": 96},
+        )
+    )
+    ev = on_rank_event(s, decode(raw, RankEvent), 101.0)  # what the Weaver decodes
+    assert [(e.kind, e.message) for e in ev] == [(kind, f"rank 0/1: {kind}: it said why")]
+
+
+def test_a_goodbye_that_comes_just_after_the_connection_closed_makes_it_an_exit():
+    state = WeaverState()
+    beat(state, 100.0, conn="S1/7")
+    beat(state, 100.0, rank=1, conn="S1/8")
+    on_connection_closed(state, "S1/7", reason="Client Closed", now=100.2)
+    assert rank0(state).state == "failed" and state.jobs["j"].failures == 1
+    bye = RankEvent(job_id="j", replica_id="0", rank=0, ts=100.1, kind="exited", step=10,
+                    reason="finished", pid=100)  # fmt: skip
+    events = on_rank_event(state, bye, 100.25)
+    assert kinds(events) == ["rank_exited"] and "goodbye came 0.050 s after" in events[0].message
+    assert rank0(state).state == "exited" and state.jobs["j"].failures == 0
+    # a goodbye long after the close: the failure still counts
+    on_connection_closed(state, "S1/8", reason="Client Closed", now=101.0)
+    late = RankEvent(job_id="j", replica_id="0", rank=1, ts=120.0, kind="exited", step=10,
+                     reason="finished", pid=100)  # fmt: skip
+    events = on_rank_event(state, late, 120.0)
+    assert "goodbye came" not in events[0].message
+    assert state.jobs["j"].failures == 1
+

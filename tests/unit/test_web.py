@@ -29,7 +29,7 @@ def make_rank(replica: str, rank: int, *, step: int, state: str = "training", **
     r = Rank(entry)
     r.samples_per_s = figures.get("sps")
     r.step_time_s = figures.get("step_time_s")
-    r.metrics = {k: figures[k] for k in ("loss", "test_acc") if k in figures}
+    r.metrics = {k: figures[k] for k in ("loss", "test_acc", "mfu", "flops_per_s") if k in figures}
     return r
 
 
@@ -137,6 +137,17 @@ def test_header_counts_healthy_groups_and_skips_exited_ones():
     assert (h["groups_healthy"], h["groups_total"]) == (1, 3)
     assert h["step"] == 7 and h["loss"] == 0.5 and h["samples_per_s"] == 10.0
     assert h["ranks_live"] == 2
+
+
+def test_header_has_the_live_ranks_mean_mfu_and_summed_flops():
+    job = make_job(
+        make_rank("0", 0, step=7, mfu=0.40, flops_per_s=4e14),
+        make_rank("0", 1, step=7, mfu=0.30, flops_per_s=3e14),
+        make_rank("1", 0, step=2, state="exited", mfu=0.9, flops_per_s=9e14),
+    )
+    h = frames.header(job, JobTrack(), {"ready": True})
+    assert h["mfu"] == pytest.approx(0.35) and h["flops_per_s"] == pytest.approx(7e14)
+    assert frames.header(make_job(make_rank("0", 0, step=1)), JobTrack(), {})["mfu"] is None
 
 
 def test_update_sends_only_changed_rows_new_events_and_new_points():

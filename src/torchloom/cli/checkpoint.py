@@ -83,7 +83,8 @@ def list_(
     state_dir: StateDir = None,
     timeout_s: TimeoutOpt = DEFAULT_TIMEOUT_S,
 ) -> None:
-    """The job's checkpoints, newest first: state, step, config version, loss, size, where."""
+    """The job's checkpoints, newest first: state, step, config version, training loss, an
+    evaluator's eval loss, size, where."""
     client = weaver_client(nats_url, state_dir, timeout_s)
     job_id = pick_job(client, job)
     data = _records(client, job_id)
@@ -95,7 +96,8 @@ def list_(
         f"{data.get('resume_from') or 'none'} ({data.get('resume_why', '')})",
         title_justify="left",
     )
-    for col in ("id", "state", "step", "version", "loss", "size", "stall ms", "where / why"):
+    cols = ("id", "state", "step", "version", "loss", "eval", "size", "stall ms", "where / why")
+    for col in cols:
         t.add_column(col)
     for c in data.get("checkpoints", []):
         t.add_row(
@@ -104,11 +106,19 @@ def list_(
             str(c["step"]),
             f"v{c['version']}",
             "" if c.get("loss") is None else f"{c['loss']:.4g}",
+            _eval(c.get("scores") or {}),
             _size(c["bytes"]) if c["bytes"] else "",
             f"{c['stall_s'] * 1e3:.0f}" if c["stall_s"] else "",
             c["reason"] if c["state"] == "failed" else c["storage"],
         )
     out.print(t)
+
+
+def _eval(scores: dict[str, float]) -> str:
+    """An evaluator's scores in one cell: ``eval_loss`` first, else every score."""
+    if "eval_loss" in scores:
+        return f"{scores['eval_loss']:.4g}"
+    return " ".join(f"{k}={v:.4g}" for k, v in scores.items())
 
 
 def _record(client: WeaverClient, job_id: str, ckpt_id: str) -> dict[str, Any]:

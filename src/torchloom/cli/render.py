@@ -48,6 +48,7 @@ COLUMNS = (
     "test_acc",
     "samples/s",
     "step ms",
+    "MFU",
     "config",
     "quorum",
     "heartbeat",
@@ -65,6 +66,7 @@ PRIORITY = (
     "heartbeat",
     "samples/s",
     "quorum",
+    "MFU",
     "test_acc",
     "host:pid",
     "device",
@@ -91,6 +93,7 @@ def _cells(r: dict[str, Any]) -> dict[str, Any]:
         "test_acc": _num(m.get("test_acc"), "{:.4f}"),
         "samples/s": _num(r.get("samples_per_s"), "{:.0f}"),
         "step ms": _num(step_ms * 1000 if step_ms else None, "{:.1f}"),
+        "MFU": _utilisation(m),
         "config": cfg,
         "quorum": _quorum(r.get("quorum")),
         "heartbeat": f"{r['heartbeat_age_s']:.1f} s",
@@ -99,17 +102,28 @@ def _cells(r: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _utilisation(metrics: dict[str, Any]) -> str:
+    """``mfu`` as a percentage when the rank reports it, else its achieved ``flops_per_s`` in
+    TFLOP/s (a CPU has no peak to divide by), else a dash."""
+    if metrics.get("mfu") is not None:
+        return f"{metrics['mfu']:.1%}"
+    if metrics.get("flops_per_s") is not None:
+        return f"{metrics['flops_per_s'] / 1e12:.3g} TF/s"
+    return "—"
+
+
 def _width(value: Any) -> int:
     return Text.from_markup(value).cell_len if isinstance(value, str) else len(str(value))
 
 
 def pick_columns(rows: list[dict[str, Any]], *, width: int, with_quorum: bool) -> list[str]:
     """The columns that fit ``width`` terminal cells, most useful first (:data:`PRIORITY`),
-    shown in :data:`COLUMNS` order."""
+    shown in :data:`COLUMNS` order (``MFU`` only when a rank reports it)."""
     chosen: set[str] = set()
     used = 1  # the table's left border
+    with_mfu = any(row["MFU"] != "—" for row in rows)
     for col in PRIORITY:
-        if col == "quorum" and not with_quorum:
+        if (col == "quorum" and not with_quorum) or (col == "MFU" and not with_mfu):
             continue
         need = max([len(col), *(_width(row[col]) for row in rows)]) + 3  # padding + border
         if used + need > width:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -15,6 +18,7 @@ import typer
 from torchloom.cli.options import JobOpt, NatsUrl, StateDir, out
 from torchloom.client import WeaverClient
 from torchloom.errors import InvalidRequestError
+from torchloom.launch import visible_gpus
 from torchloom.paths import ENV_NATS_URL, default_state_dir, read_endpoint, resolve_nats_url
 from torchloom.protocol import HistoryEvent
 from torchloom.scheduler import KubernetesScheduler, scheduler_for
@@ -30,8 +34,13 @@ def run(
         int, typer.Option("--replicas", "-n", help="replica groups (one torchrun each)")
     ] = 2,
     nproc_per_group: Annotated[
-        int, typer.Option("--nproc-per-group", help="ranks per replica group")
-    ] = 1,
+        int | None,
+        typer.Option(
+            "--nproc-per-group",
+            help="ranks per replica group [default: the visible GPUs shared among the groups, "
+            "1 on a CPU machine]",
+        ),
+    ] = None,
     max_restarts: Annotated[
         int, typer.Option("--max-restarts", help="restarts per replica group")
     ] = 3,
@@ -64,12 +73,26 @@ def run(
     namespace: Annotated[
         str, typer.Option("--namespace", help="Kubernetes namespace of the training pods")
     ] = "default",
+    evaluator: Annotated[
+        str | None,
+        typer.Option(
+            "--evaluator",
+            help="a command started beside the groups that scores each complete checkpoint "
+            '(torchloom.evaluator), e.g. "python examples/gpt/evaluate.py"; it is given '
+            "--evaluator-timeout-s after training ends to score the last ones",
+        ),
+    ] = None,
+    evaluator_timeout_s: Annotated[
+        float, typer.Option("--evaluator-timeout-s", help="see --evaluator (seconds)")
+    ] = 300.0,
 ) -> None:
     """Launch a job as N replica groups (torchrun each) and restart a group that fails.
 
     Example: torchloom run --replicas 2 -- python -m torchloom.examples.mnist.train --ft
     On Slurm (inside an allocation or not): torchloom run --scheduler slurm --replicas 2 -- …
     """
+    if nproc_per_group is None:
+        nproc_per_group = max(1, visible_gpus() // max(replicas, 1))
     if replicas < 1 or nproc_per_group < 1:
         raise InvalidRequestError("--replicas and --nproc-per-group must be >= 1")
     sdir = state_dir or default_state_dir()
@@ -123,13 +146,55 @@ def run(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    scorer = _start_evaluator(evaluator, env=env, log_dir=log_dir) if evaluator else None
     try:
         rc = sup.run()
+        if scorer is not None:
+            _say(f"[evaluator] scoring the last checkpoints (at most {evaluator_timeout_s:g} s)")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                scorer.wait(evaluator_timeout_s)
     except KeyboardInterrupt:
         out.print("stopping every replica group…")
         sup.stop()
         rc = 130
+    finally:
+        if scorer is not None:
+            _end_evaluator(scorer)
     raise typer.Exit(rc)
+
+
+def _start_evaluator(
+    command: str, *, env: dict[str, str], log_dir: Path
+) -> subprocess.Popen[bytes]:
+    """Start the evaluator command (split like a shell would), its output in ``evaluator.log``."""
+    argv = shlex.split(command)
+    if not argv:
+        raise InvalidRequestError("--evaluator is an empty command")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "evaluator.log"
+    with path.open("ab") as log:
+        try:
+            proc = subprocess.Popen(
+                argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as exc:
+            raise InvalidRequestError(f"--evaluator {command!r} did not start: {exc}") from None
+    _say(f"[evaluator] started (pid {proc.pid}): {command}; log: {path}")
+    return proc
+
+
+def _end_evaluator(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _say(f"[evaluator] exited with code {proc.returncode}")
 
 
 def _say(line: str) -> None:

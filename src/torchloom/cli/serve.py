@@ -16,8 +16,9 @@ from rich.text import Text
 
 from torchloom.cli.options import NatsUrl, StateDir, out, setup_logging
 from torchloom.cli.printer import EventPrinter
-from torchloom.errors import LeadershipLostError, TorchloomError
+from torchloom.errors import InvalidRequestError, LeadershipLostError, TorchloomError
 from torchloom.paths import DEFAULT_UI_PORT, ENV_NATS_URL, default_state_dir
+from torchloom.protocol.names import check_id
 from torchloom.stack import (
     DashboardConfig,
     LighthouseConfig,
@@ -162,6 +163,7 @@ def stack_config(
     replicas: int | None = None,
     watch_connections: bool = True,
     ingest_workers: int = 0,
+    samplers: dict[str, str] | None = None,
 ) -> StackConfig:
     """The stack ``up`` and ``demo`` run, from their command-line options (units as named)."""
     return StackConfig(
@@ -180,6 +182,7 @@ def stack_config(
             port=DEFAULT_UI_PORT if ui_port is None else ui_port,
             port_fallback=ui_port is None,
             token=ui_token,
+            samplers=dict(samplers or {}),
         ),
         security=security or SecurityConfig(),
         liveness=LivenessConfig(
@@ -194,6 +197,31 @@ def stack_config(
         ingest_workers=ingest_workers,
         nice=nice or None,
     )
+
+
+def parse_samplers(specs: list[str]) -> dict[str, str]:
+    """``JOB=FILE.py:FUNC`` options → job id → sampler spec (a relative file made absolute:
+    the worker may start elsewhere).
+
+    Raises:
+        InvalidRequestError: one is not of that form.
+    """
+    out: dict[str, str] = {}
+    for spec in specs:
+        job, eq, target = spec.partition("=")
+        where, colon, func = target.rpartition(":")
+        if not (eq and job and colon and where and func):
+            raise InvalidRequestError(
+                f"--sampler {spec!r}: give JOB=FILE.py:FUNC or JOB=MODULE:FUNC"
+            )
+        check_id("job id", job)
+        if where.endswith(".py"):
+            path = Path(where).resolve()
+            if not path.is_file():
+                raise InvalidRequestError(f"--sampler {spec!r}: no file {path}")
+            where = str(path)
+        out[job] = f"{where}:{func}"
+    return out
 
 
 class _Stop(Exception):
@@ -321,6 +349,15 @@ def up(
         float,
         typer.Option("--keep-gone-s", min=0.0, help="how long a gone rank stays in the DR map"),
     ] = 3600.0,
+    sampler: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sampler",
+            help="JOB=FILE.py:FUNC (or MODULE:FUNC): how the dashboard's playground samples "
+            "that job's checkpoints (torchloom.playground), e.g. "
+            "gpt=examples/gpt/sample.py:load; repeat for more jobs",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Start NATS (embedded, on loopback), the torchft lighthouse (when torchft is installed)
@@ -352,6 +389,7 @@ def up(
         replicas=replicas,
         watch_connections=watch_connections,
         ingest_workers=ingest_workers,
+        samplers=parse_samplers(sampler or []),
     ).build(on_event=printer.add)
     stack.start()
     if stack.cluster is not None:

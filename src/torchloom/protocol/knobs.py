@@ -145,6 +145,15 @@ BUILTIN_KNOBS: dict[str, KnobSpec] = {
             doc="largest micro-batch per rank; a larger share is split into gradient-accumulation steps",
         ),
         KnobSpec(
+            name="max_memory_gb",
+            type="float",
+            min=0.0,
+            min_exclusive=True,
+            max=1e6,
+            allow_off=True,
+            doc="memory budget per rank, GB (1e9 bytes): micro-batches shrink to stay within it (torchloom.memory)",
+        ),
+        KnobSpec(
             name="batch_weights",
             type="str",
             allow_off=True,

@@ -35,11 +35,19 @@ ControlOp = Literal[
     "checkpoints",
     "checkpoint_pin",
     "checkpoint_delete",
+    "checkpoint_score",
+    "checkpoint_import",
     "rollback",
 ]
 CHANGE_OPS = frozenset({"set", "pause", "resume", "stop", "drain", "checkpoint", "rollback"})
 """Ops that make a config version: they carry a ``request_id`` and are rate-limited."""
-LIMITED_OPS = CHANGE_OPS | {"forget", "checkpoint_pin", "checkpoint_delete"}
+LIMITED_OPS = CHANGE_OPS | {
+    "forget",
+    "checkpoint_pin",
+    "checkpoint_delete",
+    "checkpoint_score",
+    "checkpoint_import",
+}
 """Ops rate-limited per requester at the control entry point."""
 
 
@@ -139,6 +147,11 @@ RankEventKind = Literal[
     "checkpoint_corrupt",
     "checkpoint_backed_up",
     "rollback_failed",
+    "config_not_applied",
+    "batch_size_deferred",
+    "max_steps_capped",
+    "batch_size_found",
+    "oom_retried",
 ]
 
 
@@ -156,7 +169,12 @@ class RankEvent(msgspec.Struct, kw_only=True):
     backup storage: ``backup`` its URL there, ``dropped`` the ids removed from the backup by
     its retention), or a
     fault-tolerance fact reported by an integration (``quorum_changed``,
-    ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``.
+    ``heal_started``, ``healed``, ``commit_failed``) with details in ``data``, or what a
+    framework integration or the batch-size finder did (``config_not_applied``: a knob could
+    not be put in force, ``reason`` says why; ``batch_size_deferred``: Lightning takes the new
+    ``batch_size`` at the next epoch; ``max_steps_capped``: a Trainer ends at its plan;
+    ``batch_size_found``: the finder's ``max_batch_size``; ``oom_retried``: a step that ran out
+    of memory ran again in micro-batches of at most ``micro_batch``, ``reason`` the error).
     ``host`` and ``pid`` name the process that sent it (a second process with the same
     identity is told apart by them; 0 / empty: not said).
     """
@@ -201,7 +219,11 @@ class ControlRequest(msgspec.Struct, kw_only=True):
             ``policies`` (list the Weaver's policies), ``policy`` (change one: ``values``
             holds ``policy`` (its name) and any of ``enabled``, ``dry_run``, ``params``),
             ``checkpoint`` (every writing rank saves at one effective step),
-            ``checkpoints`` (the job's checkpoint registry) or ``rollback`` (every rank loads
+            ``checkpoints`` (the job's checkpoint registry), ``checkpoint_score`` (an
+            evaluator's scores of a complete checkpoint: ``values`` ``id`` and ``scores``,
+            ``{name: number}``; :mod:`torchloom.evaluator`), ``checkpoint_import`` (an
+            ``imported`` registry entry for weights the dashboard stored: ``values``
+            ``storage``, ``files``, ``bytes``, ``source``, ``step``) or ``rollback`` (every rank loads
             a complete checkpoint at one effective step: ``values["to"]``, an id, or
             ``values["step"]``, the newest at or before it; neither: the newest).
         replica_id: for ``set``: limit the change to one replica group (None: job-wide);
@@ -293,7 +315,7 @@ class CheckpointOrder(msgspec.Struct, kw_only=True):
     backup_drop: list[str] = []
 
 
-CheckpointState = Literal["pending", "complete", "failed", "deleted"]
+CheckpointState = Literal["pending", "complete", "failed", "deleted", "imported"]
 
 
 class CheckpointRecord(msgspec.Struct, kw_only=True):
@@ -310,7 +332,9 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
         version: the config version that ordered it.
         values: the job-wide knob values in force at ``step``.
         state: ``pending``, ``complete``, ``failed`` (could not be written, or its files
-            failed their checksums at a load) or ``deleted`` (by a person).
+            failed their checksums at a load), ``deleted`` (by a person) or ``imported``
+            (model weights brought in from a safetensors file: sampled in the playground and
+            exported, never resumed or rolled back to — they hold no optimizer state).
         writers: the ranks that write it (``replica/rank``).
         saved: the ranks whose part is durable, with the bytes each wrote.
         storage: where the ranks wrote it (a directory or URL, as the first writer said).
@@ -328,6 +352,9 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
             cannot be deleted.
         files_removed: a failed or deleted checkpoint's files were removed from the storage.
         backup: where its copy in the backup storage is ("": none).
+        scores: what an evaluator measured on it (``eval_loss``, ``eval_perplexity``, …; name
+            → number), the newest report of each name kept (:mod:`torchloom.evaluator`).
+        scored_by: who reported the scores (``evaluator:user@host``).
     """
 
     v: int = SCHEMA_VERSION
@@ -352,6 +379,8 @@ class CheckpointRecord(msgspec.Struct, kw_only=True):
     pinned: bool = False
     files_removed: bool = False
     backup: str = ""
+    scores: dict[str, float] = {}
+    scored_by: str = ""
 
 
 JOURNAL_LENGTH = 8

@@ -2,7 +2,7 @@
 
 Typical use (see :mod:`torchloom.examples.mnist.train`)::
 
-    run = torchloom.init(job_id="mnist", knobs={"lr": 0.05, "batch_size": 64}, max_steps=2000)
+    run = torchloom.init(knobs={"lr": 0.05, "batch_size": 64}, max_steps=2000)
     run.bind_optimizer(optimizer)
     for step in run.steps():
         ...
@@ -37,7 +37,7 @@ from torchloom.protocol.compression import OPTIMIZER_KNOBS
 from torchloom.protocol.knobs import check_spec
 from torchloom.protocol.messages import CheckpointOrder, RankState, RollbackOrder
 from torchloom.threadlet.agent import Agent
-from torchloom.threadlet.identity import Identity, resolve_identity
+from torchloom.threadlet.identity import Identity, default_job_id, resolve_identity
 from torchloom.threadlet.shared import PendingEvent, Shared
 
 log = logging.getLogger("torchloom.threadlet")
@@ -148,34 +148,54 @@ class Run:
                 config at the same committed step). Default: ``start_step``, +1 per step.
         """
         step = self.start_step if current_step is None else current_step()
-        shared = self.shared
-        shared.state = "training"
-        hooks = self._step_hooks
         try:
-            while True:
-                for hook in hooks:
-                    hook()
-                if shared.doc is not self._doc_used or step >= self._next_check:
-                    self._boundary(step)
-                if self._jump_to is not None:  # rolled back: the step counter goes back too
-                    step, self._jump_to = self._jump_to, None
-                    shared.step = step
-                    self._boundary(step)
-                if self.stop_reason is not None or step >= self.config.get("max_steps", _NEVER):
-                    break
-                shared.step = step
-                shared.steps_run += 1
-                shared.samples += self.config.get("batch_size", 0) or 0
-                if shared.phase_totals:  # the loop marks its phases: the rest is "other"
-                    self.mark("other")
-                else:
-                    self._phase_t = time.perf_counter()
-                yield step
-                step = step + 1 if current_step is None else current_step()
-            if self.stop_reason is None:
-                self.stop_reason = "finished"
+            while self.begin_step(step):
+                yield self.shared.step
+                step = self.shared.step + 1 if current_step is None else current_step()
         finally:
             self.close(reason=self.stop_reason or "left the step loop early")
+
+    def begin_step(self, step: int) -> bool:
+        """The step boundary before ``step``, for a loop that torchloom does not drive.
+
+        :meth:`steps` calls it before every step; a framework integration
+        (:mod:`torchloom.integrations.lightning`, :mod:`~torchloom.integrations.transformers`)
+        calls it from its trainer's hook that runs between two optimizer steps. It runs the
+        step hooks, applies the config version in force at ``step``, blocks while the job is
+        paused there (on this thread, outside any collective), and tells whether ``step`` may
+        run. After a rollback the step goes on from the checkpoint's: read it from :attr:`step`.
+
+        Args:
+            step: the index of the step about to run (the trainer's global step).
+
+        Returns:
+            False when the loop must end before ``step``: the job was stopped, this replica
+            group drained, or ``max_steps`` reached (:attr:`stop_reason` says which).
+        """
+        shared = self.shared
+        if shared.state == "joining":
+            shared.state = "training"
+        for hook in self._step_hooks:
+            hook()
+        if shared.doc is not self._doc_used or step >= self._next_check:
+            self._boundary(step)
+        if self._jump_to is not None:  # rolled back: the step counter goes back too
+            step, self._jump_to = self._jump_to, None
+            shared.step = step
+            self._boundary(step)
+        if self.stop_reason is not None:
+            return False
+        if step >= self.config.get("max_steps", _NEVER):
+            self.stop_reason = "finished"
+            return False
+        shared.step = step
+        shared.steps_run += 1
+        shared.samples += self.config.get("batch_size", 0) or 0
+        if shared.phase_totals:  # the loop marks its phases: the rest is "other"
+            self.mark("other")
+        else:
+            self._phase_t = time.perf_counter()
+        return True
 
     def add_step_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` on the training thread at every step boundary (keep it to microseconds)."""
@@ -334,7 +354,7 @@ class Run:
         """Call ``callback(config, changed)`` on the training thread at every applied change."""
         self._callbacks.append(callback)
 
-    def bind_optimizer(self, optimizer: Any) -> None:
+    def bind_optimizer(self, optimizer: Any, *, skip: tuple[str, ...] = ()) -> None:
         """Make the optimizer's ``lr`` (and ``weight_decay``, ``momentum``/``betas[0]``,
         ``beta2``/``betas[1]`` when those knobs are set) follow the config, now and at every
         applied change.
@@ -342,15 +362,23 @@ class Run:
         A :class:`~torchloom.optim.SwitchableOptimizer` (also inside torchft's
         ``OptimizerWrapper``) follows the ``optimizer`` knob too: it is rebuilt as the new
         kind at the effective step, its state mapped, then given the knobs' values.
+
+        Args:
+            optimizer: a torch optimizer (anything with ``param_groups``).
+            skip: knobs this binding leaves alone (an integration whose learning-rate
+                scheduler owns ``lr`` passes ``("lr",)`` and rescales the schedule itself).
         """
         target = getattr(optimizer, "optim", optimizer)  # torchft's OptimizerWrapper
         switch = getattr(target, "switch", None)
 
         def _set(config: Mapping[str, Any], changed: Mapping[str, Any]) -> None:
+            if skip:
+                changed = {k: v for k, v in changed.items() if k not in skip}
             if switch is not None:
                 if changed.get("optimizer") is not None:
                     switch(changed["optimizer"])
-                    changed = config  # a rebuilt optimizer takes every knob
+                    # a rebuilt optimizer takes every knob
+                    changed = {k: v for k, v in config.items() if k not in skip}
                 target.set_hyper(**{k: config.get(k) for k in OPTIMIZER_KNOBS if k in changed})
                 return
             for group in optimizer.param_groups:
@@ -496,7 +524,7 @@ _MISSING = object()
 
 def init(
     *,
-    job_id: str,
+    job_id: str | None = None,
     knobs: Mapping[str, Any] | None = None,
     max_steps: int | None = None,
     custom_knobs: list[KnobSpec] | None = None,
@@ -514,7 +542,9 @@ def init(
     """Start the Threadlet of this training process and return its :class:`Run`.
 
     Args:
-        job_id: the job this process belongs to (``[A-Za-z0-9_-]``, ≤ 64 chars).
+        job_id: the job this process belongs to (``[A-Za-z0-9_-]``, ≤ 64 chars); default
+            ``$TORCHLOOM_JOB``, else the script's file name without its suffix
+            (:func:`~torchloom.threadlet.identity.default_job_id`).
         knobs: initial values of knobs (built-in or from ``custom_knobs``), validated now.
         max_steps: the ``max_steps`` knob: :meth:`Run.steps` ends there.
         custom_knobs: the script's own knobs with types and bounds.
@@ -539,6 +569,8 @@ def init(
     """
     from torchloom.protocol.names import check_id
 
+    if job_id is None:
+        job_id = default_job_id()
     check_id("job id", job_id)
     registry = dict(BUILTIN_KNOBS)
     for spec in custom_knobs or []:

@@ -389,10 +389,36 @@ class KeyValue:
 
 
 class History:
-    """The ``LOOM_EVENTS`` stream: append events, read them back, follow new ones."""
+    """The ``LOOM_EVENTS`` stream: append events, read them back, follow new ones.
 
-    def __init__(self, conn: Connection, *, timeout_s: float = 5.0) -> None:
+    Args:
+        conn: the NATS connection.
+        timeout_s: how long one append or read waits for the stream, in seconds.
+        fenced: appends are conditional on the stream's last sequence being the one this
+            writer last saw (JetStream's ``Nats-Expected-Last-Sequence``), so a write held up
+            in the network — a Weaver cut off from the cluster's majority, its append sitting
+            in a server's route buffer — is refused if it arrives after anybody else appended.
+            For the single writer of the stream (the leader Weaver).
+    """
+
+    def __init__(self, conn: Connection, *, timeout_s: float = 5.0, fenced: bool = False) -> None:
         self._js: JetStreamContext = conn.client.jetstream(timeout=timeout_s)
+        self._fenced = fenced
+        self._last_seq: int | None = None  # the stream's last sequence as this writer knows it
+
+    async def last_sequence(self) -> int:
+        """The sequence number of the stream's newest message (0 when it is empty).
+
+        Raises:
+            NotReachableError: the stream did not answer.
+        """
+        try:
+            info = await self._js.stream_info(names.EVENTS_STREAM)
+        except _JS_ERRORS as exc:
+            raise NotReachableError(
+                f"cannot read the history's state: {exc or type(exc).__name__}"
+            ) from None
+        return int(info.state.last_seq)
 
     async def append_many(self, items: Sequence[tuple[str, bytes, str]]) -> int:
         """Store ``(subject, data, msg_id)`` events, in order, without waiting for each
@@ -400,21 +426,60 @@ class History:
 
         Each carries its ``msg_id`` as ``Nats-Msg-Id``, so the stream ignores a resend of an
         event it already holds (within its duplicate window, 2 min): retrying after a
-        partial failure stores every event once.
+        partial failure stores every event once. A fenced writer also sends the sequence each
+        one must follow; a refusal (someone else appended, or a duplicate did not advance the
+        stream) ends the batch there, and the next call starts from the stream's sequence.
 
         Returns:
             How many of the first items were acknowledged: ``len(items)``, or the index of the
             first that was not (it and the later ones are to be sent again).
+
+        Raises:
+            NotReachableError: a fenced writer could not read the stream's sequence.
         """
-        acked = await _acknowledged(
-            [
-                self._js.publish(
-                    subject, data, stream=names.EVENTS_STREAM, headers={"Nats-Msg-Id": msg_id}
-                )
-                for subject, data, msg_id in items
-            ]
+        headers: list[dict[str, str]] = [{"Nats-Msg-Id": msg_id} for _, _, msg_id in items]
+        if self._fenced and items:
+            if self._last_seq is None:
+                self._last_seq = await self.last_sequence()
+            for i, h in enumerate(headers):
+                h["Nats-Expected-Last-Sequence"] = str(self._last_seq + i)
+        results = await asyncio.gather(
+            *(
+                self._js.publish(subject, data, stream=names.EVENTS_STREAM, headers=h)
+                for (subject, data, _), h in zip(items, headers, strict=True)
+            ),
+            return_exceptions=True,
         )
-        return acked.index(False) if False in acked else len(items)
+        done, chain_broken = 0, False
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, _JS_ERRORS):
+                    raise result
+                chain_broken = True
+                break
+            done += 1
+            if result.duplicate:  # stored before: the stream did not move
+                chain_broken = True
+            elif self._fenced:
+                self._last_seq = int(result.seq)
+        if self._fenced and chain_broken:
+            self._last_seq = None  # read the stream's sequence again before the next batch
+        return done
+
+    async def _count(self, filter_subject: str, *, retry_s: float) -> int:
+        """How many events on ``filter_subject`` the stream's leader holds (it answers stream
+        info), retried while the cluster elects one.
+
+        Raises:
+            NotReachableError: the stream does not exist or did not answer within ``retry_s``.
+        """
+        info = await _until_answered(
+            lambda: self._js.stream_info(names.EVENTS_STREAM, subjects_filter=filter_subject),
+            retry_s=retry_s,
+            wait_s=0.5,
+            what="cannot read history",
+        )
+        return sum((info.state.subjects or {}).values())
 
     async def last(self, subject: str) -> bytes | None:
         """The newest event stored on ``subject`` (no wildcards), or None.
@@ -450,11 +515,17 @@ class History:
                 stream said were still to come, in seconds (a cluster elects a new leader
                 for the stream within seconds of a server loss).
 
+        Without ``follow`` the read ends once it has every event the stream's leader held
+        when it began: the consumer may be served by a replica still catching up after a
+        restart or a healed partition, whose own count of events still to come is short
+        (seen: 0 of 200 events, read from a server restarted a moment before).
+
         Raises:
             NotReachableError: the stream does not exist or did not answer within ``retry_s``.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_s
+        expected = 0 if follow else await self._count(filter_subject, retry_s=retry_s)
         sub = await _until_answered(
             lambda: self._js.subscribe(
                 filter_subject,
@@ -467,17 +538,20 @@ class History:
             what="cannot read history",
         )
         pending: int | None = None
+        delivered = 0
         try:
             while True:
                 try:
                     msg = await sub.next_msg(timeout=None if follow else idle_timeout_s)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    if follow or (pending and loop.time() < deadline + retry_s):
-                        continue  # more were announced: a leader change holds them up
+                    owed = pending or delivered < expected
+                    if follow or (owed and loop.time() < deadline + retry_s):
+                        continue  # more are due: a leader change or a lagging replica
                     return
                 yield bytes(msg.data)
+                delivered += 1
                 pending = msg.metadata.num_pending
-                if not follow and pending == 0:
+                if not follow and pending == 0 and delivered >= expected:
                     return
         finally:
             try:

@@ -222,18 +222,38 @@ def edit(
     job: Job, op: str, values: dict[str, Any], now: float, *, by: str = ""
 ) -> tuple[CheckpointRecord, list[CheckpointRecord], list[HistoryEvent]]:
     """A person's ``checkpoint_pin`` (``values``: ``id``, ``pinned``: bool, default true) or
-    ``checkpoint_delete`` (``id``): the edited record, the other records it changes (a pin
+    ``checkpoint_delete`` (``id``), or an evaluator's ``checkpoint_score`` (``id``, ``scores``:
+    see :func:`checked_scores`): the edited record, the other records it changes (a pin
     unpins the one pinned before), and the history events.
 
     Raises:
-        InvalidRequestError: no such checkpoint; pinning one that is not complete; deleting a
-            pinned or a pending one.
+        InvalidRequestError: no such checkpoint; pinning or scoring one that is not complete;
+            deleting a pinned or a pending one; bad scores.
     """
     cid = str(values.get("id", ""))
     rec = job.checkpoints.get(cid)
     if rec is None or rec.state == "deleted":
         raise InvalidRequestError(f"job {job.job_id!r} has no checkpoint {cid!r}")
     who = f" by {by}" if by else ""
+    if op == "checkpoint_score":
+        if rec.state != "complete":
+            raise InvalidRequestError(
+                f"checkpoint {cid} is {rec.state}: only a complete checkpoint is scored"
+            )
+        scores = checked_scores(values.get("scores"))
+        done = msgspec.structs.replace(rec, scores={**rec.scores, **scores}, scored_by=by)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in scores.items())
+        train = f" (training loss there {rec.loss:.4g})" if rec.loss is not None else ""
+        event = HistoryEvent(
+            job_id=job.job_id,
+            kind="checkpoint_evaluated",
+            ts=now,
+            step=rec.step,
+            version=rec.version,
+            message=f"checkpoint {cid} (step {rec.step}) evaluated{who}: {shown}{train}",
+            data={"id": cid, "by": by, "scores": scores, "loss": rec.loss},
+        )
+        return done, [], [event]
     if op == "checkpoint_delete":
         if rec.pinned:
             raise InvalidRequestError(f"checkpoint {cid} is pinned: unpin it first")
@@ -270,6 +290,76 @@ def edit(
         data={"id": cid, "by": by},
     )
     return done, others, [event]
+
+
+def imported(
+    job: Job, values: dict[str, Any], now: float, *, by: str = ""
+) -> tuple[CheckpointRecord, list[HistoryEvent]]:
+    """The ``imported`` record of weights the dashboard stored (``values``: ``storage``, its
+    path; ``files``, name → SHA-256; ``bytes``; ``source``, the uploaded file's name; ``step``,
+    if known), id ``import-<n>``, and its ``checkpoint_imported`` event.
+
+    Raises:
+        InvalidRequestError: no storage or files given.
+    """
+    storage, files = values.get("storage"), values.get("files")
+    if not isinstance(storage, str) or not storage or not isinstance(files, dict) or not files:
+        raise InvalidRequestError("an import needs the stored file's storage and files")
+    n = 1 + sum(c.id.startswith("import-") for c in job.checkpoints.values())
+    step = values.get("step")
+    source = str(values.get("source") or "a file")[:200]
+    rec = CheckpointRecord(
+        id=f"import-{n}",
+        job_id=job.job_id,
+        step=step if isinstance(step, int) and step >= 0 else 0,
+        version=0,
+        state="imported",
+        storage=storage,
+        files={str(k): str(v) for k, v in files.items()},
+        bytes=int(values.get("bytes") or 0),
+        requested_by=by,
+        requested_ts=now,
+        ended_ts=now,
+        reason=f"imported from {source}",
+    )
+    who = f" by {by}" if by else ""
+    event = HistoryEvent(
+        job_id=job.job_id,
+        kind="checkpoint_imported",
+        ts=now,
+        step=rec.step,
+        message=f"checkpoint {rec.id} imported{who} from {source} ({rec.bytes / 1e6:.2f} MB): "
+        "weights only, for sampling and export",
+        data={"id": rec.id, "by": by, "source": source},
+    )
+    return rec, [event]
+
+
+MAX_SCORES = 16
+"""Scores one report may carry."""
+
+
+def checked_scores(raw: Any) -> dict[str, float]:
+    """An evaluator's ``scores``: 1 to :data:`MAX_SCORES` names (letters, digits, ``_``, up to
+    32 characters) → finite numbers.
+
+    Raises:
+        InvalidRequestError: anything else, said plainly.
+    """
+    if not isinstance(raw, dict) or not 1 <= len(raw) <= MAX_SCORES:
+        raise InvalidRequestError(f"scores must be a mapping of 1 to {MAX_SCORES} name → number")
+    out: dict[str, float] = {}
+    for name, value in raw.items():
+        if not (isinstance(name, str) and name.replace("_", "a").isalnum() and len(name) <= 32):
+            raise InvalidRequestError(f"score name {name!r}: letters, digits and _, ≤ 32")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise InvalidRequestError(f"score {name}={value!r} is not a finite number")
+        out[name] = float(value)
+    return out
 
 
 def check_writers(job: Job, now: float) -> list[HistoryEvent]:

@@ -136,8 +136,12 @@ def handle(
             return Outcome(ControlReply(ok=True, data=views.knobs(job)))
         if req.op == "checkpoints":
             return Outcome(ControlReply(ok=True, data=checkpoints.listing(job, req.replica_id)))
-        if req.op in ("checkpoint_pin", "checkpoint_delete"):
+        if req.op in ("checkpoint_pin", "checkpoint_delete", "checkpoint_score"):
             return _edit_checkpoint(job, req, now)
+        if req.op == "checkpoint_import":
+            rec, events = checkpoints.imported(job, dict(req.values), now, by=req.requested_by)
+            return Outcome(ControlReply(ok=True, data=to_builtins(rec)), checkpoint=rec,
+                           events=events)  # fmt: skip
         if len(req.request_id) > 64:
             raise InvalidRequestError("request_id is longer than 64 characters")
         done = _already_done(job, req.request_id)

@@ -15,7 +15,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
-from torchloom.errors import DecodeError
+from torchloom.errors import DecodeError, NotReachableError
 from torchloom.protocol import HistoryEvent, decode, encode, names
 from torchloom.transport import History, KeyValue
 from torchloom.weaver.control import JOURNAL_KINDS
@@ -130,9 +130,15 @@ class Recorder:
             return
         while self._outbox:
             batch = list(itertools.islice(self._outbox, HISTORY_BATCH))
-            done = await self.history.append_many(
-                [(names.history_subject(ev.job_id, ev.kind), encode(ev), mid) for mid, ev in batch]
-            )
+            try:
+                done = await self.history.append_many(
+                    [
+                        (names.history_subject(ev.job_id, ev.kind), encode(ev), mid)
+                        for mid, ev in batch
+                    ]
+                )
+            except NotReachableError:
+                return  # kept; retried on the next flush
             for _ in range(done):
                 self._outbox.popleft()
             if done < len(batch):

@@ -345,7 +345,7 @@ class Weaver:
                     self._conn, names.CHECKPOINTS_BUCKET, timeout_s=2.0
                 )
                 self.recorder.checkpoints = self._checkpoints_kv
-                self.recorder.history = History(self._conn)
+                self.recorder.history = History(self._conn, fenced=True)
                 self.policy_loop.config_kv = self._config_kv
                 await self._load()
                 return

@@ -213,6 +213,9 @@ class Rank:
     """Its process runs a Checkpointer (it said so with ``checkpoint_ready``)."""
     conn: str = ""
     """Its NATS connection as its last heartbeat named it (``<server id>/<client id>``)."""
+    closed_ts: float | None = None
+    """When it was failed because its connection closed (None: not so): a goodbye that comes
+    within :data:`GOODBYE_GRACE_S` after turns the failure into an exit."""
 
     @property
     def key(self) -> RankKey:
@@ -379,7 +382,8 @@ def set_rank_state(
         if job.ended:
             job.ended_cleanly = not any(r.state == "failed" for r in job.ranks.values())
         for tracking in job.applies.values():
-            tracking.expected.discard(rank.key)
+            if rank.key not in tracking.applied:  # one that applied it before it left counts
+                tracking.expected.discard(rank.key)
         events += check_apply_done(job, now)
     return events
 
@@ -593,7 +597,13 @@ def on_rank_event(state: WeaverState, msg: RankEvent, now: float) -> list[Histor
         rank.entry.last_step = max(rank.entry.last_step, msg.step)
         if msg.reason == "drained":
             return events + remove_drained(state, rank, now)
-        return events + set_rank_state(state, rank, "exited", now, msg.reason or "exited")
+        why = msg.reason or "exited"
+        closed = rank.closed_ts
+        if rank.state == "failed" and closed is not None and now - closed <= GOODBYE_GRACE_S:
+            state.jobs[msg.job_id].failures -= 1  # it was no failure: its goodbye came late
+            why += f" (its goodbye came {now - closed:.3f} s after its connection closed)"
+        rank.closed_ts = None
+        return events + set_rank_state(state, rank, "exited", now, why)
     if msg.kind in ("checkpoint_saved", "checkpoint_failed"):
         return events  # folded by weaver.checkpoints.on_report
     if msg.kind == "checkpoint_ready":
@@ -669,7 +679,8 @@ def remove_drained(state: WeaverState, rank: Rank, now: float) -> list[HistoryEv
             )
         )
     for tracking in job.applies.values():
-        tracking.expected.discard(key)
+        if key not in tracking.applied:  # one that applied it before it left counts
+            tracking.expected.discard(key)
     return events + check_apply_done(job, now)
 
 
@@ -688,7 +699,7 @@ def _ft_event(rank: Rank, msg: RankEvent, now: float) -> HistoryEvent:
         f"goes on at step {msg.step}",
         "rollback_failed": f"{who}: rollback to {d.get('id')} not done at step {msg.step}: "
         f"{msg.reason}",
-    }.get(msg.kind, f"{who}: {msg.kind}")
+    }.get(msg.kind, f"{who}: {msg.kind}" + (f": {msg.reason}" if msg.reason else ""))
     return HistoryEvent(
         job_id=msg.job_id,
         kind=msg.kind,
@@ -885,7 +896,14 @@ def on_connection_closed(
     rank = job.ranks.get(key) if job is not None else None
     if rank is None or rank.conn != conn or not rank.live:
         return []
+    rank.closed_ts = now
     return set_rank_state(state, rank, "failed", now, f"its connection closed ({reason})")
+
+
+GOODBYE_GRACE_S = 5.0
+"""A rank's goodbye (``exited``) and its connection's close travel different ways (its own
+connection; the server's advisory on the Weaver's), so a clean exit's close can come first and
+fail the rank. A goodbye within this many seconds after such a failure makes it an exit."""
 
 
 def forget_ranks(

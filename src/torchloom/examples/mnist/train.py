@@ -577,6 +577,9 @@ def main() -> None:
             if algo is None:
                 opt.zero_grad(set_to_none=True)  # torchft: starts this step's quorum
                 participants, replica_rank, ids = quorum()
+                if manager is not None:
+                    # waiting for the quorum is waiting for the peers, not this rank's own work
+                    run.mark("comm")
                 loss, batch = local_step(step, participants, replica_rank, ids)
                 opt.step()  # torchft: commits the step only if every participant finished it
                 run.mark("comm")

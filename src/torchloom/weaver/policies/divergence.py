@@ -273,7 +273,7 @@ class DivergencePolicy:
         values: dict[str, Any] = {"lr": lr * p.lr_factor}
         if p.mitigation == "rollback":
             spike_step = _spike_step(job.ranks[first[0]], features, p, since)
-            back, why_not = _rollback_point(job, spike_step)
+            back, why_not = rollback_point(job, spike_step, now=now)
             if why_not == WAIT:
                 return None  # the checkpoint before the spike is still being written
             features.update({"spike_step": spike_step, "rollback_to": back})
@@ -347,15 +347,25 @@ def _spike_step(rank: Rank, features: dict[str, Any], p: DivergenceParams, since
 
 
 WAIT = "wait"
-""":func:`_rollback_point`'s answer while a checkpoint from before the spike is being written."""
+""":func:`rollback_point`'s answer while a checkpoint from before the spike is being written."""
+
+PENDING_WAIT_S = 60.0
+"""How long the guard waits for a pending checkpoint from before the spike (seconds since it
+was ordered): an async save ends within seconds; one still pending after this is not waited
+for (the guard rolls back to an older complete one, or lowers lr), so a writer whose report
+never comes cannot hold the guard back while the loss diverges."""
 
 
-def _rollback_point(job: Job, spike_step: int) -> tuple[str | None, str]:
+def rollback_point(job: Job, spike_step: int, *, now: float) -> tuple[str | None, str]:
     """The newest complete checkpoint before ``spike_step``, or None and why not (:data:`WAIT`
-    while one from before it is still pending: it completes or fails within seconds)."""
+    while one from before it is still pending, for at most :data:`PENDING_WAIT_S` after it was
+    ordered; ``now`` in wall-clock seconds)."""
     if not all(r.checkpointing for r in job.live_ranks()):
         return None, "not every rank runs a Checkpointer"
-    if any(c.state == "pending" and c.step < spike_step for c in job.checkpoints.values()):
+    if any(
+        c.state == "pending" and c.step < spike_step and now - c.requested_ts < PENDING_WAIT_S
+        for c in job.checkpoints.values()
+    ):
         return None, WAIT  # e.g. the one a switch ordered just before the spike
     before = [c for c in job.checkpoints.values() if c.state == "complete" and c.step < spike_step]
     if not before:

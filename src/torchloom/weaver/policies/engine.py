@@ -38,6 +38,7 @@ from torchloom.weaver.policies.base import Decision, Policy
 from torchloom.weaver.policies.checkpoint_interval import CheckpointIntervalPolicy
 from torchloom.weaver.policies.divergence import DivergencePolicy
 from torchloom.weaver.policies.failure import FailurePolicy
+from torchloom.weaver.policies.memory import MemoryPolicy
 from torchloom.weaver.policies.network import NetworkPolicy
 from torchloom.weaver.policies.straggler import StragglerPolicy
 from torchloom.weaver.policies.sync_period import SyncPeriodPolicy
@@ -58,11 +59,12 @@ BUILTIN: tuple[type[Any], ...] = (
     CheckpointIntervalPolicy,
     TimeoutPolicy,
     NetworkPolicy,
+    MemoryPolicy,
 )
 
 
-DEFAULT_ENABLED = frozenset({"straggler", "divergence", "failure", "checkpoint"})
-"""On unless settings say otherwise; ``sync_every`` and ``network`` change the optimisation
+DEFAULT_ENABLED = frozenset({"straggler", "divergence", "failure", "checkpoint", "memory"})
+"""On unless settings say otherwise (``memory`` acts only where ``max_memory_gb`` is set); ``sync_every`` and ``network`` change the optimisation
 trade-off, and ``timeouts`` the failure detection, so they wait to be enabled."""
 
 

@@ -9,6 +9,8 @@ from a CDN, and the page must work air-gapped).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import importlib.resources
 import sys
 import tempfile
@@ -32,6 +34,7 @@ from torchloom.weaver.web import frames
 from torchloom.weaver.web.auth import SESSION_COOKIE, Access, AccessMiddleware, require_json
 from torchloom.weaver.web.feed import Feed
 from torchloom.weaver.web.metrics import IntakeCollector, WeaverCollector, exposition
+from torchloom.weaver.web.playground import Playground, store_import
 from torchloom.weaver.web.schema import (
     CheckpointsView,
     ConfigView,
@@ -132,6 +135,25 @@ class PinBody(BaseModel):
     reason: str = ""
 
 
+class SampleBody(BaseModel):
+    """A completion from one checkpoint's weights (the job's sampler, in the worker process)."""
+
+    checkpoint: str
+    prompt: str = Field("", max_length=4000)
+    max_tokens: int = Field(64, ge=1, le=1024)
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    seed: int = 0
+
+
+class ImportBody(BaseModel):
+    """A safetensors file of model weights, base64-encoded (state changes travel as JSON)."""
+
+    name: str = Field("weights.safetensors", max_length=200)
+    data: str
+    step: int | None = Field(None, ge=0)
+    reason: str = ""
+
+
 class RollbackBody(BaseModel):
     """Which complete checkpoint every rank loads: ``to`` (an id), else the newest at or
     before ``step``, else the newest; knob values to change with it (``values``)."""
@@ -156,8 +178,11 @@ class ControlResult(BaseModel):
     data: Any = Field(None, description="what the action made (a checkpoint's id or record)")
 
 
-def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
+def create_app(
+    weaver: Weaver, feed: Feed, access: Access, playground: Playground | None = None
+) -> FastAPI:
     """The ASGI app of the dashboard for ``weaver`` (run it on the Weaver's loop)."""
+    play = playground or Playground()
     app = FastAPI(
         title="torchloom dashboard API",
         version="1",
@@ -236,6 +261,12 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def index(request: Request) -> HTMLResponse:
         page = "index.html" if access.allowed(request.headers, request.cookies) else "login.html"
+        return HTMLResponse((STATIC / page).read_text(), headers={"cache-control": "no-store"})
+
+    @app.get("/playground", include_in_schema=False)
+    async def playground_page(request: Request) -> HTMLResponse:
+        ok = access.allowed(request.headers, request.cookies)
+        page = "playground.html" if ok else "login.html"
         return HTMLResponse((STATIC / page).read_text(), headers={"cache-control": "no-store"})
 
     @app.post("/api/session", include_in_schema=False)
@@ -558,13 +589,16 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
         if j is None:
             return not_found(job_id)
         rec = j.checkpoints.get(checkpoint_id)
-        if rec is None or rec.state != "complete":
+        if rec is None or rec.state not in ("complete", "imported"):
             state = "no such checkpoint" if rec is None else f"checkpoint is {rec.state}"
             return JSONResponse(
                 {"ok": False, "error": {"code": "invalid_request", "message": state}},
                 status_code=404 if rec is None else 400,
             )
-        data, error = await export_weights(rec.storage)
+        if rec.state == "imported":  # already one safetensors file
+            data, error = await _read(rec.storage)
+        else:
+            data, error = await export_weights(rec.storage)
         if data is None:
             return JSONResponse(
                 {"ok": False, "error": {"code": "not_reachable", "message": error}},
@@ -577,7 +611,92 @@ def create_app(weaver: Weaver, feed: Feed, access: Access) -> FastAPI:
             headers={"content-disposition": f'attachment; filename="{name}"'},
         )
 
+    # ---- the playground -------------------------------------------------------------
+
+    @app.get("/api/playground", tags=["read"])
+    async def playground_jobs() -> dict[str, Any]:
+        """The jobs that can be sampled (a sampler was named at ``torchloom up --sampler``)."""
+        return {"samplers": dict(play.samplers), "imports": play.imports_dir is not None}
+
+    @app.post(
+        "/api/jobs/{job_id}/playground/sample",
+        tags=["actions"],
+        responses={**REFUSED, **NOT_FOUND},
+    )
+    async def playground_sample(job_id: str, body: SampleBody) -> JSONResponse:
+        """A completion of ``prompt`` by a complete (or imported) checkpoint's weights: the
+        job's sampler runs in the playground's worker process, never on the Weaver's loop."""
+        j = find_job(job_id)
+        if j is None:
+            return not_found(job_id)
+        spec = play.samplers.get(job_id)
+        rec = j.checkpoints.get(body.checkpoint)
+        why = (
+            f"no sampler for job {job_id!r}: start the Weaver with --sampler {job_id}=FILE.py:FUNC"
+            if spec is None
+            else f"no checkpoint {body.checkpoint!r}"
+            if rec is None
+            else f"checkpoint {rec.id} is {rec.state}: only complete or imported ones are sampled"
+            if rec.state not in ("complete", "imported")
+            else ""
+        )
+        if why:
+            status = 404 if spec is not None and rec is None else 400
+            return JSONResponse(
+                {"ok": False, "error": {"code": "invalid_request", "message": why}},
+                status_code=status,
+            )
+        assert rec is not None
+        answer = await play.worker.sample(
+            {"sampler": spec, "weights": rec.storage, "prompt": body.prompt,
+             "max_tokens": body.max_tokens, "temperature": body.temperature, "seed": body.seed}
+        )  # fmt: skip
+        if not answer.get("ok"):
+            message = str(answer.get("error", "sampling failed"))
+            return JSONResponse(
+                {"ok": False, "error": {"code": "sampling_failed", "message": message}},
+                status_code=502,
+            )
+        return JSONResponse({**answer, "checkpoint": rec.id, "step": rec.step})
+
+    @app.post(
+        "/api/jobs/{job_id}/checkpoints/import",
+        tags=["actions"],
+        response_model=ControlResult,
+        responses=REFUSED,
+    )
+    async def checkpoint_import(job_id: str, body: ImportBody, request: Request) -> JSONResponse:
+        """Bring model weights in from a safetensors file as an ``imported`` registry entry
+        (sampled and exported like a checkpoint; never resumed or rolled back to)."""
+        if find_job(job_id) is None:
+            return not_found(job_id)
+        try:
+            if play.imports_dir is None:
+                raise InvalidRequestError("this Weaver keeps no imports (no state dir)")
+            try:
+                raw = base64.b64decode(body.data, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidRequestError("data is not base64") from None
+            stored = await asyncio.to_thread(store_import, play.imports_dir, job_id, raw)
+        except InvalidRequestError as exc:
+            return JSONResponse(
+                {"ok": False, "error": {"code": exc.code, "message": str(exc)}}, status_code=400
+            )
+        values = {**stored, "source": body.name, "step": body.step}
+        return await submit(
+            request,
+            ControlRequest(op="checkpoint_import", job_id=job_id, values=values,
+                           reason=body.reason),
+        )  # fmt: skip
+
     return app
+
+
+async def _read(path: str) -> tuple[bytes | None, str]:
+    try:
+        return await asyncio.to_thread(Path(path).read_bytes), ""
+    except OSError as exc:
+        return None, f"the imported file cannot be read: {exc.strerror or exc}"
 
 
 EXPORT_TIMEOUT_S = 600.0

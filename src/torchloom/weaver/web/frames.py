@@ -83,6 +83,8 @@ def header(job: Job, track: JobTrack, health: Health) -> Header:
     losses = [v for r in live if (v := finite(r.metrics.get("loss"))) is not None]
     accs = [v for r in job.ranks.values() if (v := finite(r.metrics.get("test_acc"))) is not None]
     sps = [v for r in live if (v := finite(r.samples_per_s)) is not None]
+    mfus = [v for r in live if (v := finite(r.metrics.get("mfu"))) is not None]
+    flops = [v for r in live if (v := finite(r.metrics.get("flops_per_s"))) is not None]
     return {
         "job_id": job.job_id,
         "run_state": latest.run_state if latest else None,
@@ -90,6 +92,8 @@ def header(job: Job, track: JobTrack, health: Health) -> Header:
         "samples_per_s": round(sum(sps), 1) if sps else None,
         "loss": sum(losses) / len(losses) if losses else None,
         "test_acc": max(accs) if accs else None,
+        "mfu": sum(mfus) / len(mfus) if mfus else None,
+        "flops_per_s": sum(flops) if flops else None,
         "groups_healthy": sum(groups.values()),
         "groups_total": len(groups),
         "ranks_live": len(live),

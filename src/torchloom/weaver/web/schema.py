@@ -37,6 +37,10 @@ class Header(TypedDict):
     samples_per_s: float | None
     loss: float | None
     test_acc: float | None
+    mfu: float | None
+    """Mean model FLOPs utilisation (0-1) of the live ranks that report ``mfu``."""
+    flops_per_s: float | None
+    """Achieved FLOP/s of the job: the sum of its live ranks' ``flops_per_s``."""
     groups_healthy: int
     groups_total: int
     ranks_live: int

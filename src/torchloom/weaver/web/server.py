@@ -18,6 +18,7 @@ from torchloom.weaver.service import Weaver
 from torchloom.weaver.web.app import create_app
 from torchloom.weaver.web.auth import Access
 from torchloom.weaver.web.feed import Feed
+from torchloom.weaver.web.playground import Playground
 
 log = logging.getLogger("torchloom.web")
 
@@ -33,6 +34,7 @@ class Dashboard:
         push_interval_ms: period of live updates to each page, in milliseconds.
         tls_cert: certificate (PEM) to serve HTTPS with; None: plain HTTP.
         tls_key: its private key (PEM).
+        playground: the samplers by job and where imported weights go (the playground page).
 
     Raises:
         TorchloomError: ``host`` is not loopback and no ``token`` is given (anyone on the
@@ -49,6 +51,7 @@ class Dashboard:
         push_interval_ms: float = 500.0,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        playground: Playground | None = None,
     ) -> None:
         self.tls = (tls_cert, tls_key) if tls_cert and tls_key else None
         loopback = is_loopback(host)
@@ -63,7 +66,8 @@ class Dashboard:
             raise TorchloomError(str(exc)) from None
         self.weaver = weaver
         self.feed = Feed(weaver, push_interval_ms=push_interval_ms)
-        self.app = create_app(weaver, self.feed, self.access)
+        self.playground = playground or Playground()
+        self.app = create_app(weaver, self.feed, self.access, self.playground)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -107,6 +111,7 @@ class Dashboard:
             feed.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feed
+            await self.playground.worker.close()
             self._sock.close()
 
     def info(self) -> dict[str, Any]:

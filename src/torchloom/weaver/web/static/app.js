@@ -176,7 +176,7 @@ function renderHeader() {
   const rs = $("#run-state");
   if (!h) {
     rs.textContent = "no job yet"; rs.className = "badge";
-    ["#h-step", "#h-sps", "#h-loss", "#h-acc", "#h-groups", "#h-goodput"].forEach((id) => set(id, "—"));
+    ["#h-step", "#h-sps", "#h-loss", "#h-acc", "#h-mfu", "#h-groups", "#h-goodput"].forEach((id) => set(id, "—"));
     return;
   }
   rs.textContent = h.run_state || "—"; rs.className = "badge " + (h.run_state || "");
@@ -184,6 +184,7 @@ function renderHeader() {
   set("#h-sps", fmt.num(h.samples_per_s));
   set("#h-loss", fmt.sig(h.loss));
   set("#h-acc", h.test_acc == null ? "—" : fmt.pct(h.test_acc));
+  set("#h-mfu", h.mfu != null ? fmt.pct(h.mfu) : h.flops_per_s != null ? `${fmt.sig(h.flops_per_s / 1e12)} TF/s` : "—");
   const gcls = h.groups_total && h.groups_healthy === h.groups_total ? "good" : h.groups_total ? "warnc" : "";
   set("#h-groups", `${h.groups_healthy}<small> / ${h.groups_total}</small>`, gcls);
   set("#h-goodput", h.goodput == null ? "—" : fmt.pct(h.goodput), h.goodput != null && h.goodput < 0.8 ? "warnc" : "");
@@ -526,8 +527,34 @@ function renderCheckpoints() {
     const del = c.state !== "pending" && c.state !== "deleted" && !c.pinned ? `<button data-ck="delete" data-id="${id}" class="danger">Delete</button>` : "";
     const state = c.state === "complete" ? "" : ` · ${esc(c.state)}`;
     return `<tr class="st-${esc(c.state)}" data-id="${id}" title="${esc(c.state + " · " + size(c.bytes) + (c.reason ? " · " + c.reason : ""))}">`
-      + `<td>${id}${c.pinned ? ' <span class="pin">pinned</span>' : ""}${state}</td><td class="num">${c.step}</td><td class="num">${fmt.sig(c.loss)}</td><td class="ck-actions">${buttons}${del}</td></tr>`;
-  }).join("") || `<tr><td colspan="4" class="conn">no checkpoint yet</td></tr>`;
+      + `<td>${id}${c.pinned ? ' <span class="pin">pinned</span>' : ""}${state}</td><td class="num">${c.step}</td><td class="num">${fmt.sig(c.loss)}</td><td class="num">${fmt.sig(c.scores?.eval_loss)}</td><td class="ck-actions">${buttons}${del}</td></tr>`;
+  }).join("") || `<tr><td colspan="5" class="conn">no checkpoint yet</td></tr>`;
+  renderEvalChart(data.checkpoints);
+}
+
+// eval against training loss at each scored checkpoint (x: its step)
+function renderEvalChart(records) {
+  const el = $("#chart-eval");
+  const pts = records.filter((c) => c.state === "complete" && c.scores && c.scores.eval_loss != null)
+    .sort((a, b) => a.step - b.step);
+  el.hidden = pts.length === 0;
+  const old = charts["#chart-eval"];
+  if (!pts.length) { if (old) { old.u.destroy(); delete charts["#chart-eval"]; } return; }
+  const data = [pts.map((c) => c.step), pts.map((c) => c.loss ?? null), pts.map((c) => c.scores.eval_loss)];
+  const width = Math.max(200, el.clientWidth);
+  const key = "eval|" + width;
+  if (old && old.key === key) { old.u.setData(data); return; }
+  if (old) old.u.destroy();
+  const axis = { stroke: "#8593a3", grid: { stroke: "#2a343f", width: 1 }, ticks: { stroke: "#2a343f" } };
+  const opts = {
+    width, height: 160,
+    scales: { x: { time: false } },
+    series: [{ label: "step" },
+      { label: "training loss", stroke: PALETTE[0], width: 1.4, points: { show: true }, spanGaps: true },
+      { label: "eval loss", stroke: PALETTE[1], width: 1.6, points: { show: true }, spanGaps: true }],
+    axes: [{ ...axis, size: 30 }, { ...axis, size: 58 }],
+  };
+  charts["#chart-eval"] = { key, u: new uPlot(opts, data, el) };
 }
 
 async function checkpointAction(kind, id) {
