@@ -12,6 +12,7 @@ from torchloom.weaver.state import (
     on_connection_closed,
     on_rank_event,
     on_telemetry,
+    unheard_since_restore,
 )
 
 
@@ -384,3 +385,16 @@ def test_a_goodbye_that_comes_just_after_the_connection_closed_makes_it_an_exit(
     assert "goodbye came" not in events[0].message
     assert state.jobs["j"].failures == 1
 
+
+def test_a_restored_rank_is_unheard_until_its_first_heartbeat_or_its_failure():
+    s = WeaverState(liveness=LivenessConfig(failure_timeout_s=0.8, suspect_after_s=0.5))
+    beat(s, 100.0, step=5)
+    beat(s, 100.0, rank=1, step=5)
+    for r in s.jobs["j"].ranks.values():  # as a Weaver that took over loads them
+        r.restored = True
+    assert len(unheard_since_restore(s, "j")) == 2
+    beat(s, 100.1, step=40)  # rank 0 is far past the step the registry had saved
+    assert [r.key for r in unheard_since_restore(s, "j")] == [("j", "0", 1)]
+    check_liveness(s, 101.0)  # rank 1 stays silent: failed, no longer waited for
+    assert unheard_since_restore(s, "j") == []
+    assert unheard_since_restore(s, "no-such-job") == []

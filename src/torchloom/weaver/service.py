@@ -77,10 +77,12 @@ from torchloom.weaver.state import (
     duplicate_claim,
     expire_dead,
     grant_grace,
+    liveness_of,
     on_connection_closed,
     on_rank_event,
     on_telemetry,
     touch,
+    unheard_since_restore,
 )
 
 log = logging.getLogger("torchloom.weaver")
@@ -379,7 +381,7 @@ class Weaver:
                 continue
             if entry.state in LIVE_STATES:
                 entry.last_seen_ts = now  # a grace period: live ranks heartbeat again within it
-            rank = Rank(entry, step_changed_ts=now)
+            rank = Rank(entry, step_changed_ts=now, restored=entry.state in LIVE_STATES)
             self.state.job(entry.job_id).ranks[rank.key] = rank
             touch(self.state, rank.key, stepped=True)
         assert self._checkpoints_kv is not None
@@ -617,6 +619,8 @@ class Weaver:
         """
         if req.op in READ_OPS:
             return control.handle(self.state, req, self.clock(), self.settings).reply
+        if req.op != "join":
+            await self._until_heard_since_restore(req.job_id)
         async with self._control_lock:
             if self._lost is not None:
                 return ControlReply.refusal(self._lost)
@@ -631,6 +635,17 @@ class Weaver:
             reply = await self._submit_locked(req)
         self.recorder.flush_soon()
         return reply
+
+    async def _until_heard_since_restore(self, job_id: str, *, poll_s: float = 0.05) -> None:
+        """Wait until every live rank of ``job_id`` restored from the registry at this
+        Weaver's start has sent a heartbeat (see :func:`unheard_since_restore`), or until it
+        would be failed for its silence (the job's failure timeout, plus a second for the
+        liveness check): right after a takeover, an effective step planned on the steps the
+        registry last saved could already be behind the ranks, which would then apply the
+        version at different steps. Costs nothing once they have been heard."""
+        deadline = time.monotonic() + liveness_of(self.state, job_id).failure_timeout_s + 1.0
+        while unheard_since_restore(self.state, job_id) and time.monotonic() < deadline:
+            await asyncio.sleep(poll_s)
 
     async def _submit_locked(self, req: ControlRequest) -> ControlReply:
         """Decide, write, commit. A write JetStream did not acknowledge (a cluster electing a

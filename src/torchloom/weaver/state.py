@@ -216,6 +216,10 @@ class Rank:
     closed_ts: float | None = None
     """When it was failed because its connection closed (None: not so): a goodbye that comes
     within :data:`GOODBYE_GRACE_S` after turns the failure into an exit."""
+    restored: bool = False
+    """Loaded from the registry when this Weaver took over and not heard from since: its
+    step is the last one saved there (up to ``PROGRESS_SAVE_S`` old), so no effective step
+    is planned on it (see :func:`unheard_since_restore`)."""
 
     @property
     def key(self) -> RankKey:
@@ -526,6 +530,7 @@ def on_telemetry(state: WeaverState, msg: Telemetry, now: float) -> list[History
     if msg.seq <= rank.last_seq and msg.seq != 0:
         return events  # a duplicate or reordered flush
     rank.last_seq = msg.seq
+    rank.restored = False
     prev_step = e.last_step
     moved = msg.step != prev_step
     if moved:
@@ -828,6 +833,15 @@ def _due(state: WeaverState, now: float) -> list[Rank]:
         for key in leaving:
             order.pop(key, None)
     return list(due.values())
+
+
+def unheard_since_restore(state: WeaverState, job_id: str) -> list[Rank]:
+    """The job's live ranks this Weaver restored from the registry and has not heard from
+    since (:attr:`Rank.restored`). Their steps may be far behind where they train, so an
+    effective step planned on them could already be past: a Weaver that just took over
+    waits for their first heartbeat (or for them to be failed) before it plans one."""
+    job = state.jobs.get(job_id)
+    return [r for r in job.live_ranks() if r.restored] if job is not None else []
 
 
 def liveness_of(state: WeaverState, job_id: str) -> LivenessConfig:
