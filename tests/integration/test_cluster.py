@@ -124,7 +124,7 @@ def test_up_cluster_3_keeps_serving_when_the_config_leader_is_killed(tmp_path):
         pid = endpoint["nats_pids"][int(leader.rsplit("s", 1)[1]) - 1]
         os.kill(pid, signal.SIGKILL)
         # the Weaver and the CLI move to the two others; the history is still readable
-        r = cli("policy", "disable", "straggler", "--timeout-s", "20", url=up.url, timeout_s=60)
+        r = cli("policy", "disable", "straggler", "--timeout-s", "40", url=up.url, timeout_s=60)
         assert r.returncode == 0, r.stdout + r.stderr
         r = cli("policy", "list", url=up.url, timeout_s=60)
         assert r.returncode == 0 and "straggler" in r.stdout, r.stdout + r.stderr

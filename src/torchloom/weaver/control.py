@@ -78,15 +78,16 @@ class ControlSettings:
             of reach (:mod:`~torchloom.weaver.planning`).
         write_retry_s: how long a config write that JetStream did not acknowledge is tried
             again before the change is refused, in seconds (a cluster elects a new leader
-            for the bucket within seconds of a server loss); the caller's request id makes
-            its own retry safe after that.
+            for the bucket 4-9 s after a server loss, by nats-server's Raft timeouts, and
+            later on a loaded machine); the caller's request id makes its own retry safe
+            after that.
     """
 
     lead_time_s: float = 0.5
     min_lead_steps: int = 2
     max_pending_versions: int = 64
     reach: Reach = field(default_factory=Reach)
-    write_retry_s: float = 9.0
+    write_retry_s: float = 20.0
 
 
 MAX_VERSION = 2**53
