@@ -208,7 +208,7 @@ def test_an_optimizer_switch_is_checkpointed_first_and_rolled_back_when_it_diver
         *("--checkpoint-dir", str(tmp_path / "ckpt")),
     )
     try:
-        wait_for(lambda: _live(client, "mnist", 2, 120), timeout_s=120, what="120 steps")
+        wait_for(lambda: _live(client, "mnist", 2, 400), timeout_s=180, what="400 steps")
         r = cli("set", "optimizer=adamw", "lr=0.5", "--wait", url=up.url)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "of the state before it is taken at step" in r.stdout, r.stdout
