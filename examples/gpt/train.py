@@ -142,17 +142,17 @@ def autocast(device: torch.device, precision: str) -> Any:
     return nullcontext()
 
 
-def evaluate(
-    model: torch.nn.Module, held_out: torch.Tensor, args: argparse.Namespace, device: torch.device
-) -> float:
-    """Mean held-out loss (nats per byte) over fixed windows, averaged over the ranks."""
+def evaluate(model: torch.nn.Module, held_out: torch.Tensor, args: argparse.Namespace) -> float:
+    """Mean held-out loss (nats per byte) over fixed windows, averaged over the ranks, on the
+    model's device (``args.precision``: bf16 autocast there on CUDA)."""
+    device = next(model.parameters()).device
     model.eval()
     g = torch.Generator().manual_seed(12345)  # the same windows at every evaluation
     total = torch.zeros((), device=device)
     for _ in range(args.eval_batches):
         starts = torch.randint(0, len(held_out) - args.context - 1, (args.batch_size,), generator=g)
         x, y = windows(held_out, starts, args.context)
-        with torch.no_grad(), autocast(device, args.precision):
+        with torch.no_grad(), autocast(device, getattr(args, "precision", None) or "fp32"):
             logits = model(x.to(device))
         total += torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), y.to(device).flatten()
@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         if mfu_now is not None:
             metrics["mfu"] = mfu_now
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            ev = evaluate(model, held_out, args, device)
+            ev = evaluate(model, held_out, args)
             evals.append((step, ev))
             metrics.update(eval_loss=ev, eval_perplexity=math.exp(ev))
             timed.clear()  # evaluation is not a training step's time
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if ckpt is not None:
         ckpt.close()  # the last save in flight ends first
-    final_eval = evaluate(model, held_out, args, device)
+    final_eval = evaluate(model, held_out, args)
     summary = {
         "rank": rank,
         "parallel": args.parallel,
