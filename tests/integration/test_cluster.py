@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 
 from tests.helpers import Up, cli, history, kill_tree, launch_mnist, ranks, wait_for
@@ -189,7 +190,11 @@ def test_a_history_read_right_after_a_server_restarts_has_every_event(cluster):
                     if len(got) != n:
                         short.append((len(got), n))
                 while True:  # every replica current before the next server is killed
-                    info = await js.stream_info(names.EVENTS_STREAM)
+                    try:
+                        info = await js.stream_info(names.EVENTS_STREAM)
+                    except nats.errors.Error:  # no leader for a moment (an election)
+                        await asyncio.sleep(0.2)
+                        continue
                     peers = info.cluster.replicas or [] if info.cluster else []
                     if len(peers) == 2 and all(p.current and not p.offline for p in peers):
                         break
