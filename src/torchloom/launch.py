@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 
 
 def visible_gpus() -> int:
@@ -46,11 +47,16 @@ def processes_wanted(nproc: int | None) -> int:
     return max(1, visible_gpus())
 
 
-def torchrun_argv(nproc: int, script: str, args: list[str]) -> list[str]:
-    """The command that runs ``script args`` as ``nproc`` processes on this host."""
+RELAUNCH_OPTIONS = ("--local-ranks-filter=0",)
+"""torchrun's options when a script re-executes itself: only local rank 0 on the console."""
+
+
+def torchrun_argv(script: Sequence[str], *, nproc: int, options: Sequence[str] = ()) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc-per-node=N [options] <script …>``:
+    ``script`` (the script and its arguments) as ``nproc`` processes on this host."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "--local-ranks-filter=0", script, *args,
+        f"--nproc-per-node={nproc}", *options, *script,
     ]  # fmt: skip
 
 
@@ -92,4 +98,6 @@ def relaunch_under_torchrun(*, nproc: int | None = None, option: str = "--nproc"
     sys.stdout.flush()
     sys.stderr.flush()
     args = without_option(sys.argv[1:], option)
-    os.execve(sys.executable, torchrun_argv(n, script, args), env)
+    os.execve(
+        sys.executable, torchrun_argv([script, *args], nproc=n, options=RELAUNCH_OPTIONS), env
+    )

@@ -19,24 +19,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import IO, Any
 
 from torchloom.errors import TorchloomError
-
-
-def torchrun_argv(script: Sequence[str], *, nproc: int) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc-per-node=N <script …>``."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *script,
-    ]
+from torchloom.launch import torchrun_argv
 
 
 class Scheduler(ABC):

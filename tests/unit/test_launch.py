@@ -2,7 +2,13 @@
 
 import pytest
 
-from torchloom.launch import processes_wanted, torchrun_argv, visible_gpus, without_option
+from torchloom.launch import (
+    RELAUNCH_OPTIONS,
+    processes_wanted,
+    torchrun_argv,
+    visible_gpus,
+    without_option,
+)
 
 
 def test_visible_gpus_from_cuda_visible_devices(monkeypatch):
@@ -20,6 +26,6 @@ def test_visible_gpus_from_cuda_visible_devices(monkeypatch):
 def test_the_scripts_own_option_is_left_out_and_rank_0_alone_is_shown():
     args = ["--nproc", "2", "--lr", "1", "--nproc=3", "--nproc-x", "5"]
     assert without_option(args, "--nproc") == ["--lr", "1", "--nproc-x", "5"]
-    argv = torchrun_argv(2, "/x/train.py", ["--lr", "1"])
+    argv = torchrun_argv(["/x/train.py", "--lr", "1"], nproc=2, options=RELAUNCH_OPTIONS)
     assert "--nproc-per-node=2" in argv and "--local-ranks-filter=0" in argv
     assert argv[-3:] == ["/x/train.py", "--lr", "1"]
