@@ -136,6 +136,29 @@ def test_straggler_does_not_act_on_one_slow_flush_a_small_slowdown_or_a_paused_j
     assert policy.decide(t, paused) == []
 
 
+def test_straggler_judges_a_joining_group_only_after_a_whole_window_of_its_steps():
+    """Its warm-up (first quorum, heal, DataLoader workers) is slow against a warmed-up peer."""
+    state = make_state(2, values={"global_batch_size": 128})
+    policy = StragglerPolicy(StragglerParams())  # window_s 3, min_samples 5
+    job = state.jobs[JOB]
+    job.ranks[(JOB, "1", 0)].entry.joined_ts = 5.0
+    warm_up_until = 7.0  # group 1's first 2 s of steps are 1.5x slower
+
+    def busy(rid, t):
+        return 0.02 * (1.5 if rid == "1" and t < warm_up_until else 1.0)
+
+    t = run_timing(state, 0.0, 5.1, lambda rid, t: 0.02)
+    while t < warm_up_until:  # 10 slow flushes, all of the window since it joined
+        t = run_timing(state, t, 0.2, busy)
+        assert policy.decide(t, state) == [], t
+    t = run_timing(state, t, 4.0, busy)
+    assert policy.decide(t, state) == []
+    # a group slow for a whole window after it joined is judged, and flagged
+    t = run_timing(state, t, 3.2, lambda rid, t: 0.02 * (1.5 if rid == "1" else 1.0))
+    (d,) = policy.decide(t, state)
+    assert d.features["flagged"] == ["1/0"]
+
+
 def test_straggler_alerts_without_a_global_batch_and_drains_when_it_stays_slow():
     slow = lambda rid, t: 0.02 * (2.0 if rid == "1" else 1.0)  # noqa: E731
     state = make_state(2)  # no global_batch_size: nothing to rebalance

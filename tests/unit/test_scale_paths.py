@@ -129,12 +129,9 @@ def _plain_assess(job, now, p):  # the straggler rule read straight off its defi
     since_ts = max(r.entry.joined_ts for r in live)
     windows = {}
     for r in live:
-        w = [
-            t
-            for t in r.window.timing
-            if now - p.window_s <= t.ts <= now and t.ts > since_ts and t.step >= since_step
-        ]
-        if len(w) >= p.min_samples:
+        admissible = [t for t in r.window.timing if t.ts > since_ts and t.step >= since_step]
+        w = [t for t in admissible if now - p.window_s <= t.ts <= now]
+        if len(w) >= p.min_samples and admissible[0].ts <= now - p.window_s:
             windows[r.key] = [t.busy_s for t in w]
     medians = {k: statistics.median(w) for k, w in windows.items()}
     out = {}

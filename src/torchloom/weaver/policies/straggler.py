@@ -9,8 +9,9 @@ wait in the allreduce. Mitigation by rebalancing follows DynMO (dynamic load
 balancing of per-worker work in proportion to measured throughput) while
 torchloom holds the global batch constant.
 
-A rank is flagged when, over the last ``window_s``, at least ``min_fraction`` of
-its flushes (and at least ``min_samples``) had a busy time per step of
+A rank is flagged when, over the last ``window_s`` (a whole window of flushes
+since it joined and since the last change of shares: never on its warm-up), at
+least ``min_fraction`` of its flushes (and at least ``min_samples``) had a busy time per step of
 ``slow_ratio`` × the reference or more — the reference being the median of the
 other live ranks' window medians — and, with three or more other ranks, when its
 window median is also ``min_z`` robust z-scores (median/MAD) above theirs, so a
@@ -41,7 +42,8 @@ class StragglerParams(msgspec.Struct, kw_only=True):
 
     Attributes:
         slow_ratio: busy time per step, relative to the reference, that counts as slow.
-        window_s: the recent past judged.
+        window_s: the recent past judged; a rank is judged once its flushes since it (or
+            the newest rank) joined and since the newest config took effect span this long.
         min_fraction: share of the window's flushes that must be slow.
         min_samples: flushes needed in the window before judging at all.
         min_z: with ≥ 3 other ranks, the robust z-score the rank's median must also reach.
@@ -101,16 +103,22 @@ class Assessment:
     flagged: bool
 
 
-def _span(window: RankWindow, now: float, p: StragglerParams, since: tuple[int, float]) -> range:
+def _span(
+    window: RankWindow, now: float, p: StragglerParams, since: tuple[int, float]
+) -> range | None:
     """Indices of the rank's flushes in the window and since ``since`` (step, ts): those with
     ``now - window_s <= ts <= now``, ``ts > since ts`` and ``step >= since step``, found by
-    bisection on the ascending ``timing_ts``/``timing_step`` (O(log window), no loop)."""
+    bisection on the ascending ``timing_ts``/``timing_step`` (O(log window), no loop).
+
+    None while the rank's flushes since ``since`` do not yet reach back a whole window (its
+    first one is under ``window_s`` old): a rank that just joined, or a job whose shares just
+    changed, is not judged on the first second or two of steps — its warm-up (the first
+    quorum and heal, allocator and DataLoader workers starting) — against warmed-up peers."""
     ts, steps = window.timing_ts, window.timing_step
-    lo = max(
-        bisect.bisect_left(ts, now - p.window_s),
-        bisect.bisect_right(ts, since[1]),
-        bisect.bisect_left(steps, since[0]),
-    )
+    first = max(bisect.bisect_right(ts, since[1]), bisect.bisect_left(steps, since[0]))
+    if first >= len(ts) or ts[first] > now - p.window_s:
+        return None
+    lo = max(first, bisect.bisect_left(ts, now - p.window_s))
     return range(lo, bisect.bisect_right(ts, now))
 
 
@@ -119,7 +127,8 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
 
     Only flushes since the newest config took effect and since the newest rank joined
     count: a rebalance or a change of membership changes every group's share, so timings
-    from before it do not judge the shares after it.
+    from before it do not judge the shares after it — and a rank is judged only once those
+    flushes span a whole ``window_s`` (see :func:`_span`).
 
     Cost: a few bisections and a sort of the window's (≈15) busy times per rank, in C; the
     rest is O(1) per rank plus one sort of the ranks' medians.
@@ -138,7 +147,7 @@ def assess(job: Job, now: float, p: StragglerParams) -> dict[RankKey, Assessment
         if r.state != "training" or len(ts) < p.min_samples or ts[-p.min_samples] < horizon:
             continue
         span = _span(r.window, now, p, since)
-        if len(span) >= p.min_samples:
+        if span is not None and len(span) >= p.min_samples:
             recent[r.key] = (r, sorted(islice(r.window.busy, span.start, span.stop)))
     medians = {k: _median_sorted(w) for k, (_, w) in recent.items()}
     ordered = sorted(medians.values())
