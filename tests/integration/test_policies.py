@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import (
     TelemetryTap,
+    cli,
     history,
     kill_tree,
     launch_mnist,
@@ -45,8 +46,15 @@ def test_a_slowed_replica_group_is_flagged_and_rebalanced(tmp_path, up):
     applied at one step, the global batch held. How fast and how much throughput comes back
     are bench/policies.py's figures (printed here): on this 2-core machine the groups share
     the cores, and a ratio asserted here failed on a slower run (rebalanced 1.14× the slowed
-    rate against 1.15× asked)."""
+    rate against 1.15× asked).
+
+    The policy is set as docs/benchmarks.md advises for machines whose groups share cores (a
+    10 s window, 80 % of it slow): with the 3 s default, a few seconds in which the scheduler
+    favoured one group flagged the other before the slowdown (once in CI, once in 3 runs here
+    on 2026-12-01); with this setting it is flagged 7.7–8.2 s after the slowdown (3 runs)."""
     pytest.importorskip("torchft")
+    r = cli("policy", "set", "straggler", "window_s=10", "min_fraction=0.8", url=up.url)
+    assert r.returncode == 0, r.stdout + r.stderr
     tap = TelemetryTap(up.url, "ft")
     client = up.client()
     slow_from = 250
@@ -81,7 +89,7 @@ def test_a_slowed_replica_group_is_flagged_and_rebalanced(tmp_path, up):
 
     t_slow = ts_at_step(tap, "0", slow_from)
     # a reaction to the slowdown, not to noise (or a group's warm-up) before it
-    assert eff > slow_from, (first.message, first.data["features"])
+    assert eff > slow_from and first.ts > t_slow, (first.ts - t_slow, first.message)
     before = steps_per_s(tap, "0", t_slow - 6, t_slow)
     during = steps_per_s(tap, "0", t_slow + 0.5, ts_at_step(tap, "0", eff))
     t_eff = ts_at_step(tap, "0", eff)
