@@ -186,8 +186,11 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
             f"{decided.message} (in force: {raised})\n{rebalanced.message}\n"
             f"stops meanwhile: {cycle.cycles}, pids stopped: {cycle.pids}"
         )
-    except Exception:  # say what the run did
-        for e in history(client, "ft")[-40:]:
+    except Exception:  # say what the run did: every change of config, then the last events
+        events = history(client, "ft")
+        for e in [e for e in events[:-40] if e.kind.startswith(("config_", "policy_"))]:
+            print(f"{e.ts:.2f} v{e.version} {e.kind}: {e.message}")
+        for e in events[-40:]:
             print(f"{e.ts:.2f} v{e.version} {e.kind}: {e.message}")
         raise
     finally:

@@ -128,3 +128,35 @@ def test_timeouts_follow_the_longest_stall_and_silence():
     assert d.values["failure_timeout_s"] == pytest.approx(4.8, abs=0.1)
     assert "hang_timeout_s" not in d.values  # 3 × 1.6 s is under its 30 s floor
     assert "1.60 s" in d.reason
+
+
+def test_timeouts_go_down_step_by_step_and_only_on_every_rank_s_whole_window():
+    """A restarted process's silences start afresh and a failed group's are gone: its calm
+    peers alone must not lower the timeouts that kept it in."""
+    from torchloom.protocol import RegistryEntry
+    from torchloom.weaver.state import Rank
+
+    pol = TimeoutPolicy(TimeoutParams())  # window_s 30, change_ratio 1.5
+    s = make_state(values={"collective_timeout_s": 12.0, "quorum_timeout_s": 12.0})
+    job = s.jobs[JOB]
+    now, _ = run(s, 0.0, 40.0, comm=0.005, sent=1e6)  # 40 s calm, both ranks joined at 0
+    (d,) = pol.decide(now, s)
+    assert d.values == {"collective_timeout_s": 8.0, "quorum_timeout_s": 8.0}  # 12 / 1.5
+
+    slow = job.ranks[(JOB, "1", 0)]
+    slow.entry.joined_ts = now - 10.0  # its process restarted 10 s ago
+    assert pol.decide(now, s) == []
+    slow.entry.joined_ts = 0.0
+    dead = RegistryEntry(job_id=JOB, replica_id="2", rank=0, state="failed")
+    dead.state_since_ts = now - 10.0  # a third group failed 10 s ago
+    job.ranks[(JOB, "2", 0)] = Rank(dead)
+    assert pol.decide(now, s) == []
+    dead.state_since_ts = now - 31.0
+    assert pol.decide(now, s)[0].values["collective_timeout_s"] == 8.0
+
+    # going up is never held back: an 8 s stall and silence of the young rank raise them at once
+    slow.entry.joined_ts = now - 10.0
+    slow.window.silences.append((now + 8.0, 8.0))
+    flush(s, "1", 10_000, now + 8.0, busy=0.02, comm=0.005, sent=1e6, dense=1e6)
+    (d,) = pol.decide(now + 8.0, s)
+    assert d.values["collective_timeout_s"] > 18.0 and d.values["failure_timeout_s"] == 24.0

@@ -24,8 +24,12 @@ report), within floors and ceilings:
 - ``hang_timeout_s`` (step not moving): from the stall.
 
 It changes a timeout when the proposal differs from the one in force by more than
-``change_ratio`` (up at once; down only to ``1/change_ratio`` of it, so a dead group is found
-fast again once the run is calm), as one job-wide version; the reason names the numbers.
+``change_ratio``, as one job-wide version; the reason names the numbers. Up at once; down only
+to ``1/change_ratio`` of it per change, and only while the job is *calm* (:func:`calm`): every
+rank it knows has been training for the whole window and none failed, left or (re)joined in
+it — a restarted process's silences start afresh and a failed group's are gone, so without
+this rule a slow group that crashed once would have its timeouts lowered by its calm peers'
+view and be cut off again. A dead group is still found fast again once the run is calm.
 """
 
 from __future__ import annotations
@@ -97,12 +101,21 @@ def measure(job: Job, now: float, p: TimeoutParams) -> tuple[float, float, int] 
     return (stall, silence, n) if n else None
 
 
+def calm(job: Job, now: float, p: TimeoutParams) -> bool:
+    """True when every rank of ``job`` has been live and training (or suspect) since at least
+    ``window_s`` ago and none failed or exited within it: the measured window is then every
+    rank's whole window, and a timeout may go down."""
+    for rank in job.ranks.values():
+        if rank.live:
+            if rank.state not in ("training", "suspect") or now - rank.entry.joined_ts < p.window_s:
+                return False
+        elif now - rank.entry.state_since_ts < p.window_s:
+            return False
+    return True
+
+
 def _bounded(x: float, lo: float, hi: float) -> float:
     return round(min(max(x, lo), hi), 1)
-
-
-def _moves(new: float, current: float, ratio: float) -> bool:
-    return new > current * ratio or new < current / ratio
 
 
 class TimeoutPolicy:
@@ -120,9 +133,17 @@ class TimeoutPolicy:
         return per_job(state, lambda job: self._job(now, state, job))
 
     def proposals(
-        self, job: Job, values: dict[str, Any], weaver: LivenessConfig, stall: float, silence: float
+        self,
+        job: Job,
+        values: dict[str, Any],
+        weaver: LivenessConfig,
+        stall: float,
+        silence: float,
+        *,
+        lower: bool,
     ) -> dict[str, tuple[float, float]]:
-        """``{knob: (in force, proposed)}`` of every timeout this job has that should move."""
+        """``{knob: (in force, proposed)}`` of every timeout this job has that should move;
+        down (to at most ``1/change_ratio`` of the one in force) only with ``lower``."""
         p = self.params
         wait = max(stall, silence)
         want = {
@@ -150,8 +171,10 @@ class TimeoutPolicy:
             if current is None and knob not in defaults:
                 continue  # torchft's timeouts: only a job that registered them (a torchft job)
             in_force = float(current if current is not None else defaults[knob])
-            if _moves(new, in_force, p.change_ratio):
+            if new > in_force * p.change_ratio:
                 out[knob] = (in_force, new)
+            elif lower and new < in_force / p.change_ratio:
+                out[knob] = (in_force, max(new, round(in_force / p.change_ratio, 1)))
         return out
 
     def _job(self, now: float, state: WeaverState, job: Job) -> Decision | None:
@@ -162,7 +185,14 @@ class TimeoutPolicy:
         if measured is None:
             return None
         stall, silence, n = measured
-        moves = self.proposals(job, dict(latest.values), state.liveness, stall, silence)
+        moves = self.proposals(
+            job,
+            dict(latest.values),
+            state.liveness,
+            stall,
+            silence,
+            lower=calm(job, now, self.params),
+        )
         if not moves:
             return None
         changes = ", ".join(f"{k} {old:g} → {new:g} s" for k, (old, new) in sorted(moves.items()))
