@@ -188,9 +188,8 @@ def test_a_slowed_group_is_cut_off_by_fixed_timeouts_and_kept_by_the_policy(tmp_
         )
     except Exception:  # say what the run did: every change of config, then the last events
         events = history(client, "ft")
-        for e in [e for e in events[:-40] if e.kind.startswith(("config_", "policy_"))]:
-            print(f"{e.ts:.2f} v{e.version} {e.kind}: {e.message}")
-        for e in events[-40:]:
+        changes = [e for e in events[:-40] if e.kind.startswith(("config_", "policy_"))]
+        for e in changes + events[-40:]:
             print(f"{e.ts:.2f} v{e.version} {e.kind}: {e.message}")
         raise
     finally:

@@ -6,9 +6,10 @@ import msgspec
 import pytest
 
 from tests.unit.test_policies import JOB, make_state
-from torchloom.protocol import HistoryEvent, MetricPoint, Telemetry
+from torchloom.protocol import HistoryEvent, MetricPoint, RegistryEntry, Telemetry
 from torchloom.weaver.policies.network import NetworkParams, NetworkPolicy
 from torchloom.weaver.policies.timeouts import TimeoutParams, TimeoutPolicy
+from torchloom.weaver.state import Rank
 
 
 def flush(state, rid, step, now, *, busy, comm, sent, dense, loss=None, seq=1):
@@ -133,9 +134,6 @@ def test_timeouts_follow_the_longest_stall_and_silence():
 def test_timeouts_go_down_step_by_step_and_only_on_every_rank_s_whole_window():
     """A restarted process's silences start afresh and a failed group's are gone: its calm
     peers alone must not lower the timeouts that kept it in."""
-    from torchloom.protocol import RegistryEntry
-    from torchloom.weaver.state import Rank
-
     pol = TimeoutPolicy(TimeoutParams())  # window_s 30, change_ratio 1.5
     s = make_state(values={"collective_timeout_s": 12.0, "quorum_timeout_s": 12.0})
     job = s.jobs[JOB]
