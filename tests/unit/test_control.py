@@ -3,69 +3,24 @@
 import msgspec
 import pytest
 
+from tests.unit.conftest import SETTINGS, beat, ctl, join, two_groups
 from torchloom.protocol import ControlRequest, JoinInfo, KnobSpec, Telemetry
-from torchloom.weaver.control import ControlSettings, commit, handle
+from torchloom.weaver.control import commit, handle
 from torchloom.weaver.state import WeaverState, check_liveness, on_telemetry
-
-SETTINGS = ControlSettings(lead_time_s=0.5, min_lead_steps=2)
-
-
-def join(s, now, *, rank=0, replica="0", values=None, custom=()):
-    req = ControlRequest(
-        op="join",
-        job_id="j",
-        join=JoinInfo(
-            replica_id=replica,
-            rank=rank,
-            pid=1000 + rank,
-            initial_values=values or {"lr": 0.1, "batch_size": 64},
-            custom_knobs=list(custom),
-        ),
-    )
-    out = handle(s, req, now, SETTINGS)
-    assert out.reply.ok, out.reply.error
-    commit(s, req, out, now)
-    return out
-
-
-def beat(s, now, *, rank=0, replica="0", step=100, st="training"):
-    on_telemetry(
-        s,
-        Telemetry(
-            job_id="j",
-            replica_id=replica,
-            rank=rank,
-            ts=now,
-            step=step,
-            seq=int(now * 1000),
-            state=st,
-            step_time_s=0.01,
-            pid=1000 + rank,
-        ),
-        now,
-    )
-
-
-def ctl(s, now, op, values=None, replica=None):
-    req = ControlRequest(op=op, job_id="j", values=values or {}, replica_id=replica)
-    out = handle(s, req, now, SETTINGS)
-    if out.reply.ok:
-        commit(s, req, out, now)
-    return out
 
 
 def started(now=100.0):
     s = WeaverState()
     join(s, now, rank=0)
     join(s, now, rank=1)
-    beat(s, now, rank=0)
-    beat(s, now, rank=1)
+    beat(s, now, rank=0, step=100)
+    beat(s, now, rank=1, step=100)
     return s
 
 
 def test_first_join_starts_the_job_from_the_initial_knobs():
     s = WeaverState()
-    out = join(s, 1.0, values={"lr": 0.2, "max_steps": 10})
+    out, _ = join(s, 1.0, values={"lr": 0.2, "max_steps": 10})
     assert out.reset and out.new_config.latest().values == {"lr": 0.2, "max_steps": 10}
     assert out.reply.data["snapshots"][0]["version"] == 1
     assert [e.kind for e in out.events] == ["job_started"]
@@ -73,7 +28,7 @@ def test_first_join_starts_the_job_from_the_initial_knobs():
 
 def test_set_answers_version_and_effective_step_ahead_of_the_ranks():
     s = started()
-    out = ctl(s, 100.0, "set", {"lr": "0.01", "batch_size": "128"})
+    out, _ = ctl(s, 100.0, "set", {"lr": "0.01", "batch_size": "128"})
     assert out.reply.ok and out.reply.version == 2
     assert out.reply.effective_step == 100 + 50 + 2
     latest = s.jobs["j"].config.latest()
@@ -95,7 +50,7 @@ def test_set_answers_version_and_effective_step_ahead_of_the_ranks():
 def test_rejected_set_changes_nothing(values, replica, code, fragment):
     s = started()
     before = msgspec.json.encode(s.jobs["j"].config)
-    out = ctl(s, 100.0, "set", values, replica)
+    out, _ = ctl(s, 100.0, "set", values, replica=replica)
     assert not out.reply.ok and out.reply.error.code == code and fragment in out.reply.error.message
     assert out.new_config is None
     assert msgspec.json.encode(s.jobs["j"].config) == before
@@ -122,40 +77,40 @@ def test_replica_override_and_job_wide_set_wins_later():
 
 def test_effective_steps_never_go_back():
     s = started()
-    first = ctl(s, 100.0, "set", {"lr": 0.05}).reply.effective_step
+    first = ctl(s, 100.0, "set", {"lr": 0.05})[0].reply.effective_step
     beat(s, 100.1, rank=0, step=10)  # a report that looks slower must not schedule earlier
     beat(s, 100.1, rank=1, step=10)
-    second = ctl(s, 100.1, "set", {"lr": 0.04}).reply.effective_step
+    second = ctl(s, 100.1, "set", {"lr": 0.04})[0].reply.effective_step
     assert second >= first
 
 
 def test_pause_resume_and_set_while_paused():
     s = started()
-    p = ctl(s, 100.0, "pause")
+    p, _ = ctl(s, 100.0, "pause")
     assert p.reply.ok and s.jobs["j"].config.latest().run_state == "paused"
-    assert not ctl(s, 100.0, "pause").reply.ok
-    beat(s, 101.0, rank=0, step=p.reply.effective_step, st="paused")
-    beat(s, 101.0, rank=1, step=p.reply.effective_step, st="paused")
-    sp = ctl(s, 101.5, "set", {"lr": 0.5})
+    assert not ctl(s, 100.0, "pause")[0].reply.ok
+    beat(s, 101.0, rank=0, step=p.reply.effective_step, state="paused")
+    beat(s, 101.0, rank=1, step=p.reply.effective_step, state="paused")
+    sp, _ = ctl(s, 101.5, "set", {"lr": 0.5})
     assert sp.reply.effective_step == p.reply.effective_step  # applies before anyone moves on
     assert s.jobs["j"].config.latest().run_state == "paused"
-    r = ctl(s, 102.0, "resume")
+    r, _ = ctl(s, 102.0, "resume")
     assert r.reply.effective_step == p.reply.effective_step
     assert s.jobs["j"].config.latest().run_state == "running"
-    assert not ctl(s, 102.0, "resume").reply.ok
+    assert not ctl(s, 102.0, "resume")[0].reply.ok
 
 
 def test_nothing_changes_after_stop():
     s = started()
-    assert ctl(s, 100.0, "stop").reply.ok
-    out = ctl(s, 100.1, "set", {"lr": 0.1})
+    assert ctl(s, 100.0, "stop")[0].reply.ok
+    out, _ = ctl(s, 100.1, "set", {"lr": 0.1})
     assert not out.reply.ok and "stopping" in out.reply.error.message
 
 
 def test_rejoin_of_a_live_job_keeps_its_config():
     s = started()
     ctl(s, 100.0, "set", {"lr": 0.01})
-    out = join(s, 100.5, rank=1)
+    out, _ = join(s, 100.5, rank=1)
     assert not out.reset and out.reply.data["snapshots"][-1]["values"]["lr"] == 0.01
 
 
@@ -163,7 +118,7 @@ def test_join_after_every_rank_left_starts_a_new_epoch_with_higher_versions():
     s = started()
     ctl(s, 100.0, "set", {"lr": 0.01})
     check_liveness(s, 200.0)  # both failed
-    out = join(s, 300.0, values={"lr": 0.3})
+    out, _ = join(s, 300.0, values={"lr": 0.3})
     assert out.reset and s.jobs["j"].config.epoch == 2
     latest = s.jobs["j"].config.latest()
     assert latest.version == 3 and latest.values["lr"] == 0.3
@@ -178,8 +133,8 @@ def test_custom_knobs_join_the_registry():
         values={"dropout": 0.1},
         custom=[KnobSpec(name="dropout", type="float", min=0, max=1)],
     )
-    assert ctl(s, 2.0, "set", {"dropout": "0.3"}).reply.ok
-    out = ctl(s, 2.0, "set", {"dropout": "3"})
+    assert ctl(s, 2.0, "set", {"dropout": "0.3"})[0].reply.ok
+    out, _ = ctl(s, 2.0, "set", {"dropout": "3"})
     assert out.reply.error.knob == "dropout"
 
 
@@ -228,7 +183,7 @@ def test_telemetry_before_join_neither_blocks_a_new_epoch_nor_duplicates_the_ran
 
 def test_rapid_changes_coalesce_at_one_effective_step():
     s = started()
-    outs = [ctl(s, 100.0, "set", {"lr": 0.1 / (k + 2)}) for k in range(100)]
+    outs = [ctl(s, 100.0, "set", {"lr": 0.1 / (k + 2)})[0] for k in range(100)]
     assert all(o.reply.ok for o in outs)
     effs = {o.reply.effective_step for o in outs}
     assert effs == {outs[0].reply.effective_step}
@@ -250,9 +205,9 @@ def test_knobs_that_need_no_common_step_apply_at_each_ranks_next_boundary():
     join(s, 1.0, rank=1, values={"log_every": 10}, custom=[log_every])
     beat(s, 100.0, rank=0, step=500)
     beat(s, 100.0, rank=1, step=480)
-    out = ctl(s, 100.0, "set", {"log_every": 5})
+    out, _ = ctl(s, 100.0, "set", {"log_every": 5})
     assert out.reply.effective_step == 481  # the slowest rank's next step, not a lead-time ahead
-    mixed = ctl(s, 100.0, "set", {"log_every": 6, "lr": 0.1})
+    mixed, _ = ctl(s, 100.0, "set", {"log_every": 6, "lr": 0.1})
     assert mixed.reply.effective_step > 550  # a consistent knob in the request needs the lead time
     ev = []
     for rank, step in ((0, 501), (1, 481)):
@@ -272,25 +227,17 @@ def test_knobs_that_need_no_common_step_apply_at_each_ranks_next_boundary():
     assert [e.kind for e in ev] == ["config_applied"]  # rank 0 at 501 is not "late"
 
 
-def two_groups(now=100.0):
-    s = WeaverState()
-    for replica in ("0", "1"):
-        join(s, now, replica=replica)
-        beat(s, now, replica=replica, step=100)
-    return s
-
-
 def test_drain_schedules_the_group_out_and_refuses_what_cannot_be_done():
     s = two_groups()
-    out = ctl(s, 100.0, "drain", replica="1")
+    out, _ = ctl(s, 100.0, "drain", replica="1")
     assert out.reply.ok and out.reply.effective_step == 152
     assert s.jobs["j"].config.latest().drained == ["1"]
     assert "drain replica group(s) 1" in out.events[0].message
-    again = ctl(s, 100.0, "drain", replica="1")
+    again, _ = ctl(s, 100.0, "drain", replica="1")
     assert not again.reply.ok and "already draining" in again.reply.error.message
-    last = ctl(s, 100.0, "drain", replica="0")
+    last, _ = ctl(s, 100.0, "drain", replica="0")
     assert not last.reply.ok and "no replica group" in last.reply.error.message
-    assert ctl(s, 100.0, "drain", replica="7").reply.error.code == "unknown_replica"
+    assert ctl(s, 100.0, "drain", replica="7")[0].reply.error.code == "unknown_replica"
     both = handle(
         s, ControlRequest(op="drain", job_id="j", replica_id="0", device="cpu:x"), 100.0, SETTINGS
     )
@@ -339,7 +286,7 @@ def test_a_drained_rank_leaves_the_dr_map_and_its_late_flush_does_not_bring_it_b
 def test_changing_the_global_batch_scales_lr_by_the_chosen_rule():
     s = started()
     ctl(s, 100.0, "set", {"global_batch_size": 128, "lr_scaling": "linear"})
-    out = ctl(s, 100.0, "set", {"global_batch_size": 256})
+    out, _ = ctl(s, 100.0, "set", {"global_batch_size": 256})
     assert out.reply.ok and s.jobs["j"].config.latest().values["lr"] == pytest.approx(0.2)
     ctl(s, 100.0, "set", {"lr_scaling": "sqrt"})
     ctl(s, 100.0, "set", {"global_batch_size": 64})

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-import torchloom
+from tests.unit.conftest import offline_run
 from torchloom.data import ElasticLoader, SampleStream, Transforms
 from torchloom.protocol import ConfigSnapshot, DesiredConfig, KnobSpec
 
@@ -35,15 +35,10 @@ def transforms():
     return t
 
 
-def offline_run(t=None, **knobs):
-    return torchloom.init(
-        job_id="j",
-        connect=False,
-        rank=0,
-        replica_id="0",
-        knobs={"batch_size": 8, **knobs},
-        custom_knobs=t.knobs() if t else None,
-        max_steps=1000,
+def loader_run(t=None, **knobs):
+    """An offline Run of 1,000 steps with ``batch_size`` 8 and ``t``'s transform knobs."""
+    return offline_run(
+        knobs={"batch_size": 8, **knobs}, custom_knobs=t.knobs() if t else None, max_steps=1000
     )
 
 
@@ -85,7 +80,7 @@ def test_stream_is_a_shuffled_endless_sequence_of_epochs():
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_batch_size_change_is_exact_at_the_effective_step_with_workers(num_workers):
-    run = offline_run()
+    run = loader_run()
     loader = ElasticLoader(Numbers(), run=run, num_workers=num_workers)
     sizes, sources = {}, {}
     taken = []
@@ -115,7 +110,7 @@ def test_batch_size_change_is_exact_at_the_effective_step_with_workers(num_worke
 
 def test_transforms_switch_at_the_effective_step_and_run_in_the_workers():
     t = transforms()
-    run = offline_run(t)
+    run = loader_run(t)
     loader = ElasticLoader(Numbers(), run=run, transforms=t, num_workers=2)
     seen = {}
     for step in run.steps():
@@ -146,7 +141,7 @@ def test_transforms_switch_at_the_effective_step_and_run_in_the_workers():
 
 def test_worker_and_main_process_make_the_same_samples():
     t = transforms()
-    run = offline_run(t, noise_std=0.3)
+    run = loader_run(t, noise_std=0.3)
     workers = ElasticLoader(Numbers(), run=run, transforms=t, num_workers=2)
     main = ElasticLoader(Numbers(), run=run, transforms=t, num_workers=0)
     for step in range(5):
@@ -160,7 +155,7 @@ def test_worker_and_main_process_make_the_same_samples():
 
 def test_quorum_change_and_failed_commit_keep_the_stream_whole():
     """Two replica groups share a global batch of 20; group 1 leaves at step 3; a step fails."""
-    run = offline_run(global_batch_size=20)
+    run = loader_run(global_batch_size=20)
     g0 = ElasticLoader(Numbers(), run=run, num_workers=2)
     g1 = ElasticLoader(Numbers(), run=run, num_workers=0)
     trained = []
@@ -190,9 +185,9 @@ def test_quorum_change_and_failed_commit_keep_the_stream_whole():
 
 def test_bad_sizes_are_refused():
     with pytest.raises(ValueError):
-        ElasticLoader(Numbers(), run=offline_run(), group_world_size=2, group_rank=2)
+        ElasticLoader(Numbers(), run=loader_run(), group_world_size=2, group_rank=2)
     with pytest.raises(ValueError):
-        ElasticLoader(Numbers(), run=offline_run(), num_workers=-1)
+        ElasticLoader(Numbers(), run=loader_run(), num_workers=-1)
     t = transforms()
     with pytest.raises(ValueError, match="already registered"):
         t.register(KnobSpec(name="negate", type="bool"), negate)

@@ -1,61 +1,12 @@
 """Effective steps from the job's position: a quorum over replica groups, outliers left out,
 versions out of reach superseded and re-planned. Pure: explicit time, no server."""
 
-from torchloom.protocol import ControlRequest, JoinInfo, Telemetry
-from torchloom.weaver.control import ControlSettings, commit, handle, replan_request
+from tests.unit.conftest import SETTINGS, beat, ctl, join, two_groups
+from torchloom.weaver.control import replan_request
 from torchloom.weaver.planning import Reach, plan_effective_step, position, review
-from torchloom.weaver.state import WeaverState, check_liveness, on_telemetry
+from torchloom.weaver.state import WeaverState, check_liveness
 
-SETTINGS = ControlSettings(lead_time_s=0.5, min_lead_steps=2)
 BOGUS = 10**15
-
-
-def beat(s, now, *, replica="0", rank=0, step=100, step_time_s=0.01, pid=None):
-    return on_telemetry(
-        s,
-        Telemetry(
-            job_id="j",
-            replica_id=replica,
-            rank=rank,
-            ts=now,
-            step=step,
-            seq=int(now * 1000),
-            step_time_s=step_time_s,
-            pid=pid or 1000 + 10 * int(replica) + rank,
-        ),
-        now,
-    )
-
-
-def join(s, now, *, replica="0", rank=0):
-    req = ControlRequest(
-        op="join",
-        job_id="j",
-        join=JoinInfo(
-            replica_id=replica,
-            rank=rank,
-            pid=1000 + 10 * int(replica) + rank,
-            initial_values={"lr": 0.1},
-        ),
-    )
-    out = handle(s, req, now, SETTINGS)
-    assert out.reply.ok, out.reply.error
-    return commit(s, req, out, now)
-
-
-def ctl(s, now, op, values=None, *, request=None):
-    req = request or ControlRequest(op=op, job_id="j", values=values or {})
-    out = handle(s, req, now, SETTINGS)
-    events = commit(s, req, out, now) if out.reply.ok else []
-    return out, events
-
-
-def two_groups(now=100.0, *, steps=(100, 100)):
-    s = WeaverState()
-    for replica, step in zip(("0", "1"), steps, strict=True):
-        join(s, now, replica=replica)
-        beat(s, now, replica=replica, step=step)
-    return s
 
 
 def test_effective_step_is_ahead_of_the_fastest_rank():
@@ -71,7 +22,7 @@ def test_effective_step_is_ahead_of_the_fastest_rank():
 
 def test_effective_step_with_no_live_rank_is_zero():
     s = WeaverState()
-    beat(s, 100.0)
+    beat(s, 100.0, step=100)
     check_liveness(s, 110.0)
     assert plan_effective_step(s.jobs["j"], 110.0, lead_time_s=0.5, min_lead_steps=2) == 0
 

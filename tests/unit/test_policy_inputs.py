@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import torchloom
+from tests.unit.conftest import offline_run
 from torchloom.chaos import FailurePlan, failure_steps, nan_steps, slowdown
 from torchloom.errors import InvalidKnobError
 from torchloom.protocol import BUILTIN_KNOBS, coerce
@@ -15,12 +15,8 @@ from torchloom.threadlet.agent import _per_step
 from torchloom.threadlet.device import DeviceSampler, degradation, trace_from_env
 
 
-def offline_run(**knobs):
-    return torchloom.init(job_id="t", knobs=knobs, connect=False)
-
-
 def test_marks_split_each_step_into_phases():
-    run = offline_run()
+    run = offline_run(knobs={})
     for _ in run.steps():
         run.mark("data")
         run.mark("compute")
@@ -45,7 +41,7 @@ def grads_model(bad=False):
 
 
 def test_guard_gradients_zeroes_a_nonfinite_step_only_when_asked():
-    run = offline_run(skip_nonfinite=True)
+    run = offline_run(knobs={"skip_nonfinite": True})
     m = grads_model(bad=True)
     norm = run.guard_gradients(m.parameters())
     assert not math.isfinite(float(norm))
@@ -54,12 +50,12 @@ def test_guard_gradients_zeroes_a_nonfinite_step_only_when_asked():
     run.guard_gradients(m.parameters())
     assert float(m.weight.grad.sum()) == 8.0  # a finite step is untouched
     m = grads_model(bad=True)
-    offline_run().guard_gradients(m.parameters())  # skip_nonfinite off
+    offline_run(knobs={}).guard_gradients(m.parameters())  # skip_nonfinite off
     assert math.isnan(float(m.weight.grad[0, 0]))
 
 
 def test_guard_gradients_clips_and_its_norm_rides_on_the_next_log():
-    run = offline_run(grad_clip=1.0)
+    run = offline_run(knobs={"grad_clip": 1.0})
     m = grads_model()
     norm = run.guard_gradients(m.parameters())
     assert float(norm) == pytest.approx(math.sqrt(10))

@@ -7,13 +7,9 @@ import pytest
 import torch
 
 import torchloom
+from tests.unit.conftest import offline_run
 from torchloom.errors import InvalidKnobError, InvalidRequestError
 from torchloom.protocol import ConfigSnapshot, DesiredConfig
-
-
-def offline(**kw):
-    kw.setdefault("knobs", {"lr": 0.1, "batch_size": 8})
-    return torchloom.init(job_id="j", connect=False, rank=0, replica_id="0", **kw)
 
 
 def doc(*snaps):
@@ -24,7 +20,7 @@ def doc(*snaps):
 
 def test_init_validates_initial_knobs_and_ids():
     with pytest.raises(InvalidKnobError):
-        offline(knobs={"lr": -1})
+        offline_run(knobs={"lr": -1})
     with pytest.raises(InvalidRequestError):
         torchloom.init(job_id="bad job", connect=False)
 
@@ -44,7 +40,7 @@ def test_identity_from_torchrun_env(monkeypatch):
 
 
 def test_config_applies_exactly_at_the_effective_step():
-    run = offline(max_steps=40)
+    run = offline_run(max_steps=40)
     seen = {}
     for step in run.steps():
         if step == 5:
@@ -66,7 +62,7 @@ def test_config_applies_exactly_at_the_effective_step():
 
 
 def test_versions_heard_late_are_still_applied_in_order():
-    run = offline(max_steps=30)
+    run = offline_run(max_steps=30)
     snaps = [
         dict(version=2, effective_step=10, values={"lr": 0.2}),
         dict(version=3, effective_step=12, values={"lr": 0.3}),
@@ -80,17 +76,17 @@ def test_versions_heard_late_are_still_applied_in_order():
 
 
 def test_older_documents_are_ignored():
-    run = offline()
+    run = offline_run()
     run.shared.offer(doc(dict(version=5, effective_step=0, values={"lr": 0.5})), time.time())
     run.shared.offer(doc(dict(version=4, effective_step=0, values={"lr": 0.4})), time.time())
     assert run.shared.doc.latest().version == 5
 
 
 def test_max_steps_and_stop_follow_the_config():
-    run = offline(max_steps=1000)
+    run = offline_run(max_steps=1000)
     run.shared.offer(doc(dict(version=1, effective_step=0, values={"max_steps": 15})), time.time())
     assert list(run.steps())[-1] == 14
-    run2 = offline(max_steps=1000)
+    run2 = offline_run(max_steps=1000)
     run2.shared.offer(
         doc(dict(version=1, effective_step=7, values={}, run_state="stopped")), time.time()
     )
@@ -98,7 +94,7 @@ def test_max_steps_and_stop_follow_the_config():
 
 
 def test_pause_blocks_at_the_boundary_until_resume():
-    run = offline(max_steps=50)
+    run = offline_run(max_steps=50)
     run.shared.offer(
         doc(dict(version=1, effective_step=10, values={}, run_state="paused")), time.time()
     )
@@ -124,7 +120,7 @@ def test_bind_optimizer_follows_lr_momentum_and_weight_decay():
     w = torch.nn.Parameter(torch.zeros(3))
     sgd = torch.optim.SGD([w], lr=1.0, momentum=0.5)
     adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=1.0, weight_decay=0.0)
-    run = offline(knobs={"lr": 0.1, "momentum": 0.9})
+    run = offline_run(knobs={"lr": 0.1, "momentum": 0.9})
     run.bind_optimizer(sgd)
     run.bind_optimizer(adam)
     assert sgd.param_groups[0]["lr"] == 0.1 and sgd.param_groups[0]["momentum"] == 0.9
@@ -145,7 +141,7 @@ def test_bind_optimizer_follows_lr_momentum_and_weight_decay():
 
 
 def test_log_keeps_tensors_detached_and_counts_drops():
-    run = offline(buffer_points=4)
+    run = offline_run(buffer_points=4)
     x = torch.ones(2, requires_grad=True)
     for _ in range(6):
         run.log(loss=(x * 2).sum())
@@ -157,7 +153,7 @@ def test_log_keeps_tensors_detached_and_counts_drops():
 def test_clip_grad_norm_follows_grad_clip():
     p = torch.nn.Parameter(torch.ones(4))
     p.grad = torch.full((4,), 10.0)
-    run = offline(knobs={"grad_clip": "off"})
+    run = offline_run(knobs={"grad_clip": "off"})
     assert run.clip_grad_norm_([p]) is None and p.grad[0] == 10.0
     run.shared.offer(doc(dict(version=1, effective_step=0, values={"grad_clip": 1.0})), time.time())
     next(iter(run.steps()))
@@ -166,7 +162,7 @@ def test_clip_grad_norm_follows_grad_clip():
 
 
 def test_a_drained_replica_group_leaves_at_the_effective_step():
-    run = offline(max_steps=100)
+    run = offline_run(max_steps=100)
     run.shared.offer(
         doc(
             dict(version=1, effective_step=0, values={}),
@@ -183,9 +179,9 @@ def test_a_drained_replica_group_leaves_at_the_effective_step():
 
 
 def test_batch_plan_follows_the_config_and_the_quorum():
-    run = offline(knobs={"batch_size": 32, "global_batch_size": 128, "max_batch_size": 48})
+    run = offline_run(knobs={"batch_size": 32, "global_batch_size": 128, "max_batch_size": 48})
     plan = run.batch_plan(participants=2, replica_rank=0)
     assert plan.local_samples == 64 and plan.micro_batches == (32, 32)
     assert run.batch_plan(participants=1, replica_rank=0).micro_batches == (43, 43, 42)
-    plain = offline(knobs={"batch_size": 32})
+    plain = offline_run(knobs={"batch_size": 32})
     assert plain.batch_plan(participants=3, replica_rank=2).micro_batches == (32,)

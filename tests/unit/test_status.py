@@ -3,40 +3,29 @@ retention or by an operator. Pure: explicit time, no server."""
 
 import pytest
 
-from torchloom.protocol import ControlRequest, JoinInfo, Telemetry, encode
+from tests.unit.conftest import beat, join
+from torchloom.protocol import ControlRequest, encode
 from torchloom.weaver.control import STATUS_BUDGET_BYTES, ControlSettings, commit, handle
-from torchloom.weaver.state import Retention, WeaverState, check_liveness, expire_dead, on_telemetry
+from torchloom.weaver.state import Retention, WeaverState, check_liveness, expire_dead
 
 SETTINGS = ControlSettings()
-
-
-def beat(s, now, replica, rank, *, step=10, step_time_s=0.01):
-    on_telemetry(
-        s,
-        Telemetry(
-            job_id="j",
-            replica_id=replica,
-            rank=rank,
-            ts=now,
-            step=step,
-            seq=int(now * 1000),
-            step_time_s=step_time_s,
-            pid=10_000 + rank,
-            host=f"host{replica}",
-        ),
-        now,
-    )
 
 
 def big_job(n_groups=300, ranks_per_group=10, *, failed_groups=5):
     """3,000 ranks, the first ``failed_groups`` groups silent (failed)."""
     s = WeaverState()
-    req = ControlRequest(op="join", job_id="j", join=JoinInfo(replica_id="0", rank=0, pid=10_000))
-    commit(s, req, handle(s, req, 1.0, SETTINGS), 1.0)
+    join(s, 1.0, values={"lr": 0.1}, settings=SETTINGS)
     for g in range(n_groups):
         for k in range(ranks_per_group):
             t = 1.0 if g < failed_groups else 10.0
-            beat(s, t, str(g), k, step_time_s=0.01 + (0.05 if (g, k) == (42, 3) else 0.0))
+            beat(
+                s,
+                t,
+                replica=str(g),
+                rank=k,
+                host=f"host{g}",
+                step_time_s=0.01 + (0.05 if (g, k) == (42, 3) else 0.0),
+            )
     check_liveness(s, 10.0)
     return s
 

@@ -2,6 +2,7 @@
 
 import pytest
 
+from tests.unit.conftest import beat
 from torchloom.protocol import RankEvent, Telemetry
 from torchloom.weaver.state import (
     PROGRESS_SAVE_S,
@@ -14,35 +15,6 @@ from torchloom.weaver.state import (
     on_telemetry,
     unheard_since_restore,
 )
-
-
-def beat(
-    state,
-    now,
-    *,
-    rank=0,
-    step=10,
-    seq=None,
-    st="training",
-    applied=0,
-    step_time_s=0.01,
-    pid=100,
-    conn="",
-):
-    msg = Telemetry(
-        job_id="j",
-        replica_id="0",
-        rank=rank,
-        ts=now,
-        step=step,
-        seq=seq if seq is not None else int(now * 1000),
-        state=st,
-        applied_version=applied,
-        step_time_s=step_time_s,
-        pid=pid,
-        conn=conn,
-    )
-    return on_telemetry(state, msg, now)
 
 
 def kinds(events):
@@ -95,7 +67,7 @@ def test_paused_rank_is_never_hung():
     s = WeaverState(liveness=LivenessConfig(hang_timeout_s=1.0))
     beat(s, 100.0, step=10)
     for t in range(101, 110):
-        beat(s, float(t), step=10, st="paused")
+        beat(s, float(t), step=10, state="paused")
         assert check_liveness(s, float(t)) == []
     assert rank0(s).state == "paused"
 
@@ -304,7 +276,7 @@ def test_a_rank_that_said_goodbye_is_not_failed_by_its_connection_closing():
     beat(state, 100.0, conn="S1/7")
     on_rank_event(
         state,
-        RankEvent(job_id="j", replica_id="0", rank=0, ts=100.1, kind="exited", step=10, pid=100),
+        RankEvent(job_id="j", replica_id="0", rank=0, ts=100.1, kind="exited", step=10, pid=1000),
         100.1,
     )
     assert on_connection_closed(state, "S1/7", reason="Client Closed", now=100.2) == []
@@ -373,14 +345,14 @@ def test_a_goodbye_that_comes_just_after_the_connection_closed_makes_it_an_exit(
     on_connection_closed(state, "S1/7", reason="Client Closed", now=100.2)
     assert rank0(state).state == "failed" and state.jobs["j"].failures == 1
     bye = RankEvent(job_id="j", replica_id="0", rank=0, ts=100.1, kind="exited", step=10,
-                    reason="finished", pid=100)  # fmt: skip
+                    reason="finished", pid=1000)  # fmt: skip
     events = on_rank_event(state, bye, 100.25)
     assert kinds(events) == ["rank_exited"] and "goodbye came 0.050 s after" in events[0].message
     assert rank0(state).state == "exited" and state.jobs["j"].failures == 0
     # a goodbye long after the close: the failure still counts
     on_connection_closed(state, "S1/8", reason="Client Closed", now=101.0)
     late = RankEvent(job_id="j", replica_id="0", rank=1, ts=120.0, kind="exited", step=10,
-                     reason="finished", pid=100)  # fmt: skip
+                     reason="finished", pid=1001)  # fmt: skip
     events = on_rank_event(state, late, 120.0)
     assert "goodbye came" not in events[0].message
     assert state.jobs["j"].failures == 1
