@@ -82,6 +82,27 @@ def test_older_documents_are_ignored():
     assert run.shared.doc.latest().version == 5
 
 
+def test_config_lag_is_the_delivery_of_a_push_not_the_age_of_a_version_read_at_start():
+    """A version the process read itself (its join reply, a read after a reconnect) was made
+    before it asked: its age is not how long changes take to reach this rank (a process that
+    started 10 s after a change would report 10 s, and the Weaver would plan its next change
+    that far ahead)."""
+    run = offline_run()
+    ten_s_ago = time.time() - 10.0
+    made = DesiredConfig(
+        job_id="j",
+        snapshots=[ConfigSnapshot(version=3, effective_step=0, issued_ts=ten_s_ago, values={})],
+    )
+    run.shared.offer(made, None)
+    assert run.shared.doc is made and run.shared.config_lag_s == 0.0
+    pushed = DesiredConfig(
+        job_id="j",
+        snapshots=[ConfigSnapshot(version=4, effective_step=0, issued_ts=ten_s_ago, values={})],
+    )
+    run.shared.offer(pushed, ten_s_ago + 0.25)
+    assert run.shared.config_lag_s == pytest.approx(0.25)
+
+
 def test_max_steps_and_stop_follow_the_config():
     run = offline_run(max_steps=1000)
     run.shared.offer(doc(dict(version=1, effective_step=0, values={"max_steps": 15})), time.time())

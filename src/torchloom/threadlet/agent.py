@@ -314,7 +314,7 @@ class Agent:
             doc = from_builtins(reply.data, DesiredConfig)
             if not self.joined.is_set() and doc.snapshots:
                 shared.join_version = max(s.version for s in doc.snapshots)
-            shared.offer(doc, time.time())
+            shared.offer(doc, None)
             if self._refused:
                 log.warning("torchloom: joined as rank %s/%d", ident.replica_id, ident.rank)
                 self._refused = ""
@@ -335,7 +335,7 @@ class Agent:
             return
         if raw:
             try:
-                self._shared.offer(decode(raw, DesiredConfig, kind="desired config"), time.time())
+                self._shared.offer(decode(raw, DesiredConfig, kind="desired config"), None)
             except DecodeError as exc:
                 log.warning("ignoring the stored desired config: %s", exc)
 

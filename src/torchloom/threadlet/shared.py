@@ -117,12 +117,16 @@ class Shared:
         self.asks.append((req, fut))
         return fut
 
-    def offer(self, doc: DesiredConfig, received_ts: float) -> None:
+    def offer(self, doc: DesiredConfig, received_ts: float | None) -> None:
         """I/O thread: keep ``doc`` if it is this job's and newer than the one held.
 
         Args:
             doc: a desired config as read from the KV bucket or a join reply.
-            received_ts: when it arrived (wall clock, s), for ``config_lag_s``.
+            received_ts: when a pushed version arrived (wall clock, s), for ``config_lag_s``;
+                None for one this process read itself (its join, a read after a reconnect):
+                how long ago such a version was made says nothing of how fast changes reach
+                this rank (a process started after it would report the whole gap, and the
+                Weaver would plan its next change that many seconds ahead).
         """
         latest = doc.latest()
         if latest is None or doc.job_id != self.identity.job_id:
@@ -130,6 +134,7 @@ class Shared:
         current = self.doc.latest() if self.doc is not None else None
         if current is not None and latest.version <= current.version:
             return
-        self.config_lag_s = max(0.0, received_ts - latest.issued_ts)
+        if received_ts is not None:
+            self.config_lag_s = max(0.0, received_ts - latest.issued_ts)
         self.doc = doc  # one reference assignment: atomic for the training thread
         self.wake.set()
