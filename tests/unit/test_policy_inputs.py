@@ -11,7 +11,7 @@ from torchloom.chaos import FailurePlan, failure_steps, nan_steps, slowdown
 from torchloom.errors import InvalidKnobError
 from torchloom.protocol import BUILTIN_KNOBS, coerce
 from torchloom.protocol.batching import format_weights, parse_weights, plan_step, split
-from torchloom.threadlet.agent import _per_step
+from torchloom.threadlet.agent import _comm_per_step, _per_step
 from torchloom.threadlet.device import DeviceSampler, degradation, trace_from_env
 
 
@@ -29,6 +29,16 @@ def test_marks_split_each_step_into_phases():
         "compute": 0.5,
         "comm": 0.25,
     }
+
+
+def test_a_flush_that_saw_no_gradient_bytes_reports_none_not_zero():
+    before = {"sent": 100.0, "dense": 200.0}
+    assert _comm_per_step({"sent": 150.0, "dense": 300.0}, before, 2) == {
+        "sent": 25.0,
+        "dense": 50.0,
+    }
+    assert _comm_per_step(dict(before), before, 1) is None  # a step begun, its bytes to come
+    assert _comm_per_step({}, {}, 3) is None  # no collective at all (one process)
 
 
 def grads_model(bad=False):

@@ -433,7 +433,7 @@ class Agent:
             if ran > ran0 and dt > 0:  # steps run, not the index (it jumps on a heal or load)
                 step_time = dt / (ran - ran0)
                 phases_s = _per_step(phases, self._last_phases, ran - ran0)
-                comm_bytes = _per_step(comm, self._last_comm, ran - ran0) if comm else None
+                comm_bytes = _comm_per_step(comm, self._last_comm, ran - ran0)
             if dt > 0:
                 samples_per_s = (samples - samples0) / dt
         self._last_flush = (now_mono, ran, samples)
@@ -478,6 +478,15 @@ class Agent:
 
 def _per_step(now: dict[str, float], before: dict[str, float], steps: int) -> dict[str, float]:
     return {k: round((v - before.get(k, 0.0)) / steps, 6) for k, v in now.items()}
+
+
+def _comm_per_step(
+    now: dict[str, float], before: dict[str, float], steps: int
+) -> dict[str, float] | None:
+    """Bytes per step handed to gradient collectives since the last flush; None when none
+    were counted in it (a step is counted as it begins and its gradients go out later in it:
+    a flush between the two saw a step and no bytes, which is no measurement, not zero)."""
+    return _per_step(now, before, steps) if now and now != before else None
 
 
 def _to_floats(values: dict[str, object]) -> dict[str, float | None]:
